@@ -1,0 +1,100 @@
+"""The library API: blockbackup without a daemon.
+
+:class:`BlockBackup` owns a block graph, a job manager and an event bus: the same objects
+the daemon serves over QMP, driven from Python::
+
+    async with BlockBackup() as bb:
+        await bb.blockdev_add({"driver": "raw", "node-name": "src",
+                               "file": {"driver": "file", "filename": "disk.img"}})
+        await bb.blockdev_add({"driver": "raw", "node-name": "tgt",
+                               "file": {"driver": "file", "filename": "backup.img"}})
+        job = await bb.backup("src", "tgt", sync="full")
+        await bb.wait(job)          # raises BackupFailed if the job failed
+
+:func:`backup` is the one-shot form for nodes you already hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from blockbackup.block.graph import Graph
+from blockbackup.block.node import BlockNode
+from blockbackup.errors import BlockBackupError
+from blockbackup.events import EventBus
+from blockbackup.jobs.backup import BackupJob, BackupOptions, BackupPerf, start_backup
+from blockbackup.jobs.job import Job, JobManager
+
+_job_ids = itertools.count()
+
+
+class BackupFailed(BlockBackupError):
+    """A job ended with an error or was cancelled; the message is the job's error text."""
+
+
+class BlockBackup:
+    """A graph, its jobs and their events, with an async context that closes them all."""
+
+    def __init__(self, graph: Graph | None = None, events: EventBus | None = None) -> None:
+        self.graph = graph if graph is not None else Graph()
+        self.events = events if events is not None else EventBus()
+        self.jobs = JobManager(self.events)
+
+    async def __aenter__(self) -> BlockBackup:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel running jobs, then flush and close every node."""
+        await self.jobs.aclose()
+        await self.graph.aclose()
+
+    async def blockdev_add(self, options: Mapping[str, Any]) -> BlockNode:
+        """Create a node from ``blockdev-add`` options."""
+        return await self.graph.add(options)
+
+    async def backup(
+        self,
+        device: str,
+        target: str,
+        *,
+        sync: str = "full",
+        job_id: str | None = None,
+        perf: BackupPerf | None = None,
+        **options: Any,
+    ) -> BackupJob:
+        """Start a backup job (``blockdev-backup``); keyword names use ``_`` for ``-``."""
+        opts = BackupOptions(
+            device=device,
+            target=target,
+            sync=sync,
+            job_id=job_id if job_id is not None else f"backup{next(_job_ids)}",
+            x_perf=perf if perf is not None else BackupPerf(),
+            **options,
+        )
+        return await start_backup(self.graph, self.jobs, opts)
+
+    async def wait(self, job: Job) -> None:
+        """Wait until ``job`` concluded; raise :class:`BackupFailed` unless it succeeded."""
+        await self.jobs.wait_concluded(job)
+        if job.error is not None:
+            raise BackupFailed(job.error)
+
+
+async def backup(source: BlockNode, target: BlockNode, *, sync: str = "full", **options: Any) -> None:
+    """Back up ``source`` to ``target`` (nodes of one graph) and wait for the result."""
+    if source.graph is not target.graph:
+        raise BlockBackupError("source and target must belong to the same graph")
+    bb = BlockBackup(source.graph)
+    try:
+        job = await bb.backup(source.name, target.name, sync=sync, **options)
+        await bb.wait(job)
+    finally:
+        await bb.jobs.aclose()

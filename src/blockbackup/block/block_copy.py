@@ -1,0 +1,432 @@
+"""block-copy: the one copy engine, shared by a backup's background copy and its
+copy-before-write interception.
+
+State (all owned by the event loop):
+
+- ``copy_bitmap``: one bit per cluster, set = "still to copy". A region is *claimed* by
+  clearing its bits and registering it in ``reqs`` (the in-flight list) in one step, so
+  nothing else can copy it; a failed or abandoned copy sets its bits again. This keeps the
+  bitmap exact at every await: cancel, then start again, is resume.
+- ``reqs``: the in-flight copies. Whoever needs a cluster that is in flight waits for it,
+  then looks again (the copy may have failed). Each cluster is copied exactly once, by
+  whoever claims it first: the background loop or a guest write.
+- copy tasks are owned here (``_tasks``), never fire-and-forget: :meth:`aclose` waits for
+  every one, so no copy is in flight after the owner is done with the engine.
+
+Guest writes come first. A copy-before-write (:meth:`copy_before_write`) claims and copies
+only the clusters its write covers, immediately, ignoring the rate limit and the memory
+budget; while any is active, the background loop launches nothing new. The background loop
+also runs its blocking calls in the background thread pool, so guest I/O never queues
+behind it.
+
+Chunks follow the source's block status: zero and hole extents become write-zeroes with
+unmap (or nothing, if the target already reads as zero there), so a sparse source gives a
+sparse target and the cost follows the data, not the disk size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from blockbackup._aio import background_io
+from blockbackup.block.bitmap import Bitmap
+from blockbackup.block.driver import Status, WriteFlags
+from blockbackup.block.reqlist import ReqList, Request
+from blockbackup.jobs.ratelimit import RateLimit
+
+if TYPE_CHECKING:
+    from blockbackup.block.node import BlockNode
+
+log = logging.getLogger(__name__)
+
+MIN_CLUSTER_SIZE = 64 * 1024
+MAX_WORKERS = 64
+MAX_MEMORY = 128 * 1024 * 1024
+MAX_BUFFER = 1024 * 1024
+MAX_COPY_RANGE = 16 * 1024 * 1024
+
+NO_CLUSTER_INFO_WARNING = (
+    "warning: The target block device doesn't provide information about the block size and "
+    "it doesn't have a backing file. The default block size of 65536 bytes is used. If the "
+    "actual block size of the target exceeds this default, the backup may be unusable"
+)
+
+
+def backup_cluster_size(target: BlockNode, min_cluster_size: int = 0, warn: Callable[[str], None] | None = None) -> int:
+    """QEMU's rule: the largest of 64 KiB, ``min_cluster_size`` and the target's cluster size.
+
+    A target with no cluster information and no backing file gets a warning (it might have
+    a larger block size that a partial-cluster copy would corrupt).
+    """
+    minimum = max(MIN_CLUSTER_SIZE, min_cluster_size)
+    cluster = target.cluster_size
+    if cluster is None:
+        if target.backing() is None and warn is not None:
+            warn(NO_CLUSTER_INFO_WARNING)
+        return minimum
+    return max(minimum, cluster)
+
+
+class CopyError(Exception):
+    """A chunk failed; ``is_read`` tells whether the source (read) or the target failed."""
+
+    def __init__(self, err: OSError, *, is_read: bool) -> None:
+        super().__init__(err.strerror or str(err))
+        self.err = err
+        self.is_read = is_read
+
+
+class _ByteBudget:
+    """A semaphore counted in bytes: bounds the memory of buffers in flight."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._freed:
+            # A request larger than the whole budget is let through when nothing else runs.
+            await self._freed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._freed:
+            self.used -= n
+            self._freed.notify_all()
+
+
+@dataclass(slots=True)
+class BackgroundSettings:
+    """Knobs of one background pass (QEMU's ``x-perf``)."""
+
+    max_workers: int = MAX_WORKERS
+    max_chunk: int = 0  # 0: no cap beyond the method's own chunk size
+
+
+class BlockCopy:
+    """Copies clusters of ``source`` to the same offsets of ``target``, each exactly once."""
+
+    def __init__(
+        self,
+        source: BlockNode,
+        target: BlockNode,
+        cluster_size: int,
+        *,
+        to_copy: Bitmap | None = None,
+        use_copy_range: bool = False,
+        compress: bool = False,
+        skip_unallocated: bool = False,
+        memory_limit: int = MAX_MEMORY,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.cluster_size = cluster_size
+        if to_copy is None:
+            to_copy = Bitmap(source.size, cluster_size)
+            to_copy.fill()
+        elif to_copy.granularity != cluster_size:
+            converted = Bitmap(source.size, cluster_size)
+            converted.merge(to_copy)
+            to_copy = converted
+        self.copy_bitmap = to_copy
+        self.reqs = ReqList()
+        self.use_copy_range = use_copy_range
+        self.compress = compress
+        self.skip_unallocated = skip_unallocated
+        self.bytes_done = 0
+        self.bytes_skipped = 0
+        self._budget = _ByteBudget(memory_limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._guest_copies = 0
+        self._guests_idle = asyncio.Event()
+        self._guests_idle.set()
+        self._kick = asyncio.Event()
+        self._zeroes = bytes(max(MAX_BUFFER, cluster_size))
+        #: Called whenever a region is done or skipped (progress reporting).
+        self.on_progress: Callable[[], None] | None = None
+
+    # -- progress ----------------------------------------------------------------------------
+
+    @property
+    def bytes_remaining(self) -> int:
+        """Bytes still to copy: dirty in the bitmap or in flight."""
+        return self.copy_bitmap.dirty_bytes() + self.reqs.bytes_in_flight
+
+    @property
+    def guest_copies_active(self) -> int:
+        return self._guest_copies
+
+    def kick(self) -> None:
+        """Wake a background pass sleeping on the rate limit (the speed changed)."""
+        self._kick.set()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def _claim(self, offset: int, length: int) -> Request:
+        self.copy_bitmap.reset(offset, length)
+        return self.reqs.add(offset, length)
+
+    def _cluster_range(self, offset: int, length: int) -> tuple[int, int]:
+        start = offset - offset % self.cluster_size
+        end = min(-(-(offset + length) // self.cluster_size) * self.cluster_size, self.source.size)
+        return start, end
+
+    # -- the guest path ----------------------------------------------------------------------
+
+    async def copy_before_write(self, offset: int, length: int, timeout: float | None = None) -> None:
+        """Make sure every cluster that ``[offset, offset+length)`` touches has been copied.
+
+        Returns when all of them are on the target; raises ``CopyError`` if a copy failed,
+        ``TimeoutError`` if ``timeout`` (seconds) passed first (the copies go on).
+        """
+        start, end = self._cluster_range(offset, length)
+        if start >= end:
+            return
+        self._guest_copies += 1
+        self._guests_idle.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._copy_all(start, end)
+        finally:
+            self._guest_copies -= 1
+            if self._guest_copies == 0:
+                self._guests_idle.set()
+
+    async def _copy_all(self, start: int, end: int) -> None:
+        while True:
+            area = self.copy_bitmap.next_dirty_area(start, end, end - start)
+            if area is not None:
+                offset, length = area
+                req = self._claim(offset, length)
+                task = self._spawn(self._copy_claimed(req, offset, length, budget=False))
+                await asyncio.shield(task)
+                continue
+            conflict = self.reqs.find_conflict(start, end - start)
+            if conflict is None:
+                return
+            await conflict.wait()  # then look again: that copy may have failed
+
+    # -- the background path -----------------------------------------------------------------
+
+    def _chunk_limit(self, settings: BackgroundSettings) -> int:
+        cluster = self.cluster_size
+        if self.compress:
+            chunk = cluster
+        elif self.use_copy_range:
+            chunk = max(cluster, MAX_COPY_RANGE)
+        else:
+            chunk = max(cluster, MAX_BUFFER)
+        for limit in (self.source.limits.max_transfer, self.target.limits.max_transfer):
+            if limit:
+                chunk = min(chunk, max(cluster, limit - limit % cluster))
+        if settings.max_chunk:
+            chunk = min(chunk, max(cluster, settings.max_chunk - settings.max_chunk % cluster))
+        return chunk
+
+    async def run_background(self, settings: BackgroundSettings, rate: RateLimit | None = None) -> None:
+        """One pass over every dirty cluster, ``max_workers`` chunks in parallel.
+
+        Returns when nothing is left to copy (nothing dirty, nothing in flight); raises
+        ``CopyError`` for the first failed chunk, after the chunks already running have
+        finished, with the failed range dirty again. Cancelling stops launching chunks and
+        waits for the running ones, so the bitmap is exact whenever this returns or raises.
+        """
+        chunk = self._chunk_limit(settings)
+        running: set[asyncio.Task[None]] = set()
+        failure: list[CopyError] = []
+        slots = asyncio.Semaphore(settings.max_workers)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+            _collect(task, failure)
+
+        position = 0
+        try:
+            with background_io():
+                while not failure:
+                    await self._guests_idle.wait()  # guest writes first
+                    await slots.acquire()
+                    area = self.copy_bitmap.next_dirty_area(position, self.source.size, chunk)
+                    if area is None and position:
+                        position = 0
+                        area = self.copy_bitmap.next_dirty_area(0, self.source.size, chunk)
+                    if area is None:
+                        slots.release()
+                        if not await self._wait_for_any(running):
+                            break
+                        continue
+                    offset, length = area
+                    delay = rate.delay_for(length) if rate is not None else 0.0
+                    if delay > 0 or self._guest_copies:
+                        slots.release()  # wait, then look again: the area may be gone
+                        if delay > 0:
+                            await self.throttled_sleep(delay)
+                        continue
+                    if rate is not None:
+                        rate.charge(length)
+                    req = self._claim(offset, length)
+                    position = offset + length
+                    task = self._spawn(self._copy_claimed(req, offset, length, budget=True))
+                    running.add(task)
+                    task.add_done_callback(finished)
+        finally:
+            await self._settle(running)
+        if failure:
+            raise failure[0]
+
+    async def _wait_for_any(self, running: set[asyncio.Task[None]]) -> bool:
+        """Nothing dirty: wait for a running chunk or a guest copy. False when all is done."""
+        if running:
+            await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
+            return True
+        in_flight = next(iter(self.reqs), None)
+        if in_flight is None:
+            return False
+        await in_flight.wait()
+        return True
+
+    async def _settle(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Wait for ``tasks`` even if we are being cancelled; re-raise the cancellation after."""
+        cancelled = False
+        while tasks:
+            try:
+                await asyncio.wait(set(tasks))
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def throttled_sleep(self, delay: float) -> None:
+        """Sleep for the rate limit; :meth:`kick` cuts it short."""
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._kick.wait()
+
+    # -- one claimed region ------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _copy_claimed(self, req: Request, offset: int, length: int, *, budget: bool) -> None:
+        """Copy a claimed region; on any failure its bits become dirty again."""
+        done = False
+        try:
+            await self._copy_region(req, offset, length, budget)
+            done = True
+        finally:
+            end = offset + req.length
+            if not done:
+                self.copy_bitmap.set(offset, end - offset)
+            self.reqs.remove(req)
+            if self.on_progress is not None:
+                self.on_progress()
+
+    async def _copy_region(self, req: Request, offset: int, length: int, budget: bool) -> None:
+        try:
+            extent = await self.source.block_status(offset, length)
+        except OSError as err:
+            raise CopyError(err, is_read=True) from err
+        if extent.length < length:
+            # Shrink to the extent (cluster-aligned) and give the tail back.
+            keep = max(self.cluster_size, -(-extent.length // self.cluster_size) * self.cluster_size)
+            if keep < length:
+                self.reqs.shrink(req, keep)
+                self.copy_bitmap.set(offset + keep, length - keep)
+                length = keep
+        if self.skip_unallocated and not extent.is_allocated and extent.length >= length:
+            self.bytes_skipped += length
+            return
+        if extent.is_zero and extent.length >= length:
+            await self._write_zeroes(offset, length)
+        elif self.use_copy_range and not self.compress:
+            await self._copy_offloaded(offset, length, budget)
+        else:
+            await self._copy_buffered(offset, length, budget)
+        self.bytes_done += length
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        try:
+            if not await self._target_reads_zero(offset, length):
+                await self.target.write_zeroes(offset, length, WriteFlags.MAY_UNMAP)
+        except OSError as err:
+            raise CopyError(err, is_read=False) from err
+
+    async def _target_reads_zero(self, offset: int, length: int) -> bool:
+        end = offset + length
+        while offset < end:
+            extent = await self.target.block_status(offset, end - offset)
+            if not extent.status & Status.ZERO:
+                return False
+            offset = extent.end
+        return True
+
+    async def _copy_offloaded(self, offset: int, length: int, budget: bool) -> None:
+        try:
+            await self.target.copy_range_from(self.source, offset, offset, length)
+        except OSError as err:
+            if err.errno != errno.ENOTSUP:
+                # copy_file_range cannot tell which side failed; call it the target.
+                raise CopyError(err, is_read=False) from err
+            log.debug("copy offload unavailable, using read+write: %s", err)
+            self.use_copy_range = False
+            await self._copy_buffered(offset, length, budget)
+
+    async def _copy_buffered(self, offset: int, length: int, budget: bool) -> None:
+        if budget:
+            await self._budget.acquire(length)
+        try:
+            try:
+                data = await self.source.read(offset, length)
+            except OSError as err:
+                raise CopyError(err, is_read=True) from err
+            try:
+                if self._is_zero(data):
+                    if not await self._target_reads_zero(offset, length):
+                        await self.target.write_zeroes(offset, length, WriteFlags.MAY_UNMAP)
+                elif self.compress:
+                    view = memoryview(data)
+                    for o in range(0, length, self.cluster_size):
+                        await self.target.write(offset + o, view[o : o + self.cluster_size], WriteFlags.COMPRESSED)
+                else:
+                    await self.target.write(offset, data)
+            except OSError as err:
+                raise CopyError(err, is_read=False) from err
+        finally:
+            if budget:
+                await self._budget.release(length)
+
+    def _is_zero(self, data: bytes | bytearray | memoryview) -> bool:
+        view = memoryview(data).cast("B")
+        zeroes = memoryview(self._zeroes)
+        for o in range(0, len(view), len(zeroes)):  # memcmp-speed comparisons
+            piece = view[o : o + len(zeroes)]
+            if piece != zeroes[: len(piece)]:
+                return False
+        return True
+
+    async def aclose(self) -> None:
+        """Wait until no copy is in flight."""
+        await self._settle(self._tasks)
+
+
+def _collect(task: asyncio.Task[None], failure: list[CopyError]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, CopyError):
+        failure.append(exc)
+    elif exc is not None:
+        failure.append(CopyError(OSError(errno.EIO, f"internal error: {exc!r}"), is_read=False))
+        log.error("copy task failed unexpectedly", exc_info=exc)

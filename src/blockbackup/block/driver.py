@@ -1,0 +1,165 @@
+"""The driver interface: what every format, protocol and filter implements.
+
+A :class:`BlockDriver` does the I/O of one node and nothing else. Bounds checks, alignment,
+splitting to the transfer limit, in-flight tracking, quiescing, before-write interception
+and dirty tracking are done once, for every driver, by the request layer in
+:mod:`blockbackup.block.node`. A driver may therefore assume every request it gets is in
+bounds, aligned to its ``request_alignment`` and no longer than its ``max_transfer``.
+
+Drivers are created only from ``blockdev-add`` option dicts, through
+:meth:`BlockDriver.open`, so the command line, QMP and the Python API share one path.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from blockbackup.block.node import BlockNode
+    from blockbackup.block.options import Options
+
+
+class WriteFlags(enum.IntFlag):
+    """Flags of write and write-zeroes requests (QEMU's BDRV_REQ_* that matter here)."""
+
+    NONE = 0
+    FUA = 1  # the data is on stable storage when the request completes
+    MAY_UNMAP = 2  # write-zeroes may deallocate (punch a hole)
+    NO_FALLBACK = 4  # write-zeroes must be fast: fail with ENOTSUP rather than write buffers
+    COMPRESSED = 8  # compressed cluster write (formats that support it)
+
+
+class Status(enum.IntFlag):
+    """Block status of an extent."""
+
+    NONE = 0
+    DATA = 1  # reads return data stored in some layer
+    ZERO = 2  # reads return zeroes
+    ALLOCATED = 4  # this node's layer (not a backing file) decides the content
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A range with one status. ``offset`` is where it starts, relative to the node."""
+
+    offset: int
+    length: int
+    status: Status
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def is_zero(self) -> bool:
+        return bool(self.status & Status.ZERO)
+
+    @property
+    def is_allocated(self) -> bool:
+        return bool(self.status & Status.ALLOCATED)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What requests a driver can take. The request layer adapts requests to these."""
+
+    request_alignment: int = 1
+    max_transfer: int = 0  # 0: no limit
+    cluster_size: int | None = None  # None: the driver has no cluster information
+
+
+def io_error(code: int, detail: str | None = None) -> OSError:
+    """An OSError carrying an errno and its standard text, as drivers raise them."""
+    text = os.strerror(code)
+    return OSError(code, f"{text}: {detail}" if detail else text)
+
+
+class BlockDriver(ABC):
+    """One node's I/O. Subclasses set ``driver_name`` and register with :func:`register`.
+
+    Contract:
+    - ``open`` parses the driver's options (taking its children through ``opts.child``)
+      and returns a ready driver; errors are :class:`blockbackup.errors.BlockBackupError`
+      with QEMU's texts.
+    - I/O methods raise ``OSError`` with an errno on failure; nothing else.
+    - ``size`` does not change while the node is open.
+    """
+
+    driver_name: ClassVar[str]
+    #: True for filters that pass data through to a single child named ``file``.
+    is_filter: ClassVar[bool] = False
+    limits: Limits = Limits()
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    @classmethod
+    @abstractmethod
+    async def open(cls, node: BlockNode, opts: Options) -> BlockDriver:
+        """Create the driver for ``node`` from its blockdev-add options."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Virtual size in bytes."""
+
+    @abstractmethod
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Return exactly ``length`` bytes."""
+
+    @abstractmethod
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+        """Write ``data``."""
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        """Make the range read as zeroes. The default writes zero buffers."""
+        if flags & WriteFlags.NO_FALLBACK:
+            raise io_error(errno.ENOTSUP)
+        chunk = min(length, 1 << 20)
+        zeroes = bytes(chunk)
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            await self.write(offset, memoryview(zeroes)[:n], flags & WriteFlags.FUA)
+            offset += n
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory deallocation; the default does nothing."""
+
+    async def flush(self) -> None:
+        """Make completed writes durable. The default has nothing to flush."""
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Status of the extent starting at ``offset`` (at most ``length`` long).
+
+        The default says "allocated data" for the whole range.
+        """
+        return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+
+    def fd_map(self, offset: int) -> tuple[int, int] | None:
+        """The local file descriptor and file offset holding byte ``offset`` verbatim, if any.
+
+        Used for ``copy_file_range`` between local files; ``None`` means "not a plain file".
+        """
+        return None
+
+    def can_compress(self) -> bool:
+        """Whether ``WriteFlags.COMPRESSED`` writes are supported."""
+        return False
+
+    async def close(self) -> None:
+        """Release resources; the node's children are closed by the graph."""
+
+
+DRIVERS: dict[str, type[BlockDriver]] = {}
+
+
+def register(cls: type[BlockDriver]) -> type[BlockDriver]:
+    """Class decorator: make a driver constructible by its ``driver_name``."""
+    DRIVERS[cls.driver_name] = cls
+    return cls

@@ -1,0 +1,77 @@
+"""``raw``: the format driver for raw images, optionally a window (``offset``/``size``) of
+its child, so that option dicts written for qemu-storage-daemon work unchanged."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
+from blockbackup.block.node import BlockNode
+from blockbackup.block.options import Options
+from blockbackup.errors import BlockBackupError
+
+
+@register
+class RawDriver(BlockDriver):
+    """Raw format: bytes of the child at a fixed offset."""
+
+    driver_name: ClassVar[str] = "raw"
+
+    def __init__(self, node: BlockNode, child: BlockNode, offset: int, size: int) -> None:
+        super().__init__(node)
+        self.child = child
+        self.offset = offset
+        self._size = size
+        limits = child.limits
+        self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Options) -> RawDriver:
+        child = await opts.child("file")
+        node.add_child("file", child)
+        offset = opts.int("offset", 0)
+        size = opts.int("size", None)
+        if offset < 0:
+            raise BlockBackupError("offset cannot be negative")
+        if size is None:
+            size = max(0, child.size - offset)
+        elif size < 0:
+            raise BlockBackupError("size cannot be negative")
+        if offset + size > child.size:
+            raise BlockBackupError(
+                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal "
+                f"to the  actual size of the containing file ({child.size})"
+            )
+        align = child.limits.request_alignment
+        if offset % align or (size % align and offset + size != child.size):
+            raise BlockBackupError(f"offset and size must be multiples of {align}")
+        return cls(node, child, offset, size)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self.child.read(self.offset + offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+        await self.child.write(self.offset + offset, data, flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        await self.child.write_zeroes(self.offset + offset, length, flags)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.child.discard(self.offset + offset, length)
+
+    async def flush(self) -> None:
+        await self.child.flush()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        extent = await self.child.block_status(self.offset + offset, length)
+        return Extent(offset, extent.length, extent.status)
+
+    def fd_map(self, offset: int) -> tuple[int, int] | None:
+        return self.child.fd_map(self.offset + offset)
+
+    def can_compress(self) -> bool:
+        return False

@@ -1,0 +1,152 @@
+"""The block graph: the registry of named nodes and the one way to create them.
+
+``Graph.add`` takes a ``blockdev-add`` option dict, exactly as QMP and the command line
+give it, for every node (nested definitions become implicit, auto-named children). The
+errors it raises carry qemu-storage-daemon's texts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from blockbackup.block import drivers as _drivers  # noqa: F401  (registers the drivers)
+from blockbackup.block.driver import DRIVERS
+from blockbackup.block.node import BlockNode, NodeConfig
+from blockbackup.block.options import Options
+from blockbackup.errors import BlockBackupError
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")
+
+
+class Graph:
+    """All nodes of one daemon (or one library user), by node-name."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, BlockNode] = {}
+        self._reserved: set[str] = set()
+        self._auto_names = itertools.count()
+
+    def find(self, name: str) -> BlockNode | None:
+        return self.nodes.get(name)
+
+    def get(self, name: str) -> BlockNode:
+        """The node called ``name``, or QEMU's "Cannot find device" error."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise BlockBackupError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def _auto_name(self) -> str:
+        while True:
+            name = f"#block{next(self._auto_names):03d}"
+            if name not in self.nodes and name not in self._reserved:
+                return name
+
+    def _claim_name(self, opts: Options, implicit: bool) -> str:
+        name: str | None = opts.str("node-name", None)
+        if name is None:
+            if not implicit:
+                raise BlockBackupError("'node-name' must be specified for the root node")
+            name = self._auto_name()
+        elif not _NODE_NAME.match(name):
+            raise BlockBackupError(f"Invalid node-name: '{name}'")
+        if name in self.nodes or name in self._reserved:
+            raise BlockBackupError(f"Duplicate nodes with node-name='{name}'")
+        self._reserved.add(name)
+        return name
+
+    @staticmethod
+    def _common_config(opts: Options, options: Mapping[str, Any]) -> NodeConfig:
+        read_only = opts.bool("read-only", False)
+        opts.bool("auto-read-only", False)
+        opts.bool("force-share", False)
+        discard = opts.enum("discard", ("ignore", "unmap", "off", "on"), "ignore")
+        detect_zeroes = opts.enum("detect-zeroes", ("off", "on", "unmap"), "off")
+        cache = opts.sub("cache", None)
+        direct = no_flush = False
+        if cache is not None:
+            direct = cache.bool("direct", False)
+            no_flush = cache.bool("no-flush", False)
+            cache.finish()
+        return NodeConfig(
+            read_only=read_only,
+            discard_unmap=discard in ("unmap", "on"),
+            cache_direct=direct,
+            no_flush=no_flush,
+            detect_zeroes=detect_zeroes,
+            options=dict(options),
+        )
+
+    async def add(
+        self, options: Mapping[str, Any], *, prefix: str = "", implicit: bool = False
+    ) -> BlockNode:
+        """Create a node (and its nested children) from blockdev-add options."""
+        opts = Options(self, options, prefix)
+        driver_name = opts.str("driver")
+        driver_cls = DRIVERS.get(driver_name)
+        if driver_cls is None:
+            raise BlockBackupError(f"Parameter '{prefix}driver' does not accept value '{driver_name}'")
+        name = self._claim_name(opts, implicit)
+        node: BlockNode | None = None
+        try:
+            node = BlockNode(self, name, self._common_config(opts, options), implicit=implicit)
+            driver = await driver_cls.open(node, opts)
+            node.set_driver(driver)
+            try:
+                opts.finish()
+            except BaseException:
+                await driver.close()
+                raise
+        except BaseException:
+            if node is not None:
+                await self._release_children(node)
+            raise
+        finally:
+            self._reserved.discard(name)
+        self.nodes[name] = node
+        return node
+
+    async def delete(self, name: str) -> None:
+        """blockdev-del: close a node nobody uses, with its implicit children."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise BlockBackupError(f"Failed to find node with node-name='{name}'")
+        if node.users:
+            raise BlockBackupError(f"Node {name} is in use")
+        if node.parents:
+            raise BlockBackupError(f"Block device {name} is in use")
+        await self._close(node)
+
+    async def drop(self, node: BlockNode) -> None:
+        """Close a node its owner created for itself (a job's filter), users or not."""
+        node.users.clear()
+        await self._close(node)
+
+    async def _close(self, node: BlockNode) -> None:
+        await node.wait_idle()
+        self.nodes.pop(node.name, None)
+        await node.driver.close()
+        await self._release_children(node)
+
+    async def _release_children(self, node: BlockNode) -> None:
+        for child in node.detach_children():
+            if child.implicit and not child.parents and not child.users:
+                await self._close(child)
+
+    async def aclose(self) -> None:
+        """Flush and close every node, parents before children."""
+        while self.nodes:
+            roots = [n for n in self.nodes.values() if not n.parents]
+            if not roots:  # pragma: no cover - the graph is acyclic by construction
+                raise RuntimeError("cycle in block graph")
+            for node in roots:
+                if not node.read_only:
+                    try:
+                        await node.flush()
+                    except OSError:
+                        pass
+                node.users.clear()
+                await self._close(node)

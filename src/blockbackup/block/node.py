@@ -1,0 +1,351 @@
+"""A node of the block graph, and the request layer every driver sits under.
+
+Every request to a node goes through :class:`BlockNode`, which, once for all drivers:
+
+- checks bounds and read-only state (``EINVAL``/``EPERM``);
+- pads unaligned requests to the driver's ``request_alignment`` (read-modify-write for
+  writes, serialised against overlapping writes) and splits them to ``max_transfer``;
+- counts requests in flight, so that :meth:`BlockNode.quiesced` can wait for them;
+- holds new *modifying* requests (write, write-zeroes, discard) while the node is
+  quiesced. Reads and flushes are not held: a quiesced node must still serve the
+  copy-before-write reads of writes already in flight, or quiescing could deadlock;
+- calls the before-write hooks (copy-before-write) before every modification reaches the
+  driver, and marks the node's dirty trackers (dirty bitmaps).
+
+All of it runs on the event loop that owns the graph; the driver does the blocking work
+off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
+from blockbackup.block.reqlist import ReqList, Request
+
+if TYPE_CHECKING:
+    from blockbackup.block.graph import Graph
+
+Buffer = bytes | bytearray | memoryview
+
+#: A before-write hook: awaited with (offset, length) before a modification of that range
+#: reaches the driver. Raising ``OSError`` fails the modification.
+BeforeWriteHook = Callable[[int, int], Awaitable[None]]
+
+
+class DirtyTracker(Protocol):
+    """Something that records which ranges of a node changed (a dirty bitmap)."""
+
+    def mark_dirty(self, offset: int, length: int) -> None: ...
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """Options every driver shares (QEMU's BlockdevOptions base)."""
+
+    read_only: bool = False
+    discard_unmap: bool = False
+    cache_direct: bool = False
+    no_flush: bool = False
+    detect_zeroes: str = "off"
+    options: dict[str, object] = field(default_factory=dict)
+
+
+class BlockNode:
+    """A named node: a driver, its children, and the request layer in front of the driver."""
+
+    def __init__(self, graph: Graph, name: str, config: NodeConfig, *, implicit: bool) -> None:
+        self.graph = graph
+        self.name = name
+        self.config = config
+        self.implicit = implicit
+        self._driver: BlockDriver | None = None
+        self.children: dict[str, BlockNode] = {}
+        self.parents: list[BlockNode] = []
+        #: Non-node users (exports, jobs), with a short description for error texts.
+        self.users: dict[object, str] = {}
+        self.dirty_trackers: list[DirtyTracker] = []
+        self._before_write: list[BeforeWriteHook] = []
+        self._in_flight = 0
+        self._in_flight_changes = 0
+        self._changes_idle = asyncio.Event()
+        self._changes_idle.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._quiesce_depth = 0
+        self._unquiesced = asyncio.Event()
+        self._unquiesced.set()
+        self._serialising = ReqList()
+
+    def __repr__(self) -> str:
+        driver = self._driver.driver_name if self._driver else "?"
+        return f"<BlockNode {self.name!r} driver={driver}>"
+
+    # -- structure ---------------------------------------------------------------------------
+
+    @property
+    def driver(self) -> BlockDriver:
+        if self._driver is None:
+            raise RuntimeError(f"node {self.name} is not open")
+        return self._driver
+
+    def set_driver(self, driver: BlockDriver) -> None:
+        self._driver = driver
+
+    def add_child(self, role: str, child: BlockNode) -> None:
+        self.children[role] = child
+        child.parents.append(self)
+
+    def detach_children(self) -> list[BlockNode]:
+        """Unlink every child; return them."""
+        children = list(self.children.values())
+        for child in children:
+            child.parents.remove(self)
+        self.children.clear()
+        return children
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def limits(self) -> Limits:
+        return self.driver.limits
+
+    @property
+    def read_only(self) -> bool:
+        return self.config.read_only
+
+    @property
+    def cluster_size(self) -> int | None:
+        return self.driver.limits.cluster_size
+
+    def backing(self) -> BlockNode | None:
+        """The backing child, following filters down to the first format that has one."""
+        node: BlockNode | None = self
+        while node is not None:
+            if "backing" in node.children:
+                return node.children["backing"]
+            node = node.children.get("file") if node.driver.is_filter else None
+        return None
+
+    def add_user(self, user: object, description: str) -> None:
+        self.users[user] = description
+
+    def remove_user(self, user: object) -> None:
+        self.users.pop(user, None)
+
+    # -- interception ------------------------------------------------------------------------
+
+    def add_before_write(self, hook: BeforeWriteHook) -> None:
+        self._before_write.append(hook)
+
+    def remove_before_write(self, hook: BeforeWriteHook) -> None:
+        self._before_write.remove(hook)
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[None]:
+        """Hold new modifications and wait until those in flight have finished.
+
+        Inside the block the node's content cannot change: this is how a backup defines its
+        point in time. Sections nest.
+        """
+        self._quiesce_depth += 1
+        self._unquiesced.clear()
+        try:
+            await self._changes_idle.wait()
+            yield
+        finally:
+            self._quiesce_depth -= 1
+            if self._quiesce_depth == 0:
+                self._unquiesced.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Wait until no request of any kind is in flight."""
+        await self._idle.wait()
+
+    # -- the request layer -------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise io_error(errno.EINVAL, f"request {offset}+{length} outside {self.name} ({self.size})")
+
+    def _check_writable(self) -> None:
+        if self.config.read_only:
+            raise io_error(errno.EPERM, f"node {self.name} is read-only")
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def _change(self, offset: int, length: int) -> AsyncIterator[None]:
+        """Admission of a modification: gate, tracking, hooks, dirty marks."""
+        self._check_writable()
+        self._check_range(offset, length)
+        while self._quiesce_depth:
+            await self._unquiesced.wait()
+        self._in_flight_changes += 1
+        self._changes_idle.clear()
+        try:
+            with self._tracked():
+                for hook in tuple(self._before_write):
+                    await hook(offset, length)
+                for tracker in self.dirty_trackers:
+                    tracker.mark_dirty(offset, length)
+                yield
+        finally:
+            self._in_flight_changes -= 1
+            if self._in_flight_changes == 0:
+                self._changes_idle.set()
+
+    def _aligned(self, offset: int, length: int) -> tuple[int, int]:
+        align = self.limits.request_alignment
+        start = offset - offset % align
+        end = min(-(-(offset + length) // align) * align, self.size)
+        return start, end
+
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.limits.max_transfer or length or 1
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Read ``length`` bytes at ``offset``."""
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        with self._tracked():
+            start, end = self._aligned(offset, length)
+            if (start, end) == (offset, offset + length):
+                return await self._read_split(offset, length)
+            data = await self._read_split(start, end - start)
+            return memoryview(data)[offset - start : offset - start + length]
+
+    async def _read_split(self, offset: int, length: int) -> Buffer:
+        chunks = self._chunks(offset, length)
+        if len(chunks) == 1:
+            return await self.driver.read(offset, length)
+        out = bytearray(length)
+        for o, n in chunks:
+            out[o - offset : o - offset + n] = await self.driver.read(o, n)
+        return out
+
+    async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
+        """Write ``data`` at ``offset``."""
+        length = len(data)
+        if length == 0:
+            self._check_range(offset, 0)
+            return
+        async with self._change(offset, length):
+            await self._write_aligned(offset, memoryview(data).cast("B"), flags)
+
+    async def _write_aligned(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
+        length = len(data)
+        if self.limits.request_alignment == 1:
+            await self._write_split(offset, data, flags)
+            return
+        start, end = self._aligned(offset, length)
+        req = await self._serialise(start, end - start)
+        try:
+            if (start, end) != (offset, offset + length):
+                padded = bytearray(await self._read_split(start, end - start))
+                padded[offset - start : offset - start + length] = data
+                data = memoryview(padded)
+            await self._write_split(start, data, flags)
+        finally:
+            self._serialising.remove(req)
+
+    async def _serialise(self, offset: int, length: int) -> Request:
+        await self._serialising.wait_conflicts(offset, length)
+        return self._serialising.add(offset, length)
+
+    async def _write_split(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
+        for o, n in self._chunks(offset, len(data)):
+            await self.driver.write(o, data[o - offset : o - offset + n], flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags = WriteFlags.NONE) -> None:
+        """Make ``[offset, offset+length)`` read as zeroes."""
+        if length == 0:
+            self._check_range(offset, 0)
+            return
+        async with self._change(offset, length):
+            align = self.limits.request_alignment
+            if align > 1 and (offset % align or (offset + length) % align and offset + length != self.size):
+                await self._write_aligned(offset, memoryview(bytes(length)), flags & WriteFlags.FUA)
+                return
+            for o, n in self._chunks(offset, length):
+                await self.driver.write_zeroes(o, n, flags)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory deallocation of a range; copy-before-write still protects it."""
+        if length == 0:
+            self._check_range(offset, 0)
+            return
+        async with self._change(offset, length):
+            start, end = self._aligned(offset, length)
+            # Only whole aligned blocks can be discarded; shrink inward.
+            align = self.limits.request_alignment
+            inner_start = -(-offset // align) * align
+            inner_end = (offset + length) // align * align if offset + length < self.size else end
+            if inner_end > inner_start:
+                for o, n in self._chunks(inner_start, inner_end - inner_start):
+                    await self.driver.discard(o, n)
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        with self._tracked():
+            await self.driver.flush()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Status of the extent at ``offset``, at most ``length`` long (never empty)."""
+        self._check_range(offset, length)
+        if length == 0:
+            raise io_error(errno.EINVAL, "empty block-status request")
+        with self._tracked():
+            extent = await self.driver.block_status(offset, length)
+        if extent.offset != offset or not 0 < extent.length:
+            raise io_error(errno.EIO, f"driver {self.driver.driver_name} returned a bad extent")
+        if extent.length > length:
+            extent = Extent(offset, length, extent.status)
+        return extent
+
+    async def copy_range_from(self, source: BlockNode, src_offset: int, offset: int, length: int) -> None:
+        """Copy ``length`` bytes from ``source`` with ``copy_file_range`` into this node.
+
+        Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
+        fall back to read + write.
+        """
+        from blockbackup._aio import run_blocking
+        from blockbackup.block.copy_range import copy_file_range_all
+
+        source._check_range(src_offset, length)
+        src = source.fd_map(src_offset)
+        dst = self.fd_map(offset)
+        if src is None or dst is None:
+            raise io_error(errno.ENOTSUP, "copy offload needs local files on both sides")
+        async with self._change(offset, length):
+            with source._tracked():
+                await run_blocking(copy_file_range_all, src[0], src[1], dst[0], dst[1], length)
+
+    def fd_map(self, offset: int) -> tuple[int, int] | None:
+        """Where byte ``offset`` lives in a local file, if this node is plain file data."""
+        if self.limits.request_alignment != 1:
+            return None
+        return self.driver.fd_map(offset)
+

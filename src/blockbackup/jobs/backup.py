@@ -1,0 +1,256 @@
+"""The backup job: policy only.
+
+The mechanics live elsewhere: the copy-before-write filter intercepts writes to the source,
+and the block-copy engine it owns copies clusters. The job:
+
+1. validates the arguments (QEMU's texts, QEMU's order);
+2. defines the point in time: quiesces the source, and inside that section inserts the
+   filter (which seeds the copy bitmap), so every write is wholly before T0 or after it;
+3. runs background passes until nothing is left, applying ``on-source-error`` /
+   ``on-target-error`` and honouring pause and the rate limit;
+4. flushes the target before it reports success (from the COMPLETED event on, the backup
+   survives a crash), and drops the filter when it ends, whatever the outcome.
+
+``sync=none`` copies nothing in the background: only copy-before-write, until cancelled
+(classic image fleecing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockbackup.block.block_copy import BackgroundSettings, BlockCopy, CopyError
+from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR, CopyBeforeWriteDriver
+from blockbackup.block.graph import Graph
+from blockbackup.block.node import BlockNode
+from blockbackup.errors import BlockBackupError
+from blockbackup.jobs.job import Job, JobManager, JobTxn
+from blockbackup.jobs.status import BlockdevOnError, ErrorAction
+
+SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
+BITMAP_MODES = ("on-success", "never", "always")
+INT_MAX = 2147483647
+
+
+@dataclass(slots=True)
+class BackupPerf:
+    """QEMU's ``x-perf`` (unstable): background-copy tuning."""
+
+    use_copy_range: bool = False
+    max_workers: int = 64
+    max_chunk: int = 0
+    min_cluster_size: int = 0
+
+
+@dataclass(slots=True)
+class BackupOptions:
+    """The arguments of ``blockdev-backup`` (QMP names with ``-`` as ``_``)."""
+
+    device: str
+    target: str
+    sync: str
+    job_id: str | None = None
+    speed: int = 0
+    bitmap: str | None = None
+    bitmap_mode: str | None = None
+    compress: bool = False
+    on_source_error: str = "report"
+    on_target_error: str = "report"
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    filter_node_name: str | None = None
+    discard_source: bool = False
+    on_cbw_error: str = "break-guest-write"
+    x_perf: BackupPerf = field(default_factory=BackupPerf)
+
+
+def _busy_job(node: BlockNode) -> str | None:
+    for user, description in node.users.items():
+        if isinstance(user, BackupJob) and user.target is node:
+            return description
+    return None
+
+
+def _check_bitmap_arguments(opts: BackupOptions, source: BlockNode) -> None:
+    if opts.sync in ("incremental", "bitmap") and opts.bitmap is None:
+        raise BlockBackupError(f"must provide a valid bitmap name for '{opts.sync}' sync mode")
+    if opts.bitmap is None:
+        if opts.bitmap_mode is not None:
+            raise BlockBackupError("Cannot specify bitmap sync mode without a bitmap")
+        return
+    # Dirty bitmaps on nodes are not implemented yet: no bitmap can be found.
+    raise BlockBackupError(f"Bitmap '{opts.bitmap}' could not be found")
+
+
+async def start_backup(
+    graph: Graph, jobs: JobManager, opts: BackupOptions, txn: JobTxn | None = None
+) -> BackupJob:
+    """Validate ``blockdev-backup`` arguments, set the point in time and start the job."""
+    if opts.sync not in SYNC_MODES:
+        raise BlockBackupError(f"Parameter 'sync' does not accept value '{opts.sync}'")
+    for name, value in (("on-source-error", opts.on_source_error), ("on-target-error", opts.on_target_error)):
+        if value not in {p.value for p in BlockdevOnError}:
+            raise BlockBackupError(f"Parameter '{name}' does not accept value '{value}'")
+    if opts.bitmap_mode is not None and opts.bitmap_mode not in BITMAP_MODES:
+        raise BlockBackupError(f"Parameter 'bitmap-mode' does not accept value '{opts.bitmap_mode}'")
+    if opts.on_cbw_error not in ON_CBW_ERROR:
+        raise BlockBackupError(f"Parameter 'on-cbw-error' does not accept value '{opts.on_cbw_error}'")
+    source = graph.get(opts.device)
+    target = graph.get(opts.target)
+    _check_bitmap_arguments(opts, source)
+    if source is target:
+        raise BlockBackupError("Source and target cannot be the same")
+    if opts.compress and not target.driver.can_compress():
+        raise BlockBackupError("Compression is not supported for this drive ")
+    for node in (source, target):
+        busy = _busy_job(node)
+        if busy is not None:
+            raise BlockBackupError(f"Node '{node.name}' is busy: block device is in use by {busy}")
+    perf = opts.x_perf
+    if not 1 <= perf.max_workers <= INT_MAX:
+        raise BlockBackupError(f"max-workers must be between 1 and {INT_MAX}")
+    if perf.max_chunk < 0:
+        raise BlockBackupError("max-chunk must be zero (which means no limit) or positive")
+    if source.size != target.size:
+        raise BlockBackupError("Source and target image have different sizes")
+    if opts.job_id is None:
+        raise BlockBackupError("Invalid job ID ''")
+    jobs.validate_job_id(opts.job_id)
+
+    filter_options: dict[str, Any] = {
+        "driver": "copy-before-write",
+        "file": source.name,
+        "target": target.name,
+        "on-cbw-error": opts.on_cbw_error,
+    }
+    if perf.min_cluster_size:
+        filter_options["min-cluster-size"] = perf.min_cluster_size
+    if opts.filter_node_name is not None:
+        filter_options["node-name"] = opts.filter_node_name
+    async with source.quiesced():  # T0: no write is in flight, none can start
+        filter_node = await graph.add(filter_options, implicit=opts.filter_node_name is None)
+        try:
+            job = BackupJob(opts, jobs, graph, source, target, filter_node)
+            jobs.register(job, txn)
+        except BaseException:
+            await graph.drop(filter_node)
+            raise
+    jobs.start(job)
+    return job
+
+
+class BackupJob(Job):
+    """A live backup of ``source`` to ``target`` as of the moment it started."""
+
+    job_type = "backup"
+
+    def __init__(
+        self,
+        opts: BackupOptions,
+        manager: JobManager,
+        graph: Graph,
+        source: BlockNode,
+        target: BlockNode,
+        filter_node: BlockNode,
+    ) -> None:
+        assert opts.job_id is not None
+        super().__init__(
+            opts.job_id,
+            manager,
+            auto_finalize=opts.auto_finalize,
+            auto_dismiss=opts.auto_dismiss,
+            speed=opts.speed,
+        )
+        self.options = opts
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self.filter_node = filter_node
+        driver = filter_node.driver
+        assert isinstance(driver, CopyBeforeWriteDriver)
+        self.filter = driver
+        self.block_copy: BlockCopy = driver.block_copy
+        perf = opts.x_perf
+        cluster = self.block_copy.cluster_size
+        if perf.max_chunk and perf.max_chunk < cluster:
+            raise BlockBackupError(
+                f"Required max-chunk ({perf.max_chunk}) is less than backup cluster size ({cluster})"
+            )
+        bcs = self.block_copy
+        bcs.use_copy_range = perf.use_copy_range
+        bcs.compress = opts.compress
+        bcs.skip_unallocated = opts.sync == "top"
+        bcs.on_progress = self._update_progress
+        if opts.sync == "none":
+            bcs.copy_bitmap.fill()  # every first write is copied; nothing else
+        self.settings = BackgroundSettings(max_workers=perf.max_workers, max_chunk=perf.max_chunk)
+        self.on_source_error = BlockdevOnError(opts.on_source_error)
+        self.on_target_error = BlockdevOnError(opts.on_target_error)
+        source.add_user(self, "block job: backup")
+        target.add_user(self, "block job: backup")
+        self._update_progress()
+
+    def _update_progress(self) -> None:
+        bcs = self.block_copy
+        self.progress_current = bcs.bytes_done
+        if self.options.sync == "none":
+            self.progress_total = self.source.size
+        else:
+            self.progress_total = bcs.bytes_done + bcs.bytes_remaining
+
+    def on_speed_changed(self) -> None:
+        self.block_copy.kick()
+
+    def _check_snapshot(self) -> None:
+        if self.filter.snapshot_error is not None:
+            raise self.filter.snapshot_error
+
+    async def run(self) -> None:
+        if self.options.sync == "none":
+            await self._serve_until_cancelled()
+            return
+        while True:
+            await self.pause_point()
+            self._check_snapshot()
+            try:
+                if await self._copy_until_paused():
+                    break
+            except CopyError as err:
+                policy = self.on_source_error if err.is_read else self.on_target_error
+                action = await self.handle_error(policy, err.err, is_read=err.is_read)
+                if action is ErrorAction.REPORT:
+                    raise err.err from err
+        self._check_snapshot()
+        await self.target.flush()
+        self._update_progress()
+
+    async def _serve_until_cancelled(self) -> None:
+        """sync=none: copy-before-write only, until the job is cancelled or the snapshot breaks."""
+        while True:
+            await self.pause_point()
+            self._check_snapshot()
+            await asyncio.sleep(0.1)
+            self._update_progress()
+
+    async def _copy_until_paused(self) -> bool:
+        """Run a background pass; True when it finished, False when a pause interrupted it."""
+        copy = asyncio.ensure_future(self.block_copy.run_background(self.settings, self.rate_limit))
+        pause = asyncio.ensure_future(self.wait_pause_requested())
+        try:
+            await asyncio.wait({copy, pause}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pause.cancel()
+            copy.cancel()
+            await asyncio.wait({copy, pause})
+            self._update_progress()
+        if copy.cancelled():
+            return False
+        copy.result()  # raises the pass's CopyError
+        return True
+
+    async def clean(self) -> None:
+        self.source.remove_user(self)
+        self.target.remove_user(self)
+        await self.graph.drop(self.filter_node)
