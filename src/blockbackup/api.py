@@ -17,7 +17,7 @@ the daemon serves over QMP, driven from Python::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -68,6 +68,7 @@ class BlockBackup:
         sync: str = "full",
         job_id: str | None = None,
         perf: BackupPerf | None = None,
+        at_point_in_time: Callable[[], Awaitable[None]] | None = None,
         **options: Any,
     ) -> BackupJob:
         """Start a backup job (``blockdev-backup``); keyword names use ``_`` for ``-``."""
@@ -79,7 +80,7 @@ class BlockBackup:
             x_perf=perf if perf is not None else BackupPerf(),
             **options,
         )
-        return await start_backup(self.graph, self.jobs, opts)
+        return await start_backup(self.graph, self.jobs, opts, at_point_in_time=at_point_in_time)
 
     async def wait(self, job: Job) -> None:
         """Wait until ``job`` concluded; raise :class:`BackupFailed` unless it succeeded."""

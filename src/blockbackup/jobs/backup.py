@@ -18,6 +18,7 @@ and the block-copy engine it owns copies clusters. The job:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.job import Job, JobManager, JobTxn
-from blockbackup.jobs.status import BlockdevOnError, ErrorAction
+from blockbackup.jobs.status import BlockdevOnError, ErrorAction, JobStatus
 
 SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
@@ -42,6 +43,8 @@ class BackupPerf:
     max_workers: int = 64
     max_chunk: int = 0
     min_cluster_size: int = 0
+    #: blockbackup extension: an exact cluster size (power of 2, >= 512) instead of QEMU's rule.
+    cluster_size: int = 0
 
 
 @dataclass(slots=True)
@@ -85,18 +88,35 @@ def _check_bitmap_arguments(opts: BackupOptions, source: BlockNode) -> None:
 
 
 async def start_backup(
-    graph: Graph, jobs: JobManager, opts: BackupOptions, txn: JobTxn | None = None
+    graph: Graph,
+    jobs: JobManager,
+    opts: BackupOptions,
+    txn: JobTxn | None = None,
+    *,
+    at_point_in_time: Callable[[], Awaitable[None]] | None = None,
 ) -> BackupJob:
-    """Validate ``blockdev-backup`` arguments, set the point in time and start the job."""
+    """Validate ``blockdev-backup`` arguments, set the point in time and start the job.
+
+    ``at_point_in_time`` is awaited while the source is quiesced at T0, after the
+    interception is in place: the moment the backup shows (e.g. to freeze an application,
+    or to take an independent reference copy in tests).
+    """
     if opts.sync not in SYNC_MODES:
         raise BlockBackupError(f"Parameter 'sync' does not accept value '{opts.sync}'")
-    for name, value in (("on-source-error", opts.on_source_error), ("on-target-error", opts.on_target_error)):
+    for name, value in (
+        ("on-source-error", opts.on_source_error),
+        ("on-target-error", opts.on_target_error),
+    ):
         if value not in {p.value for p in BlockdevOnError}:
             raise BlockBackupError(f"Parameter '{name}' does not accept value '{value}'")
     if opts.bitmap_mode is not None and opts.bitmap_mode not in BITMAP_MODES:
-        raise BlockBackupError(f"Parameter 'bitmap-mode' does not accept value '{opts.bitmap_mode}'")
+        raise BlockBackupError(
+            f"Parameter 'bitmap-mode' does not accept value '{opts.bitmap_mode}'"
+        )
     if opts.on_cbw_error not in ON_CBW_ERROR:
-        raise BlockBackupError(f"Parameter 'on-cbw-error' does not accept value '{opts.on_cbw_error}'")
+        raise BlockBackupError(
+            f"Parameter 'on-cbw-error' does not accept value '{opts.on_cbw_error}'"
+        )
     source = graph.get(opts.device)
     target = graph.get(opts.target)
     _check_bitmap_arguments(opts, source)
@@ -127,14 +147,24 @@ async def start_backup(
     }
     if perf.min_cluster_size:
         filter_options["min-cluster-size"] = perf.min_cluster_size
+    if perf.cluster_size:
+        filter_options["x-cluster-size"] = perf.cluster_size
     if opts.filter_node_name is not None:
         filter_options["node-name"] = opts.filter_node_name
     async with source.quiesced():  # T0: no write is in flight, none can start
         filter_node = await graph.add(filter_options, implicit=opts.filter_node_name is None)
+        job: BackupJob | None = None
         try:
             job = BackupJob(opts, jobs, graph, source, target, filter_node)
             jobs.register(job, txn)
+            if at_point_in_time is not None:
+                await at_point_in_time()
         except BaseException:
+            if job is not None:
+                if job.status is JobStatus.CREATED:
+                    jobs.discard(job)
+                source.remove_user(job)
+                target.remove_user(job)
             await graph.drop(filter_node)
             raise
     jobs.start(job)

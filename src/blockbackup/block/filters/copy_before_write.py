@@ -12,6 +12,9 @@ What a failed copy does is ``on-cbw-error``:
 - ``break-snapshot``: the guest write goes on; the snapshot is marked broken (the backup
   job then fails with that error) and no further copies are made.
 
+``x-cluster-size`` (a blockbackup extension for tests and experts) overrides QEMU's
+cluster-size rule with an exact power of two, down to 512 bytes.
+
 ``cbw-timeout`` (seconds, 0 = none) bounds how long a guest write waits for its copy; a
 timed-out copy counts as a failed one (ETIMEDOUT) and goes on in the background.
 """
@@ -79,11 +82,14 @@ class CopyBeforeWriteDriver(BlockDriver):
         min_cluster = opts.int("min-cluster-size", 0)
         if min_cluster and min_cluster & (min_cluster - 1):
             raise BlockBackupError("min-cluster-size needs to be a power of 2")
+        exact_cluster = opts.int("x-cluster-size", 0)
+        if exact_cluster and (exact_cluster < 512 or exact_cluster & (exact_cluster - 1)):
+            raise BlockBackupError("x-cluster-size must be a power of 2 and at least 512")
         if source.size != target.size:
             raise BlockBackupError("Source and target image have different sizes")
         node.add_child("file", source)
         node.add_child("target", target)
-        cluster = backup_cluster_size(target, min_cluster, _warn)
+        cluster = exact_cluster or backup_cluster_size(target, min_cluster, _warn)
         return cls(node, source, target, cluster, on_cbw_error, timeout or None)
 
     async def _before_write(self, offset: int, length: int) -> None:
