@@ -41,7 +41,7 @@ def _pool(background: bool) -> ThreadPoolExecutor:
 
 @contextlib.contextmanager
 def background_io() -> Iterator[None]:
-    """Route the blocking calls made in this context (and tasks it creates) to the background pool."""
+    """Send this context's blocking calls (and its new tasks') to the background pool."""
     token = _background.set(True)
     try:
         yield

@@ -19,12 +19,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from testkit.images import make_image, raw_node, read_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockbackup.api import BlockBackup
 from blockbackup.jobs.backup import BackupJob, BackupPerf
+from testkit.images import make_image, raw_node, read_file
 
 EXAMPLES = int(os.environ.get("BLOCKBACKUP_GUARANTEE_EXAMPLES", "300"))
 KINDS = ("write", "zeroes", "unmap", "discard")
@@ -57,15 +57,28 @@ class Scenario:
 def ops(draw: st.DrawFn, size: int) -> Op:
     offset = draw(st.integers(0, size - 1))
     length = draw(st.integers(1, min(size - offset, 256 * 1024)))
-    return Op(draw(st.sampled_from(KINDS)), offset, length, draw(st.integers(0, 6)), draw(st.integers(0, 2**32)))
+    return Op(
+        draw(st.sampled_from(KINDS)),
+        offset,
+        length,
+        draw(st.integers(0, 6)),
+        draw(st.integers(0, 2**32)),
+    )
 
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     size = draw(st.integers(1, 256)) * 8192 + draw(st.sampled_from([0, 0, 512, 4096 + 512]))
-    extents = draw(st.lists(st.tuples(st.integers(0, size - 1), st.integers(1, 128 * 1024), st.booleans()), max_size=6))
+    extents = draw(
+        st.lists(
+            st.tuples(st.integers(0, size - 1), st.integers(1, 128 * 1024), st.booleans()),
+            max_size=6,
+        )
+    )
     layout = tuple((o, min(n, size - o), z) for o, n, z in extents)
-    writers = draw(st.lists(st.lists(ops(size), max_size=12).map(tuple), min_size=1, max_size=4).map(tuple))
+    writers = draw(
+        st.lists(st.lists(ops(size), max_size=12).map(tuple), min_size=1, max_size=4).map(tuple)
+    )
     cluster = draw(st.sampled_from([4096, 8192, 16384, 65536, 131072, 1 << 20, 2 << 20]))
     return Scenario(
         size=size,
@@ -102,7 +115,9 @@ async def run_scenario(tmp: Path, sc: Scenario) -> None:
     rng = random.Random(sc.size)
     extents = [(o, bytes(n) if z else rng.randbytes(n)) for o, n, z in sc.layout]
     src_path = make_image(tmp / "src.img", sc.size, extents)
-    tgt_path = make_image(tmp / "tgt.img", sc.size, [(0, b"\xa5" * sc.size)] if sc.garbage_target else [])
+    tgt_path = make_image(
+        tmp / "tgt.img", sc.size, [(0, b"\xa5" * sc.size)] if sc.garbage_target else []
+    )
     snapshot: list[bytes] = []
 
     async def take_snapshot() -> None:
@@ -126,7 +141,11 @@ async def run_scenario(tmp: Path, sc: Scenario) -> None:
         async def starter() -> None:
             for _ in range(sc.start_after_yields):
                 await asyncio.sleep(0)
-            jobs.append(await bb.backup("src", "tgt", perf=perf, speed=sc.speed, at_point_in_time=take_snapshot))
+            jobs.append(
+                await bb.backup(
+                    "src", "tgt", perf=perf, speed=sc.speed, at_point_in_time=take_snapshot
+                )
+            )
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(starter())
@@ -137,14 +156,20 @@ async def run_scenario(tmp: Path, sc: Scenario) -> None:
         assert job.progress_current == job.progress_total == sc.size
         assert not job.block_copy.reqs, "copies still in flight after the job ended"
         assert not src._before_write, "interception not removed"
-        assert [n for n in bb.graph.nodes.values() if n.driver.driver_name == "copy-before-write"] == []
+        assert [
+            n for n in bb.graph.nodes.values() if n.driver.driver_name == "copy-before-write"
+        ] == []
     assert read_file(tgt_path) == snapshot[0]
 
 
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(sc=scenarios())
 def test_backup_equals_source_at_t0(tmp_path: Path, sc: Scenario) -> None:

@@ -29,7 +29,11 @@ def read_file(path: Path) -> bytes:
 
 def raw_node(name: str, path: Path, **extra: Any) -> dict[str, Any]:
     """blockdev-add options of a raw node over a file, as written for qemu-storage-daemon."""
-    return {"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": str(path), **extra}}
+    return {
+        "driver": "raw",
+        "node-name": name,
+        "file": {"driver": "file", "filename": str(path), **extra},
+    }
 
 
 def allocated_bytes(path: Path) -> int:

@@ -177,7 +177,9 @@ class BlockNode:
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise io_error(errno.EINVAL, f"request {offset}+{length} outside {self.name} ({self.size})")
+            raise io_error(
+                errno.EINVAL, f"request {offset}+{length} outside {self.name} ({self.size})"
+            )
 
     def _check_writable(self) -> None:
         if self.config.read_only:
@@ -221,9 +223,12 @@ class BlockNode:
         end = min(-(-(offset + length) // align) * align, self.size)
         return start, end
 
-    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def _chunks(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """Split a range to the driver's ``max_transfer``."""
         step = self.limits.max_transfer or length or 1
-        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+        end = offset + length
+        for o in range(offset, end, step):
+            yield o, min(step, end - o)
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Read ``length`` bytes at ``offset``."""
@@ -238,7 +243,7 @@ class BlockNode:
             return memoryview(data)[offset - start : offset - start + length]
 
     async def _read_split(self, offset: int, length: int) -> Buffer:
-        chunks = self._chunks(offset, length)
+        chunks = list(self._chunks(offset, length))
         if len(chunks) == 1:
             return await self.driver.read(offset, length)
         out = bytearray(length)
@@ -279,18 +284,28 @@ class BlockNode:
         for o, n in self._chunks(offset, len(data)):
             await self.driver.write(o, data[o - offset : o - offset + n], flags)
 
-    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags = WriteFlags.NONE) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, flags: WriteFlags = WriteFlags.NONE
+    ) -> None:
         """Make ``[offset, offset+length)`` read as zeroes."""
         if length == 0:
             self._check_range(offset, 0)
             return
         async with self._change(offset, length):
+            # Unaligned head and tail become small zero-buffer writes (read-modify-write);
+            # the aligned middle goes to the driver, however large, with no buffer.
             align = self.limits.request_alignment
-            if align > 1 and (offset % align or (offset + length) % align and offset + length != self.size):
-                await self._write_aligned(offset, memoryview(bytes(length)), flags & WriteFlags.FUA)
-                return
-            for o, n in self._chunks(offset, length):
+            end = offset + length
+            head_end = min(end, -(-offset // align) * align)
+            tail_start = end if end == self.size else max(head_end, end // align * align)
+            if head_end > offset:
+                zeroes = memoryview(bytes(head_end - offset))
+                await self._write_aligned(offset, zeroes, flags & WriteFlags.FUA)
+            for o, n in self._chunks(head_end, tail_start - head_end):
                 await self.driver.write_zeroes(o, n, flags)
+            if end > tail_start:
+                zeroes = memoryview(bytes(end - tail_start))
+                await self._write_aligned(tail_start, zeroes, flags & WriteFlags.FUA)
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory deallocation of a range; copy-before-write still protects it."""
@@ -298,11 +313,11 @@ class BlockNode:
             self._check_range(offset, 0)
             return
         async with self._change(offset, length):
-            start, end = self._aligned(offset, length)
             # Only whole aligned blocks can be discarded; shrink inward.
             align = self.limits.request_alignment
+            end = offset + length
             inner_start = -(-offset // align) * align
-            inner_end = (offset + length) // align * align if offset + length < self.size else end
+            inner_end = end if end == self.size else end // align * align
             if inner_end > inner_start:
                 for o, n in self._chunks(inner_start, inner_end - inner_start):
                     await self.driver.discard(o, n)
@@ -319,13 +334,15 @@ class BlockNode:
             raise io_error(errno.EINVAL, "empty block-status request")
         with self._tracked():
             extent = await self.driver.block_status(offset, length)
-        if extent.offset != offset or not 0 < extent.length:
+        if extent.offset != offset or not extent.length > 0:
             raise io_error(errno.EIO, f"driver {self.driver.driver_name} returned a bad extent")
         if extent.length > length:
             extent = Extent(offset, length, extent.status)
         return extent
 
-    async def copy_range_from(self, source: BlockNode, src_offset: int, offset: int, length: int) -> None:
+    async def copy_range_from(
+        self, source: BlockNode, src_offset: int, offset: int, length: int
+    ) -> None:
         """Copy ``length`` bytes from ``source`` with ``copy_file_range`` into this node.
 
         Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
@@ -348,4 +365,3 @@ class BlockNode:
         if self.limits.request_alignment != 1:
             return None
         return self.driver.fd_map(offset)
-

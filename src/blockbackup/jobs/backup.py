@@ -206,7 +206,8 @@ class BackupJob(Job):
         cluster = self.block_copy.cluster_size
         if perf.max_chunk and perf.max_chunk < cluster:
             raise BlockBackupError(
-                f"Required max-chunk ({perf.max_chunk}) is less than backup cluster size ({cluster})"
+                f"Required max-chunk ({perf.max_chunk}) is less than "
+                f"backup cluster size ({cluster})"
             )
         bcs = self.block_copy
         bcs.use_copy_range = perf.use_copy_range

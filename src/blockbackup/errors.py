@@ -1,0 +1,42 @@
+"""The error root shared by the whole project.
+
+Every error a user can cause (bad arguments, a verb a job cannot accept, an unknown
+job or node) is a :class:`BlockBackupError`. Its message is ``str(e)`` and is sent to QMP
+clients verbatim as ``desc``, so the text must match QEMU's wording exactly; the class
+attribute :attr:`~BlockBackupError.error_class` becomes the QMP error ``class``.
+
+I/O failures are *not* part of this tree: drivers raise plain
+``OSError(errno, os.strerror(errno))`` so the errno survives up to the error policy
+(``report``/``ignore``/``stop``/``enospc``) and its ``strerror`` becomes the job's error text.
+
+Exception tree::
+
+    Exception
+     +-- BlockBackupError            error_class "GenericError"
+     |    +-- DeviceNotActiveError   error_class "DeviceNotActive"
+     +-- OSError                     (I/O errors from drivers, not wrapped)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BlockBackupError(Exception):
+    """A user-visible error; ``str(e)`` is QEMU's exact ``desc`` text."""
+
+    #: The QMP error class sent in ``{"error": {"class": ..., "desc": ...}}``.
+    error_class: ClassVar[str] = "GenericError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DeviceNotActiveError(BlockBackupError):
+    """A legacy ``block-job-*`` command named a job that does not exist."""
+
+    error_class: ClassVar[str] = "DeviceNotActive"
