@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from typing import ClassVar
 
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
@@ -38,7 +37,7 @@ ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 
 
 def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
+    log.warning("%s", message.removeprefix("warning: "))
 
 
 @register
@@ -117,7 +116,9 @@ class CopyBeforeWriteDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         return await self.source.read(offset, length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         await self.source.write(offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
