@@ -47,7 +47,10 @@ class BlockBackup:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -89,7 +92,9 @@ class BlockBackup:
             raise BackupFailed(job.error)
 
 
-async def backup(source: BlockNode, target: BlockNode, *, sync: str = "full", **options: Any) -> None:
+async def backup(
+    source: BlockNode, target: BlockNode, *, sync: str = "full", **options: Any
+) -> None:
     """Back up ``source`` to ``target`` (nodes of one graph) and wait for the result."""
     if source.graph is not target.graph:
         raise BlockBackupError("source and target must belong to the same graph")

@@ -173,4 +173,4 @@ async def run_scenario(tmp: Path, sc: Scenario) -> None:
 )
 @given(sc=scenarios())
 def test_backup_equals_source_at_t0(tmp_path: Path, sc: Scenario) -> None:
-    asyncio.run(run_scenario(tmp_path, sc))
+    asyncio.run(asyncio.wait_for(run_scenario(tmp_path, sc), timeout=10))

@@ -275,6 +275,10 @@ class BlockCopy:
                         if not await self._wait_for_any(running):
                             break
                         continue
+                    area = await self._widen_over_zeroes(area)
+                    if area is None:
+                        slots.release()
+                        continue
                     offset, length = area
                     delay = rate.delay_for(length) if rate is not None else 0.0
                     if delay > 0:
@@ -292,6 +296,38 @@ class BlockCopy:
             await self._settle(running)
         if failure:
             raise failure[0]
+
+    async def _widen_over_zeroes(self, area: tuple[int, int]) -> tuple[int, int] | None:
+        """Let one chunk cover a whole zero (or skipped) extent, however long.
+
+        Writing zeroes, or nothing, costs the same for 64 KiB as for 1 TiB, so a sparse disk
+        takes a few chunks, not one per MiB: the cost follows the data. Returns the area to
+        claim (``None``: it changed while we looked; look again). Clusters still dirty after
+        the await were not claimed meanwhile, so their content, and the status read here,
+        is still that of T0.
+        """
+        offset, length = area
+        try:
+            extent = await self.source.block_status(offset, self.source.size - offset)
+        except OSError:
+            extent = None  # the chunk's own block-status call will report it
+        # A guest write may have claimed part of the area while we waited: look again.
+        if self.copy_bitmap.next_clear(offset, offset + length) is not None:
+            return None
+        if extent is None:
+            return area
+        skippable = self.skip_unallocated and not extent.is_allocated
+        if not (extent.is_zero or skippable) or extent.length <= length:
+            return area
+        span = extent.length
+        if extent.end != self.source.size:
+            span -= span % self.cluster_size
+        if span <= length:
+            return area
+        widened = self.copy_bitmap.next_dirty_area(offset, offset + span, span)
+        if widened is None or widened[0] != offset:
+            return None
+        return widened
 
     async def _wait_guests_or_chunk(self, running: set[asyncio.Task[None]]) -> None:
         idle = asyncio.ensure_future(self._guests_idle.wait())

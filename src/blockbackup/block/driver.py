@@ -113,7 +113,9 @@ class BlockDriver(ABC):
         """Return exactly ``length`` bytes."""
 
     @abstractmethod
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         """Write ``data``."""
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:

@@ -88,7 +88,9 @@ class Graph:
         driver_name = opts.str("driver")
         driver_cls = DRIVERS.get(driver_name)
         if driver_cls is None:
-            raise BlockBackupError(f"Parameter '{prefix}driver' does not accept value '{driver_name}'")
+            raise BlockBackupError(
+                f"Parameter '{prefix}driver' does not accept value '{driver_name}'"
+            )
         name = self._claim_name(opts, implicit)
         node: BlockNode | None = None
         try:

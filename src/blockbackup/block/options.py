@@ -34,7 +34,9 @@ class Options:
 
     def __init__(self, graph: Graph, data: Mapping[str, Any], prefix: str = "") -> None:
         if not isinstance(data, Mapping):
-            raise BlockBackupError(f"Invalid parameter type for '{prefix.rstrip('.') or 'options'}', expected: object")
+            raise BlockBackupError(
+                f"Invalid parameter type for '{prefix.rstrip('.') or 'options'}', expected: object"
+            )
         self.graph = graph
         self.prefix = prefix
         self._data = dict(data)
@@ -56,7 +58,9 @@ class Options:
         return default
 
     def _type_error(self, key: str, expected: str) -> BlockBackupError:
-        return BlockBackupError(f"Invalid parameter type for '{self._name(key)}', expected: {expected}")
+        return BlockBackupError(
+            f"Invalid parameter type for '{self._name(key)}', expected: {expected}"
+        )
 
     def str(self, key: builtins.str, default: Any = MISSING) -> Any:
         value = self.raw(key, default)
@@ -85,7 +89,9 @@ class Options:
             return value.lower() in _TRUE
         raise self._type_error(key, "boolean")
 
-    def enum(self, key: builtins.str, choices: Sequence[builtins.str], default: Any = MISSING) -> Any:
+    def enum(
+        self, key: builtins.str, choices: Sequence[builtins.str], default: Any = MISSING
+    ) -> Any:
         value = self.str(key, default)
         if value is not default and value not in choices:
             raise BlockBackupError(f"Parameter '{self._name(key)}' does not accept value '{value}'")
@@ -95,7 +101,11 @@ class Options:
         """A nested dict as its own Options (``cache`` -> ``cache.direct``)."""
         value = self.raw(key, default)
         if value is default:
-            return None if value is None or value is MISSING else Options(self.graph, value, f"{self._name(key)}.")
+            return (
+                None
+                if value is None or value is MISSING
+                else Options(self.graph, value, f"{self._name(key)}.")
+            )
         return Options(self.graph, value, f"{self._name(key)}.")
 
     def list(self, key: builtins.str) -> list[Any]:

@@ -28,7 +28,6 @@ from blockbackup.block.driver import (
     Limits,
     Status,
     WriteFlags,
-    io_error,
     register,
 )
 from blockbackup.block.node import BlockNode
@@ -73,7 +72,9 @@ def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytea
     return buf
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, direct: bool, fua: bool) -> None:
+def _pwrite_all(
+    fd: int, data: bytes | bytearray | memoryview, offset: int, direct: bool, fua: bool
+) -> None:
     src = memoryview(data)
     aligned: mmap.mmap | None = None
     if direct:
@@ -157,17 +158,23 @@ class FileDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         fua = bool(flags & WriteFlags.FUA) and not self._no_flush
         await run_blocking(_pwrite_all, self.fd, data, offset, self._direct, fua)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         if flags & WriteFlags.MAY_UNMAP and self._can_punch:
-            if await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            if await self._try_fallocate(
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
+            ):
                 return self._maybe_fua_sync(flags)
             self._can_punch = False
         if self._can_zero_range:
-            if await self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            if await self._try_fallocate(
+                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length
+            ):
                 return self._maybe_fua_sync(flags)
             self._can_zero_range = False
         await super().write_zeroes(offset, length, flags)
@@ -189,7 +196,9 @@ class FileDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         if not self.node.config.discard_unmap or not self._can_punch:
             return
-        if not await self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        if not await self._try_fallocate(
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
+        ):
             self._can_punch = False
 
     async def flush(self) -> None:

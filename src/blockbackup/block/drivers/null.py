@@ -44,7 +44,9 @@ class NullDriver(BlockDriver):
         await self._delay()
         return bytes(length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         await self._delay()
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:

@@ -54,7 +54,9 @@ class RawDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         return await self.child.read(self.offset + offset, length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
         await self.child.write(self.offset + offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:

@@ -1,0 +1,746 @@
+"""``qcow2``: the format driver for QEMU's copy-on-write image format.
+
+Reads and writes v2 and v3 images through the ``file`` child, with backing chains,
+zero clusters, compressed clusters and cluster allocation.
+
+Crash safety (no lazy refcounts, the dirty bit is never needed): metadata reaches the disk
+in dependency order, with a flush of the file between dependent steps, so that a crash at
+any point leaks clusters at worst:
+
+1. data is written into newly allocated clusters before the L2 entry naming them changes
+   (in memory, under the metadata lock);
+2. refcount blocks (then the refcount table) are written and flushed before any L2 table
+   that may reference newly allocated clusters is written;
+3. L2 tables are written and flushed before an L1 entry naming a new L2 table is written;
+4. clusters that lose their last reference (overwrite, discard, zeroing) are only
+   decremented after the L2 tables without the reference are flushed.
+
+Metadata changes are serialised by one asyncio lock; reads and in-place writes of
+allocated clusters run outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import ClassVar
+
+from blockbackup.block.driver import (
+    BlockDriver,
+    Extent,
+    Limits,
+    Status,
+    WriteFlags,
+    io_error,
+    register,
+)
+from blockbackup.block.node import BlockNode
+from blockbackup.block.options import Options
+from blockbackup.block.qcow2.compress import compress, decompress
+from blockbackup.block.qcow2.fileio import ImageFile
+from blockbackup.block.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_KNOWN,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    MAX_HOST_OFFSET,
+    Header,
+    parse_header,
+)
+from blockbackup.block.qcow2.refcount import Refcounts
+from blockbackup.block.qcow2.tables import L2Cache, decode_table
+from blockbackup.errors import BlockBackupError
+
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+L2_RESERVED = 0x3F000000000001FE
+
+UNALLOC, ZERO, NORMAL, COMPRESSED_KIND = range(4)
+
+#: Real paths of the images whose implicit backing files are being opened (loop check).
+_opening: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "qcow2_opening", default=()
+)
+
+DEFAULT_L2_CACHE = 32 << 20
+MAX_CHAIN_DEPTH = 256
+
+
+def _realpath(path: str) -> str:
+    """Canonical path for the loop check (a few stat calls at open time only)."""
+    return os.path.realpath(path)
+
+
+def _eio(text: str) -> OSError:
+    return io_error(errno.EIO, f"qcow2: {text}")
+
+
+@dataclass(slots=True)
+class Mapping:
+    """A run of guest bytes with one kind of mapping (within one L2 table)."""
+
+    kind: int
+    length: int
+    #: Host offset of the first byte (NORMAL), or the raw L2 entry (COMPRESSED).
+    host: int
+    copied: bool = False
+
+
+@register
+class Qcow2Driver(BlockDriver):
+    """qcow2 format driver."""
+
+    driver_name: ClassVar[str] = "qcow2"
+
+    def __init__(
+        self,
+        node: BlockNode,
+        file_node: BlockNode,
+        image: ImageFile,
+        hdr: Header,
+        l1: list[int],
+        refs: Refcounts,
+        l2_tables: int,
+    ) -> None:
+        super().__init__(node)
+        self.file_node = file_node
+        self.file = image
+        self.hdr = hdr
+        self.cs = hdr.cluster_size
+        self.cb = hdr.cluster_bits
+        self.l2e = hdr.l2_entries
+        self.l1 = l1
+        self.l1_dirty: set[int] = set()
+        self.refs = refs
+        self.l2 = L2Cache(image, self.cs, l2_tables, refs.flush)
+        self.backing_node: BlockNode | None = None
+        self.lock = asyncio.Lock()
+        self.pending_frees: list[int] = []
+        self._data_in_flight = 0
+        self._data_idle = asyncio.Event()
+        self._data_idle.set()
+        self._cbyte = 0  # next free byte in the current compressed cluster (0: none)
+        self._closed = False
+        self.limits = Limits(request_alignment=1, max_transfer=0, cluster_size=self.cs)
+        csize_bits = self.cb - 8
+        self._cshift = 62 - csize_bits
+        self._cmask = (1 << csize_bits) - 1
+        self._coffmask = (1 << self._cshift) - 1
+
+    # -- open ----------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Options) -> Qcow2Driver:
+        file_node = await opts.child("file")
+        node.add_child("file", file_node)
+        opts.bool("lazy-refcounts", False)
+        cache_size = opts.int("cache-size", None)
+        l2_cache_size = opts.int("l2-cache-size", None)
+        refcount_cache_size = opts.int("refcount-cache-size", None)
+        opts.int("cache-clean-interval", 0)
+        opts.bool("discard-no-unref", False)
+        pass_request = opts.bool("pass-discard-request", False)
+        opts.bool("pass-discard-snapshot", True)
+        pass_other = opts.bool("pass-discard-other", False)
+        overlap = opts.raw("overlap-check", None)
+        if overlap is not None and not isinstance(overlap, str | dict):
+            raise BlockBackupError(
+                "Invalid parameter type for 'overlap-check', expected: string or object"
+            )
+        if opts.raw("data-file", None) is not None:
+            raise BlockBackupError(
+                "'data-file' can only be set if the image uses an external data file"
+            )
+        if opts.raw("encrypt", None) is not None:
+            raise BlockBackupError("qcow2: Encrypted images are not supported")
+        for key in ("encrypt.format", "encrypt.key-secret"):
+            if opts.has(key):
+                raise BlockBackupError("qcow2: Encrypted images are not supported")
+        for value in (cache_size, l2_cache_size, refcount_cache_size):
+            if value is not None and value < 0:
+                raise BlockBackupError("Cache size must be a non-negative number")
+
+        image = ImageFile(file_node)
+        if image.size < 72:
+            raise BlockBackupError("Image is not in qcow2 format")
+        first = await image.read(0, min(image.size, 4096))
+        if len(first) >= 24 and first[:4] == b"QFI\xfb":
+            bits = struct.unpack_from(">I", first, 20)[0]
+            if 9 <= bits <= 21 and (1 << bits) > len(first):
+                first = await image.read(0, min(image.size, 1 << bits))
+        hdr = parse_header(first, image.size)
+        writable = not node.read_only
+        if writable:
+            if hdr.incompatible_features & INCOMPAT_CORRUPT:
+                raise BlockBackupError("qcow2: Image is corrupt; cannot be opened read/write")
+            if hdr.incompatible_features & INCOMPAT_DIRTY:
+                raise BlockBackupError(
+                    "qcow2: Image has dirty refcounts (lazy refcounts); "
+                    "repair it with 'qemu-img check -r all'"
+                )
+            if hdr.nb_snapshots:
+                raise BlockBackupError(
+                    "qcow2: Writing to images with internal snapshots is not supported"
+                )
+
+        cs = hdr.cluster_size
+        raw_l1 = await image.read(hdr.l1_table_offset, hdr.l1_size * 8)
+        l1 = list(decode_table(raw_l1))
+        l2_bytes = l2_cache_size if l2_cache_size is not None else cache_size
+        if l2_bytes is None:
+            covering = -(-hdr.size // cs) * 8
+            l2_bytes = min(DEFAULT_L2_CACHE, max(covering, 1 << 20))
+        l2_tables = max(4, l2_bytes // cs)
+        rc_tables = max(4, (refcount_cache_size or max(l2_bytes // 4, 256 << 10)) // cs)
+
+        holder: list[Qcow2Driver] = []
+
+        async def moved(offset: int, clusters: int) -> None:
+            await holder[0]._reftable_moved(offset, clusters)
+
+        refs = await Refcounts.load(
+            image,
+            hdr.cluster_bits,
+            hdr.refcount_order,
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters,
+            rc_tables,
+            moved,
+            discard=bool(pass_request or pass_other),
+        )
+        self = cls(node, file_node, image, hdr, l1, refs, l2_tables)
+        holder.append(self)
+
+        await self._open_backing(opts)
+        if writable:
+            await self._open_writable()
+        return self
+
+    async def _open_backing(self, opts: Options) -> None:
+        if opts.has("backing"):
+            child = await opts.optional_child("backing")
+        else:
+            opts.raw("backing", None)
+            child = await self._open_implicit_backing()
+        if child is not None:
+            self._check_chain(child)
+            self.node.add_child("backing", child)
+            self.backing_node = child
+
+    def _check_chain(self, child: BlockNode) -> None:
+        seen: set[int] = {id(self.node)}
+        node: BlockNode | None = child
+        depth = 0
+        while node is not None:
+            if id(node) in seen:
+                raise BlockBackupError("qcow2: Loop in the backing chain")
+            seen.add(id(node))
+            depth += 1
+            node = node.children.get("backing") or (
+                node.children.get("file") if node.driver.is_filter else None
+            )
+        if depth > MAX_CHAIN_DEPTH:
+            raise BlockBackupError("qcow2: Backing chain too long")
+
+    def _image_path(self) -> str | None:
+        name = getattr(self.file_node.driver, "filename", None)
+        return name if isinstance(name, str) else None
+
+    async def _open_implicit_backing(self) -> BlockNode | None:
+        name = self.hdr.backing_file
+        if name is None:
+            return None
+        me = self._image_path()
+        path = name
+        if not os.path.isabs(name) and me is not None:
+            path = os.path.join(os.path.dirname(me), name)
+        chain = _opening.get()
+        mine = _realpath(me) if me is not None else None
+        if mine is not None and not chain:
+            chain = (mine,)
+        target = _realpath(path)
+        if target in chain:
+            raise BlockBackupError(
+                f"qcow2: Loop in the backing chain: '{name}' is already in the chain"
+            )
+        if len(chain) > MAX_CHAIN_DEPTH:
+            raise BlockBackupError("qcow2: Backing chain too long")
+        graph = self.node.graph
+        token = _opening.set((*chain, target))
+        try:
+            fmt = self.hdr.backing_format
+            file_opts: dict[str, object] = {"driver": "file", "filename": path, "read-only": True}
+            if fmt is None:
+                probe = await graph.add(file_opts, prefix="backing.file.", implicit=True)
+                try:
+                    magic = bytes(await probe.read(0, min(4, probe.size)))
+                finally:
+                    await graph.delete(probe.name)
+                fmt = "qcow2" if magic == b"QFI\xfb" else "raw"
+            return await graph.add(
+                {"driver": fmt, "file": file_opts, "read-only": True},
+                prefix="backing.",
+                implicit=True,
+            )
+        except BlockBackupError as err:
+            raise BlockBackupError(f"Could not open backing file: {err}") from err
+        finally:
+            _opening.reset(token)
+
+    async def _open_writable(self) -> None:
+        hdr = self.hdr
+        autoclear = hdr.autoclear_features
+        keep = autoclear & AUTOCLEAR_KNOWN
+        if hdr.bitmaps is not None and autoclear & AUTOCLEAR_BITMAPS:
+            # Bitmaps that should track writes are not kept in sync by this driver: mark
+            # them in use (inconsistent) instead of letting them silently go stale.
+            from blockbackup.block.qcow2.bitmaps import mark_auto_bitmaps_in_use
+
+            await mark_auto_bitmaps_in_use(self.file, hdr)
+        if hdr.version >= 3 and keep != autoclear:
+            hdr.autoclear_features = keep
+            await self.file.write(88, struct.pack(">Q", keep))
+            await self.file.flush()
+
+    async def _reftable_moved(self, offset: int, clusters: int) -> None:
+        self.hdr.refcount_table_offset = offset
+        self.hdr.refcount_table_clusters = clusters
+        await self.file.write(48, struct.pack(">QI", offset, clusters))
+        await self.file.flush()
+
+    # -- mapping -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.hdr.size
+
+    def can_compress(self) -> bool:
+        return True
+
+    def _is_metadata(self, host: int, length: int) -> bool:
+        """Whether a data write to ``[host, host+length)`` would hit known metadata."""
+        cs = self.cs
+        if host < cs:
+            return True
+        hdr = self.hdr
+        spans = (
+            (hdr.l1_table_offset, hdr.l1_size * 8),
+            (self.refs.table_offset, len(self.refs.table) * 8),
+        )
+        for start, n in spans:
+            if n and host < start + n and start < host + length:
+                return True
+        first, last = host // cs, (host + length - 1) // cs
+        return any(c * cs in self.l2 for c in range(first, last + 1))
+
+    def _l2_offset(self, l1_index: int) -> int:
+        entry = self.l1[l1_index]
+        offset = entry & L1_OFFSET_MASK
+        end = max(self.file.size, self.refs.next_free * self.cs)
+        if offset and (offset % self.cs or offset + self.cs > end or entry & 0x7F000000000001FF):
+            raise _eio(f"L1 entry {l1_index} has an invalid L2 table offset {entry:#x}")
+        return offset
+
+    async def _l2_table(self, l1_index: int, alloc: bool) -> tuple[int, array[int]] | None:
+        if l1_index >= len(self.l1):
+            raise _eio("guest offset beyond the L1 table")
+        offset = self._l2_offset(l1_index)
+        if offset == 0:
+            if not alloc:
+                return None
+            offset = await self.refs.alloc(1)
+            table = await self.l2.new(offset)
+            self.l1[l1_index] = offset | COPIED
+            self.l1_dirty.add(l1_index)
+            return offset, table
+        if (
+            offset < self.cs
+            or offset == self.hdr.l1_table_offset
+            or offset == self.refs.table_offset
+        ):
+            raise _eio(f"L2 table at {offset:#x} overlaps metadata")
+        if alloc and not self.l1[l1_index] & COPIED:
+            if await self.refs.get(offset // self.cs) != 1:
+                raise _eio("shared L2 tables (internal snapshots) cannot be written")
+            self.l1[l1_index] |= COPIED
+            self.l1_dirty.add(l1_index)
+        return offset, await self.l2.get(offset)
+
+    def _classify(self, entry: int) -> tuple[int, int, bool]:
+        """(kind, host offset or entry, copied) of an L2 entry; EIO for invalid ones."""
+        if entry & COMPRESSED:
+            return COMPRESSED_KIND, entry, False
+        host = entry & L2_OFFSET_MASK
+        copied = bool(entry & COPIED)
+        if entry & ZERO_FLAG:
+            return ZERO, host, copied
+        if entry & L2_RESERVED:
+            raise _eio(f"L2 entry {entry:#x} has reserved bits set")
+        if host == 0:
+            if copied:
+                raise _eio("L2 entry with host offset 0")
+            return UNALLOC, 0, False
+        if host % self.cs or host >= self.file.size or host < self.cs:
+            raise _eio(
+                f"data cluster offset {host:#x} is invalid or past the end of the image file"
+            )
+        return NORMAL, host, copied
+
+    async def _map(self, offset: int, length: int) -> Mapping:
+        """The mapping of the run of bytes starting at ``offset`` (caller holds the lock)."""
+        cs = self.cs
+        gc = offset >> self.cb
+        l1_index, l2_index = divmod(gc, self.l2e)
+        table_end = (l1_index + 1) * self.l2e * cs
+        limit = min(offset + length, table_end)
+        found = await self._l2_table(l1_index, alloc=False)
+        if found is None:
+            return Mapping(UNALLOC, limit - offset, 0)
+        table = found[1]
+        kind, host, copied = self._classify(table[l2_index])
+        end = min((gc + 1) * cs, limit)
+        if kind == COMPRESSED_KIND:
+            return Mapping(kind, end - offset, host)
+        i = l2_index + 1
+        next_host = host + cs
+        while end < limit:
+            k, h, c = self._classify(table[i])
+            if k != kind or (kind == NORMAL and (h != next_host or c != copied)):
+                break
+            end = min(end + cs, limit)
+            next_host += cs
+            i += 1
+        start_host = host + (offset & (cs - 1)) if kind == NORMAL else 0
+        return Mapping(kind, end - offset, start_host, copied)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _begin_data(self) -> None:
+        self._data_in_flight += 1
+        self._data_idle.clear()
+
+    def _end_data(self) -> None:
+        self._data_in_flight -= 1
+        if self._data_in_flight == 0:
+            self._data_idle.set()
+
+    async def _read_backing(self, offset: int, length: int) -> bytes:
+        backing = self.backing_node
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        n = min(length, backing.size - offset)
+        data = bytes(await backing.read(offset, n))
+        return data + bytes(length - n) if n < length else data
+
+    async def _read_compressed(self, entry: int) -> bytes:
+        coffset = entry & self._coffmask
+        nsectors = ((entry >> self._cshift) & self._cmask) + 1
+        csize = nsectors * 512 - (coffset & 511)
+        if coffset < self.cs or coffset >= MAX_HOST_OFFSET:
+            raise _eio(f"compressed cluster offset {coffset:#x} is invalid")
+        raw = await self.file.read_clamped(coffset, csize)
+        return decompress(raw, self.hdr.compression_type, self.cs)
+
+    async def _read_mapped(self, m: Mapping, offset: int, length: int) -> bytes:
+        if m.kind == NORMAL:
+            n = min(length, self.file.size - m.host)
+            data = await self.file.read(m.host, n)
+            return data + bytes(length - n) if n < length else data
+        if m.kind == ZERO:
+            return bytes(length)
+        if m.kind == UNALLOC:
+            return await self._read_backing(offset, length)
+        cluster = await self._read_compressed(m.host)
+        start = offset & (self.cs - 1)
+        return cluster[start : start + length]
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        end = offset + length
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            async with self.lock:
+                m = await self._map(pos, end - pos)
+                self._begin_data()
+            try:
+                parts.append(await self._read_mapped(m, pos, m.length))
+            finally:
+                self._end_data()
+            pos += m.length
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _free_entry(self, entry: int) -> None:
+        """Queue the clusters an old L2 entry referenced for a decrement after the next flush."""
+        if entry & COMPRESSED:
+            coffset = entry & self._coffmask
+            nsectors = ((entry >> self._cshift) & self._cmask) + 1
+            csize = nsectors * 512 - (coffset & 511)
+            first, last = coffset // self.cs, (coffset + csize - 1) // self.cs
+            self.pending_frees.extend(range(first, last + 1))
+            return
+        host = entry & L2_OFFSET_MASK
+        if host:
+            self.pending_frees.append(host // self.cs)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
+        view = memoryview(data).cast("B")
+        if flags & WriteFlags.COMPRESSED:
+            await self._write_compressed(offset, view)
+        else:
+            await self._write(offset, view)
+        if flags & WriteFlags.FUA:
+            await self.flush()
+
+    async def _write(self, offset: int, view: memoryview) -> None:
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            inplace: Mapping | None = None
+            async with self.lock:
+                m = await self._map(pos, end - pos)
+                if m.kind == NORMAL and m.copied:
+                    if self._is_metadata(m.host, m.length):
+                        raise _eio(f"write to {m.host:#x} would overwrite metadata")
+                    inplace = m
+                    self._begin_data()
+                else:
+                    await self._allocating_write(pos, view[pos - offset : pos - offset + m.length])
+            if inplace is not None:
+                try:
+                    await self.file.write(
+                        inplace.host, view[pos - offset : pos - offset + inplace.length]
+                    )
+                finally:
+                    self._end_data()
+            pos += m.length
+
+    async def _cow(self, guest: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        m = await self._map(guest, length)
+        return await self._read_mapped(m, guest, length)
+
+    async def _allocating_write(self, pos: int, data: memoryview) -> None:
+        """Write ``data`` (within one L2 table) into new clusters (caller holds the lock)."""
+        cs = self.cs
+        first = pos >> self.cb
+        last = (pos + len(data) - 1) >> self.cb
+        n = last - first + 1
+        head = pos - first * cs
+        tail = (last + 1) * cs - (pos + len(data))
+        buf = bytearray(n * cs)
+        if head:
+            buf[:head] = await self._cow(first * cs, head)
+        if tail:
+            tail_at = pos + len(data)
+            buf[tail_at - first * cs :] = await self._cow(tail_at, tail)
+        buf[head : head + len(data)] = data
+        l1_index, l2_index = divmod(first, self.l2e)
+        found = await self._l2_table(l1_index, alloc=True)
+        assert found is not None
+        host = await self.refs.alloc(n)
+        await self.file.write(host, buf)
+        l2_offset, table = found
+        if l2_offset not in self.l2:
+            table = await self.l2.get(l2_offset)
+        for i in range(n):
+            old = table[l2_index + i]
+            table[l2_index + i] = (host + i * cs) | COPIED
+            self._free_entry(old)
+        self.l2.mark_dirty(l2_offset, table)
+
+    async def _write_compressed(self, offset: int, view: memoryview) -> None:
+        cs = self.cs
+        if offset % cs or (len(view) % cs and offset + len(view) != self.hdr.size):
+            raise io_error(errno.EINVAL, "qcow2: compressed writes must cover whole clusters")
+        for start in range(0, len(view), cs):
+            chunk = view[start : start + cs]
+            guest = offset + start
+            packed = compress(bytes(chunk) + bytes(cs - len(chunk)), self.hdr.compression_type)
+            if len(packed) > cs - 512:
+                await self._write(guest, chunk)
+                continue
+            async with self.lock:
+                await self._store_compressed(guest, packed)
+
+    async def _store_compressed(self, guest: int, packed: bytes) -> None:
+        cs = self.cs
+        gc = guest >> self.cb
+        l1_index, l2_index = divmod(gc, self.l2e)
+        found = await self._l2_table(l1_index, alloc=True)
+        assert found is not None
+        cbyte = self._cbyte
+        if cbyte and (cbyte % cs) + len(packed) <= cs and cbyte % cs:
+            host = cbyte
+            await self.refs.increment(host // cs)
+        else:
+            host = await self.refs.alloc(1)
+        self._cbyte = host + len(packed)
+        await self.file.write(host, packed)
+        nsectors = ((host + len(packed) - 1) >> 9) - (host >> 9) + 1
+        entry = COMPRESSED | ((nsectors - 1) << self._cshift) | host
+        l2_offset, table = found
+        if l2_offset not in self.l2:
+            table = await self.l2.get(l2_offset)
+        old = table[l2_index]
+        table[l2_index] = entry
+        self._free_entry(old)
+        self.l2.mark_dirty(l2_offset, table)
+
+    # -- zeroes and discard --------------------------------------------------------------------
+
+    async def _reads_zero(self, offset: int, length: int) -> bool:
+        async with self.lock:
+            m = await self._map(offset, length)
+        if m.length < length:
+            return False
+        if m.kind == ZERO:
+            return True
+        if m.kind == UNALLOC:
+            backing = self.backing_node
+            return backing is None or offset >= backing.size
+        return False
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        cs = self.cs
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end // cs * cs if end < self.hdr.size else -(-end // cs) * cs
+        if first >= last or (self.hdr.version < 3 and self.backing_node is not None):
+            if flags & WriteFlags.NO_FALLBACK:
+                raise io_error(errno.ENOTSUP)
+            await self._zero_bytes(offset, length)
+        else:
+            if offset < first:
+                await self._zero_bytes(offset, first - offset)
+            await self._set_clusters(
+                first, min(last, self.hdr.size), unmap=bool(flags & WriteFlags.MAY_UNMAP), zero=True
+            )
+            if min(last, end) < end:
+                await self._zero_bytes(last, end - last)
+        if flags & WriteFlags.FUA:
+            await self.flush()
+
+    async def _zero_bytes(self, offset: int, length: int) -> None:
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, self.cs - pos % self.cs)
+            if not await self._reads_zero(pos, n):
+                await self._write(pos, memoryview(bytes(n)))
+            pos += n
+
+    async def discard(self, offset: int, length: int) -> None:
+        cs = self.cs
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end // cs * cs if end < self.hdr.size else -(-end // cs) * cs
+        if first < last:
+            await self._set_clusters(first, min(last, self.hdr.size), unmap=True, zero=False)
+
+    async def _set_clusters(self, start: int, end: int, *, unmap: bool, zero: bool) -> None:
+        """Make whole clusters read as zeroes (``zero``) or discard them."""
+        v3 = self.hdr.version >= 3
+        has_backing = self.backing_node is not None
+        async with self.lock:
+            pos = start
+            while pos < end:
+                gc = pos >> self.cb
+                l1_index, l2_index = divmod(gc, self.l2e)
+                table_end = min(end, (l1_index + 1) * self.l2e * self.cs)
+                count = -(-(table_end - pos) // self.cs)
+                found = await self._l2_table(l1_index, alloc=False)
+                if found is None and not (v3 and has_backing):
+                    pos = table_end
+                    continue
+                if found is None:
+                    found = await self._l2_table(l1_index, alloc=True)
+                    assert found is not None
+                l2_offset, table = found
+                for i in range(l2_index, l2_index + count):
+                    old = table[i]
+                    kind, host, copied = self._classify(old)
+                    if v3 and (has_backing or (zero and kind != UNALLOC)):
+                        if kind == NORMAL and copied and zero and not unmap:
+                            new = host | COPIED | ZERO_FLAG
+                        else:
+                            new = ZERO_FLAG
+                    else:
+                        new = 0
+                    if (kind == ZERO and new == ZERO_FLAG and not host) or old == new:
+                        continue
+                    table[i] = new
+                    if new & L2_OFFSET_MASK == 0:
+                        self._free_entry(old)
+                if l2_offset not in self.l2:
+                    await self.l2.get(l2_offset)
+                self.l2.mark_dirty(l2_offset, table)
+                pos = table_end
+
+    # -- status --------------------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        async with self.lock:
+            m = await self._map(offset, length)
+        if m.kind in (NORMAL, COMPRESSED_KIND):
+            return Extent(offset, m.length, Status.DATA | Status.ALLOCATED)
+        if m.kind == ZERO:
+            return Extent(offset, m.length, Status.ZERO | Status.ALLOCATED)
+        backing = self.backing_node
+        if backing is None or offset >= backing.size:
+            return Extent(offset, m.length, Status.ZERO)
+        ext = await backing.block_status(offset, min(m.length, backing.size - offset))
+        return Extent(offset, ext.length, ext.status & (Status.DATA | Status.ZERO))
+
+    # -- flush and close -----------------------------------------------------------------------
+
+    async def _flush_metadata(self) -> None:
+        """Write dirty metadata in dependency order (caller holds the lock)."""
+        await self.refs.flush()
+        await self.l2.flush()
+        if (self.l1_dirty or self.pending_frees) and self.l2.unsynced:
+            await self.file.flush()
+            self.l2.unsynced = False
+        if self.l1_dirty:
+            for index in sorted(self.l1_dirty):
+                await self.file.write(
+                    self.hdr.l1_table_offset + index * 8, struct.pack(">Q", self.l1[index])
+                )
+            self.l1_dirty.clear()
+            await self.file.flush()
+        if self.pending_frees:
+            await self._data_idle.wait()
+            frees, self.pending_frees = self.pending_frees, []
+            for cluster in frees:
+                if self._cbyte and cluster == self._cbyte // self.cs:
+                    self._cbyte = 0
+                await self.refs.decrement(cluster)
+
+    async def flush(self) -> None:
+        if self.node.read_only:
+            return
+        async with self.lock:
+            await self._flush_metadata()
+            await self.refs.flush()
+        await self.file.flush()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.node.read_only:
+            async with self.lock:
+                await self._flush_metadata()
+                await self.refs.flush()
+            await self.file.flush()
