@@ -91,8 +91,10 @@ class BlockDriver(ABC):
     """
 
     driver_name: ClassVar[str]
-    #: True for filters that pass data through to a single child named ``file``.
+    #: True for filters that pass data through to one child (``filtered_role``).
     is_filter: ClassVar[bool] = False
+    #: The child a filter passes data through to (QEMU calls blkdebug's "image").
+    filtered_role: ClassVar[str] = "file"
     limits: Limits = Limits()
 
     def __init__(self, node: BlockNode) -> None:

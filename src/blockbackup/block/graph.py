@@ -95,6 +95,7 @@ class Graph:
         node: BlockNode | None = None
         try:
             node = BlockNode(self, name, self._common_config(opts, options), implicit=implicit)
+            opts.children_read_only = node.read_only
             driver = await driver_cls.open(node, opts)
             node.set_driver(driver)
             try:

@@ -131,7 +131,8 @@ class BlockNode:
         while node is not None:
             if "backing" in node.children:
                 return node.children["backing"]
-            node = node.children.get("file") if node.driver.is_filter else None
+            driver = node.driver
+            node = node.children.get(driver.filtered_role) if driver.is_filter else None
         return None
 
     def add_user(self, user: object, description: str) -> None:

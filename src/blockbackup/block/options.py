@@ -41,6 +41,8 @@ class Options:
         self.prefix = prefix
         self._data = dict(data)
         self._used: set[str] = set()
+        #: Nested children inherit read-only from their parent unless they say otherwise.
+        self.children_read_only = False
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -120,6 +122,8 @@ class Options:
         if isinstance(value, str):
             return self.graph.get(value)
         if isinstance(value, Mapping):
+            if self.children_read_only and "read-only" not in value:
+                value = {**value, "read-only": True}
             return await self.graph.add(value, prefix=f"{self._name(key)}.", implicit=True)
         raise self._type_error(key, "string or object")
 

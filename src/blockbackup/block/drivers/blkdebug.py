@@ -218,6 +218,7 @@ class BlkdebugDriver(BlockDriver):
 
     driver_name: ClassVar[str] = "blkdebug"
     is_filter: ClassVar[bool] = True
+    filtered_role: ClassVar[str] = "image"
 
     def __init__(self, node: BlockNode, child: BlockNode, limits: Limits) -> None:
         super().__init__(node)

@@ -245,7 +245,7 @@ class Qcow2Driver(BlockDriver):
             seen.add(id(node))
             depth += 1
             node = node.children.get("backing") or (
-                node.children.get("file") if node.driver.is_filter else None
+                node.children.get(node.driver.filtered_role) if node.driver.is_filter else None
             )
         if depth > MAX_CHAIN_DEPTH:
             raise BlockBackupError("qcow2: Backing chain too long")
