@@ -3,6 +3,7 @@
 Subcommands:
 
 - ``demo``: the built-in live-backup demonstration (the default).
+- ``daemon``: a qemu-storage-daemon compatible daemon (``blockbackup daemon --help``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 
 from blockbackup import __version__
@@ -39,10 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to put the images (default: a temporary dir)")
     demo.add_argument("--speed", type=parse_size, default=0, help="backup rate limit, bytes/s")
     demo.add_argument("--keep", action="store_true", help="keep the images")
+    sub.add_parser("daemon", help="qemu-storage-daemon compatible daemon", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["daemon"]:
+        from blockbackup.daemon import main as daemon_main
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return daemon_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

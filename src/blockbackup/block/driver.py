@@ -74,9 +74,11 @@ class Limits:
 
 
 def io_error(code: int, detail: str | None = None) -> OSError:
-    """An OSError carrying an errno and its standard text, as drivers raise them."""
-    text = os.strerror(code)
-    return OSError(code, f"{text}: {detail}" if detail else text)
+    """An OSError with an errno and its standard text; ``detail`` goes into a note."""
+    err = OSError(code, os.strerror(code))  # strerror stays the standard text users see
+    if detail:
+        err.add_note(detail)
+    return err
 
 
 class BlockDriver(ABC):

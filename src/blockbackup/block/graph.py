@@ -117,6 +117,11 @@ class Graph:
         node = self.nodes.get(name)
         if node is None:
             raise BlockBackupError(f"Failed to find node with node-name='{name}'")
+        for description in node.users.values():
+            if description.startswith("block job"):
+                raise BlockBackupError(
+                    f"Node '{name}' is busy: block device is in use by {description}"
+                )
         if node.users:
             raise BlockBackupError(f"Node {name} is in use")
         if node.parents:

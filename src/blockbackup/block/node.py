@@ -23,10 +23,11 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
 from blockbackup.block.reqlist import ReqList, Request
+from blockbackup.errors import BlockBackupError
 
 if TYPE_CHECKING:
     from blockbackup.block.graph import Graph
@@ -36,6 +37,13 @@ Buffer = bytes | bytearray | memoryview
 #: A before-write hook: awaited with (offset, length) before a modification of that range
 #: reaches the driver. Raising ``OSError`` fails the modification.
 BeforeWriteHook = Callable[[int, int], Awaitable[None]]
+
+
+@runtime_checkable
+class MovableUser(Protocol):
+    """A user (an export) that can be moved onto a filter inserted above its node."""
+
+    def retarget(self, node: BlockNode) -> None: ...
 
 
 class DirtyTracker(Protocol):
@@ -70,6 +78,9 @@ class BlockNode:
         #: Non-node users (exports, jobs), with a short description for error texts.
         self.users: dict[object, str] = {}
         self.dirty_trackers: list[DirtyTracker] = []
+        #: (parent node-name, role) of a parent that allows no other writer (a backup's
+        #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
+        self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -134,6 +145,17 @@ class BlockNode:
             driver = node.driver
             node = node.children.get(driver.filtered_role) if driver.is_filter else None
         return None
+
+    def check_new_writer(self) -> None:
+        """Refuse a new writing user (a writable export) while a parent forbids one."""
+        if self.write_blocker is not None:
+            parent, role = self.write_blocker
+            raise BlockBackupError(
+                f"Permission conflict on node '{self.name}': permissions 'write' are both "
+                f"required by an unnamed block device (uses node '{self.name}' as 'root' "
+                f"child) and unshared by node '{parent}' (uses node '{self.name}' as "
+                f"'{role}' child)."
+            )
 
     def add_user(self, user: object, description: str) -> None:
         self.users[user] = description

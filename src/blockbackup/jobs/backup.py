@@ -25,7 +25,7 @@ from typing import Any
 from blockbackup.block.block_copy import BackgroundSettings, BlockCopy, CopyError
 from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR, CopyBeforeWriteDriver
 from blockbackup.block.graph import Graph
-from blockbackup.block.node import BlockNode
+from blockbackup.block.node import BlockNode, MovableUser
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.job import Job, JobManager, JobTxn
 from blockbackup.jobs.status import BlockdevOnError, ErrorAction, JobStatus
@@ -157,14 +157,17 @@ async def start_backup(
         try:
             job = BackupJob(opts, jobs, graph, source, target, filter_node)
             jobs.register(job, txn)
+            job.move_users_to_filter()
             if at_point_in_time is not None:
                 await at_point_in_time()
         except BaseException:
             if job is not None:
                 if job.status is JobStatus.CREATED:
                     jobs.discard(job)
-                source.remove_user(job)
                 target.remove_user(job)
+                for user in list(filter_node.users):
+                    if isinstance(user, MovableUser):
+                        user.retarget(source)
             await graph.drop(filter_node)
             raise
     jobs.start(job)
@@ -219,7 +222,7 @@ class BackupJob(Job):
         self.settings = BackgroundSettings(max_workers=perf.max_workers, max_chunk=perf.max_chunk)
         self.on_source_error = BlockdevOnError(opts.on_source_error)
         self.on_target_error = BlockdevOnError(opts.on_target_error)
-        source.add_user(self, "block job: backup")
+        # The filter, as the source's parent, keeps the source in use; the target is ours.
         target.add_user(self, "block job: backup")
         self._update_progress()
 
@@ -262,26 +265,43 @@ class BackupJob(Job):
         while True:
             await self.pause_point()
             self._check_snapshot()
-            await asyncio.sleep(0.1)
-            self._update_progress()
+            await self._first(self.wait_pause_requested(), self.filter.broken.wait())
 
     async def _copy_until_paused(self) -> bool:
-        """Run a background pass; True when it finished, False when a pause interrupted it."""
+        """Run a background pass; True when it finished, False when a pause (or a broken
+        snapshot) interrupted it."""
         copy = asyncio.ensure_future(self.block_copy.run_background(self.settings, self.rate_limit))
-        pause = asyncio.ensure_future(self.wait_pause_requested())
         try:
-            await asyncio.wait({copy, pause}, return_when=asyncio.FIRST_COMPLETED)
+            await self._first(copy, self.wait_pause_requested(), self.filter.broken.wait())
         finally:
-            pause.cancel()
             copy.cancel()
-            await asyncio.wait({copy, pause})
+            await asyncio.wait({copy})
             self._update_progress()
         if copy.cancelled():
             return False
         copy.result()  # raises the pass's CopyError
         return True
 
+    @staticmethod
+    async def _first(*aws: Awaitable[object]) -> None:
+        """Wait until the first of ``aws`` is done; cancel the rest (not futures passed in)."""
+        tasks = [asyncio.ensure_future(aw) for aw in aws]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task, aw in zip(tasks, aws, strict=True):
+                if task is not aw:
+                    task.cancel()
+
+    def move_users_to_filter(self) -> None:
+        """Exports of the source now serve the filter node, as QEMU moves parents above it."""
+        for user in list(self.source.users):
+            if isinstance(user, MovableUser):
+                user.retarget(self.filter_node)
+
     async def clean(self) -> None:
-        self.source.remove_user(self)
         self.target.remove_user(self)
+        for user in list(self.filter_node.users):
+            if isinstance(user, MovableUser):
+                user.retarget(self.source)
         await self.graph.drop(self.filter_node)

@@ -405,6 +405,7 @@ class Job(ABC):
         await self.run()
 
     def _on_run_done(self, task: asyncio.Task[None]) -> None:
+        self.busy = False
         if task.cancelled():
             self._cancelled = True
         elif (exc := task.exception()) is not None:

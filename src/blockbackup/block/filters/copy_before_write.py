@@ -21,6 +21,7 @@ timed-out copy counts as a failed one (ETIMEDOUT) and goes on in the background.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from typing import ClassVar
@@ -62,10 +63,13 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.on_cbw_error = on_cbw_error
         self.timeout = timeout
         self.snapshot_error: OSError | None = None
+        #: Set when the snapshot breaks, so the job stops waiting for copies that are moot.
+        self.broken = asyncio.Event()
         self.block_copy = BlockCopy(source, target, cluster_size)
         limits = source.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
         source.add_before_write(self._before_write)
+        target.write_blocker = (node.name, "target")
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> CopyBeforeWriteDriver:
@@ -106,6 +110,7 @@ class CopyBeforeWriteDriver(BlockDriver):
             raise err
         log.warning("copy-before-write failed, snapshot broken: %s", err)
         self.snapshot_error = err
+        self.broken.set()
 
     # -- pass-through ------------------------------------------------------------------------
 
@@ -136,4 +141,5 @@ class CopyBeforeWriteDriver(BlockDriver):
 
     async def close(self) -> None:
         self.source.remove_before_write(self._before_write)
+        self.target.write_blocker = None
         await self.block_copy.aclose()

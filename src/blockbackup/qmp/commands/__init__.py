@@ -1,0 +1,12 @@
+"""The QMP commands, one module per area; importing this package declares them all.
+
+Why one module per area: each area's handlers map onto one part of the core (graph,
+jobs, backup, exports, objects), and the declarations beside them are the single source
+of argument checking and introspection.
+"""
+
+from __future__ import annotations
+
+from blockbackup.qmp.commands import backup, block, control, exports, jobs, objects
+
+__all__ = ["backup", "block", "control", "exports", "jobs", "objects"]

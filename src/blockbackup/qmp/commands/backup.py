@@ -1,0 +1,76 @@
+"""``blockdev-backup``: QMP arguments mapped onto :class:`BackupOptions`.
+
+Why the member list is QEMU 7.2's exactly (order included): the order decides which error
+a request with several mistakes gets, and members newer than 7.2 (``discard-source``,
+``on-cbw-error``) must be refused as 7.2 refuses them, so 7.2 scripts see the same replies.
+"""
+
+from __future__ import annotations
+
+from blockbackup.jobs.backup import BackupOptions, BackupPerf, start_backup
+from blockbackup.qmp.context import Context
+from blockbackup.qmp.registry import Args, command
+from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
+
+SYNC_MODE = Enum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
+BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ("on-success", "never", "always"))
+ON_ERROR = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
+BACKUP_PERF = Struct(
+    "BackupPerf",
+    [
+        Member("use-copy-range", BOOL, optional=True),
+        Member("max-workers", INT, optional=True),
+        Member("max-chunk", INT, optional=True),
+    ],
+)
+BLOCKDEV_BACKUP = Struct(
+    "BlockdevBackup",
+    [
+        Member("job-id", STR, optional=True),
+        Member("device", STR),
+        Member("sync", SYNC_MODE),
+        Member("speed", INT, default=0),
+        Member("bitmap", STR, optional=True),
+        Member("bitmap-mode", BITMAP_SYNC_MODE, optional=True),
+        Member("compress", BOOL, default=False),
+        Member("on-source-error", ON_ERROR, default="report"),
+        Member("on-target-error", ON_ERROR, default="report"),
+        Member("auto-finalize", BOOL, default=True),
+        Member("auto-dismiss", BOOL, default=True),
+        Member("filter-node-name", STR, optional=True),
+        Member("x-perf", BACKUP_PERF, optional=True, features=("unstable",)),
+        Member("target", STR),
+    ],
+)
+
+
+def backup_options(args: Args) -> BackupOptions:
+    """The core's options for validated ``blockdev-backup`` arguments."""
+    perf_args = args.get("x-perf", {})
+    perf = BackupPerf(
+        use_copy_range=perf_args.get("use-copy-range", False),
+        max_workers=perf_args.get("max-workers", 64),
+        max_chunk=perf_args.get("max-chunk", 0),
+    )
+    return BackupOptions(
+        device=args["device"],
+        target=args["target"],
+        sync=args["sync"],
+        job_id=args.get("job-id"),
+        speed=args["speed"],
+        bitmap=args.get("bitmap"),
+        bitmap_mode=args.get("bitmap-mode"),
+        compress=args["compress"],
+        on_source_error=args["on-source-error"],
+        on_target_error=args["on-target-error"],
+        auto_finalize=args["auto-finalize"],
+        auto_dismiss=args["auto-dismiss"],
+        filter_node_name=args.get("filter-node-name"),
+        x_perf=perf,
+    )
+
+
+@command("blockdev-backup", args=BLOCKDEV_BACKUP)
+async def blockdev_backup(ctx: Context, args: Args) -> None:
+    services = ctx.services
+    await start_backup(services.graph, services.jobs, backup_options(args))
