@@ -172,11 +172,14 @@ async def test_report_fails_the_job(env: Env, side: str) -> None:
     ("auto", errno.ENOSPC, IoStatus.NOSPACE),
 ])  # fmt: skip
 @pytest.mark.parametrize("once", [True, False])
+@pytest.mark.parametrize("side", ["source", "target"])
 async def test_stop_pauses_then_resume_retries(
-    env: Env, policy: str, code: int, io_status: IoStatus, once: bool
+    env: Env, policy: str, code: int, io_status: IoStatus, once: bool, side: str
 ) -> None:
-    rule = env.tgt_debug.add_rule(IOType.WRITE, code, offset=2 * MiB, length=4096, once=once)
-    job = await env.bb.backup("src", "tgt", on_target_error=policy)
+    debug, op = (env.src_debug, IOType.READ) if side == "source" else (env.tgt_debug, IOType.WRITE)
+    rule = debug.add_rule(op, code, offset=2 * MiB, length=4096, once=once)
+    policies = {"on_source_error": policy} if side == "source" else {"on_target_error": policy}
+    job = await env.bb.backup("src", "tgt", **policies)
     await wait_status(job, JobStatus.PAUSED)
     assert job.io_status is io_status
     assert job.query_block_jobs_info()["io-status"] == io_status.value
@@ -185,7 +188,7 @@ async def test_stop_pauses_then_resume_retries(
         job.resume()  # the rule still fires: the job stops again
         while rule.hits == hits or job.status is not JobStatus.PAUSED:
             await asyncio.sleep(0.001)
-        env.tgt_debug.remove_rule(rule)
+        debug.remove_rule(rule)
     job.resume()
     await env.bb.wait(job)
     assert job.io_status is IoStatus.OK
