@@ -2,8 +2,12 @@
 
 Subcommands:
 
-- ``demo``: the built-in live-backup demonstration (the default).
+- ``demo``: the built-in live-backup demonstration (the default): serve + NBD writers +
+  backup, with a proof of the point in time; ``--library`` runs it in-process instead.
 - ``daemon``: a qemu-storage-daemon compatible daemon (``blockbackup daemon --help``).
+- ``serve IMAGE...``: export images over NBD, with a QMP monitor (the simple way in).
+- ``backup --connect QMP NODE TARGET``: back up a served node to a file, with progress.
+- ``jobs --connect QMP``: list the jobs.
 """
 
 from __future__ import annotations
@@ -41,7 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to put the images (default: a temporary dir)")
     demo.add_argument("--speed", type=parse_size, default=0, help="backup rate limit, bytes/s")
     demo.add_argument("--keep", action="store_true", help="keep the images")
+    demo.add_argument(
+        "--library",
+        action="store_true",
+        help="run in-process through the Python API instead of serve + backup + NBD",
+    )
     sub.add_parser("daemon", help="qemu-storage-daemon compatible daemon", add_help=False)
+    serve = sub.add_parser("serve", help="export images over NBD, with a QMP monitor")
+    serve.add_argument("images", nargs="+", metavar="IMAGE")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="NBD over TCP (default: unix socket)")
+    serve.add_argument("--dir", help="where to create the sockets (default: a new temp dir)")
+    serve.add_argument("--read-only", action="store_true", help="export read-only")
+    serve.add_argument("--json", action="store_true", help="print the URIs as JSON")
+    backup = sub.add_parser("backup", help="back up a node of a running daemon to a file")
+    backup.add_argument("--connect", required=True, metavar="QMP_SOCKET")
+    backup.add_argument("node", metavar="NODE")
+    backup.add_argument("target", metavar="TARGET_FILE")
+    backup.add_argument("--speed", type=parse_size, default=0, help="bytes/s (default: no limit)")
+    backup.add_argument("--sync", choices=("full", "top", "none"), default="full")
+    backup.add_argument("--job-id", default="backup0")
+    backup.add_argument("--json", action="store_true", help="print the result as JSON")
+    jobs = sub.add_parser("jobs", help="list the jobs of a running daemon")
+    jobs.add_argument("--connect", required=True, metavar="QMP_SOCKET")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -63,5 +89,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command is None:
             args = build_parser().parse_args(["demo"])
-        return asyncio.run(run_demo(args.size, args.dir, args.speed, args.keep))
+        if args.library:
+            return asyncio.run(run_demo(args.size, args.dir, args.speed, args.keep))
+        from blockbackup.demo_e2e import run as run_e2e
+
+        return asyncio.run(run_e2e(args.size, args.speed, args.keep, args.dir))
+    from blockbackup import usercli
+
+    if command == "serve":
+        return asyncio.run(
+            usercli.serve(
+                args.images,
+                listen=args.listen,
+                directory=args.dir,
+                read_only=args.read_only,
+                as_json=args.json,
+            )
+        )
+    if command == "backup":
+        return usercli.run_interruptible(
+            usercli.backup_command(
+                args.connect,
+                args.node,
+                args.target,
+                speed=args.speed,
+                sync=args.sync,
+                job_id=args.job_id,
+                as_json=args.json,
+            )
+        )
+    if command == "jobs":
+        return asyncio.run(usercli.jobs_command(args.connect, as_json=args.json))
     raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
