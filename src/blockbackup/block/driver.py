@@ -89,7 +89,7 @@ class BlockDriver(ABC):
       and returns a ready driver; errors are :class:`blockbackup.errors.BlockBackupError`
       with QEMU's texts.
     - I/O methods raise ``OSError`` with an errno on failure; nothing else.
-    - ``size`` does not change while the node is open.
+    - ``size`` does not change while the node is open, except through :meth:`truncate`.
     """
 
     driver_name: ClassVar[str]
@@ -136,6 +136,14 @@ class BlockDriver(ABC):
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory deallocation; the default does nothing."""
+
+    async def truncate(self, size: int) -> None:
+        """Change the node's size to ``size`` bytes; ``size`` reflects it afterwards.
+
+        Growing makes the new range read as zeroes. Image formats use it to grow their
+        file as they allocate. The default refuses: most nodes have a fixed size.
+        """
+        raise io_error(errno.ENOTSUP, f"driver {self.driver_name} cannot change its size")
 
     async def flush(self) -> None:
         """Make completed writes durable. The default has nothing to flush."""

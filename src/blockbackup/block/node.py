@@ -6,8 +6,8 @@ Every request to a node goes through :class:`BlockNode`, which, once for all dri
 - pads unaligned requests to the driver's ``request_alignment`` (read-modify-write for
   writes, serialised against overlapping writes) and splits them to ``max_transfer``;
 - counts requests in flight, so that :meth:`BlockNode.quiesced` can wait for them;
-- holds new *modifying* requests (write, write-zeroes, discard) while the node is
-  quiesced. Reads and flushes are not held: a quiesced node must still serve the
+- holds new *modifying* requests (write, write-zeroes, discard, truncate) while the node
+  is quiesced. Reads and flushes are not held: a quiesced node must still serve the
   copy-before-write reads of writes already in flight, or quiescing could deadlock;
 - calls the before-write hooks (copy-before-write) before every modification reaches the
   driver, and marks the node's dirty trackers (dirty bitmaps).
@@ -219,26 +219,37 @@ class BlockNode:
             if self._in_flight == 0:
                 self._idle.set()
 
-    @contextlib.asynccontextmanager
-    async def _change(self, offset: int, length: int) -> AsyncIterator[None]:
-        """Admission of a modification: gate, tracking, hooks, dirty marks."""
-        self._check_writable()
-        self._check_range(offset, length)
+    async def _pass_gate(self) -> None:
+        """Wait until the node is not quiesced (modifications only)."""
         while self._quiesce_depth:
             await self._unquiesced.wait()
+
+    @contextlib.contextmanager
+    def _counted_change(self) -> Iterator[None]:
+        """Count a modification in flight (what :meth:`quiesced` waits for)."""
         self._in_flight_changes += 1
         self._changes_idle.clear()
         try:
             with self._tracked():
-                for hook in tuple(self._before_write):
-                    await hook(offset, length)
-                for tracker in self.dirty_trackers:
-                    tracker.mark_dirty(offset, length)
                 yield
         finally:
             self._in_flight_changes -= 1
             if self._in_flight_changes == 0:
                 self._changes_idle.set()
+
+    @contextlib.asynccontextmanager
+    async def _change(self, offset: int, length: int) -> AsyncIterator[None]:
+        """Admission of a modification: gate, tracking, hooks, dirty marks."""
+        self._check_writable()
+        self._check_range(offset, length)
+        await self._pass_gate()
+        self._check_range(offset, length)  # a truncate may have shrunk the node meanwhile
+        with self._counted_change():
+            for hook in tuple(self._before_write):
+                await hook(offset, length)
+            for tracker in self.dirty_trackers:
+                tracker.mark_dirty(offset, length)
+            yield
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         align = self.limits.request_alignment
@@ -344,6 +355,50 @@ class BlockNode:
             if inner_end > inner_start:
                 for o, n in self._chunks(inner_start, inner_end - inner_start):
                     await self.driver.discard(o, n)
+
+    async def truncate(self, size: int) -> None:
+        """Grow or shrink the node to ``size`` bytes; growth reads as zeroes.
+
+        A modification like a write: held while the node is quiesced and counted in flight,
+        so a backup's point in time never sees a resize half done. Shrinking also waits
+        until no other modification is in flight, so none lands past the new end.
+        Refused with ``EBUSY`` while before-write hooks (copy-before-write) or dirty
+        trackers are attached: they cover the current size and cannot follow a resize
+        (QEMU's copy-before-write forbids resizing its source as well).
+        """
+        self._check_writable()
+        if size < 0:
+            raise io_error(errno.EINVAL, f"cannot truncate {self.name} to {size} bytes")
+        while True:
+            await self._pass_gate()
+            self._check_resizable()
+            if size == self.size:
+                return
+            if size > self.size:
+                with self._counted_change():
+                    await self._resize(size)
+                return
+            async with self.quiesced():
+                # Another quiescer that entered meanwhile owns the node: retry after it.
+                if self._quiesce_depth == 1:
+                    self._check_resizable()
+                    with self._counted_change():
+                        await self._resize(size)
+                    return
+
+    def _check_resizable(self) -> None:
+        if self._before_write or self.dirty_trackers:
+            raise io_error(
+                errno.EBUSY,
+                f"node {self.name} cannot be resized while a backup or dirty bitmap tracks it",
+            )
+
+    async def _resize(self, size: int) -> None:
+        await self.driver.truncate(size)
+        if self.driver.size != size:
+            raise io_error(
+                errno.EIO, f"driver {self.driver.driver_name} did not resize {self.name}"
+            )
 
     async def flush(self) -> None:
         """Make every completed write durable."""

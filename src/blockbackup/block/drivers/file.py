@@ -6,7 +6,8 @@
 - write-zeroes: ``fallocate`` (punch hole when unmapping is allowed, else zero range),
   falling back to writing zero buffers;
 - discard: punch hole, only with ``discard=unmap`` (QEMU's default ignores discards);
-- flush: ``fdatasync``.
+- flush: ``fdatasync``;
+- truncate: ``ftruncate`` (block devices: any size up to the device's, never past it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from blockbackup.block.driver import (
     Limits,
     Status,
     WriteFlags,
+    io_error,
     register,
 )
 from blockbackup.block.node import BlockNode
@@ -116,11 +118,21 @@ class FileDriver(BlockDriver):
 
     driver_name: ClassVar[str] = "file"
 
-    def __init__(self, node: BlockNode, fd: int, size: int, filename: str, direct: bool) -> None:
+    def __init__(
+        self,
+        node: BlockNode,
+        fd: int,
+        size: int,
+        filename: str,
+        direct: bool,
+        device_size: int | None = None,
+    ) -> None:
         super().__init__(node)
         self.fd = fd
         self.filename = filename
         self._size = size
+        #: Size of the block device under the node (None: a regular file, which can grow).
+        self.device_size = device_size
         self._direct = direct
         self._no_flush = node.config.no_flush
         self._can_punch = True
@@ -145,11 +157,12 @@ class FileDriver(BlockDriver):
         except OSError as err:
             raise BlockBackupError(f"Could not open '{filename}': {err.strerror}") from err
         try:
-            size = await run_blocking(_size_of, fd)
+            size, is_device = await run_blocking(_size_of, fd)
         except OSError as err:
             os.close(fd)
             raise BlockBackupError(f"Could not open '{filename}': {err.strerror}") from err
-        return cls(node, fd, size, filename, node.config.cache_direct)
+        device_size = size if is_device else None
+        return cls(node, fd, size, filename, node.config.cache_direct, device_size)
 
     @property
     def size(self) -> int:
@@ -201,6 +214,18 @@ class FileDriver(BlockDriver):
         ):
             self._can_punch = False
 
+    async def truncate(self, size: int) -> None:
+        if self.device_size is not None:
+            # A block device has the size it has: a smaller node is a window onto it.
+            if size > self.device_size:
+                raise io_error(
+                    errno.ENOSPC,
+                    f"cannot grow block device {self.filename} past {self.device_size} bytes",
+                )
+        else:
+            await run_blocking(os.ftruncate, self.fd, size)
+        self._size = size
+
     async def flush(self) -> None:
         if not self._no_flush:
             await run_blocking(os.fdatasync, self.fd)
@@ -217,9 +242,10 @@ class FileDriver(BlockDriver):
         os.close(self.fd)
 
 
-def _size_of(fd: int) -> int:
+def _size_of(fd: int) -> tuple[int, bool]:
+    """(size, is a block device)."""
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-        return int(struct.unpack("Q", buf)[0])
-    return st.st_size
+        return int(struct.unpack("Q", buf)[0]), True
+    return st.st_size, False

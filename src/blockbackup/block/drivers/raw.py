@@ -1,11 +1,21 @@
 """``raw``: the format driver for raw images, optionally a window (``offset``/``size``) of
-its child, so that option dicts written for qemu-storage-daemon work unchanged."""
+its child, so that option dicts written for qemu-storage-daemon work unchanged.
+
+Without a window, raw is the whole child and resizes with it; a window has a fixed size."""
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
+from blockbackup.block.driver import (
+    BlockDriver,
+    Extent,
+    Limits,
+    WriteFlags,
+    io_error,
+    register,
+)
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
@@ -17,11 +27,15 @@ class RawDriver(BlockDriver):
 
     driver_name: ClassVar[str] = "raw"
 
-    def __init__(self, node: BlockNode, child: BlockNode, offset: int, size: int) -> None:
+    def __init__(
+        self, node: BlockNode, child: BlockNode, offset: int, size: int, window: bool = False
+    ) -> None:
         super().__init__(node)
         self.child = child
         self.offset = offset
         self._size = size
+        #: ``offset`` or ``size`` was given: the node is a fixed window of its child.
+        self.window = window or offset != 0
         limits = child.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
 
@@ -31,6 +45,7 @@ class RawDriver(BlockDriver):
         node.add_child("file", child)
         offset = opts.int("offset", 0)
         size = opts.int("size", None)
+        window = offset != 0 or size is not None
         if offset < 0:
             raise BlockBackupError("offset cannot be negative")
         if size is None:
@@ -45,7 +60,7 @@ class RawDriver(BlockDriver):
         align = child.limits.request_alignment
         if offset % align or (size % align and offset + size != child.size):
             raise BlockBackupError(f"offset and size must be multiples of {align}")
-        return cls(node, child, offset, size)
+        return cls(node, child, offset, size, window)
 
     @property
     def size(self) -> int:
@@ -64,6 +79,14 @@ class RawDriver(BlockDriver):
 
     async def discard(self, offset: int, length: int) -> None:
         await self.child.discard(self.offset + offset, length)
+
+    async def truncate(self, size: int) -> None:
+        if self.window:
+            raise io_error(
+                errno.ENOTSUP, f"raw node {self.node.name} with offset/size cannot be resized"
+            )
+        await self.child.truncate(size)
+        self._size = size
 
     async def flush(self) -> None:
         await self.child.flush()

@@ -7,6 +7,7 @@ path directly.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -152,6 +153,11 @@ async def create_qcow2(
         refcount_bits=refcount_bits,
         lazy_refcounts=lazy_refcounts,
     )
+    try:
+        await file.truncate(len(image))  # drop old content past the new image, or grow
+    except OSError as err:
+        if err.errno != errno.ENOTSUP:
+            raise
     out = ImageFile(file)
     await out.write(0, image)
     await out.flush()

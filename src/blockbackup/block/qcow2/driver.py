@@ -27,7 +27,7 @@ import errno
 import os
 import struct
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from blockbackup.block.driver import (
@@ -42,7 +42,7 @@ from blockbackup.block.driver import (
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.qcow2.compress import compress, decompress
-from blockbackup.block.qcow2.fileio import ImageFile
+from blockbackup.block.qcow2.fileio import Buffer, ImageFile
 from blockbackup.block.qcow2.header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
@@ -94,6 +94,20 @@ class Mapping:
     copied: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Allocation:
+    """An allocating write between cluster allocation and its L2 update."""
+
+    first: int  # first and last guest cluster
+    last: int
+    l2_offset: int
+    l2_index: int
+    host: int  # host offset of the first new cluster
+    write_at: int  # where ``data`` goes (zero head clusters on fresh space are skipped)
+    data: bytes | bytearray | memoryview
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @register
 class Qcow2Driver(BlockDriver):
     """qcow2 format driver."""
@@ -127,6 +141,7 @@ class Qcow2Driver(BlockDriver):
         self._data_in_flight = 0
         self._data_idle = asyncio.Event()
         self._data_idle.set()
+        self._allocating: list[_Allocation] = []
         self._cbyte = 0  # next free byte in the current compressed cluster (0: none)
         self._closed = False
         self.limits = Limits(request_alignment=1, max_transfer=0, cluster_size=self.cs)
@@ -449,11 +464,11 @@ class Qcow2Driver(BlockDriver):
         raw = await self.file.read_clamped(coffset, csize)
         return decompress(raw, self.hdr.compression_type, self.cs)
 
-    async def _read_mapped(self, m: Mapping, offset: int, length: int) -> bytes:
+    async def _read_mapped(self, m: Mapping, offset: int, length: int) -> Buffer:
         if m.kind == NORMAL:
             n = min(length, self.file.size - m.host)
-            data = await self.file.read(m.host, n)
-            return data + bytes(length - n) if n < length else data
+            data = await self.file.read_data(m.host, n)
+            return bytes(data) + bytes(length - n) if n < length else data
         if m.kind == ZERO:
             return bytes(length)
         if m.kind == UNALLOC:
@@ -464,7 +479,7 @@ class Qcow2Driver(BlockDriver):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         end = offset + length
-        parts: list[bytes] = []
+        parts: list[Buffer] = []
         pos = offset
         while pos < end:
             async with self.lock:
@@ -508,6 +523,8 @@ class Qcow2Driver(BlockDriver):
         pos = offset
         while pos < end:
             inplace: Mapping | None = None
+            alloc: _Allocation | None = None
+            busy: _Allocation | None = None
             async with self.lock:
                 m = await self._map(pos, end - pos)
                 if m.kind == NORMAL and m.copied:
@@ -516,7 +533,13 @@ class Qcow2Driver(BlockDriver):
                     inplace = m
                     self._begin_data()
                 else:
-                    await self._allocating_write(pos, view[pos - offset : pos - offset + m.length])
+                    busy = self._allocating_overlap(pos, m.length)
+                    if busy is None:
+                        chunk = view[pos - offset : pos - offset + m.length]
+                        alloc = await self._prepare_allocation(pos, chunk)
+            if busy is not None:
+                await busy.done.wait()  # then map again: the clusters have a home now
+                continue
             if inplace is not None:
                 try:
                     await self.file.write(
@@ -524,42 +547,87 @@ class Qcow2Driver(BlockDriver):
                     )
                 finally:
                     self._end_data()
+            elif alloc is not None:
+                await self._finish_allocation(alloc)
             pos += m.length
 
-    async def _cow(self, guest: int, length: int) -> bytes:
-        if length == 0:
-            return b""
+    def _allocating_overlap(self, offset: int, length: int) -> _Allocation | None:
+        """An in-flight allocating write to a cluster of ``[offset, offset+length)``."""
+        first, last = offset >> self.cb, (offset + length - 1) >> self.cb
+        for a in self._allocating:
+            if a.first <= last and first <= a.last:
+                return a
+        return None
+
+    async def _cow(self, guest: int, length: int) -> Buffer | None:
+        """Old content of a partial cluster's untouched part; None when it reads as zeroes."""
         m = await self._map(guest, length)
+        if m.kind == ZERO or (m.kind == UNALLOC and self.backing_node is None):
+            return None
         return await self._read_mapped(m, guest, length)
 
-    async def _allocating_write(self, pos: int, data: memoryview) -> None:
-        """Write ``data`` (within one L2 table) into new clusters (caller holds the lock)."""
+    async def _prepare_allocation(self, pos: int, data: memoryview) -> _Allocation:
+        """Allocate new clusters for ``data`` (within one L2 table); caller holds the lock.
+
+        The data is written by :meth:`_finish_allocation` without the lock, so that other
+        requests' metadata work and data writes overlap with it; writes to the same clusters
+        wait for it (:meth:`_allocating_overlap`).
+        """
         cs = self.cs
         first = pos >> self.cb
         last = (pos + len(data) - 1) >> self.cb
         n = last - first + 1
         head = pos - first * cs
-        tail = (last + 1) * cs - (pos + len(data))
-        buf = bytearray(n * cs)
-        if head:
-            buf[:head] = await self._cow(first * cs, head)
-        if tail:
-            tail_at = pos + len(data)
-            buf[tail_at - first * cs :] = await self._cow(tail_at, tail)
-        buf[head : head + len(data)] = data
+        tail_at = pos + len(data)
+        tail = (last + 1) * cs - tail_at
+        head_data = await self._cow(first * cs, head) if head else None
+        tail_data = await self._cow(tail_at, tail) if tail else None
         l1_index, l2_index = divmod(first, self.l2e)
         found = await self._l2_table(l1_index, alloc=True)
         assert found is not None
         host = await self.refs.alloc(n)
-        await self.file.write(host, buf)
-        l2_offset, table = found
-        if l2_offset not in self.l2:
-            table = await self.l2.get(l2_offset)
-        for i in range(n):
-            old = table[l2_index + i]
-            table[l2_index + i] = (host + i * cs) | COPIED
-            self._free_entry(old)
-        self.l2.mark_dirty(l2_offset, table)
+        # Fresh file space reads as zeroes already: zero parts of the clusters need no write.
+        fresh = self.file.reads_zero(host)
+        start = head if head_data is None and fresh else 0
+        stop = n * cs - (tail if tail_data is None and fresh else 0)
+        if start == head and stop == n * cs - tail:
+            buf: bytes | bytearray | memoryview = data
+        else:
+            out = bytearray(stop - start)
+            if start == 0 and head:
+                out[:head] = head_data if head_data is not None else bytes(head)
+            out[head - start : head - start + len(data)] = data
+            if stop > n * cs - tail:
+                out[head - start + len(data) :] = (
+                    tail_data if tail_data is not None else bytes(tail)
+                )
+            buf = out
+        alloc = _Allocation(first, last, found[0], l2_index, host, host + start, buf)
+        self._allocating.append(alloc)
+        return alloc
+
+    async def _finish_allocation(self, a: _Allocation) -> None:
+        """Write the data of a prepared allocation, then point the L2 entries at it."""
+        cs = self.cs
+        n = a.last - a.first + 1
+        try:
+            try:
+                await self.file.write(a.write_at, a.data)
+            except BaseException:
+                async with self.lock:
+                    for c in range(a.host // cs, a.host // cs + n):
+                        await self.refs.decrement(c)
+                raise
+            async with self.lock:
+                table = await self.l2.get(a.l2_offset)
+                for i in range(n):
+                    old = table[a.l2_index + i]
+                    table[a.l2_index + i] = (a.host + i * cs) | COPIED
+                    self._free_entry(old)
+                self.l2.mark_dirty(a.l2_offset, table)
+        finally:
+            self._allocating.remove(a)
+            a.done.set()
 
     async def _write_compressed(self, offset: int, view: memoryview) -> None:
         cs = self.cs
@@ -572,8 +640,13 @@ class Qcow2Driver(BlockDriver):
             if len(packed) > cs - 512:
                 await self._write(guest, chunk)
                 continue
-            async with self.lock:
-                await self._store_compressed(guest, packed)
+            while True:
+                async with self.lock:
+                    busy = self._allocating_overlap(guest, len(chunk))
+                    if busy is None:
+                        await self._store_compressed(guest, packed)
+                        break
+                await busy.done.wait()
 
     async def _store_compressed(self, guest: int, packed: bytes) -> None:
         cs = self.cs
@@ -744,3 +817,4 @@ class Qcow2Driver(BlockDriver):
                 await self._flush_metadata()
                 await self.refs.flush()
             await self.file.flush()
+            await self.file.trim(self.refs.next_free * self.cs)

@@ -2,11 +2,14 @@
 
 Every byte the qcow2 driver reads or writes in the image goes through :class:`ImageFile`,
 which refuses offsets a hostile image could use to reach past the end of the file, and
-lets the image grow when clusters are allocated past the current end.
+grows the file (through :meth:`BlockNode.truncate`) when clusters are allocated past its
+end. It grows in large steps, so that allocating writes do not cost a resize each, and
+gives the unused tail back on close.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 from blockbackup.block.driver import io_error
@@ -14,25 +17,9 @@ from blockbackup.block.node import BlockNode
 
 Buffer = bytes | bytearray | memoryview
 
-
-def _allow_growth(node: BlockNode, end: int) -> None:
-    """Let ``node`` take writes up to ``end``.
-
-    The request layer checks every write against the node's size, which the driver
-    interface fixes at open time; an image format has to grow its file. Until the driver
-    interface has a way to grow a node, this raises the size of a child whose driver keeps
-    it in ``_size`` (``file``); a write past the end then extends the file.
-    """
-    driver = node.driver
-    if end <= driver.size:
-        return
-    if not hasattr(driver, "_size"):
-        raise io_error(errno.ENOSPC, f"cannot grow {node.name} to {end} bytes")
-    driver._size = end
-    # A format between us and the protocol (raw) keeps its own size too.
-    child = node.children.get("file")
-    if child is not None and child is not node:
-        _allow_growth(child, end)
+#: Growth step: at least this much, or 1/8 of the file, whichever is larger.
+GROW_MIN = 1 << 20
+GROW_ALIGN = 64 << 10
 
 
 class ImageFile:
@@ -40,11 +27,20 @@ class ImageFile:
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
-        #: Bytes of the file that exist (grows as we write past the end).
+        #: Bytes of the file that exist (the node's size, which grows as we allocate).
         self.size = node.size
+        self.opened_size = node.size
+        #: Every byte at or past this offset reads as zeroes: it lies past the end of the
+        #: file at open time and nothing was written there since (growth zero-fills).
+        self.zero_from = node.size
+        self._grow_lock = asyncio.Lock()
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read metadata or data that must lie inside the file."""
+        return bytes(await self.read_data(offset, length))
+
+    async def read_data(self, offset: int, length: int) -> Buffer:
+        """Like :meth:`read`, without copying the buffer (guest data on the read path)."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise io_error(
                 errno.EIO,
@@ -52,7 +48,7 @@ class ImageFile:
             )
         if length == 0:
             return b""
-        return bytes(await self.node.read(offset, length))
+        return await self.node.read(offset, length)
 
     async def read_clamped(self, offset: int, length: int) -> bytes:
         """Read, with the part past the end of the file as zeroes (compressed tails)."""
@@ -62,12 +58,50 @@ class ImageFile:
         data = await self.read(offset, n)
         return data + bytes(length - n)
 
+    def reads_zero(self, offset: int) -> bool:
+        """Whether every byte from ``offset`` on is known to read as zeroes."""
+        return offset >= self.zero_from
+
+    async def ensure_size(self, end: int) -> None:
+        """Make the file at least ``end`` bytes long (new clusters lie inside the file)."""
+        if end > self.size:
+            await self._grow(end)
+
     async def write(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
-        if end > self.node.size:
-            _allow_growth(self.node, end)
+        if end > self.size:
+            await self._grow(end)
+        self.zero_from = max(self.zero_from, end)
         await self.node.write(offset, data)
-        self.size = max(self.size, end)
+
+    async def _grow(self, end: int) -> None:
+        """Make the file at least ``end`` bytes long, in one large step if possible."""
+        async with self._grow_lock:  # concurrent growers must never shrink each other
+            current = self.node.size
+            if end > current:
+                await self._grow_step(current, end)
+            self.size = self.node.size
+
+    async def _grow_step(self, current: int, end: int) -> None:
+        step = max(end, current + max(GROW_MIN, current // 8))
+        step = -(-step // GROW_ALIGN) * GROW_ALIGN
+        try:
+            await self.node.truncate(step)
+        except OSError as err:
+            if err.errno != errno.ENOSPC or step == end:
+                raise
+            await self.node.truncate(end)  # a device with room for the write, not the step
+
+    async def trim(self, used_end: int) -> None:
+        """Give back the growth slack past ``used_end`` (never below the size at open)."""
+        keep = max(used_end, self.opened_size, self.zero_from)
+        if self.node.size <= keep:
+            return
+        try:
+            await self.node.truncate(keep)
+        except OSError:
+            return  # slack past the last cluster is harmless: keep it
+        self.size = self.node.size
 
     async def flush(self) -> None:
         await self.node.flush()

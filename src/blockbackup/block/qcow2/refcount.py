@@ -8,7 +8,8 @@ Ordering rules (what keeps a crash from corrupting the image):
   the driver calls before writing any L2 table, so a cluster is never referenced on disk
   before its refcount is;
 - refcounts are only *decreased* by the driver after the references to the cluster are
-  durably gone, so a decrement may reach the disk at any time.
+  durably gone, so a decrement may reach the disk at any time;
+- an allocated cluster always lies inside the file (the file grows before allocation).
 """
 
 from __future__ import annotations
@@ -221,6 +222,9 @@ class Refcounts:
                 continue
             if (start + n) * self.cs > MAX_HOST_OFFSET:
                 raise io_error(errno.ENOSPC, "qcow2: image file too large")
+            # Allocated clusters always lie inside the file: grow it first, so that a file
+            # that cannot grow fails the allocation, not a later metadata write.
+            await self.file.ensure_size((start + n) * self.cs)
             for c in range(start, start + n):
                 await self._set(c, 1)
             self.next_free = start + n
@@ -228,6 +232,7 @@ class Refcounts:
 
     async def _create_block(self, index: int, at: int) -> None:
         """Create refcount block ``index`` in cluster ``at`` (a cluster it covers)."""
+        await self.file.ensure_size((at + 1) * self.cs)
         blk = bytearray(self.cs)
         self.table[index] = at * self.cs
         self.table_dirty.add(index)
