@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from blockbackup.block.dirty_bitmap import find_bitmap
 from blockbackup.block.graph import Graph
 from blockbackup.daemon_options import DaemonOption, OptionsError
 from blockbackup.errors import BlockBackupError
@@ -69,7 +70,7 @@ class Daemon:
         self.events = EventBus()
         self.graph = Graph()
         self.jobs = JobManager(self.events)
-        self.exports = ExportManager(self.graph, self.events)
+        self.exports = ExportManager(self.graph, self.events, bitmap_lookup=find_bitmap)
         self.objects = ObjectRegistry()
         self.nbd = NbdServer(self.exports, credentials=self.objects.tls_credentials)
         self.services = Services(

@@ -13,6 +13,13 @@ and the block-copy engine it owns copies clusters. The job:
 
 ``sync=none`` copies nothing in the background: only copy-before-write, until cancelled
 (classic image fleecing).
+
+With a dirty bitmap (``sync=incremental|bitmap``, or ``full|top`` with the bitmap as output
+only) the bitmap is frozen at T0 (its successor records the job's writes) and, for
+incremental/bitmap, seeds the copy bitmap; the ``bitmap-mode`` is applied when the job has
+ended and no copy is in flight. Starting is split into :func:`plan_backup` (checks),
+:func:`insert_backup` (T0, under the caller's quiesce) and ``JobManager.start``, so a
+``transaction`` can hold several sources quiesced and give them one T0.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockbackup.block.block_copy import BackgroundSettings, BlockCopy, CopyError
+from blockbackup.block.dirty_bitmap import DirtyBitmap, find_bitmap
 from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR, CopyBeforeWriteDriver
 from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode, MovableUser
@@ -76,31 +84,53 @@ def _busy_job(node: BlockNode) -> str | None:
     return None
 
 
-def _check_bitmap_arguments(opts: BackupOptions, source: BlockNode) -> None:
-    if opts.sync in ("incremental", "bitmap") and opts.bitmap is None:
-        raise BlockBackupError(f"must provide a valid bitmap name for '{opts.sync}' sync mode")
+def _check_bitmap_arguments(
+    opts: BackupOptions, source: BlockNode
+) -> tuple[DirtyBitmap | None, str | None]:
+    """QEMU's bitmap argument rules, in QEMU's order: (the bitmap, the effective mode)."""
+    sync, mode = opts.sync, opts.bitmap_mode
+    if sync in ("incremental", "bitmap") and opts.bitmap is None:
+        raise BlockBackupError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise BlockBackupError(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
+            )
+        sync, mode = "bitmap", "on-success"
     if opts.bitmap is None:
-        if opts.bitmap_mode is not None:
+        if mode is not None:
             raise BlockBackupError("Cannot specify bitmap sync mode without a bitmap")
-        return
-    # Dirty bitmaps on nodes are not implemented yet: no bitmap can be found.
-    raise BlockBackupError(f"Bitmap '{opts.bitmap}' could not be found")
+        return None, None
+    bitmap = find_bitmap(source, opts.bitmap)
+    if bitmap is None:
+        raise BlockBackupError(f"Bitmap '{opts.bitmap}' could not be found")
+    if mode is None:
+        raise BlockBackupError("Bitmap sync mode must be given when providing a bitmap")
+    bitmap.check_usable()
+    if sync == "none":
+        raise BlockBackupError("sync mode 'none' does not produce meaningful bitmap outputs")
+    if mode == "never" and sync != "bitmap":
+        raise BlockBackupError(
+            f"Bitmap sync mode 'never' has no meaningful effect when combined with "
+            f"sync mode '{sync}'"
+        )
+    return bitmap, mode
 
 
-async def start_backup(
-    graph: Graph,
-    jobs: JobManager,
-    opts: BackupOptions,
-    txn: JobTxn | None = None,
-    *,
-    at_point_in_time: Callable[[], Awaitable[None]] | None = None,
-) -> BackupJob:
-    """Validate ``blockdev-backup`` arguments, set the point in time and start the job.
+@dataclass(slots=True)
+class BackupPlan:
+    """Validated ``blockdev-backup`` arguments, ready to be inserted at a point in time."""
 
-    ``at_point_in_time`` is awaited while the source is quiesced at T0, after the
-    interception is in place: the moment the backup shows (e.g. to freeze an application,
-    or to take an independent reference copy in tests).
-    """
+    opts: BackupOptions
+    source: BlockNode
+    target: BlockNode
+    bitmap: DirtyBitmap | None
+    bitmap_mode: str | None
+    filter_options: dict[str, Any]
+
+
+def plan_backup(graph: Graph, jobs: JobManager, opts: BackupOptions) -> BackupPlan:
+    """Check every argument (QEMU's texts and order); change nothing."""
     if opts.sync not in SYNC_MODES:
         raise BlockBackupError(f"Parameter 'sync' does not accept value '{opts.sync}'")
     for name, value in (
@@ -119,7 +149,7 @@ async def start_backup(
         )
     source = graph.get(opts.device)
     target = graph.get(opts.target)
-    _check_bitmap_arguments(opts, source)
+    bitmap, bitmap_mode = _check_bitmap_arguments(opts, source)
     if source is target:
         raise BlockBackupError("Source and target cannot be the same")
     if opts.compress and not target.driver.can_compress():
@@ -151,25 +181,74 @@ async def start_backup(
         filter_options["x-cluster-size"] = perf.cluster_size
     if opts.filter_node_name is not None:
         filter_options["node-name"] = opts.filter_node_name
-    async with source.quiesced():  # T0: no write is in flight, none can start
-        filter_node = await graph.add(filter_options, implicit=opts.filter_node_name is None)
-        job: BackupJob | None = None
-        try:
-            job = BackupJob(opts, jobs, graph, source, target, filter_node)
-            jobs.register(job, txn)
-            job.move_users_to_filter()
-            if at_point_in_time is not None:
+    return BackupPlan(opts, source, target, bitmap, bitmap_mode, filter_options)
+
+
+async def insert_backup(
+    graph: Graph, jobs: JobManager, plan: BackupPlan, txn: JobTxn | None = None
+) -> BackupJob:
+    """Insert the filter and create the job (``created``), freezing the bitmap: T0.
+
+    The caller holds ``plan.source`` quiesced, so every write is wholly before this moment
+    or after it. On failure everything is undone before the exception propagates. The job
+    is started by ``jobs.start`` (the commit step); cancelling it instead undoes it.
+    """
+    opts = plan.opts
+    filter_node = await graph.add(plan.filter_options, implicit=opts.filter_node_name is None)
+    job: BackupJob | None = None
+    try:
+        job = BackupJob(opts, jobs, graph, plan.source, plan.target, filter_node)
+        jobs.register(job, txn)
+        job.attach_bitmap(plan.bitmap, plan.bitmap_mode)
+        job.move_users_to_filter()
+    except BaseException:
+        await _undo_insert(graph, jobs, plan, filter_node, job)
+        raise
+    return job
+
+
+async def _undo_insert(
+    graph: Graph,
+    jobs: JobManager,
+    plan: BackupPlan,
+    filter_node: BlockNode,
+    job: BackupJob | None,
+) -> None:
+    """Take back an inserted backup that never started (no events beyond ``null``)."""
+    if job is not None:
+        if job.status is JobStatus.CREATED:
+            jobs.discard(job)
+        plan.target.remove_user(job)
+        job.release_bitmap(success=False)
+    for user in list(filter_node.users):
+        if isinstance(user, MovableUser):
+            user.retarget(plan.source)
+    await graph.drop(filter_node)
+
+
+async def start_backup(
+    graph: Graph,
+    jobs: JobManager,
+    opts: BackupOptions,
+    txn: JobTxn | None = None,
+    *,
+    at_point_in_time: Callable[[], Awaitable[None]] | None = None,
+) -> BackupJob:
+    """Validate ``blockdev-backup`` arguments, set the point in time and start the job.
+
+    ``at_point_in_time`` is awaited while the source is quiesced at T0, after the
+    interception is in place: the moment the backup shows (e.g. to freeze an application,
+    or to take an independent reference copy in tests).
+    """
+    plan = plan_backup(graph, jobs, opts)
+    async with plan.source.quiesced():  # T0: no write is in flight, none can start
+        job = await insert_backup(graph, jobs, plan, txn)
+        if at_point_in_time is not None:
+            try:
                 await at_point_in_time()
-        except BaseException:
-            if job is not None:
-                if job.status is JobStatus.CREATED:
-                    jobs.discard(job)
-                target.remove_user(job)
-                for user in list(filter_node.users):
-                    if isinstance(user, MovableUser):
-                        user.retarget(source)
-            await graph.drop(filter_node)
-            raise
+            except BaseException:
+                await _undo_insert(graph, jobs, plan, job.filter_node, job)
+                raise
     jobs.start(job)
     return job
 
@@ -215,16 +294,58 @@ class BackupJob(Job):
         bcs = self.block_copy
         bcs.use_copy_range = perf.use_copy_range
         bcs.compress = opts.compress
-        bcs.skip_unallocated = opts.sync == "top"
+        bcs.skip_unallocated = opts.sync == "top"  # incremental/bitmap: seeded at T0
         bcs.on_progress = self._update_progress
         if opts.sync == "none":
             bcs.copy_bitmap.fill()  # every first write is copied; nothing else
         self.settings = BackgroundSettings(max_workers=perf.max_workers, max_chunk=perf.max_chunk)
         self.on_source_error = BlockdevOnError(opts.on_source_error)
         self.on_target_error = BlockdevOnError(opts.on_target_error)
+        #: The user's bitmap (frozen while the job runs) and what to do with it at the end.
+        self.sync_bitmap: DirtyBitmap | None = None
+        self.bitmap_mode: str | None = None
+        self._succeeded = False
         # The filter, as the source's parent, keeps the source in use; the target is ours.
         target.add_user(self, "block job: backup")
         self._update_progress()
+
+    def attach_bitmap(self, bitmap: DirtyBitmap | None, mode: str | None) -> None:
+        """Freeze ``bitmap`` at T0 (the source quiesced); for sync=bitmap it is the input.
+
+        Writes from now on are recorded by the bitmap's successor, whatever the outcome.
+        """
+        if bitmap is None:
+            return
+        assert mode is not None
+        bitmap.create_successor()
+        self.sync_bitmap = bitmap
+        self.bitmap_mode = mode
+        if self.options.sync in ("bitmap", "incremental"):
+            copy_bitmap = self.block_copy.copy_bitmap
+            copy_bitmap.clear()
+            copy_bitmap.merge(bitmap.bitmap)  # rounded outward to the backup cluster size
+        self._update_progress()
+
+    def release_bitmap(self, *, success: bool) -> None:
+        """Apply the bitmap mode (QEMU's ``backup_cleanup_sync_bitmap``); at most once.
+
+        ``on-success``: on success the bitmap keeps only the writes made during the job,
+        otherwise the frozen bits come back. ``always``: like success even on failure, plus
+        every cluster left uncopied. ``never``: the bitmap gains the job's writes only.
+        Called when no copy is in flight any more, so the uncopied set is exact.
+        """
+        bitmap, mode = self.sync_bitmap, self.bitmap_mode
+        if bitmap is None or bitmap.successor is None:
+            return
+        self.sync_bitmap = None
+        if (success or mode == "always") and mode != "never":
+            result = bitmap.abdicate()
+        else:
+            result = bitmap.reclaim()
+        if not success and mode == "always":
+            result.bitmap.merge(self.block_copy.copy_bitmap)
+            for req in self.block_copy.reqs:  # none expected: the copies have settled
+                result.bitmap.set(req.offset, req.length)
 
     def _update_progress(self) -> None:
         bcs = self.block_copy
@@ -299,9 +420,15 @@ class BackupJob(Job):
             if isinstance(user, MovableUser):
                 user.retarget(self.filter_node)
 
+    async def commit(self) -> None:
+        self._succeeded = True
+
     async def clean(self) -> None:
-        self.target.remove_user(self)
-        for user in list(self.filter_node.users):
-            if isinstance(user, MovableUser):
-                user.retarget(self.source)
-        await self.graph.drop(self.filter_node)
+        try:
+            self.target.remove_user(self)
+            for user in list(self.filter_node.users):
+                if isinstance(user, MovableUser):
+                    user.retarget(self.source)
+            await self.graph.drop(self.filter_node)  # waits for every copy in flight
+        finally:
+            self.release_bitmap(success=self._succeeded)

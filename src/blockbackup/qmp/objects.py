@@ -12,6 +12,7 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+from blockbackup.block import throttle_groups
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd import tls
 
@@ -59,6 +60,8 @@ class ObjectRegistry:
         obj: object
         if qom_type == "secret":
             obj = self._make_secret(id, props)
+        elif qom_type == "throttle-group":
+            obj = throttle_groups.create_group(id, props)
         elif qom_type == "tls-creds-x509":
             creds = tls.TlsCredentials(
                 props.get("dir", ""),
@@ -102,12 +105,19 @@ class ObjectRegistry:
 
     def delete(self, id: str) -> None:
         """``object-del``."""
-        obj = self._objects.pop(id, None)
+        obj = self._objects.get(id)
         if obj is None:
             raise BlockBackupError(f"object '{id}' not found")
+        if isinstance(obj, throttle_groups.ThrottleGroup):
+            throttle_groups.delete_group(id)  # refused while in use
+        del self._objects[id]
         if isinstance(obj, tls.TlsCredentials):
             tls.unregister_credentials(id)
 
     def close(self) -> None:
-        for id in list(self._objects):
-            self.delete(id)
+        for id, obj in list(self._objects.items()):
+            if isinstance(obj, throttle_groups.ThrottleGroup):
+                throttle_groups.delete_group(id, force=True)
+                del self._objects[id]
+            else:
+                self.delete(id)

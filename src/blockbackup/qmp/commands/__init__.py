@@ -7,6 +7,24 @@ of argument checking and introspection.
 
 from __future__ import annotations
 
-from blockbackup.qmp.commands import backup, block, control, exports, jobs, objects
+from blockbackup.qmp.commands import (
+    backup,
+    bitmaps,
+    block,
+    control,
+    exports,
+    jobs,
+    objects,
+    transaction,
+)
 
-__all__ = ["backup", "block", "control", "exports", "jobs", "objects"]
+__all__ = [
+    "backup",
+    "bitmaps",
+    "block",
+    "control",
+    "exports",
+    "jobs",
+    "objects",
+    "transaction",
+]

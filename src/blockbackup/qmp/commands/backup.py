@@ -7,14 +7,25 @@ a request with several mistakes gets, and members newer than 7.2 (``discard-sour
 
 from __future__ import annotations
 
+from typing import Any
+
 from blockbackup.jobs.backup import BackupOptions, BackupPerf, start_backup
 from blockbackup.qmp.context import Context
 from blockbackup.qmp.registry import Args, command
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 
-SYNC_MODE = Enum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
-BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ("on-success", "never", "always"))
-ON_ERROR = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
+
+class LeafEnum(Enum):
+    """An enum whose error names the member only (``'sync'``, also inside a
+    ``transaction``), as QEMU's input visitor does."""
+
+    def check(self, value: Any, path: str, *, keyval: bool = False) -> Any:
+        return super().check(value, path.rsplit(".", 1)[-1], keyval=keyval)
+
+
+SYNC_MODE = LeafEnum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
+BITMAP_SYNC_MODE = LeafEnum("BitmapSyncMode", ("on-success", "never", "always"))
+ON_ERROR = LeafEnum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
 BACKUP_PERF = Struct(
     "BackupPerf",
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockbackup.block.dirty_bitmap import bitmaps_of
 from blockbackup.block.driver import DRIVERS
 from blockbackup.block.node import BlockNode
 from blockbackup.jobs.job import Job
@@ -91,8 +92,10 @@ def node_info(node: BlockNode) -> dict[str, Any]:
             "no-flush": config.no_flush,
         },
         "write_threshold": 0,
-        "dirty-bitmaps": [],
     }
+    bitmaps = list(bitmaps_of(node))
+    if bitmaps:  # QEMU omits the member when the node has none
+        info["dirty-bitmaps"] = [bm.info() for bm in reversed(bitmaps)]
     for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
         info[key] = 0
     backing = node.backing()

@@ -1,4 +1,4 @@
-"""``object-add``/``object-del``: secrets and TLS credentials.
+"""``object-add``/``object-del``: secrets, TLS credentials and throttle groups.
 
 Why declared as a flat union: QEMU's ``ObjectOptions`` is one, tagged by ``qom-type``; the
 declaration gives each type's properties their checks and their schema.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from blockbackup.qmp.context import Context
 from blockbackup.qmp.registry import Args, command
-from blockbackup.qmp.schema import BOOL, STR, Enum, Member, Struct
+from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 
 SECRET = Struct(
     "SecretProperties",
@@ -33,14 +33,32 @@ TLS_CREDS_X509 = Struct(
         Member("passwordid", STR, optional=True),
     ],
 )
+_LIMIT_KEYS = [
+    f"{kind}-{direction}{suffix}"
+    for kind in ("iops", "bps")
+    for direction in ("total", "read", "write")
+    for suffix in ("", "-max", "-max-length")
+] + ["iops-size"]
+THROTTLE_LIMITS = Struct("ThrottleLimits", [Member(k, INT, optional=True) for k in _LIMIT_KEYS])
+THROTTLE_GROUP = Struct(
+    "ThrottleGroupProperties",
+    [
+        Member("limits", THROTTLE_LIMITS, optional=True),
+        *(Member(f"x-{k}", INT, optional=True) for k in _LIMIT_KEYS),
+    ],
+)
 OBJECT_OPTIONS = Struct(
     "ObjectOptions",
     [
-        Member("qom-type", Enum("ObjectType", ("secret", "tls-creds-x509"))),
+        Member("qom-type", Enum("ObjectType", ("secret", "throttle-group", "tls-creds-x509"))),
         Member("id", STR),
     ],
     tag="qom-type",
-    variants={"secret": SECRET, "tls-creds-x509": TLS_CREDS_X509},
+    variants={
+        "secret": SECRET,
+        "throttle-group": THROTTLE_GROUP,
+        "tls-creds-x509": TLS_CREDS_X509,
+    },
 )
 
 
