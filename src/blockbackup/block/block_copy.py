@@ -21,8 +21,16 @@ also runs its blocking calls in the background thread pool, so guest I/O never q
 behind it.
 
 Chunks follow the source's block status: zero and hole extents become write-zeroes with
-unmap (or nothing, if the target already reads as zero there), so a sparse source gives a
-sparse target and the cost follows the data, not the disk size.
+unmap (or nothing, if the target already reads as zero there *by itself*: a target whose
+unallocated clusters show a backing file, as in classic fleecing where that backing is the
+source, gets its zeroes written), so a sparse source gives a sparse target and the cost
+follows the data, not the disk size.
+
+Fleecing adds three things: ``on_copied`` tells the copy-before-write filter which clusters
+now live on the target (its snapshot reads go there); :meth:`BlockCopy.reset` drops
+clusters from the copy (a discarded snapshot area is never copied again); and
+``discard_source`` discards each copied range of the source after the copy (a backup from
+a ``snapshot-access`` node frees the temporary image as it goes).
 """
 
 from __future__ import annotations
@@ -146,6 +154,8 @@ class BlockCopy:
         self.use_copy_range = use_copy_range
         self.compress = compress
         self.skip_unallocated = skip_unallocated
+        #: Discard each range of the source once it is copied (QEMU's ``discard-source``).
+        self.discard_source = False
         self.bytes_done = 0
         self.bytes_skipped = 0
         self._budget = _ByteBudget(memory_limit)
@@ -157,6 +167,9 @@ class BlockCopy:
         self._zeroes = bytes(max(MAX_BUFFER, cluster_size))
         #: Called whenever a region is done or skipped (progress reporting).
         self.on_progress: Callable[[], None] | None = None
+        #: Called with (offset, length) when a region's T0 content is on the target, before
+        #: its claim is released (so whoever waited for the claim sees it done).
+        self.on_copied: Callable[[int, int], None] | None = None
 
     # -- progress ----------------------------------------------------------------------------
 
@@ -178,6 +191,19 @@ class BlockCopy:
     def _claim(self, offset: int, length: int) -> Request:
         self.copy_bitmap.reset(offset, length)
         return self.reqs.add(offset, length)
+
+    async def reset(self, offset: int, length: int) -> None:
+        """Never copy the clusters of ``[offset, offset+length)`` (cluster-aligned).
+
+        Returns when none of them is dirty or in flight (an in-flight copy may fail and
+        set its bits again: they are cleared again once it is over).
+        """
+        while True:
+            self.copy_bitmap.reset(offset, length)
+            conflict = self.reqs.find_conflict(offset, length)
+            if conflict is None:
+                return
+            await conflict.wait()
 
     def _cluster_range(self, offset: int, length: int) -> tuple[int, int]:
         start = offset - offset % self.cluster_size
@@ -375,10 +401,12 @@ class BlockCopy:
 
     async def _copy_claimed(self, req: Request, offset: int, length: int, *, budget: bool) -> None:
         """Copy a claimed region; on any failure its bits become dirty again."""
-        done = False
+        done = copied = False
         try:
-            await self._copy_region(req, offset, length, budget)
+            copied = await self._copy_region(req, offset, length, budget)
             done = True
+            if copied and self.on_copied is not None:
+                self.on_copied(offset, req.length)
         finally:
             end = offset + req.length
             if not done:
@@ -386,8 +414,20 @@ class BlockCopy:
             self.reqs.remove(req)
             if self.on_progress is not None:
                 self.on_progress()
+        if copied and self.discard_source:
+            # After the claim is gone: the discard goes through the source's request
+            # layer, whose copy-before-write hooks may wait for claims of this range.
+            await self._discard_source(offset, end - offset)
 
-    async def _copy_region(self, req: Request, offset: int, length: int, budget: bool) -> None:
+    async def _discard_source(self, offset: int, length: int) -> None:
+        try:
+            await self.source.discard(offset, length)
+        except OSError as err:
+            # Advisory: the copy itself succeeded, and the area stays readable.
+            log.warning("discard-source of %d+%d failed: %s", offset, length, err)
+
+    async def _copy_region(self, req: Request, offset: int, length: int, budget: bool) -> bool:
+        """Copy (or skip) a claimed region; True when its content is now on the target."""
         try:
             extent = await self.source.block_status(offset, length)
         except OSError as err:
@@ -403,7 +443,7 @@ class BlockCopy:
                 length = keep
         if self.skip_unallocated and not extent.is_allocated and extent.length >= length:
             self.bytes_skipped += length
-            return
+            return False
         if extent.is_zero and extent.length >= length:
             await self._write_zeroes(offset, length)
         elif self.use_copy_range and not self.compress:
@@ -411,6 +451,7 @@ class BlockCopy:
         else:
             await self._copy_buffered(offset, length, budget)
         self.bytes_done += length
+        return True
 
     async def _write_zeroes(self, offset: int, length: int) -> None:
         try:
@@ -420,10 +461,19 @@ class BlockCopy:
             raise CopyError(err, is_read=False) from err
 
     async def _target_reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the target reads as zeroes there, and will go on doing so by itself.
+
+        With a backing file, an unallocated cluster shows the backing's content, which may
+        change (classic fleecing: the backing *is* the source, about to be overwritten), so
+        only zeroes the target's own layer stores count.
+        """
+        own_layer_only = self.target.backing() is not None
         end = offset + length
         while offset < end:
             extent = await self.target.block_status(offset, end - offset)
             if not extent.status & Status.ZERO:
+                return False
+            if own_layer_only and not extent.status & Status.ALLOCATED:
                 return False
             offset = extent.end
         return True

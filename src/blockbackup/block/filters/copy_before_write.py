@@ -6,17 +6,34 @@ request layer. Every modification of the source, by any path (this filter, an ex
 before the backup, a parent node, the library API) therefore first copies the old
 content of the clusters it touches, then proceeds. Reads pass straight through.
 
+The filter is used two ways: a backup job inserts one above its source (the job runs the
+engine's background copy), and ``blockdev-add`` creates one directly for image fleecing,
+with a ``snapshot-access`` node on top. The *snapshot API* serves that node:
+
+- :meth:`CopyBeforeWriteDriver.snapshot_read` reads the point-in-time view: from the
+  target where a cluster was already copied (``done``), from the source otherwise. A read
+  from the source registers itself, and a guest write waits for overlapping ones after
+  its copy is made, so the read never sees a later write.
+- :meth:`~CopyBeforeWriteDriver.snapshot_block_status` is the block status of that view.
+- :meth:`~CopyBeforeWriteDriver.snapshot_discard` gives up part of the view: the area is
+  dropped from ``access`` and from the copy (no further copy-before-write there) and
+  discarded on the target, freeing the temporary space. Reads there then fail (EACCES).
+
+``bitmap`` (``{node, name}``) limits the copy, and the view, to the clusters dirty in
+that bitmap; reads of other clusters fail with EACCES.
+
 What a failed copy does is ``on-cbw-error``:
 
 - ``break-guest-write`` (default): the guest write fails; the snapshot stays intact.
 - ``break-snapshot``: the guest write goes on; the snapshot is marked broken (the backup
-  job then fails with that error) and no further copies are made.
-
-``x-cluster-size`` (a blockbackup extension for tests and experts) overrides QEMU's
-cluster-size rule with an exact power of two, down to 512 bytes.
+  job then fails with that error, snapshot reads fail with EACCES) and no further copies
+  are made.
 
 ``cbw-timeout`` (seconds, 0 = none) bounds how long a guest write waits for its copy; a
 timed-out copy counts as a failed one (ETIMEDOUT) and goes on in the background.
+
+``x-cluster-size`` (a blockbackup extension for tests and experts) overrides QEMU's
+cluster-size rule with an exact power of two, down to 512 bytes.
 """
 
 from __future__ import annotations
@@ -24,12 +41,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import ClassVar, Protocol
 
+from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error, register
+from blockbackup.block.driver import (
+    BlockDriver,
+    Extent,
+    Limits,
+    Status,
+    WriteFlags,
+    io_error,
+    register,
+)
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.reqlist import ReqList
 from blockbackup.errors import BlockBackupError
 
 log = logging.getLogger(__name__)
@@ -37,8 +65,38 @@ log = logging.getLogger(__name__)
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 
 
+class DirtyRuns(Protocol):
+    """What the ``bitmap`` option needs from a dirty bitmap: its dirty runs."""
+
+    def runs(self, offset: int = 0, end: int | None = None) -> Iterable[tuple[int, int]]: ...
+
+
+#: ``lookup(node, name)`` -> that node's dirty bitmap called ``name``, or None.
+BitmapLookup = Callable[[BlockNode, str], DirtyRuns | None]
+
+
+def _default_bitmap_lookup(node: BlockNode, name: str) -> DirtyRuns | None:
+    """The node's dirty bitmap called ``name``, from the dirty-bitmap registry."""
+    from blockbackup.block.dirty_bitmap import find_bitmap
+
+    return find_bitmap(node, name)
+
+
+_bitmap_lookup: BitmapLookup = _default_bitmap_lookup
+
+
+def set_bitmap_lookup(lookup: BitmapLookup | None) -> None:
+    """Point the ``bitmap`` option at the dirty-bitmap registry (None: the default)."""
+    global _bitmap_lookup
+    _bitmap_lookup = lookup or _default_bitmap_lookup
+
+
 def _warn(message: str) -> None:
     log.warning("%s", message.removeprefix("warning: "))
+
+
+def _access_denied() -> OSError:
+    return io_error(errno.EACCES, "the snapshot is not available there")
 
 
 @register
@@ -56,6 +114,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         cluster_size: int,
         on_cbw_error: str,
         timeout: float | None,
+        bitmap: DirtyRuns | None = None,
     ) -> None:
         super().__init__(node)
         self.source = source
@@ -65,7 +124,20 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.snapshot_error: OSError | None = None
         #: Set when the snapshot breaks, so the job stops waiting for copies that are moot.
         self.broken = asyncio.Event()
-        self.block_copy = BlockCopy(source, target, cluster_size)
+        to_copy = None
+        if bitmap is not None:
+            to_copy = Bitmap(source.size, cluster_size)
+            for start, length in bitmap.runs():
+                to_copy.set(start, length)
+        self.block_copy = BlockCopy(source, target, cluster_size, to_copy=to_copy)
+        self.cluster_size = cluster_size
+        #: Clusters the snapshot view may be read from.
+        self.access = self.block_copy.copy_bitmap.copy()
+        #: Clusters whose T0 content is on the target.
+        self.done = Bitmap(source.size, cluster_size)
+        self.block_copy.on_copied = self.done.set
+        self._source_readers = ReqList()
+        self._target_readers = ReqList()
         limits = source.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
         source.add_before_write(self._before_write)
@@ -75,9 +147,7 @@ class CopyBeforeWriteDriver(BlockDriver):
     async def open(cls, node: BlockNode, opts: Options) -> CopyBeforeWriteDriver:
         source = await opts.child("file")
         target = await opts.child("target")
-        if opts.has("bitmap"):
-            raise BlockBackupError("copy-before-write 'bitmap' is not supported yet")
-        opts.raw("bitmap", None)
+        bitmap = cls._bitmap_option(opts)
         on_cbw_error = opts.enum("on-cbw-error", ON_CBW_ERROR, "break-guest-write")
         timeout = opts.int("cbw-timeout", 0)
         if not 0 <= timeout <= 0xFFFFFFFF:
@@ -93,7 +163,29 @@ class CopyBeforeWriteDriver(BlockDriver):
         node.add_child("file", source)
         node.add_child("target", target)
         cluster = exact_cluster or backup_cluster_size(target, min_cluster, _warn)
-        return cls(node, source, target, cluster, on_cbw_error, timeout or None)
+        return cls(node, source, target, cluster, on_cbw_error, timeout or None, bitmap)
+
+    @staticmethod
+    def _bitmap_option(opts: Options) -> DirtyRuns | None:
+        sub = opts.sub("bitmap", None)
+        if sub is None:
+            return None
+        node_name = sub.str("node")
+        name = sub.str("name")
+        sub.finish()
+        node = opts.graph.find(node_name)
+        if node is None:
+            raise BlockBackupError(f"Node '{node_name}' not found")
+        bitmap = _bitmap_lookup(node, name)
+        if bitmap is None:
+            raise BlockBackupError(f"Dirty bitmap '{name}' not found")
+        return bitmap
+
+    # -- the guest path ----------------------------------------------------------------------
+
+    def _cluster_range(self, offset: int, length: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        return offset - offset % cs, min(-(-(offset + length) // cs) * cs, self.source.size)
 
     async def _before_write(self, offset: int, length: int) -> None:
         if self.snapshot_error is not None:
@@ -102,8 +194,14 @@ class CopyBeforeWriteDriver(BlockDriver):
             await self.block_copy.copy_before_write(offset, length, self.timeout)
         except CopyError as err:
             self._copy_failed(err.err)
+            return
         except TimeoutError:
             self._copy_failed(io_error(errno.ETIMEDOUT, "copy-before-write timed out"))
+            return
+        # Snapshot reads that started from the source before the copy must end before
+        # the source changes under them.
+        start, end = self._cluster_range(offset, length)
+        await self._source_readers.wait_conflicts(start, end - start)
 
     def _copy_failed(self, err: OSError) -> None:
         if self.on_cbw_error == "break-guest-write":
@@ -111,6 +209,79 @@ class CopyBeforeWriteDriver(BlockDriver):
         log.warning("copy-before-write failed, snapshot broken: %s", err)
         self.snapshot_error = err
         self.broken.set()
+
+    # -- the snapshot API (snapshot-access) --------------------------------------------------
+
+    def _check_access(self, offset: int, end: int) -> None:
+        if self.snapshot_error is not None:
+            raise _access_denied()
+        if end > offset and self.access.next_clear(offset, end) is not None:
+            raise _access_denied()
+
+    def _run(self, offset: int, end: int) -> tuple[bool, int]:
+        """(done?, end of the run of clusters from ``offset`` with the same state)."""
+        done = self.done.get(offset)
+        nxt = self.done.next_clear(offset, end) if done else self.done.next_set(offset, end)
+        return done, end if nxt is None else max(nxt, offset + 1)
+
+    async def snapshot_read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """The point-in-time content of ``[offset, offset+length)``; EACCES where the
+        snapshot is not available (discarded, outside ``bitmap``, or broken)."""
+        end = offset + length
+        self._check_access(offset, end)
+        pieces: list[bytes | bytearray | memoryview] = []
+        pos = offset
+        while pos < end:
+            done, run_end = self._run(pos, end)
+            readers = self._target_readers if done else self._source_readers
+            child = self.target if done else self.source
+            req = readers.add(pos, run_end - pos)
+            try:
+                pieces.append(await child.read(pos, run_end - pos))
+            finally:
+                readers.remove(req)
+            pos = run_end
+        if self.snapshot_error is not None:  # broke while we read: the data may be new
+            raise _access_denied()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def snapshot_block_status(self, offset: int, length: int) -> Extent:
+        """Block status of the view at ``offset`` (EACCES where it is not available)."""
+        cs = self.cluster_size
+        first_end = min(offset - offset % cs + cs, self.source.size)
+        self._check_access(offset, first_end)
+        end = offset + length
+        if (clear := self.access.next_clear(offset, end)) is not None:
+            end = clear
+        done, run_end = self._run(offset, end)
+        readers = self._target_readers if done else self._source_readers
+        child = self.target if done else self.source
+        req = readers.add(offset, run_end - offset)
+        try:
+            extent = await child.block_status(offset, run_end - offset)
+        finally:
+            readers.remove(req)
+        status = extent.status & (Status.DATA | Status.ZERO)
+        if not status:
+            status = Status.DATA
+        return Extent(offset, extent.length, status | Status.ALLOCATED)
+
+    async def snapshot_discard(self, offset: int, length: int) -> None:
+        """Give up the view of whole clusters in the range: free them on the target and
+        never copy them again; later snapshot reads there fail with EACCES."""
+        cs = self.cluster_size
+        size = self.source.size
+        start = -(-offset // cs) * cs
+        end = offset + length
+        end = size if end >= size else end - end % cs
+        if end <= start:
+            return
+        self.access.reset(start, end - start)
+        await self.block_copy.reset(start, end - start)
+        await self._source_readers.wait_conflicts(start, end - start)
+        await self._target_readers.wait_conflicts(start, end - start)
+        self.done.reset(start, end - start)
+        await self.target.discard(start, end - start)
 
     # -- pass-through ------------------------------------------------------------------------
 

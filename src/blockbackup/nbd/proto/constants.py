@@ -206,7 +206,10 @@ class NbdErrno(enum.IntEnum):
 
 _HOST_ERRNO_MAP: dict[int, NbdErrno] = {
     _errno.EPERM: NbdErrno.EPERM,
-    _errno.EACCES: NbdErrno.EPERM,
+    # QEMU sends EINVAL for what it has no wire value for; clients rely on these two
+    # (a broken fleecing snapshot, a timed-out copy-before-write).
+    _errno.EACCES: NbdErrno.EINVAL,
+    _errno.ETIMEDOUT: NbdErrno.EINVAL,
     _errno.EROFS: NbdErrno.EPERM,
     _errno.EIO: NbdErrno.EIO,
     _errno.ENOMEM: NbdErrno.ENOMEM,

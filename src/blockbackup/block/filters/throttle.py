@@ -1,0 +1,88 @@
+"""``throttle``: a filter that slows the I/O going through it to a group's limits.
+
+Why so thin: the policy (leaky buckets, bursts, fairness, the clock) belongs to the
+``throttle-group`` object in :mod:`blockbackup.block.throttle_groups`, shared by every
+member node. The filter only asks the group when a request may start, then forwards it
+to ``file``. Reads count as reads; writes, write-zeroes and discards count as writes (as
+in QEMU); flush and block-status are not throttled.
+
+A quiesced node does not wait for its limits (QEMU disables throttling while draining), so
+a tiny limit can never hold a backup's point in time, or a graph change, for long.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
+from blockbackup.block.node import BlockNode
+from blockbackup.block.options import Options
+from blockbackup.block.throttle_groups import ThrottleGroup, find_group
+from blockbackup.errors import BlockBackupError
+
+
+@register
+class ThrottleDriver(BlockDriver):
+    """Waits for the group's go-ahead, then forwards to ``file``."""
+
+    driver_name: ClassVar[str] = "throttle"
+    is_filter: ClassVar[bool] = True
+
+    def __init__(self, node: BlockNode, child: BlockNode, group: ThrottleGroup) -> None:
+        super().__init__(node)
+        self.child = child
+        self.group = group
+        group.members += 1
+        self._closed = False
+        limits = child.limits
+        self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Options) -> ThrottleDriver:
+        name = opts.str("throttle-group")
+        group = find_group(name)
+        if group is None:
+            raise BlockBackupError(f"Throttle group '{name}' does not exist")
+        child = await opts.child("file")
+        node.add_child("file", child)
+        return cls(node, child, group)
+
+    def _quiesced(self) -> bool:
+        # The request layer keeps the quiesce depth; a quiesced node is being drained.
+        return bool(getattr(self.node, "_quiesce_depth", 0))
+
+    async def _admit(self, is_write: bool, size: int) -> None:
+        await self.group.wait(is_write, size, self._quiesced)
+
+    @property
+    def size(self) -> int:
+        return self.child.size
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        await self._admit(False, length)
+        return await self.child.read(offset, length)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
+        await self._admit(True, len(data))
+        await self.child.write(offset, data, flags)
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        await self._admit(True, length)
+        await self.child.write_zeroes(offset, length, flags)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._admit(True, length)
+        await self.child.discard(offset, length)
+
+    async def flush(self) -> None:
+        await self.child.flush()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return await self.child.block_status(offset, length)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.group.members -= 1
