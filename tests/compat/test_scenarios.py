@@ -234,7 +234,8 @@ async def test_backup_argument_type_errors(tmp_path: Path) -> None:
         await r.cmd("blockdev-backup", {"job-id": "j0", "device": "src", "target": "tgt"})
         await r.cmd("blockdev-backup", backup_args(sync="fast"))
         await r.cmd("blockdev-backup", backup_args(speed="fast"))
-        await r.cmd("blockdev-backup", backup_args(**{"discard-source": True}))
+        # Not here: discard-source (QEMU 9.1) and on-cbw-error (10.1), which blockbackup
+        # accepts deliberately and 7.2 refuses as unexpected (tests/qmp covers ours).
         await r.cmd("blockdev-backup", backup_args(bogus=1))
         await r.cmd("blockdev-backup", backup_args(compress="yes"))
         await r.cmd("blockdev-backup", backup_args(**{"on-target-error": "explode"}))

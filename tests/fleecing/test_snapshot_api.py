@@ -208,10 +208,8 @@ async def test_push_backup_discard_source_empties_temp(tmp_path: Path) -> None:
         await f.cbw.write(0, b"\x42" * 2 * MiB)  # 2 MiB of old data in tmp
         await f.tmp.flush()
         assert allocated_bytes(f.tmp_path) >= 2 * MiB
-        job = await f.bb.backup("acc", "tgt", sync="full")
-        # The job-side hook (BackupOptions.discard_source -> block_copy.discard_source);
-        # set here directly, before the job's first pass runs.
-        job.block_copy.discard_source = True
+        job = await f.bb.backup("acc", "tgt", sync="full", discard_source=True)
+        assert job.block_copy.discard_source
         await f.bb.wait(job)
         assert read_file(tgt_path) == f.t0
         assert allocated_bytes(f.tmp_path) == 0

@@ -22,6 +22,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from blockbackup.daemon import Daemon
 from blockbackup.daemon_options import OptionsError, parse_args, parse_keyval
+from blockbackup.errors import BlockBackupError
 from blockbackup.qmp.jsonstream import JsonParseError, JsonStreamer
 from blockbackup.qmp.registry import REGISTRY
 
@@ -331,3 +332,29 @@ def test_daemonize_pidfile_and_sigterm(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert b"Parameter 'driver' does not accept value 'nosuch'" in bad.stderr
+
+
+def test_blockdev_backup_accepts_newer_members() -> None:
+    """discard-source (QEMU 9.1) and on-cbw-error (10.1) are accepted: deliberate, 7.2 refuses."""
+    from blockbackup.qmp.commands.backup import BLOCKDEV_BACKUP, backup_options
+
+    args = BLOCKDEV_BACKUP.check(
+        {
+            "job-id": "j",
+            "device": "src",
+            "target": "tgt",
+            "sync": "full",
+            "discard-source": True,
+            "on-cbw-error": "break-snapshot",
+        },
+        "",
+    )
+    options = backup_options(args)
+    assert options.discard_source is True
+    assert options.on_cbw_error == "break-snapshot"
+    with pytest.raises(
+        BlockBackupError, match="Parameter 'on-cbw-error' does not accept value 'x'"
+    ):
+        BLOCKDEV_BACKUP.check(
+            {"device": "s", "target": "t", "sync": "full", "on-cbw-error": "x"}, ""
+        )

@@ -294,6 +294,7 @@ class BackupJob(Job):
         bcs = self.block_copy
         bcs.use_copy_range = perf.use_copy_range
         bcs.compress = opts.compress
+        bcs.discard_source = opts.discard_source
         bcs.skip_unallocated = opts.sync == "top"  # incremental/bitmap: seeded at T0
         bcs.on_progress = self._update_progress
         if opts.sync == "none":

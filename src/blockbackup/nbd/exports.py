@@ -220,11 +220,18 @@ class ExportManager:
             bitmap = self.bitmap_lookup(bm_node, bm_name) if self.bitmap_lookup else None
             if bitmap is None:
                 raise BlockBackupError(f"Bitmap '{bm_name}' is not found")
-            if not writable and getattr(bitmap, "enabled", False) and not node.read_only:
+            # QEMU 7.2 refuses an enabled bitmap only when named plainly; the {node, name}
+            # form is accepted (and makes the bitmap busy) -- reference, correction 6.
+            plain = isinstance(ref, str)
+            enabled = getattr(bitmap, "enabled", False)
+            if plain and not writable and enabled and not node.read_only:
                 raise BlockBackupError(
                     f"Enabled bitmap '{bm_name}' incompatible with readonly export"
                 )
             found[bm_name] = bitmap
+        for bitmap in found.values():
+            if hasattr(bitmap, "busy_flag"):
+                bitmap.busy_flag = True
         export = NbdExport(
             id=id,
             node=node,
@@ -320,5 +327,8 @@ class ExportManager:
             return
         del self._by_id[export.id]
         export.node.remove_user(export)
+        for bitmap in export.bitmaps.values():
+            if hasattr(bitmap, "busy_flag"):
+                bitmap.busy_flag = False
         export._deleted.set()
         self.events.emit("BLOCK_EXPORT_DELETED", {"id": export.id})

@@ -1,8 +1,9 @@
 """``blockdev-backup``: QMP arguments mapped onto :class:`BackupOptions`.
 
-Why the member list is QEMU 7.2's exactly (order included): the order decides which error
-a request with several mistakes gets, and members newer than 7.2 (``discard-source``,
-``on-cbw-error``) must be refused as 7.2 refuses them, so 7.2 scripts see the same replies.
+Why the member list is QEMU 7.2's (order included): the order decides which error a
+request with several mistakes gets. Two newer members are added after 7.2's, deliberately:
+``discard-source`` (QEMU 9.1, push backup with fleecing) and ``on-cbw-error`` (QEMU 10.1),
+with the newer QEMUs' meaning; 7.2 refuses them as unexpected.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class LeafEnum(Enum):
 SYNC_MODE = LeafEnum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
 BITMAP_SYNC_MODE = LeafEnum("BitmapSyncMode", ("on-success", "never", "always"))
 ON_ERROR = LeafEnum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
+ON_CBW_ERROR = LeafEnum("OnCbwError", ("break-guest-write", "break-snapshot"))
 BACKUP_PERF = Struct(
     "BackupPerf",
     [
@@ -51,6 +53,8 @@ BLOCKDEV_BACKUP = Struct(
         Member("filter-node-name", STR, optional=True),
         Member("x-perf", BACKUP_PERF, optional=True, features=("unstable",)),
         Member("target", STR),
+        Member("discard-source", BOOL, default=False),
+        Member("on-cbw-error", ON_CBW_ERROR, default="break-guest-write"),
     ],
 )
 
@@ -77,6 +81,8 @@ def backup_options(args: Args) -> BackupOptions:
         auto_finalize=args["auto-finalize"],
         auto_dismiss=args["auto-dismiss"],
         filter_node_name=args.get("filter-node-name"),
+        discard_source=args["discard-source"],
+        on_cbw_error=args["on-cbw-error"],
         x_perf=perf,
     )
 
