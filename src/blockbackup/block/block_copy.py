@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from blockbackup._aio import background_io
 from blockbackup.block.bitmap import Bitmap
-from blockbackup.block.driver import Status, WriteFlags
+from blockbackup.block.driver import Extent, Status, WriteFlags
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.jobs.ratelimit import RateLimit
 
@@ -301,11 +301,11 @@ class BlockCopy:
                         if not await self._wait_for_any(running):
                             break
                         continue
-                    area = await self._widen_over_zeroes(area)
-                    if area is None:
+                    looked = await self._widen_over_zeroes(area)
+                    if looked is None:
                         slots.release()
                         continue
-                    offset, length = area
+                    (offset, length), extent = looked
                     delay = rate.delay_for(length) if rate is not None else 0.0
                     if delay > 0:
                         slots.release()  # wait, then look again: the area may be gone
@@ -315,7 +315,8 @@ class BlockCopy:
                         rate.charge(length)
                     req = self._claim(offset, length)
                     position = offset + length
-                    task = self._spawn(self._copy_claimed(req, offset, length, budget=True))
+                    copy = self._copy_claimed(req, offset, length, budget=True, status=extent)
+                    task = self._spawn(copy)
                     running.add(task)
                     task.add_done_callback(finished)
         finally:
@@ -323,14 +324,16 @@ class BlockCopy:
         if failure:
             raise failure[0]
 
-    async def _widen_over_zeroes(self, area: tuple[int, int]) -> tuple[int, int] | None:
+    async def _widen_over_zeroes(
+        self, area: tuple[int, int]
+    ) -> tuple[tuple[int, int], Extent | None] | None:
         """Let one chunk cover a whole zero (or skipped) extent, however long.
 
         Writing zeroes, or nothing, costs the same for 64 KiB as for 1 TiB, so a sparse disk
         takes a few chunks, not one per MiB: the cost follows the data. Returns the area to
-        claim (``None``: it changed while we looked; look again). Clusters still dirty after
-        the await were not claimed meanwhile, so their content, and the status read here,
-        is still that of T0.
+        claim and the status read for it, which the chunk reuses (``None``: the area changed
+        while we looked; look again). Clusters still dirty after the await were not claimed
+        meanwhile, so their content, and the status read here, is still that of T0.
         """
         offset, length = area
         try:
@@ -341,19 +344,19 @@ class BlockCopy:
         if self.copy_bitmap.next_clear(offset, offset + length) is not None:
             return None
         if extent is None:
-            return area
+            return area, None
         skippable = self.skip_unallocated and not extent.is_allocated
         if not (extent.is_zero or skippable) or extent.length <= length:
-            return area
+            return area, extent
         span = extent.length
         if extent.end != self.source.size:
             span -= span % self.cluster_size
         if span <= length:
-            return area
+            return area, extent
         widened = self.copy_bitmap.next_dirty_area(offset, offset + span, span)
         if widened is None or widened[0] != offset:
             return None
-        return widened
+        return widened, extent
 
     async def _wait_guests_or_chunk(self, running: set[asyncio.Task[None]]) -> None:
         idle = asyncio.ensure_future(self._guests_idle.wait())
@@ -399,11 +402,17 @@ class BlockCopy:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _copy_claimed(self, req: Request, offset: int, length: int, *, budget: bool) -> None:
-        """Copy a claimed region; on any failure its bits become dirty again."""
+    async def _copy_claimed(
+        self, req: Request, offset: int, length: int, *, budget: bool, status: Extent | None = None
+    ) -> None:
+        """Copy a claimed region; on any failure its bits become dirty again.
+
+        ``status``: the source's block status at ``offset``, if the caller already read it
+        while the region was still dirty (so still true).
+        """
         done = copied = False
         try:
-            copied = await self._copy_region(req, offset, length, budget)
+            copied = await self._copy_region(req, offset, length, budget, status)
             done = True
             if copied and self.on_copied is not None:
                 self.on_copied(offset, req.length)
@@ -426,12 +435,17 @@ class BlockCopy:
             # Advisory: the copy itself succeeded, and the area stays readable.
             log.warning("discard-source of %d+%d failed: %s", offset, length, err)
 
-    async def _copy_region(self, req: Request, offset: int, length: int, budget: bool) -> bool:
+    async def _copy_region(
+        self, req: Request, offset: int, length: int, budget: bool, status: Extent | None
+    ) -> bool:
         """Copy (or skip) a claimed region; True when its content is now on the target."""
-        try:
-            extent = await self.source.block_status(offset, length)
-        except OSError as err:
-            raise CopyError(err, is_read=True) from err
+        if status is not None and status.offset == offset:
+            extent = Extent(offset, min(status.length, length), status.status)
+        else:
+            try:
+                extent = await self.source.block_status(offset, length)
+            except OSError as err:
+                raise CopyError(err, is_read=True) from err
         if extent.length < length:
             # Shrink to the extent (cluster-aligned) and give the tail back.
             keep = max(
