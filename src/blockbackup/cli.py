@@ -8,6 +8,7 @@ Subcommands:
 - ``serve IMAGE...``: export images over NBD, with a QMP monitor (the simple way in).
 - ``backup --connect QMP NODE TARGET``: back up a served node to a file, with progress.
 - ``jobs --connect QMP``: list the jobs.
+- ``bitmaps --connect QMP list|add|remove [NODE NAME]``: dirty bitmaps for incrementals.
 """
 
 from __future__ import annotations
@@ -64,7 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--speed", type=parse_size, default=0, help="bytes/s (default: no limit)")
     backup.add_argument("--sync", choices=("full", "top", "none"), default="full")
     backup.add_argument("--job-id", default="backup0")
+    backup.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="target format")
+    backup.add_argument("--backing", metavar="FILE", help="qcow2 target: the previous backup")
+    backup.add_argument("--incremental", metavar="BITMAP", help="copy only what BITMAP marks")
+    backup.add_argument(
+        "--start-bitmap", metavar="BITMAP", help="start BITMAP at this backup's point in time"
+    )
+    backup.add_argument("--persistent", action="store_true", help="with --start-bitmap")
     backup.add_argument("--json", action="store_true", help="print the result as JSON")
+    bitmaps = sub.add_parser("bitmaps", help="list, add or remove dirty bitmaps")
+    bitmaps.add_argument("--connect", required=True, metavar="QMP_SOCKET")
+    bitmaps.add_argument("action", choices=("list", "add", "remove"))
+    bitmaps.add_argument("node", nargs="?", metavar="NODE")
+    bitmaps.add_argument("name", nargs="?", metavar="NAME")
+    bitmaps.add_argument("--persistent", action="store_true")
+    bitmaps.add_argument("--granularity", type=parse_size)
+    bitmaps.add_argument("--json", action="store_true", help="print JSON")
     jobs = sub.add_parser("jobs", help="list the jobs of a running daemon")
     jobs.add_argument("--connect", required=True, metavar="QMP_SOCKET")
     jobs.add_argument("--json", action="store_true", help="print JSON")
@@ -107,14 +123,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     if command == "backup":
+        request = usercli.BackupRequest(
+            node=args.node,
+            target_file=args.target,
+            speed=args.speed,
+            sync=args.sync,
+            job_id=args.job_id,
+            target_format=args.format,
+            backing=args.backing,
+            incremental=args.incremental,
+            start_bitmap=args.start_bitmap,
+            persistent=args.persistent,
+        )
         return usercli.run_interruptible(
-            usercli.backup_command(
+            usercli.backup_command(args.connect, request, as_json=args.json)
+        )
+    if command == "bitmaps":
+        return asyncio.run(
+            usercli.bitmaps_command(
                 args.connect,
+                args.action,
                 args.node,
-                args.target,
-                speed=args.speed,
-                sync=args.sync,
-                job_id=args.job_id,
+                args.name,
+                persistent=args.persistent,
+                granularity=args.granularity,
                 as_json=args.json,
             )
         )

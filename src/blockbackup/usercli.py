@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,40 +160,73 @@ async def _job_info(socket: str, job_id: str) -> dict[str, Any] | None:
     return next((dict(j) for j in jobs if j.get("id") == job_id), None)
 
 
-async def _run_backup(
-    socket: str,
-    node: str,
-    target_file: str,
-    *,
-    speed: int,
-    sync: str,
-    job_id: str,
-    as_json: bool,
-    console: Console,
-) -> int:
+@dataclass(frozen=True)
+class BackupRequest:
+    """What ``blockbackup backup`` was asked for."""
+
+    node: str
+    target_file: str
+    speed: int = 0
+    sync: str = "full"
+    job_id: str = "backup0"
+    target_format: str = "raw"
+    backing: str | None = None  # qcow2 targets: the previous backup in the chain
+    incremental: str | None = None  # a bitmap: back up only what it marks
+    start_bitmap: str | None = None  # create this bitmap at the backup's point in time
+    persistent: bool = False
+
+
+def _create_target(req: BackupRequest, size: int) -> None:
+    if os.path.exists(req.target_file):
+        return
+    if req.target_format == "qcow2":
+        from blockbackup.block.qcow2.create import create_qcow2_file
+
+        backing = os.path.abspath(req.backing) if req.backing else None
+        create_qcow2_file(
+            req.target_file, size, backing_file=backing, backing_fmt="qcow2" if backing else None
+        )
+    else:
+        with open(req.target_file, "wb") as f:
+            f.truncate(size)
+
+
+def _backup_actions(req: BackupRequest, target_node: str) -> list[dict[str, Any]]:
+    """The transaction that starts the backup (and its bitmap, at the same point in time)."""
+    backup: dict[str, Any] = {
+        "job-id": req.job_id,
+        "device": req.node,
+        "target": target_node,
+        "sync": "incremental" if req.incremental else req.sync,
+        "speed": req.speed,
+        "auto-dismiss": False,  # so that the outcome can be read after it happened
+    }
+    if req.incremental:
+        backup["bitmap"] = req.incremental
+    actions: list[dict[str, Any]] = []
+    if req.start_bitmap:
+        add = {"node": req.node, "name": req.start_bitmap, "persistent": req.persistent}
+        actions.append({"type": "block-dirty-bitmap-add", "data": add})
+    actions.append({"type": "blockdev-backup", "data": backup})
+    return actions
+
+
+async def _run_backup(socket: str, req: BackupRequest, *, as_json: bool, console: Console) -> int:
+    node, target_file, job_id = req.node, req.target_file, req.job_id
     (nodes,) = await _qmp(socket, ("query-named-block-nodes", None))
     sizes = {n.get("node-name"): n["image"]["virtual-size"] for n in nodes}
     if node not in sizes:
         raise ExecuteErrorLike(f"Cannot find device='{node}' nor node-name='{node}'")
-    if not os.path.exists(target_file):
-        with open(target_file, "wb") as f:
-            f.truncate(int(sizes[node]))
+    _create_target(req, int(sizes[node]))
     target_node = f"{job_id}-target"
     target = {"driver": "file", "filename": os.path.abspath(target_file)}
     await _qmp(
-        socket, ("blockdev-add", {"driver": "raw", "node-name": target_node, "file": target})
+        socket,
+        ("blockdev-add", {"driver": req.target_format, "node-name": target_node, "file": target}),
     )
     started = time.monotonic()
     try:
-        backup = {
-            "job-id": job_id,
-            "device": node,
-            "target": target_node,
-            "sync": sync,
-            "speed": speed,
-            "auto-dismiss": False,  # so that the outcome can be read after it happened
-        }
-        await _qmp(socket, ("blockdev-backup", backup))
+        await _qmp(socket, ("transaction", {"actions": _backup_actions(req, target_node)}))
         try:
             info = await _follow(socket, job_id, console, show=not as_json)
         except asyncio.CancelledError:
@@ -268,9 +302,7 @@ class _suppress_execute_error:
         return isinstance(exc, ExecuteError | ConnectionError | EOFError)
 
 
-async def backup_command(
-    socket: str, node: str, target_file: str, *, speed: int, sync: str, job_id: str, as_json: bool
-) -> int:
+async def backup_command(socket: str, req: BackupRequest, *, as_json: bool) -> int:
     console = Console(stderr=as_json)
     try:
         await _qmp(socket)  # fail early, with a clear text, if nobody listens there
@@ -278,18 +310,60 @@ async def backup_command(
         print(f"blockbackup backup: cannot connect to {socket}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        return await _run_backup(
-            socket,
-            node,
-            target_file,
-            speed=speed,
-            sync=sync,
-            job_id=job_id,
-            as_json=as_json,
-            console=console,
-        )
+        return await _run_backup(socket, req, as_json=as_json, console=console)
     except (ExecuteError, ExecuteErrorLike) as exc:
         print(f"blockbackup backup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+async def bitmaps_command(
+    socket: str,
+    action: str,
+    node: str | None,
+    name: str | None,
+    *,
+    persistent: bool = False,
+    granularity: int | None = None,
+    as_json: bool = False,
+) -> int:
+    """``blockbackup bitmaps list|add|remove``."""
+    try:
+        if action == "list":
+            (nodes,) = await _qmp(socket, ("query-named-block-nodes", None))
+            rows = [
+                {"node": n["node-name"], **bm}
+                for n in nodes
+                if node in (None, n["node-name"])
+                for bm in n.get("dirty-bitmaps", [])
+            ]
+            if as_json:
+                print(json.dumps(rows))
+                return 0
+            table = Table("node", "name", "granularity", "dirty", "recording", "persistent", "busy")
+            for r in rows:
+                table.add_row(
+                    r["node"], r["name"], str(r["granularity"]), str(r["count"]),
+                    str(r["recording"]), str(r["persistent"]), str(r["busy"]),
+                )  # fmt: skip
+            Console().print(table)
+            return 0
+        if node is None or name is None:
+            print(f"blockbackup bitmaps {action}: NODE and NAME are required", file=sys.stderr)
+            return EXIT_FAILED
+        args: dict[str, Any] = {"node": node, "name": name}
+        if action == "add":
+            args["persistent"] = persistent
+            if granularity is not None:
+                args["granularity"] = granularity
+        await _qmp(socket, (f"block-dirty-bitmap-{action}", args))
+        if as_json:
+            print(json.dumps({"return": {}}))
+        return 0
+    except (ExecuteError, ExecuteErrorLike) as exc:
+        print(f"blockbackup bitmaps: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"blockbackup bitmaps: cannot connect to {socket}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +120,42 @@ def test_demo_proof_rejects_an_inconsistent_backup() -> None:
     backup[2 * BLOCK] ^= 1  # a byte that is no version at all
     with pytest.raises(AssertionError, match="neither the original nor an exact version"):
         verify(original, bytes(backup), logs)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-img and qemu-io")
+def test_nightly_full_plus_incrementals(
+    served: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """The README's routine: a full backup that starts a bitmap, then incrementals into
+    qcow2 images each backed by the previous one; every chain equals the image."""
+    info, image = served
+    qmp = info["qmp"]
+    full, inc1, inc2 = (str(tmp_path / n) for n in ("full.qcow2", "inc1.qcow2", "inc2.qcow2"))
+    bb("backup", "--connect", qmp, "disk", full, "--format", "qcow2", "--start-bitmap", "nightly")
+    listed = json.loads(bb("bitmaps", "--connect", qmp, "list", "--json").stdout)
+    assert [(b["node"], b["name"], b["count"]) for b in listed] == [("disk", "nightly", 0)]
+    previous = full
+    for n, link in enumerate((inc1, inc2)):
+        writes = [  # the "guest" changes 3 clusters' worth, over NBD
+            arg
+            for offset in (n * 65536, 3 * MiB + n * 4096, 7 * MiB - 4096)
+            for arg in ("-c", f"write -P {0x40 + n} {offset} 4k")
+        ]
+        subprocess.run(["qemu-io", "-f", "raw", info["exports"][0]["uri"], *writes], check=True)
+        args = ["--format", "qcow2", "--backing", previous, "--incremental", "nightly"]
+        result = json.loads(
+            bb(
+                "backup", "--connect", qmp, "disk", link, *args, "--job-id", f"inc{n}", "--json"
+            ).stdout
+        )
+        assert result["len"] <= 3 * 65536
+        subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", link, str(image)], check=True
+        )
+        previous = link
+    bb("bitmaps", "--connect", qmp, "add", "disk", "b2")
+    bb("bitmaps", "--connect", qmp, "remove", "disk", "b2")
+    run = bb("bitmaps", "--connect", qmp, "remove", "disk", "nosuch", check=False)
+    assert run.returncode == 1
+    assert "Dirty bitmap 'nosuch' not found" in run.stderr
