@@ -308,9 +308,12 @@ async def test_transaction_shares_one_point_in_time(tmp_path: Path) -> None:
             await n.write_zeroes(0, SIZE)
         slots = SIZE // 4096
         started = asyncio.Event()
+        cut = asyncio.Event()
 
         async def writer() -> None:
             for k in range(1, slots):
+                if k == slots - 2:
+                    await cut.wait()  # however fast writes are, the cut lands mid-stream
                 data = struct.pack("<Q", k) * 512
                 await a.write(k * 4096, data)
                 await b.write(k * 4096, data)
@@ -334,6 +337,7 @@ async def test_transaction_shares_one_point_in_time(tmp_path: Path) -> None:
                 ]
             },
         )
+        cut.set()
         while d.jobs.jobs:
             await asyncio.sleep(0.01)
         await task

@@ -21,6 +21,11 @@ Both keep every write made during the job, so tracking is never lost whatever ha
 QEMU lists a node's bitmaps newest first, and a successor is newer than its parent: after
 an abdication the surviving bitmap is in the successor's place. The registry keeps that
 order.
+
+Persistence: a ``persistent`` bitmap's storage (qcow2 extension or sidecar file, and the
+write-ahead dirty log that keeps it correct across a crash) is
+:mod:`blockbackup.block.bitmap_store`; this module tells it when bits or flags change
+outside the write path (:meth:`DirtyBitmap._persist`).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class DirtyBitmap:
         self.name = name
         self.bitmap = Bitmap(node.size, granularity)
         self.persistent = persistent
-        #: QEMU's "inconsistent": never set here (crash-safe tracking is a later layer).
+        #: QEMU's "inconsistent": a stored bitmap that could not be loaded correctly.
         self.inconsistent = False
         self._disabled = True
         #: Set while something other than a successor holds it (an export, a transaction).
@@ -153,16 +158,33 @@ class DirtyBitmap:
             self._disabled = True
             self.node.dirty_trackers.remove(self)
 
+    def _persist(self, *, shrink: bool = False, flags: bool = False) -> None:
+        """Tell the bitmap store that a persistent bitmap changed outside the write path."""
+        if not self.persistent or self.name is None:
+            return
+        from blockbackup.block.bitmap_store import store_of
+
+        store = store_of(self.node)
+        if store is not None:
+            store.changed(self, shrink=shrink, flags=flags)
+
     def enable(self) -> None:
         """Record writes from now on (idempotent)."""
+        was = self._disabled
         self._start_recording()
+        if was:
+            self._persist(flags=True)
 
     def disable(self) -> None:
         """Stop recording writes (idempotent)."""
+        was = self._disabled
         self._stop_recording()
+        if not was:
+            self._persist(flags=True)
 
     def clear(self) -> None:
         self.bitmap.clear()
+        self._persist(shrink=True)
 
     def runs(self, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Dirty runs, granule-aligned (what an NBD export shows as ``qemu:dirty-bitmap``)."""
@@ -179,6 +201,7 @@ class DirtyBitmap:
         if other.bitmap.size != self.bitmap.size:
             raise BlockBackupError("Bitmaps are incompatible and can't be merged")
         self.bitmap.merge(other.bitmap)
+        self._persist()
 
     # -- successors (backup jobs) -------------------------------------------------------------
 
@@ -214,6 +237,7 @@ class DirtyBitmap:
         successor.busy_flag = self.busy_flag
         self.successor = None
         registry._remove(self)
+        successor._persist(shrink=True)
         return successor
 
     def reclaim(self) -> DirtyBitmap:
@@ -294,23 +318,36 @@ class BitmapRegistry:
             granularity = default_granularity(node)
         if granularity < _MIN_GRANULARITY or granularity & (granularity - 1):
             raise BlockBackupError("Granularity must be power of 2 and at least 512")
+        store = None
         if persistent:
-            # Storing bitmaps (qcow2 extension, sidecar files) is not implemented yet.
-            raise BlockBackupError(
-                f"Can't store persistent bitmaps to {node.name}: Operation not supported"
-            )
+            from blockbackup.block.bitmap_store import store_of
+
+            store = store_of(node)
+            why = "Operation not supported" if store is None else store.can_store(granularity)
+            if why is not None:
+                raise BlockBackupError(f"Can't store persistent bitmaps to {node.name}: {why}")
         if self.get(name) is not None:
             raise BlockBackupError(f"Bitmap already exists: {name}")
         if len(name.encode()) > MAX_NAME_SIZE:
             raise BlockBackupError(f"Bitmap name too long: {name}")
         bm = DirtyBitmap(node, name, granularity, persistent=persistent, disabled=disabled)
         self._all.append(bm)
+        if store is not None:
+            store.adopt(bm)
         return bm
 
     def release(self, bm: DirtyBitmap) -> None:
-        """Forget ``bm`` (``block-dirty-bitmap-remove`` after the checks)."""
+        """Forget ``bm`` (``block-dirty-bitmap-remove`` after the checks); a persistent
+        bitmap leaves its storage too."""
         bm._stop_recording()
         self._remove(bm)
+        if bm.persistent and bm.name is not None:
+            from blockbackup.block.bitmap_store import store_of
+
+            node = self._node()
+            store = store_of(node) if node is not None else None
+            if store is not None:
+                store.forget(bm.name)
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[BlockNode, BitmapRegistry] = weakref.WeakKeyDictionary()

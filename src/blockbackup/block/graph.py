@@ -110,6 +110,9 @@ class Graph:
         finally:
             self._reserved.discard(name)
         self.nodes[name] = node
+        from blockbackup.block.bitmap_store import node_opened
+
+        await node_opened(node)  # persistent dirty bitmaps (never raises OSError)
         return node
 
     async def delete(self, name: str) -> None:
@@ -136,6 +139,9 @@ class Graph:
     async def _close(self, node: BlockNode) -> None:
         await node.wait_idle()
         self.nodes.pop(node.name, None)
+        from blockbackup.block.bitmap_store import node_closing
+
+        await node_closing(node)  # stores persistent dirty bitmaps (clean close)
         await node.driver.close()
         await self._release_children(node)
 

@@ -44,7 +44,6 @@ from blockbackup.block.options import Options
 from blockbackup.block.qcow2.compress import compress, decompress
 from blockbackup.block.qcow2.fileio import Buffer, ImageFile
 from blockbackup.block.qcow2.header import (
-    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -314,12 +313,8 @@ class Qcow2Driver(BlockDriver):
         hdr = self.hdr
         autoclear = hdr.autoclear_features
         keep = autoclear & AUTOCLEAR_KNOWN
-        if hdr.bitmaps is not None and autoclear & AUTOCLEAR_BITMAPS:
-            # Bitmaps that should track writes are not kept in sync by this driver: mark
-            # them in use (inconsistent) instead of letting them silently go stale.
-            from blockbackup.block.qcow2.bitmaps import mark_auto_bitmaps_in_use
-
-            await mark_auto_bitmaps_in_use(self.file, hdr)
+        # Stored bitmaps are loaded, marked in use and stored again by
+        # blockbackup.block.bitmap_store when the graph opens and closes the node.
         if hdr.version >= 3 and keep != autoclear:
             hdr.autoclear_features = keep
             await self.file.write(88, struct.pack(">Q", keep))

@@ -3,7 +3,7 @@
 Why every command is written as prepare / commit / abort: the same seven operations are
 ``transaction`` actions, where a later action's failure must undo the earlier ones. A
 plain command is just prepare then commit. Texts and check order are qemu-storage-daemon
-7.2's.
+7.2's. A commit touching a persistent bitmap returns once its storage is durable.
 """
 
 from __future__ import annotations
@@ -76,11 +76,29 @@ class Action:
     on_commit: Callable[[], None] = lambda: None
     on_abort: Callable[[], None] = lambda: None
 
+    #: Persistent bitmaps whose storage the commit waits for (clear, merge, remove).
+    settle: tuple[BlockNode, ...] = ()
+
     async def commit(self) -> None:
         self.on_commit()
+        await _settle(self.settle)
 
     async def abort(self) -> None:
         self.on_abort()
+
+
+async def _settle(nodes: tuple[BlockNode, ...]) -> None:
+    """Wait until the persistent bitmaps of ``nodes`` are durable (log and image)."""
+    from blockbackup.block.bitmap_store import store_of
+
+    for node in nodes:
+        store = store_of(node)
+        if store is not None:
+            await store.settle()
+
+
+def _persistent(bitmap: DirtyBitmap) -> tuple[BlockNode, ...]:
+    return (bitmap.node,) if bitmap.persistent else ()
 
 
 def _node(services: Services, name: str) -> BlockNode:
@@ -101,6 +119,7 @@ def lookup(services: Services, node_name: str, name: str) -> DirtyBitmap:
 def _restore(bitmap: DirtyBitmap, saved: Bitmap) -> Callable[[], None]:
     def undo() -> None:
         bitmap.bitmap = saved
+        bitmap._persist()  # bits came back: the durable copy must hold them again
 
     return undo
 
@@ -120,12 +139,13 @@ def prepare_add(services: Services, args: Args) -> Action:
         persistent=bool(args.get("persistent", False)),
         disabled=bool(args.get("disabled", False)),
     )
-    return Action(on_abort=lambda: registry.release(bitmap))
+    return Action(on_abort=lambda: registry.release(bitmap), settle=_persistent(bitmap))
 
 
 def prepare_remove(services: Services, args: Args) -> Action:
     bitmap = lookup(services, args["node"], args["name"])
-    bitmap.check_usable()
+    if bitmap.busy:  # QEMU checks only "busy" here: an inconsistent bitmap can go
+        bitmap.check_usable()
     # Held busy until the end of the transaction; released at commit (QEMU's order).
     bitmap.busy_flag = True
 
@@ -136,7 +156,7 @@ def prepare_remove(services: Services, args: Args) -> Action:
     def abort() -> None:
         bitmap.busy_flag = False
 
-    return Action(on_commit=commit, on_abort=abort)
+    return Action(on_commit=commit, on_abort=abort, settle=_persistent(bitmap))
 
 
 def prepare_clear(services: Services, args: Args) -> Action:
@@ -144,7 +164,7 @@ def prepare_clear(services: Services, args: Args) -> Action:
     bitmap.check_usable()
     saved = bitmap.bitmap.copy()
     bitmap.clear()
-    return Action(on_abort=_restore(bitmap, saved))
+    return Action(on_abort=_restore(bitmap, saved), settle=_persistent(bitmap))
 
 
 def _prepare_toggle(services: Services, args: Args, enable: bool) -> Action:
@@ -162,7 +182,7 @@ def _prepare_toggle(services: Services, args: Args, enable: bool) -> Action:
         else:
             bitmap.disable()
 
-    return Action(on_abort=abort)
+    return Action(on_abort=abort, settle=_persistent(bitmap))
 
 
 def prepare_enable(services: Services, args: Args) -> Action:
@@ -189,7 +209,7 @@ def prepare_merge(services: Services, args: Args) -> Action:
     saved = target.bitmap.copy()
     for source in sources:
         target.merge_from(source)
-    return Action(on_abort=_restore(target, saved))
+    return Action(on_abort=_restore(target, saved), settle=_persistent(target))
 
 
 #: ``transaction`` action type -> (argument struct, prepare).

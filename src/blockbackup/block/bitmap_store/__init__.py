@@ -1,0 +1,687 @@
+"""Persistent dirty bitmaps: load them when a node opens, store them when it closes, and keep
+a write-ahead dirty log so that a crash never loses a change from tracking.
+
+Why a write-ahead log and not QEMU's "in use" flag: QEMU only stores a bitmap at a clean
+close and marks it *inconsistent* (unusable) after a crash, which forces a full backup. Here
+every persistent bitmap has a *durable* copy on disk (the sidecar file ``IMAGE.bbmap``: the
+bitmaps themselves for raw images, a journal next to the image for qcow2) and the rule is:
+
+    before a write reaches the image, every granule it touches is set in the durable copy.
+
+A before-write hook (:meth:`NodeStore.before_write`, registered with
+``node.add_before_write``) enforces it. Writes to granules already durable pass at once;
+a write to a new granule sets it in ``mem`` (the next durable state) and waits for the
+group commit: one flusher task writes the changed 4 KiB blocks and ``fdatasync``\\ s them
+for every writer that joined meanwhile. Costs follow changed data.
+
+Bits are removed from the durable copy (``block-dirty-bitmap-clear``, a successful
+incremental) only by a *shrink*, which takes the new durable state from the in-memory bitmap
+while the node is quiesced: no write is then between its hook and its dirty mark, so the
+in-memory bitmap covers every write that may still reach the image.
+
+The argument and the formats are written up in ``docs/bitmap-sidecar.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import weakref
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bitarray import bitarray
+from bitarray.util import zeros
+
+from blockbackup._aio import run_blocking
+from blockbackup.block.bitmap import Bitmap
+from blockbackup.block.bitmap_store import sidecar as sc
+from blockbackup.block.dirty_bitmap import DirtyBitmap, bitmaps_of
+from blockbackup.block.driver import io_error
+
+if TYPE_CHECKING:
+    from blockbackup.block.graph import Graph
+    from blockbackup.block.node import BlockNode
+    from blockbackup.block.qcow2.bitmaps import StoredBitmap
+    from blockbackup.block.qcow2.driver import Qcow2Driver
+
+__all__ = ["NodeStore", "node_closing", "node_opened", "store_of"]
+
+_log = logging.getLogger(__name__)
+
+#: The write-ahead log marks this many bytes around a new dirty granule durable at once, so
+#: a random first pass costs one commit per span rather than one per granule.
+DURABLE_SPAN = 1 << 20
+
+_STORES: weakref.WeakKeyDictionary[BlockNode, NodeStore] = weakref.WeakKeyDictionary()
+_CLAIMED: weakref.WeakKeyDictionary[Graph, set[str]] = weakref.WeakKeyDictionary()
+
+
+def store_of(node: BlockNode) -> NodeStore | None:
+    """The persistence of ``node``'s bitmaps, if its image can hold them."""
+    return _STORES.get(node)
+
+
+def _local_file(node: BlockNode) -> str | None:
+    driver = node.driver
+    name = getattr(driver, "filename", None)
+    if driver.driver_name in ("file", "host_device") and isinstance(name, str):
+        return os.path.realpath(name)
+    return None
+
+
+def _bits_of(bm: Bitmap) -> bitarray:
+    bits = bitarray(endian="little")
+    bits.frombytes(bm.to_bytes())
+    del bits[bm.nbits :]
+    return bits
+
+
+def _bits_from(data: bytes, nbits: int) -> bitarray:
+    bits = bitarray(endian="little")
+    bits.frombytes(data)
+    if len(bits) < nbits:
+        bits.extend(zeros(nbits - len(bits), endian="little"))
+    del bits[nbits:]
+    return bits
+
+
+@dataclass(eq=False)
+class Lineage:
+    """The durable state of one persistent bitmap name (the bitmap and its successors)."""
+
+    name: str
+    granularity: int
+    nbits: int
+    #: The next durable state: set before any write to a granule may proceed.
+    mem: bitarray
+    #: What the last completed commit made durable.
+    disk: bitarray
+    #: What the commit in flight will make durable (None: none in flight).
+    target: bitarray | None = None
+    first_block: int = 0
+
+    def __post_init__(self) -> None:
+        self.shift = self.granularity.bit_length() - 1
+        #: Granules made durable together.
+        self.span = max(1, DURABLE_SPAN >> self.shift)
+        self.dirty_blocks: set[int] = set()
+
+    def covered(self, bits: bitarray, g0: int, g1: int) -> bool:
+        return bits.count(1, g0, g1) == g1 - g0
+
+
+class NodeStore:
+    """Where one node's persistent bitmaps live, and their write-ahead dirty log."""
+
+    def __init__(self, node: BlockNode, kind: str, path: str | None, *, writable: bool) -> None:
+        self.node = node
+        #: "sidecar" (the sidecar holds the bitmaps) or "qcow2" (the image does; the
+        #: sidecar is its journal while open).
+        self.kind = kind
+        self.path = path
+        self.writable = writable
+        self.lineages: dict[str, Lineage] = {}
+        #: Errors found when loading (also logged); for users and tests.
+        self.load_errors: list[str] = []
+        #: Stored qcow2 entries kept verbatim: inconsistent or not understood.
+        self.kept: dict[str, StoredBitmap] = {}
+        #: A sidecar we could not read: never deleted, only replaced by new bitmaps.
+        self.foreign = False
+        self._fd = -1
+        self._layout_dirty = False
+        self._done_gen = 0
+        self._failed_gen = 0
+        self._inflight_gen = 0
+        self._want_gen = 0
+        self._error: OSError | None = None
+        self._progress = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._hooked = False
+        self._closed = False
+
+    @property
+    def journaling(self) -> bool:
+        """Whether writes are made durable in the dirty log before they proceed."""
+        return self.writable and self.path is not None
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    async def attach(cls, node: BlockNode) -> NodeStore | None:
+        """Create the store of a newly opened node and load its bitmaps."""
+        from blockbackup.block.qcow2.driver import Qcow2Driver
+
+        driver = node.driver
+        writable = not node.read_only
+        claimed = _CLAIMED.setdefault(node.graph, set())
+        if isinstance(driver, Qcow2Driver):
+            image = _local_file(driver.file_node)
+            path = sc.sidecar_path(image) if image is not None else None
+            if path is not None and path in claimed:
+                path = None
+            store = cls(node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
+        else:
+            if driver.driver_name == "raw":
+                if getattr(driver, "window", True):
+                    return None
+                child = node.children.get("file")
+                image = _local_file(child) if child is not None else None
+            elif driver.driver_name in ("file", "host_device") and not node.implicit:
+                image = _local_file(node)
+            else:
+                return None
+            if image is None:
+                return None
+            path = sc.sidecar_path(image)
+            if path in claimed:
+                return None
+            store = cls(node, "sidecar", path, writable=writable)
+        if store.path is not None:
+            claimed.add(store.path)
+        _STORES[node] = store
+        if store.kind == "qcow2":
+            assert isinstance(driver, Qcow2Driver)
+            await store._load_qcow2(driver)
+        else:
+            await store._load_sidecar()
+        if store.lineages and store.journaling:
+            store._install()
+            store._layout_dirty = True
+            await store._wait(store._request())
+        if store.kind == "qcow2" and writable and store.lineages:
+            from blockbackup.block.qcow2.bitmaps import set_in_use
+
+            assert isinstance(driver, Qcow2Driver)
+            await set_in_use(driver.file, driver.hdr, set(store.lineages))
+        return store
+
+    def _add_loaded(
+        self, name: str, granularity: int, bits: bitarray | None, *, enabled: bool
+    ) -> DirtyBitmap:
+        """Register a loaded bitmap; ``bits`` None: inconsistent."""
+        node = self.node
+        bm = DirtyBitmap(node, name, granularity, persistent=True, disabled=True)
+        if bits is None:
+            bm.inconsistent = True
+        else:
+            bm.bitmap = Bitmap.from_bytes(bits.tobytes(), node.size, granularity)
+            self._track(name, granularity, bits)
+            if enabled:
+                bm._start_recording()
+        bitmaps_of(node)._append(bm)
+        return bm
+
+    def _track(self, name: str, granularity: int, bits: bitarray) -> Lineage:
+        lin = Lineage(name, granularity, len(bits), bits.copy(), bits.copy())
+        self.lineages[name] = lin
+        return lin
+
+    def _problem(self, text: str) -> None:
+        _log.error("%s", text)
+        self.load_errors.append(text)
+
+    async def _read_sidecar(self) -> sc.SidecarImage | None:
+        assert self.path is not None
+        try:
+            return await run_blocking(sc.read, self.path)
+        except (sc.SidecarError, OSError) as err:
+            self._problem(f"bitmap sidecar {self.path}: {err}; its bitmaps cannot be loaded")
+            self.foreign = True
+            return None
+
+    def _entry_bits(
+        self, img: sc.SidecarImage, e: sc.SidecarEntry, *, journal: bool
+    ) -> bitarray | None:
+        """The bits of a sidecar entry, or None (inconsistent, with the reason logged)."""
+        where = f"bitmap '{e.name}' in {self.path}"
+        nbits = -(-self.node.size // e.granularity)
+        if img.version != sc.VERSION:
+            self._problem(f"{where}: unsupported sidecar version {img.version}")
+            return None
+        if e.flags & sc.ENTRY_INCONSISTENT:
+            return None
+        if e.nbits != nbits or img.size != self.node.size:
+            self._problem(f"{where}: the image size changed; the bitmap is inconsistent")
+            return None
+        assert e.data is not None
+        bits = _bits_from(e.data, nbits)
+        if e.bad_blocks:
+            if img.flags & sc.FLAG_CLEAN and not journal:
+                self._problem(f"{where}: checksum mismatch or truncated data")
+                return None
+            # An unclean log: a block torn by the crash. All ones is a superset.
+            _log.warning("%s: damaged log blocks %s, marked all dirty", where, e.bad_blocks)
+            per = sc.PAYLOAD * 8
+            for k in e.bad_blocks:
+                bits[k * per : min((k + 1) * per, nbits)] = 1
+        return bits
+
+    async def _load_sidecar(self) -> None:
+        img = await self._read_sidecar()
+        if img is None:
+            return
+        if img.flags & sc.FLAG_JOURNAL:
+            self._problem(f"{self.path} is the journal of a qcow2 image, not a raw sidecar")
+            self.foreign = True
+            return
+        for e in img.entries:
+            bits = self._entry_bits(img, e, journal=False)
+            self._add_loaded(e.name, e.granularity, bits, enabled=bool(e.flags & sc.ENTRY_ENABLED))
+
+    async def _load_qcow2(self, drv: Qcow2Driver) -> None:
+        from blockbackup.block.qcow2.bitmaps import (
+            FLAG_EXTRA_DATA_COMPATIBLE,
+            TYPE_DIRTY_TRACKING,
+            load_bitmap_bytes,
+            read_directory,
+        )
+
+        journal: dict[str, tuple[sc.SidecarImage, sc.SidecarEntry]] = {}
+        if self.path is not None and await run_blocking(os.path.exists, self.path):
+            img = await self._read_sidecar()
+            self.foreign = False  # a journal is ours to replace
+            if img is not None and img.flags & sc.FLAG_JOURNAL and not img.flags & sc.FLAG_CLEAN:
+                journal = {e.name: (img, e) for e in img.entries}
+        try:
+            stored = await read_directory(drv.file, drv.hdr)
+        except OSError as err:
+            self._problem(f"qcow2 bitmap directory of {self.node.name}: {err}")
+            stored = []
+        nbits_of = {}
+        for s in stored:
+            supported = (
+                s.type == TYPE_DIRTY_TRACKING
+                and 9 <= s.granularity_bits <= 31
+                and (not s.extra_data or s.flags & FLAG_EXTRA_DATA_COMPATIBLE)
+            )
+            if not supported:
+                self.kept[s.name] = s  # not ours to interpret: kept as it is
+                continue
+            nbits_of[s.name] = -(-self.node.size // s.granularity)
+            if s.in_use and s.name in journal:
+                img, e = journal.pop(s.name)
+                bits = self._entry_bits(img, e, journal=True)
+                self._add_loaded(
+                    s.name, e.granularity, bits, enabled=bool(e.flags & sc.ENTRY_ENABLED)
+                )
+                if bits is None:
+                    self.kept[s.name] = s
+                continue
+            journal.pop(s.name, None)
+            if s.in_use:
+                # QEMU's rule: not stored cleanly, and no log of ours covers it.
+                self._add_loaded(s.name, s.granularity, None, enabled=False)
+                self.kept[s.name] = s
+                continue
+            try:
+                data = await load_bitmap_bytes(drv.file, drv.hdr, s)
+            except OSError as err:
+                self._problem(f"qcow2 bitmap '{s.name}': {err}")
+                self._add_loaded(s.name, s.granularity, None, enabled=False)
+                self.kept[s.name] = s
+                continue
+            self._add_loaded(
+                s.name, s.granularity, _bits_from(data, nbits_of[s.name]), enabled=s.auto
+            )
+        for name, (img, e) in journal.items():  # created after the last clean store
+            bits = self._entry_bits(img, e, journal=True)
+            if bits is not None:
+                self._add_loaded(
+                    name, e.granularity, bits, enabled=bool(e.flags & sc.ENTRY_ENABLED)
+                )
+
+    # -- bitmaps appearing and going ----------------------------------------------------------
+
+    def can_store(self, granularity: int) -> str | None:
+        """Why a new persistent bitmap cannot be stored here (None: it can)."""
+        if not self.writable or self._closed:
+            return "Operation not supported"
+        if self.kind == "qcow2" and granularity > 1 << 31:
+            return "Granularity exceeds maximum"
+        return None
+
+    def adopt(self, bm: DirtyBitmap) -> None:
+        """A new persistent bitmap (``block-dirty-bitmap-add``)."""
+        assert bm.name is not None
+        self._track(bm.name, bm.granularity, _bits_of(bm.bitmap))
+        if self.journaling:
+            self._install()
+            self._layout_dirty = True
+            self._request()
+
+    def forget(self, name: str) -> None:
+        """A persistent bitmap was removed: from the log now, from the image soon."""
+        self.lineages.pop(name, None)
+        stored = self.kept.pop(name, None)
+        if self.journaling:
+            self._layout_dirty = True
+            self._request()
+        if self.kind == "qcow2" and self.writable:
+            self._spawn(self._drop_stored(name, stored))
+
+    def changed(self, bm: DirtyBitmap, *, shrink: bool = False, flags: bool = False) -> None:
+        """The in-memory bits or flags of a persistent bitmap changed outside the write path."""
+        lin = self.lineages.get(bm.name) if bm.name is not None else None
+        if lin is None or not self.journaling:
+            return
+        if flags:
+            self._layout_dirty = True
+        if shrink:
+            self._spawn(self._shrink())
+            return
+        logical = self._logical(lin)
+        if logical is not None:
+            grown = logical & ~lin.mem
+            if grown.any():
+                lin.mem |= logical
+                lin.dirty_blocks.update(range(self._nblocks(lin)))
+        self._request()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("bitmap store of %s: %s", self.node.name, task.exception())
+
+    async def settle(self) -> None:
+        """Wait until every change so far is durable (the log and the image)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.journaling and self._want_gen > self._done_gen:
+            await self._wait(self._want_gen)
+
+    # -- the write path ------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        if not self._hooked:
+            self.node.add_before_write(self.before_write)
+            self._hooked = True
+
+    def _uninstall(self) -> None:
+        if self._hooked:
+            self.node.remove_before_write(self.before_write)
+            self._hooked = False
+
+    def _nblocks(self, lin: Lineage) -> int:
+        nbytes = (lin.nbits + 7) // 8
+        return (nbytes + sc.PAYLOAD - 1) // sc.PAYLOAD
+
+    async def before_write(self, offset: int, length: int) -> None:
+        """Make the granules of a write durable before it may proceed."""
+        if length <= 0:
+            return
+        need = 0
+        registry = bitmaps_of(self.node)
+        for lin in self.lineages.values():
+            bearer = registry.get(lin.name)
+            if bearer is None:
+                continue
+            rec = bearer.successor if bearer.successor is not None else bearer
+            if not rec.enabled:
+                continue
+            # Durable in spans of DURABLE_SPAN bytes: one commit covers the neighbours too
+            # (a superset after a crash only; a clean close stores the exact bits).
+            q = lin.span
+            g0 = (offset >> lin.shift) // q * q
+            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
+            if g0 >= g1:
+                continue
+            # Marked now rather than after the hooks: a shrink then sees this write.
+            rec.bitmap.set(offset, length)
+            in_mem = lin.covered(lin.mem, g0, g1)
+            target = lin.target
+            if (
+                in_mem
+                and lin.covered(lin.disk, g0, g1)
+                and (target is None or lin.covered(target, g0, g1))
+            ):
+                continue  # durable, and no commit in flight takes it away: the fast path
+            if in_mem and target is not None and lin.covered(target, g0, g1):
+                need = max(need, self._inflight_gen)
+                continue
+            lin.mem[g0:g1] = 1
+            lin.dirty_blocks.update(
+                range((g0 >> 3) // sc.PAYLOAD, ((g1 - 1) >> 3) // sc.PAYLOAD + 1)
+            )
+            need = max(need, self._request())
+        if need:
+            await self._wait(need)
+
+    def _request(self) -> int:
+        """Ask for a commit of everything in ``mem`` now; return its generation."""
+        gen = (self._inflight_gen or max(self._done_gen, self._failed_gen)) + 1
+        self._want_gen = max(self._want_gen, gen)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        return gen
+
+    async def _wait(self, gen: int) -> None:
+        while self._done_gen < gen:
+            if self._failed_gen >= gen:
+                err = io_error(errno.EIO, f"persistent bitmap log of {self.node.name} failed")
+                if self._error is not None:
+                    err.add_note(str(self._error))
+                raise err
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.ensure_future(self._flush_loop())
+            await self._progress.wait()
+
+    def _image(self, *, clean: bool, exact: bool) -> sc.SidecarImage:
+        """A whole sidecar from ``mem`` (or the exact in-memory bits at a clean close)."""
+        registry = bitmaps_of(self.node)
+        flags = sc.FLAG_CLEAN if clean else 0
+        if self.kind == "qcow2":
+            flags |= sc.FLAG_JOURNAL
+        img = sc.SidecarImage(flags, self.node.size, [])
+        for lin in self.lineages.values():
+            bearer = registry.get(lin.name)
+            eflags = sc.ENTRY_ENABLED if bearer is not None and bearer.recording else 0
+            bits = lin.mem
+            if exact:
+                logical = self._logical(lin)
+                bits = logical if logical is not None else bits
+            gbits = lin.granularity.bit_length() - 1
+            img.entries.append(
+                sc.SidecarEntry(lin.name, gbits, eflags, lin.nbits, 0, bits.tobytes())
+            )
+        for bm in registry:
+            if bm.persistent and bm.inconsistent and bm.name is not None and self.kind == "sidecar":
+                gbits = bm.granularity.bit_length() - 1
+                nbits = bm.bitmap.nbits
+                img.entries.append(
+                    sc.SidecarEntry(
+                        bm.name, gbits, sc.ENTRY_INCONSISTENT, nbits, 0, bytes(-(-nbits // 8))
+                    )
+                )
+        return img
+
+    def _logical(self, lin: Lineage) -> bitarray | None:
+        bearer = bitmaps_of(self.node).get(lin.name)
+        if bearer is None:
+            return None
+        bits = _bits_of(bearer.bitmap)
+        if bearer.successor is not None:
+            bits |= _bits_of(bearer.successor.bitmap)
+        return bits
+
+    async def _flush_loop(self) -> None:
+        while self._want_gen > max(self._done_gen, self._failed_gen) and not self._closed:
+            gen = max(self._done_gen, self._failed_gen) + 1
+            self._inflight_gen = gen
+            lins = list(self.lineages.values())
+            captured = {id(lin): lin.dirty_blocks for lin in lins}
+            for lin in lins:
+                lin.target = lin.mem.copy()
+                lin.dirty_blocks = set()
+            layout = self._layout_dirty
+            self._layout_dirty = False
+            try:
+                if layout:
+                    img = self._image(clean=False, exact=False)
+                    await run_blocking(self._rewrite, img)
+                    for lin, e in zip(lins, img.entries, strict=False):
+                        lin.first_block = e.first_block
+                else:
+                    blocks: list[tuple[int, bytes]] = []
+                    for lin in lins:
+                        assert lin.target is not None
+                        raw = lin.target.tobytes()
+                        at = lin.first_block
+                        blocks += [
+                            (at + k, sc.block_bytes(raw, k, at + k)) for k in captured[id(lin)]
+                        ]
+                    if blocks:
+                        await run_blocking(sc.write_blocks, self._fd, blocks)
+            except OSError as err:
+                _log.error("persistent bitmap log of %s: %s", self.node.name, err)
+                self._error = err
+                self._failed_gen = gen
+                self._layout_dirty = True  # retry everything with a full rewrite next time
+                for lin in lins:
+                    lin.dirty_blocks |= captured[id(lin)]
+            else:
+                for lin in lins:
+                    assert lin.target is not None
+                    lin.disk = lin.target
+                self._done_gen = gen
+            finally:
+                for lin in lins:
+                    lin.target = None
+                self._inflight_gen = 0
+                progress, self._progress = self._progress, asyncio.Event()
+                progress.set()
+
+    def _rewrite(self, img: sc.SidecarImage) -> None:
+        """Replace the log file with ``img`` and reopen it (blocking, flusher only)."""
+        assert self.path is not None
+        sc.write_atomic(self.path, img)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    async def _shrink(self) -> None:
+        """Take the durable state down to the in-memory bits (after a clear or a backup)."""
+        async with self.node.quiesced():
+            for lin in self.lineages.values():
+                logical = self._logical(lin)
+                if logical is None:
+                    continue
+                if logical != lin.mem:
+                    lin.mem = logical
+                    lin.dirty_blocks.update(range(self._nblocks(lin)))
+            gen = self._request()
+        await self._wait(gen)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    async def _drop_stored(self, name: str, stored: StoredBitmap | None) -> None:
+        """Remove one bitmap from the qcow2 directory now (``block-dirty-bitmap-remove``)."""
+        from blockbackup.block.qcow2.bitmaps import NewBitmap, read_directory, write_bitmaps
+        from blockbackup.block.qcow2.driver import Qcow2Driver
+
+        drv = self.node.driver
+        assert isinstance(drv, Qcow2Driver)
+        entries = await read_directory(drv.file, drv.hdr)
+        if all(e.name != name for e in entries):
+            return
+        keep = [
+            NewBitmap(e.name, e.granularity_bits, e.flags, None, (e.table_offset, e.table_size))
+            for e in entries
+            if e.name != name
+        ]
+        await write_bitmaps(drv, keep)
+
+    async def close(self) -> None:
+        """Clean close: store every persistent bitmap exactly, then retire the log."""
+        if self._closed:
+            return
+        await self.settle()
+        self._closed = True
+        self._uninstall()
+        try:
+            if self.writable:
+                if self.kind == "qcow2":
+                    await self._store_qcow2()
+                elif self.lineages or self.kept or any(b.persistent for b in bitmaps_of(self.node)):
+                    await run_blocking(self._store_sidecar, self._image(clean=True, exact=True))
+                elif self.path is not None and not self.foreign:
+                    await run_blocking(sc.remove_durably, self.path)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self.path is not None:
+                _CLAIMED.get(self.node.graph, set()).discard(self.path)
+
+    def _store_sidecar(self, img: sc.SidecarImage) -> None:
+        assert self.path is not None
+        sc.write_atomic(self.path, img)
+
+    async def _store_qcow2(self) -> None:
+        from blockbackup.block.qcow2.bitmaps import (
+            FLAG_AUTO,
+            FLAG_IN_USE,
+            NewBitmap,
+            read_directory,
+            write_bitmaps,
+        )
+        from blockbackup.block.qcow2.driver import Qcow2Driver
+
+        drv = self.node.driver
+        assert isinstance(drv, Qcow2Driver)
+        if drv.hdr.version < 3:
+            return
+        out: list[NewBitmap] = []
+        registry = bitmaps_of(self.node)
+        names: set[str] = set()
+        for bm in registry:
+            if not bm.persistent or bm.name is None or bm.name in self.kept:
+                continue
+            lin = self.lineages.get(bm.name)
+            logical = self._logical(lin) if lin is not None else None
+            if logical is None:
+                continue
+            flags = FLAG_AUTO if bm.recording else 0
+            gbits = bm.granularity.bit_length() - 1
+            out.append(NewBitmap(bm.name, gbits, flags, logical.tobytes()))
+            names.add(bm.name)
+        current = {e.name: e for e in await read_directory(drv.file, drv.hdr)}
+        for name, s in self.kept.items():
+            e = current.get(name, s)
+            flags = e.flags | (FLAG_IN_USE if e.type == 1 else 0)
+            out.append(
+                NewBitmap(name, e.granularity_bits, flags, None, (e.table_offset, e.table_size))
+            )
+        if out or current:
+            await write_bitmaps(drv, out)
+        if self.path is not None:
+            await run_blocking(sc.remove_durably, self.path)
+
+
+async def node_opened(node: BlockNode) -> None:
+    """Graph hook: load the persistent bitmaps of a node that just opened."""
+    try:
+        await NodeStore.attach(node)
+    except OSError as err:
+        _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
+
+
+async def node_closing(node: BlockNode) -> None:
+    """Graph hook: store the persistent bitmaps of a node about to close (clean close)."""
+    store = _STORES.pop(node, None)
+    if store is None:
+        return
+    try:
+        await store.close()
+    except OSError as err:
+        # The log (if any) stays: the next open recovers from it as from a crash.
+        _log.error("persistent bitmaps of %s could not be stored: %s", node.name, err)
