@@ -1,7 +1,19 @@
 """``file``: raw image files and block devices, with every blocking call off the loop.
 
 - data: ``os.preadv``/``os.pwritev`` in the I/O thread pools (O_DIRECT with
-  ``cache.direct``, through page-aligned buffers);
+  ``cache.direct``, through page-aligned buffers), with two bounded exceptions that run
+  on the loop thread because a thread-pool round trip costs several times the call
+  itself (measured in docs/performance.md, "In-process request path"):
+
+  * guest reads try ``preadv2(RWF_NOWAIT)`` first: the kernel copies from the page cache or
+    fails with ``EAGAIN`` instead of waiting for the disk; what is not cached is read in
+    the pool. The copy is bounded by ``INLINE_READ_MAX``.
+  * small buffered writes (at most ``INLINE_WRITE_MAX``, no O_DIRECT, no FUA, guest
+    context only) are a ``pwrite`` into the page cache. ext4 has no ``RWF_NOWAIT`` for
+    buffered writes, so such a call can still sleep in dirty-page throttling; every
+    inline write is timed, and one that took longer than ``INLINE_SLOW`` sends this
+    file's writes to the pool for a back-off period that doubles while it keeps
+    happening. A throttled disk therefore costs the loop at most one stall per period.
 - block status: ``SEEK_DATA``/``SEEK_HOLE``, so holes cost nothing to back up;
 - write-zeroes: ``fallocate`` (punch hole when unmapping is allowed, else zero range),
   falling back to writing zero buffers;
@@ -12,6 +24,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -20,9 +33,10 @@ import mmap
 import os
 import stat
 import struct
+import time
 from typing import ClassVar
 
-from blockbackup._aio import run_blocking
+from blockbackup._aio import in_background, run_blocking
 from blockbackup.block.driver import (
     BlockDriver,
     Extent,
@@ -42,6 +56,17 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 DIRECT_ALIGNMENT = 4096
+
+#: Largest write done on the loop thread (a page-cache copy of at most this size).
+INLINE_WRITE_MAX = 64 * 1024
+#: Largest read tried on the loop thread with ``RWF_NOWAIT`` (page-cache copies only).
+INLINE_READ_MAX = 1 << 20
+#: An inline write slower than this (seconds) means the kernel throttled or blocked it.
+INLINE_SLOW = 0.002
+#: First and longest back-off (seconds) during which writes go to the pool again.
+INLINE_BACKOFF_MIN = 0.5
+INLINE_BACKOFF_MAX = 30.0
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -71,6 +96,19 @@ def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytea
         view.release()
         buf.close()
         return data
+    return buf
+
+
+def _pread_rest(fd: int, buf: bytearray, done: int, offset: int) -> bytearray:
+    """Finish a buffered read that the page cache could not serve, in the pool."""
+    view = memoryview(buf)
+    length = len(buf)
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:  # past end of file (a shrunk file): reads as zeroes
+            view[done:] = bytes(length - done)
+            break
+        done += n
     return buf
 
 
@@ -138,6 +176,12 @@ class FileDriver(BlockDriver):
         self._can_punch = True
         self._can_zero_range = True
         self.limits = Limits(request_alignment=DIRECT_ALIGNMENT if direct else 1)
+        #: Small buffered writes may run on the loop thread (see the module docstring).
+        self._inline_writes = not direct
+        #: ``time.monotonic()`` before which writes go to the pool (after a slow one).
+        self._inline_after = 0.0
+        self._inline_backoff = INLINE_BACKOFF_MIN
+        self._inline_reads = not direct and _RWF_NOWAIT != 0
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> FileDriver:
@@ -169,13 +213,58 @@ class FileDriver(BlockDriver):
         return self._size
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self._inline_reads and length <= INLINE_READ_MAX and not in_background():
+            buf = bytearray(length)
+            done = 0
+            view = memoryview(buf)
+            try:
+                while done < length:
+                    n = os.preadv(self.fd, [view[done:]], offset + done, _RWF_NOWAIT)
+                    if n == 0:
+                        break  # end of file: the pool call below fills zeroes
+                    done += n
+            except BlockingIOError:
+                pass  # not (all) in the page cache: the rest is disk I/O
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._inline_reads = False  # the kernel or file system refuses RWF_NOWAIT
+            finally:
+                view.release()
+            if done == length:
+                await asyncio.sleep(0)  # yield as a pool call would: no caller starves the loop
+                return buf
+            return await run_blocking(_pread_rest, self.fd, buf, done, offset)
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
         fua = bool(flags & WriteFlags.FUA) and not self._no_flush
+        if (
+            self._inline_writes
+            and not fua
+            and len(data) <= INLINE_WRITE_MAX
+            and not in_background()
+        ):
+            start = time.monotonic()
+            if start >= self._inline_after:
+                _pwrite_all(self.fd, data, offset, False, False)
+                took = time.monotonic() - start
+                if took > INLINE_SLOW:
+                    self._inline_slow(start + took)
+                # Yield once, as a pool call would: a caller looping on writes must not
+                # starve the loop (QMP, other clients, a backup taking its point in time).
+                await asyncio.sleep(0)
+                return
         await run_blocking(_pwrite_all, self.fd, data, offset, self._direct, fua)
+
+    def _inline_slow(self, now: float) -> None:
+        """An inline write blocked: use the pool for a while, longer each time in a row."""
+        if now - self._inline_after > INLINE_BACKOFF_MAX:
+            self._inline_backoff = INLINE_BACKOFF_MIN  # the last stall is long past
+        self._inline_after = now + self._inline_backoff
+        self._inline_backoff = min(self._inline_backoff * 2, INLINE_BACKOFF_MAX)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         if flags & WriteFlags.MAY_UNMAP and self._can_punch:
