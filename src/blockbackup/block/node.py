@@ -38,6 +38,12 @@ Buffer = bytes | bytearray | memoryview
 #: reaches the driver. Raising ``OSError`` fails the modification.
 BeforeWriteHook = Callable[[int, int], Awaitable[None]]
 
+#: A write gate: called synchronously with (offset, length) once a modification is counted
+#: in flight; returns ``None`` to let it through at once, or an awaitable the modification
+#: waits for first (raising ``OSError`` fails it). For checks that almost never wait (a
+#: persistent bitmap whose bit is already durable), so the fast path stays fast.
+WriteGate = Callable[[int, int], Awaitable[None] | None]
+
 
 @runtime_checkable
 class MovableUser(Protocol):
@@ -82,6 +88,7 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
+        self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
         self._changes_idle = asyncio.Event()
@@ -171,6 +178,18 @@ class BlockNode:
     def remove_before_write(self, hook: BeforeWriteHook) -> None:
         self._before_write.remove(hook)
 
+    def add_write_gate(self, gate: WriteGate) -> None:
+        self._write_gates.append(gate)
+
+    def remove_write_gate(self, gate: WriteGate) -> None:
+        self._write_gates.remove(gate)
+
+    async def _pass_write_gates(self, offset: int, length: int) -> None:
+        for gate in tuple(self._write_gates):
+            waiting = gate(offset, length)
+            if waiting is not None:
+                await waiting
+
     @contextlib.asynccontextmanager
     async def quiesced(self) -> AsyncIterator[None]:
         """Hold new modifications and wait until those in flight have finished.
@@ -247,6 +266,8 @@ class BlockNode:
         with self._counted_change():
             for hook in tuple(self._before_write):
                 await hook(offset, length)
+            if self._write_gates:
+                await self._pass_write_gates(offset, length)
             for tracker in self.dirty_trackers:
                 tracker.mark_dirty(offset, length)
             yield
@@ -325,6 +346,8 @@ class BlockNode:
         self._in_flight += 1
         self._idle.clear()
         try:
+            if self._write_gates:
+                await self._pass_write_gates(offset, length)
             limits = self.limits
             if limits.request_alignment == 1 and (
                 not limits.max_transfer or length <= limits.max_transfer
@@ -433,7 +456,7 @@ class BlockNode:
                     return
 
     def _check_resizable(self) -> None:
-        if self._before_write or self.dirty_trackers:
+        if self._before_write or self._write_gates or self.dirty_trackers:
             raise io_error(
                 errno.EBUSY,
                 f"node {self.name} cannot be resized while a backup or dirty bitmap tracks it",

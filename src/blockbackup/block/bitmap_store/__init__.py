@@ -8,8 +8,8 @@ bitmaps themselves for raw images, a journal next to the image for qcow2) and th
 
     before a write reaches the image, every granule it touches is set in the durable copy.
 
-A before-write hook (:meth:`NodeStore.before_write`, registered with
-``node.add_before_write``) enforces it. Writes to granules already durable pass at once;
+A write gate (:meth:`NodeStore.before_write`, registered with
+``node.add_write_gate``) enforces it. Writes to granules already durable pass at once;
 a write to a new granule sets it in ``mem`` (the next durable state) and waits for the
 group commit: one flusher task writes the changed 4 KiB blocks and ``fdatasync``\\ s them
 for every writer that joined meanwhile. Costs follow changed data.
@@ -29,7 +29,7 @@ import errno
 import logging
 import os
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -403,22 +403,27 @@ class NodeStore:
 
     def _install(self) -> None:
         if not self._hooked:
-            self.node.add_before_write(self.before_write)
+            self.node.add_write_gate(self.before_write)
             self._hooked = True
 
     def _uninstall(self) -> None:
         if self._hooked:
-            self.node.remove_before_write(self.before_write)
+            self.node.remove_write_gate(self.before_write)
             self._hooked = False
 
     def _nblocks(self, lin: Lineage) -> int:
         nbytes = (lin.nbits + 7) // 8
         return (nbytes + sc.PAYLOAD - 1) // sc.PAYLOAD
 
-    async def before_write(self, offset: int, length: int) -> None:
-        """Make the granules of a write durable before it may proceed."""
+    def before_write(self, offset: int, length: int) -> Awaitable[None] | None:
+        """Make the granules of a write durable before it may proceed.
+
+        A write gate (synchronous): ``None`` when every granule is already durable, which
+        is the common case and keeps the request layer's fast path; otherwise the commit
+        to wait for.
+        """
         if length <= 0:
-            return
+            return None
         need = 0
         registry = bitmaps_of(self.node)
         for lin in self.lineages.values():
@@ -453,8 +458,7 @@ class NodeStore:
                 range((g0 >> 3) // sc.PAYLOAD, ((g1 - 1) >> 3) // sc.PAYLOAD + 1)
             )
             need = max(need, self._request())
-        if need:
-            await self._wait(need)
+        return self._wait(need) if need else None
 
     def _request(self) -> int:
         """Ask for a commit of everything in ``mem`` now; return its generation."""
