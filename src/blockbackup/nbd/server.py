@@ -34,10 +34,10 @@ import logging
 import os
 import socket
 import ssl
-import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from blockbackup._sockets import bind_unix
 from blockbackup.block.driver import Status, WriteFlags
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
@@ -128,8 +128,6 @@ _NO_HOLE = int(CmdFlag.NO_HOLE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 _DF = int(CmdFlag.DF)
 
-_UNIX_PATH_MAX = 107
-
 
 class _Close(Exception):
     """End this connection quietly (handshake abort, unknown EXPORT_NAME)."""
@@ -162,26 +160,6 @@ def parse_socket_address(addr: Mapping[str, Any]) -> dict[str, str]:
     if kind is None:
         raise BlockBackupError("Parameter 'addr.type' is missing")
     raise BlockBackupError(f"Parameter 'addr.type' does not accept value '{kind}'")
-
-
-def _bind_unix(path: str) -> socket.socket:
-    if len(path.encode()) > _UNIX_PATH_MAX:
-        raise BlockBackupError(
-            f"UNIX socket path '{path}' is too long (max {_UNIX_PATH_MAX} bytes)"
-        )
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket file is created owner-only (0600)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise BlockBackupError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old)
-    return sock
 
 
 class NbdServer:
@@ -247,7 +225,7 @@ class NbdServer:
         if creds is not None:
             creds.context()  # load now: bad files fail the command, not the first client
         if parsed["type"] == "unix":
-            sock = _bind_unix(parsed["path"])
+            sock = bind_unix(parsed["path"])
             try:
                 server = await asyncio.start_unix_server(self._accept, sock=sock, limit=MAX_FEED)
             except BaseException:

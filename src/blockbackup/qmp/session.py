@@ -22,11 +22,11 @@ import json
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from blockbackup._sockets import bind_unix
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import Event, EventSubscription
 from blockbackup.qmp.commands.control import QMP_CAPABILITIES_ARGS, greeting
@@ -39,7 +39,6 @@ __all__ = ["ChardevSocket", "Monitor", "Session", "SessionMode"]
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
-_UNIX_PATH_MAX = 107
 
 
 class SessionMode(Enum):
@@ -191,7 +190,7 @@ class Monitor:
         """Bind and listen now (errors fail the command line option)."""
         cd = self.chardev
         if cd.path is not None:
-            self._sock = _bind_unix(cd.path)
+            self._sock = bind_unix(cd.path)
         else:
             host = cd.host or "127.0.0.1"
             try:
@@ -238,21 +237,3 @@ class Monitor:
             if self.chardev.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.chardev.path)
-
-
-def _bind_unix(path: str) -> socket.socket:
-    if len(path.encode()) > _UNIX_PATH_MAX:
-        raise BlockBackupError(f"UNIX socket path '{path}' is too long")
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # owner-only (0600) socket file
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise BlockBackupError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old)
-    return sock

@@ -81,16 +81,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytearray | memoryview:
-    buf: bytearray | mmap.mmap = mmap.mmap(-1, length) if direct else bytearray(length)
-    view = memoryview(buf)
-    done = 0
+def _fill(fd: int, view: memoryview, done: int, offset: int) -> None:
+    """Read into ``view[done:]`` until it is full; past end of file reads as zeroes."""
+    length = len(view)
     while done < length:
         n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:  # past end of file (a shrunk file): reads as zeroes
+        if n == 0:  # past end of file (a shrunk file)
             view[done:] = bytes(length - done)
             break
         done += n
+
+
+def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytearray | memoryview:
+    buf: bytearray | mmap.mmap = mmap.mmap(-1, length) if direct else bytearray(length)
+    view = memoryview(buf)
+    _fill(fd, view, 0, offset)
     if isinstance(buf, mmap.mmap):
         data = bytes(view)
         view.release()
@@ -101,14 +106,7 @@ def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytea
 
 def _pread_rest(fd: int, buf: bytearray, done: int, offset: int) -> bytearray:
     """Finish a buffered read that the page cache could not serve, in the pool."""
-    view = memoryview(buf)
-    length = len(buf)
-    while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:  # past end of file (a shrunk file): reads as zeroes
-            view[done:] = bytes(length - done)
-            break
-        done += n
+    _fill(fd, memoryview(buf), done, offset)
     return buf
 
 
