@@ -458,10 +458,9 @@ def _check_request(req: Request) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Read(Request):
-    """NBD_CMD_READ."""
+class _RangeRequest(Request):
+    """A request on ``[offset, offset + length)`` with no payload; subclasses name the command."""
 
-    command: ClassVar[Cmd] = Cmd.READ
     cookie: int
     offset: int
     length: int
@@ -469,6 +468,13 @@ class Read(Request):
 
     def __post_init__(self) -> None:
         _check_request(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Read(_RangeRequest):
+    """NBD_CMD_READ."""
+
+    command: ClassVar[Cmd] = Cmd.READ
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -518,59 +524,31 @@ class Flush(Request):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Trim(Request):
+class Trim(_RangeRequest):
     """NBD_CMD_TRIM."""
 
     command: ClassVar[Cmd] = Cmd.TRIM
-    cookie: int
-    offset: int
-    length: int
-    flags: CmdFlag = NO_FLAGS
-
-    def __post_init__(self) -> None:
-        _check_request(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Cache(Request):
+class Cache(_RangeRequest):
     """NBD_CMD_CACHE."""
 
     command: ClassVar[Cmd] = Cmd.CACHE
-    cookie: int
-    offset: int
-    length: int
-    flags: CmdFlag = NO_FLAGS
-
-    def __post_init__(self) -> None:
-        _check_request(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WriteZeroes(Request):
+class WriteZeroes(_RangeRequest):
     """NBD_CMD_WRITE_ZEROES."""
 
     command: ClassVar[Cmd] = Cmd.WRITE_ZEROES
-    cookie: int
-    offset: int
-    length: int
-    flags: CmdFlag = NO_FLAGS
-
-    def __post_init__(self) -> None:
-        _check_request(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BlockStatus(Request):
+class BlockStatus(_RangeRequest):
     """NBD_CMD_BLOCK_STATUS."""
 
     command: ClassVar[Cmd] = Cmd.BLOCK_STATUS
-    cookie: int
-    offset: int
-    length: int
-    flags: CmdFlag = NO_FLAGS
-
-    def __post_init__(self) -> None:
-        _check_request(self)
 
 
 REQUEST_CLASSES: dict[int, type[Request]] = {
