@@ -17,49 +17,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-SERVER = r"""
-import asyncio, sys
-from blockbackup.block.graph import Graph
-from blockbackup.events import EventBus
-from blockbackup.nbd.exports import ExportManager
-from blockbackup.nbd.server import NbdServer
-
-async def main(image, sock):
-    graph = Graph()
-    await graph.add({"driver": "raw", "node-name": "r",
-                     "file": {"driver": "file", "filename": image}})
-    exports = ExportManager(graph, EventBus())
-    server = NbdServer(exports)
-    await server.start({"type": "unix", "path": sock})
-    exports.add("e", "r", name="r", writable=True)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-if sys.argv[3] == "uvloop":
-    import uvloop
-    uvloop.run(main(sys.argv[1], sys.argv[2]))
-else:
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-"""
+from _ours_server import server_argv, wait_socket
 
 JOBS = {
     "randwrite-4k-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
     "seqread-1m": ["--rw=read", "--bs=1M", "--iodepth=4"],
     "seqwrite-1m": ["--rw=write", "--bs=1M", "--iodepth=4"],
 }
-
-
-def _wait_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        time.sleep(0.05)
-    raise RuntimeError("server did not start")
 
 
 def run_fio(uri: str, job: list[str], size_mib: int, runtime: int) -> dict[str, float]:
@@ -84,7 +50,7 @@ def bench(
 ) -> dict[str, dict[str, float]]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         uri = f"nbd+unix:///r?socket={sock}"
         results = {job: run_fio(uri, args, size, runtime) for job, args in JOBS.items()}
     finally:
@@ -120,7 +86,7 @@ def main() -> None:
                 f.write(block)
         sock = str(d / "s")
         loop = "uvloop" if args.uvloop else "asyncio"
-        ours = bench(f"ours/{loop}", [sys.executable, "-c", SERVER, str(image), sock, loop],
+        ours = bench(f"ours/{loop}", server_argv(str(image), sock, "raw", loop),
                      sock, args.size_mib, args.runtime)  # fmt: skip
         qsd = bench(
             "qsd",

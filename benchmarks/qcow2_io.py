@@ -23,41 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-SERVER = r"""
-import asyncio, sys
-from blockbackup.block.graph import Graph
-from blockbackup.events import EventBus
-from blockbackup.nbd.exports import ExportManager
-from blockbackup.nbd.server import NbdServer
-
-async def main(image, sock):
-    graph = Graph()
-    await graph.add({"driver": "qcow2", "node-name": "r",
-                     "file": {"driver": "file", "filename": image}})
-    exports = ExportManager(graph, EventBus())
-    server = NbdServer(exports)
-    await server.start({"type": "unix", "path": sock})
-    exports.add("e", "r", name="r", writable=True)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(main(sys.argv[1], sys.argv[2]))
-"""
+from _ours_server import server_argv, wait_socket
 
 RANDOM_VIRTUAL_GIB = 16
-
-
-def _wait_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        time.sleep(0.05)
-    raise RuntimeError("server did not start")
 
 
 def run_fio(uri: str, args: list[str]) -> dict[str, float]:
@@ -77,7 +47,7 @@ class Server:
 
     def __init__(self, kind: str, image: Path, sock: str) -> None:
         if kind == "ours":
-            argv = [sys.executable, "-c", SERVER, str(image), sock]
+            argv = server_argv(str(image), sock, "qcow2")
         else:
             argv = [
                 "qemu-storage-daemon",
@@ -88,7 +58,7 @@ class Server:
             ]  # fmt: skip
         self.sock = sock
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        _wait_socket(sock, self.proc)
+        wait_socket(sock, self.proc)
         self.uri = f"nbd+unix:///r?socket={sock}"
 
     def stop(self) -> None:
