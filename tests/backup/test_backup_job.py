@@ -308,6 +308,23 @@ async def test_copy_range_path(env: Env) -> None:
     assert read_file(env.tgt_path) == env.t0
 
 
+async def test_local_files_copy_through_reused_buffers(env: Env) -> None:
+    """Between plain files, read + write is one call through pooled buffers; zeroes stay holes."""
+    with open(env.src_path, "r+b") as f:
+        f.seek(MiB)
+        f.write(bytes(MiB))  # zero data (allocated): read, found zero, not written
+    t0 = read_file(env.src_path)
+    job = await env.bb.backup("src-raw", "tgt-raw")
+    await env.bb.wait(job)
+    assert read_file(env.tgt_path) == t0
+    assert job.block_copy._between_files  # the path was taken, no fallback
+    fd = os.open(env.tgt_path, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, MiB, os.SEEK_DATA) == 2 * MiB  # the zero MiB is a hole
+    finally:
+        os.close(fd)
+
+
 # -- arguments ----------------------------------------------------------------------------------
 
 

@@ -23,16 +23,19 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
 
 if TYPE_CHECKING:
+    import mmap
+
     from blockbackup.block.graph import Graph
 
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 #: A before-write hook: awaited with (offset, length) before a modification of that range
 #: reaches the driver. Raising ``OSError`` fails the modification.
@@ -495,8 +498,42 @@ class BlockNode:
         Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
         fall back to read + write.
         """
-        from blockbackup._aio import run_blocking
         from blockbackup.block.copy_range import copy_file_range_all
+
+        await self._copy_between_files(source, src_offset, offset, length, copy_file_range_all)
+
+    async def copy_through_buffer_from(
+        self,
+        source: BlockNode,
+        src_offset: int,
+        offset: int,
+        length: int,
+        buffer: mmap.mmap,
+        zeroes: bytes,
+    ) -> list[tuple[int, int]]:
+        """Copy from ``source`` through ``buffer`` (reused by the caller) in one blocking call.
+
+        Pieces that read as all zeroes are not written: they are returned as
+        ``(offset, length)`` runs relative to ``offset`` for the caller to zero. Raises
+        ``OSError(ENOTSUP)`` when either side is not a plain local file, and
+        :class:`~blockbackup.block.copy_range.SourceReadError` when the read failed.
+        """
+        from blockbackup.block.copy_range import copy_through_buffer
+
+        return await self._copy_between_files(
+            source, src_offset, offset, length, copy_through_buffer, buffer, zeroes
+        )
+
+    async def _copy_between_files(
+        self,
+        source: BlockNode,
+        src_offset: int,
+        offset: int,
+        length: int,
+        copy: Callable[..., T],
+        *args: object,
+    ) -> T:
+        from blockbackup._aio import run_blocking
 
         source._check_range(src_offset, length)
         src = source.fd_map(src_offset)
@@ -505,7 +542,7 @@ class BlockNode:
             raise io_error(errno.ENOTSUP, "copy offload needs local files on both sides")
         async with self._change(offset, length):
             with source._tracked():
-                await run_blocking(copy_file_range_all, src[0], src[1], dst[0], dst[1], length)
+                return await run_blocking(copy, src[0], src[1], dst[0], dst[1], length, *args)
 
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         """Where byte ``offset`` lives in a local file, if this node is plain file data."""

@@ -37,6 +37,7 @@ import time
 from typing import ClassVar
 
 from blockbackup._aio import in_background, run_blocking
+from blockbackup.block.copy_range import fill
 from blockbackup.block.driver import (
     BlockDriver,
     Extent,
@@ -81,21 +82,10 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _fill(fd: int, view: memoryview, done: int, offset: int) -> None:
-    """Read into ``view[done:]`` until it is full; past end of file reads as zeroes."""
-    length = len(view)
-    while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:  # past end of file (a shrunk file)
-            view[done:] = bytes(length - done)
-            break
-        done += n
-
-
 def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytearray | memoryview:
     buf: bytearray | mmap.mmap = mmap.mmap(-1, length) if direct else bytearray(length)
     view = memoryview(buf)
-    _fill(fd, view, 0, offset)
+    fill(fd, view, 0, offset)
     if isinstance(buf, mmap.mmap):
         data = bytes(view)
         view.release()
@@ -106,7 +96,7 @@ def _pread_all(fd: int, length: int, offset: int, direct: bool) -> bytes | bytea
 
 def _pread_rest(fd: int, buf: bytearray, done: int, offset: int) -> bytearray:
     """Finish a buffered read that the page cache could not serve, in the pool."""
-    _fill(fd, memoryview(buf), done, offset)
+    fill(fd, memoryview(buf), done, offset)
     return buf
 
 
