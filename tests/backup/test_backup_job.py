@@ -85,6 +85,33 @@ async def test_guest_writes_are_never_rate_limited(env: Env) -> None:
     assert read_file(env.tgt_path) == env.t0
 
 
+async def test_guest_write_cancelled_during_its_copy_leaves_the_cluster_to_copy(env: Env) -> None:
+    """A guest write runs its copy-before-write itself; cancelled mid-copy, it loses nothing.
+
+    The cluster is dirty again (the bitmap stays exact), the source is unchanged there, and
+    the backup still ends with the T0 content.
+    """
+    job = await env.bb.backup("src", "tgt", speed=1)  # the background barely moves
+    cluster = job.block_copy.cluster_size
+    offset = SIZE - cluster  # the background starts at 0
+    held = env.tgt_debug.add_breakpoint("write", offset=offset, length=cluster)
+    guest = asyncio.ensure_future(env.src.write(offset, b"\x02" * 4096))
+    await held.arrived.wait()  # the guest's copy is writing the target
+    assert job.block_copy.guest_copies_active == 1
+    guest.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await guest
+    assert job.block_copy.guest_copies_active == 0
+    assert not job.block_copy.reqs  # the claim is gone...
+    assert job.block_copy.copy_bitmap.next_dirty_area(offset, SIZE, SIZE) == (offset, cluster)
+    assert read_file(env.src_path)[offset:] == env.t0[offset:]  # ...and the guest wrote nothing
+    env.tgt_debug.remove_breakpoint(held)
+    job.set_speed(0)
+    await env.bb.wait(job)
+    assert read_file(env.tgt_path) == env.t0
+    assert_clean(env, job)
+
+
 async def test_cancel_while_running(env: Env) -> None:
     with env.bb.events.subscribe() as sub:
         job = await env.bb.backup("src", "tgt", job_id="j", speed=512 * 1024)

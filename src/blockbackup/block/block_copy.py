@@ -11,7 +11,8 @@ State (all owned by the event loop):
   then looks again (the copy may have failed). Each cluster is copied exactly once, by
   whoever claims it first: the background loop or a guest write.
 - copy tasks are owned here (``_tasks``), never fire-and-forget: :meth:`aclose` waits for
-  every one, so no copy is in flight after the owner is done with the engine.
+  every one, and for the copies guest writes run themselves, so no copy is in flight after
+  the owner is done with the engine.
 
 Guest writes come first. A copy-before-write (:meth:`copy_before_write`) claims and copies
 only the clusters its write covers, immediately, ignoring the rate limit and the memory
@@ -44,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blockbackup._aio import background_io
+from blockbackup._aio import background_io, in_background
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.copy_range import SourceReadError
 from blockbackup.block.driver import Extent, Status, WriteFlags
@@ -61,9 +62,15 @@ MAX_WORKERS = 64
 MAX_MEMORY = 128 * 1024 * 1024
 MAX_BUFFER = 1024 * 1024
 MAX_COPY_RANGE = 16 * 1024 * 1024
+#: Read + write between local files go through a buffer this size, a piece at a time: it
+#: stays in the CPU cache between the read and the write, and each write holds the target
+#: file's lock briefly, so a guest's copy-before-write to the same file never waits long.
+COPY_PIECE = 128 * 1024
 #: Background chunks allowed in flight while guest copy-before-writes are active: enough to
 #: keep the backup moving under a constant guest load, few enough not to crowd the guest.
 BACKOFF_WORKERS = 2
+
+_DATA = Status.ALLOCATED | Status.DATA
 
 NO_CLUSTER_INFO_WARNING = (
     "warning: The target block device doesn't provide information about the block size and "
@@ -171,7 +178,7 @@ class BlockCopy:
         #: either side turns out not to be one).
         self._between_files = True
         self._buffers: list[mmap.mmap] = []
-        self._buffers_kept = max(1, memory_limit // len(self._zeroes))
+        self._buffers_kept = max(1, memory_limit // COPY_PIECE)
         #: Called whenever a region is done or skipped (progress reporting).
         self.on_progress: Callable[[], None] | None = None
         #: Called with (offset, length) when a region's T0 content is on the target, before
@@ -230,24 +237,45 @@ class BlockCopy:
         start, end = self._cluster_range(offset, length)
         if start >= end:
             return
+        if (
+            self.copy_bitmap.next_dirty_area(start, end, end - start) is None
+            and self.reqs.find_conflict(start, end - start) is None
+        ):
+            return  # copied already, nothing in flight: most guest writes during a backup
         self._guest_copies += 1
         self._guests_idle.clear()
         try:
-            async with asyncio.timeout(timeout):
-                await self._copy_all(start, end)
+            if timeout is None:
+                await self._copy_all(start, end, own_task=False)
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._copy_all(start, end, own_task=True)
         finally:
             self._guest_copies -= 1
             if self._guest_copies == 0:
                 self._guests_idle.set()
 
-    async def _copy_all(self, start: int, end: int) -> None:
+    async def _copy_all(self, start: int, end: int, *, own_task: bool) -> None:
+        """Copy the dirty clusters of ``[start, end)`` and wait for those in flight.
+
+        ``own_task``: run each copy in a task of its own, which goes on if the caller stops
+        waiting (a timeout). Without a timeout the caller runs it, one loop iteration
+        sooner: a cancelled caller leaves its claim dirty again (see :meth:`_copy_claimed`).
+        """
         while True:
             area = self.copy_bitmap.next_dirty_area(start, end, end - start)
             if area is not None:
                 offset, length = area
                 req = self._claim(offset, length)
-                task = self._spawn(self._copy_claimed(req, offset, length, budget=False))
-                await asyncio.shield(task)
+                # A guest waits on this copy: no block-status round trip to the pool unless
+                # allocation decides what to copy. Read as data, zero clusters are still
+                # found by the zero check and stay holes on the target.
+                status = None if self.skip_unallocated else Extent(offset, length, _DATA)
+                copy = self._copy_claimed(req, offset, length, budget=False, status=status)
+                if own_task:
+                    await asyncio.shield(self._spawn(copy))
+                else:
+                    await copy
                 continue
             conflict = self.reqs.find_conflict(start, end - start)
             if conflict is None:
@@ -514,9 +542,12 @@ class BlockCopy:
         if budget:
             await self._budget.acquire(length)
         try:
+            # The guest path reads and writes through the nodes: for cached data that is a
+            # page-cache copy on the loop thread, cheaper than any thread round trip.
             if (
                 self._between_files
                 and not self.compress
+                and in_background()
                 and await self._copy_between_files(offset, length)
             ):
                 return
@@ -548,7 +579,7 @@ class BlockCopy:
         A fresh buffer per chunk costs its page faults and its unmapping on every chunk;
         this path costs neither. False (nothing done) when either side is not a local file.
         """
-        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, len(self._zeroes))
+        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, COPY_PIECE)
         try:
             zero_runs = await self.target.copy_through_buffer_from(
                 self.source, offset, offset, length, buffer, self._zeroes
@@ -581,6 +612,7 @@ class BlockCopy:
     async def aclose(self) -> None:
         """Wait until no copy is in flight, then free the copy buffers."""
         await self._settle(self._tasks)
+        await self._guests_idle.wait()  # copies that guest writes run themselves
         while self._buffers:
             self._buffers.pop().close()
 

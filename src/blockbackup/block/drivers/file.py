@@ -62,8 +62,11 @@ DIRECT_ALIGNMENT = 4096
 INLINE_WRITE_MAX = 64 * 1024
 #: Largest read tried on the loop thread with ``RWF_NOWAIT`` (page-cache copies only).
 INLINE_READ_MAX = 1 << 20
-#: An inline write slower than this (seconds) means the kernel throttled or blocked it.
-INLINE_SLOW = 0.002
+#: An inline write slower than this (seconds) means the kernel throttled or blocked it. It
+#: sits well above the interpreter's GIL switch interval (5 ms): getting the GIL back after
+#: the call can take that long when job threads are busy, and the pool, which needs the GIL
+#: too, would only make that worse. Dirty-page throttling sleeps for longer than this.
+INLINE_SLOW = 0.02
 #: First and longest back-off (seconds) during which writes go to the pool again.
 INLINE_BACKOFF_MIN = 0.5
 INLINE_BACKOFF_MAX = 30.0
