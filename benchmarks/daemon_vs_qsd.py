@@ -10,7 +10,10 @@ driven by the same QMP script over the same files, makes those ratios meaningful
 For each daemon, one after the other, on a warm page cache and with a fresh target each time:
 
 1. full backup of a random raw image to a raw target (``blockdev-add`` + ``blockdev-backup
-   sync=full``, until ``BLOCK_JOB_COMPLETED``): MiB/s, best of ``--repeat``;
+   sync=full``, until ``BLOCK_JOB_COMPLETED``): MiB/s, best of ``--repeat``. Ours flushes
+   the target before that event, qemu-storage-daemon only when the node is closed, so the
+   goal is judged on the time until ``blockdev-del`` returns (durable on both sides), with
+   the time to the event printed as well;
 2. the same for an image that is 75% holes (random 64 KiB extents): seconds and target
    allocation against the source's (``st_blocks``; "as sparse" allows 1% or 1 MiB more, for
    the file system's extent tree);
@@ -213,8 +216,9 @@ async def backup(d: Daemon, job: str, device: str, target: Path, size: int) -> d
     seconds = time.perf_counter() - start
     if "error" in done.get("data", {}):
         raise RuntimeError(f"{d.name}: {job} failed: {done['data']['error']}")
-    await d.cmd("blockdev-del", {"node-name": "tgt"})
-    result = {"seconds": seconds, "target_alloc": float(allocated(target))}
+    await d.cmd("blockdev-del", {"node-name": "tgt"})  # both daemons flush a closing node
+    durable = time.perf_counter() - start
+    result = {"seconds": seconds, "durable": durable, "target_alloc": float(allocated(target))}
     os.unlink(target)
     return result
 
@@ -321,6 +325,7 @@ async def measure(
                 for i in range(args.repeat)]  # fmt: skip
         r["full_s"] = min(x["seconds"] for x in runs)
         r["full_mib_s"] = args.size_mib / r["full_s"]
+        r["full_durable_mib_s"] = args.size_mib / min(x["durable"] for x in runs)
         r["full_alloc"] = runs[0]["target_alloc"]
         r["rss_full"] = vm_hwm(pid)
         runs = [await backup(d, f"sparse{i}", "sparse", work / "tgt.img", size)
@@ -349,6 +354,7 @@ def report(size_mib: int, src_alloc: int, qsd: dict[str, float], ours: dict[str,
         print(f"{label:44} {q:>12{fmt}} {o:>12{fmt}} {ratio(key):>9}")
 
     row("1. full backup, random data: MiB/s", "full_mib_s", ".0f")
+    row("   until the target is closed (flushed)", "full_durable_mib_s", ".0f")
     row("   target allocation (MiB)", "full_alloc", ".1f", MiB)
     row("2. full backup, 75% holes: seconds", "sparse_s", ".2f")
     row(f"   target allocation (MiB; source {src_alloc / MiB:.1f})", "sparse_alloc", ".1f", MiB)
@@ -375,8 +381,10 @@ def report(size_mib: int, src_alloc: int, qsd: dict[str, float], ours: dict[str,
 
     print("\ngoals (ours; qsd for reference)")
     goals = [
-        ("backup throughput >= qsd", f"{ours['full_mib_s'] / qsd['full_mib_s']:.2f}x",
-         ours["full_mib_s"] >= qsd["full_mib_s"]),
+        ("backup throughput >= qsd (to durable)",
+         f"{ours['full_durable_mib_s'] / qsd['full_durable_mib_s']:.2f}x "
+         f"(to COMPLETED {ours['full_mib_s'] / qsd['full_mib_s']:.2f}x)",
+         ours["full_durable_mib_s"] >= qsd["full_durable_mib_s"]),
         ("guest rate during backup >= 0.5x", f"{ours['slow_rate']:.2f}x "
          f"(qsd {qsd['slow_rate']:.3f}x)", ours["slow_rate"] >= 0.5),
         ("guest p99 during backup <= 10x", f"{ours['slow_p99']:.1f}x "

@@ -68,7 +68,7 @@ MAX_COPY_RANGE = 16 * 1024 * 1024
 COPY_PIECE = 128 * 1024
 #: Background chunks allowed in flight while guest copy-before-writes are active: enough to
 #: keep the backup moving under a constant guest load, few enough not to crowd the guest.
-BACKOFF_WORKERS = 2
+BACKOFF_WORKERS = 8
 
 _DATA = Status.ALLOCATED | Status.DATA
 
@@ -178,6 +178,9 @@ class BlockCopy:
         #: either side turns out not to be one).
         self._between_files = True
         self._buffers: list[mmap.mmap] = []
+        #: The source's status over the last extent the background looked up (see
+        #: :meth:`_widen_over_zeroes`).
+        self._known_status: Extent | None = None
         self._buffers_kept = max(1, memory_limit // COPY_PIECE)
         #: Called whenever a region is done or skipped (progress reporting).
         self.on_progress: Callable[[], None] | None = None
@@ -369,15 +372,24 @@ class BlockCopy:
         claim and the status read for it, which the chunk reuses (``None``: the area changed
         while we looked; look again). Clusters still dirty after the await were not claimed
         meanwhile, so their content, and the status read here, is still that of T0.
+
+        For the same reason the last extent read stays true for every cluster of it that is
+        still dirty, so the next chunks inside it cost no block-status round trip: a disk
+        of data is one extent, looked up once, not once per chunk.
         """
         offset, length = area
-        try:
-            extent = await self.source.block_status(offset, self.source.size - offset)
-        except OSError:
-            extent = None  # the chunk's own block-status call will report it
-        # A guest write may have claimed part of the area while we waited: look again.
-        if self.copy_bitmap.next_clear(offset, offset + length) is not None:
-            return None
+        known = self._known_status
+        if known is not None and known.offset <= offset < known.end:
+            extent: Extent | None = Extent(offset, known.end - offset, known.status)
+        else:
+            try:
+                extent = await self.source.block_status(offset, self.source.size - offset)
+            except OSError:
+                extent = None  # the chunk's own block-status call will report it
+            # A guest write may have claimed part of the area while we waited: look again.
+            if self.copy_bitmap.next_clear(offset, offset + length) is not None:
+                return None
+            self._known_status = extent
         if extent is None:
             return area, None
         skippable = self.skip_unallocated and not extent.is_allocated
