@@ -9,6 +9,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -825,3 +827,38 @@ async def test_qemu_img_compare(tmp_path: Path) -> None:
     )
     output, _ = await proc.communicate()
     assert proc.returncode == 0, output.decode()
+
+
+@pytest.mark.asyncio
+async def test_file_inline_write_backoff(tmp_path: Path) -> None:
+    """A slow inline write sends the file's writes to the pool for a while, longer each time
+    in a row, and back to the shortest period once the last stall is long past; writes stay
+    correct throughout."""
+    from blockbackup.block.drivers import file as file_mod
+
+    path = _sparse(tmp_path / "disk.img", 4 * MiB)
+    graph = Graph()
+    try:
+        node = await graph.add({**_file_opts(path), "node-name": "f"})
+        drv = node.driver
+        assert isinstance(drv, file_mod.FileDriver)
+        now = time.monotonic()
+        drv._inline_slow(now)
+        assert drv._inline_after == now + file_mod.INLINE_BACKOFF_MIN
+        drv._inline_slow(now + 0.1)  # again within the period: the next one lasts twice as long
+        assert drv._inline_after == now + 0.1 + 2 * file_mod.INLINE_BACKOFF_MIN
+        for _ in range(20):  # capped
+            drv._inline_slow(drv._inline_after)
+        assert drv._inline_backoff == file_mod.INLINE_BACKOFF_MAX
+        later = drv._inline_after + file_mod.INLINE_BACKOFF_MAX + 1
+        drv._inline_slow(later)  # long after the last stall: back to the shortest period
+        assert drv._inline_after == later + file_mod.INLINE_BACKOFF_MIN
+        # Writes now go through the pool (the back-off is in the future) and land.
+        assert drv._inline_after > time.monotonic()
+        await node.write(4096, b"\x77" * 4096)
+        await node.flush()
+        assert path.read_bytes()[4096:8192] == b"\x77" * 4096
+        # The threshold stays above the interpreter's GIL switch interval (see the driver).
+        assert 2 * sys.getswitchinterval() < file_mod.INLINE_SLOW
+    finally:
+        await graph.aclose()
