@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockbackup.block.copy_range import SourceReadError, copy_through_buffer
+from blockbackup.block.copy_range import SourceReadError, copy_through_buffer, start_writeback
 
 PIECE = 64 * 1024
 
@@ -83,3 +83,22 @@ def test_write_failure_is_a_plain_oserror(tmp_path: Path) -> None:
         os.close(dst)
     assert not isinstance(info.value, SourceReadError)
     assert info.value.errno == errno.EBADF
+
+
+def test_writeback_is_started_and_advisory(tmp_path: Path) -> None:
+    data = os.urandom(4 * PIECE)
+    src, dst = _files(tmp_path, data, bytes(4 * PIECE))
+    buffer = mmap.mmap(-1, PIECE)
+    try:
+        copy_through_buffer(src, 0, dst, 0, 4 * PIECE, buffer, bytes(PIECE), writeback=True)
+        assert os.pread(dst, 4 * PIECE, 0) == data
+        assert start_writeback(dst, 0, 4 * PIECE)  # a regular file: the kernel takes it
+    finally:
+        os.close(src)
+        os.close(dst)
+    read_end, write_end = os.pipe()
+    try:
+        assert not start_writeback(write_end, 0, PIECE)  # ESPIPE: ignored, advisory
+    finally:
+        os.close(read_end)
+        os.close(write_end)

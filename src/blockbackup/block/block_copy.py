@@ -541,7 +541,9 @@ class BlockCopy:
 
     async def _copy_offloaded(self, offset: int, length: int, budget: bool) -> None:
         try:
-            await self.target.copy_range_from(self.source, offset, offset, length)
+            await self.target.copy_range_from(
+                self.source, offset, offset, length, writeback=in_background()
+            )
         except OSError as err:
             if err.errno != errno.ENOTSUP:
                 # copy_file_range cannot tell which side failed; call it the target.
@@ -594,7 +596,7 @@ class BlockCopy:
         buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, COPY_PIECE)
         try:
             zero_runs = await self.target.copy_through_buffer_from(
-                self.source, offset, offset, length, buffer, self._zeroes
+                self.source, offset, offset, length, buffer, self._zeroes, writeback=True
             )
         except SourceReadError as err:
             raise CopyError(err, is_read=True) from err

@@ -491,16 +491,24 @@ class BlockNode:
         return extent
 
     async def copy_range_from(
-        self, source: BlockNode, src_offset: int, offset: int, length: int
+        self,
+        source: BlockNode,
+        src_offset: int,
+        offset: int,
+        length: int,
+        *,
+        writeback: bool = False,
     ) -> None:
         """Copy ``length`` bytes from ``source`` with ``copy_file_range`` into this node.
 
         Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
-        fall back to read + write.
+        fall back to read + write. ``writeback``: start writing the copy back to storage.
         """
         from blockbackup.block.copy_range import copy_file_range_all
 
-        await self._copy_between_files(source, src_offset, offset, length, copy_file_range_all)
+        await self._copy_between_files(
+            source, src_offset, offset, length, copy_file_range_all, writeback
+        )
 
     async def copy_through_buffer_from(
         self,
@@ -510,6 +518,8 @@ class BlockNode:
         length: int,
         buffer: mmap.mmap,
         zeroes: bytes,
+        *,
+        writeback: bool = False,
     ) -> list[tuple[int, int]]:
         """Copy from ``source`` through ``buffer`` (reused by the caller) in one blocking call.
 
@@ -517,11 +527,12 @@ class BlockNode:
         ``(offset, length)`` runs relative to ``offset`` for the caller to zero. Raises
         ``OSError(ENOTSUP)`` when either side is not a plain local file, and
         :class:`~blockbackup.block.copy_range.SourceReadError` when the read failed.
+        ``writeback``: start writing the copy back to storage.
         """
         from blockbackup.block.copy_range import copy_through_buffer
 
         return await self._copy_between_files(
-            source, src_offset, offset, length, copy_through_buffer, buffer, zeroes
+            source, src_offset, offset, length, copy_through_buffer, buffer, zeroes, writeback
         )
 
     async def _copy_between_files(
