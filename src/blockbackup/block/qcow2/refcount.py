@@ -192,6 +192,44 @@ class Refcounts:
 
     # -- allocation ----------------------------------------------------------------------------
 
+    def try_alloc(self, n: int = 1) -> int | None:
+        """:meth:`alloc` when it needs no I/O, else None (and nothing changed).
+
+        No I/O means: the refcount blocks involved are cached, the file is already big
+        enough and the clusters at ``next_free`` are free. The allocating write path calls
+        this synchronously, so it needs neither the metadata lock nor an await.
+        """
+        cache, per, bits = self.cache, self.per_block, self.bits
+        if n == 1:
+            heap = self._free_heap
+            while heap:
+                c = heap[0]
+                blk = cache.get(c // per)
+                if blk is None:
+                    return None
+                heapq.heappop(heap)
+                self._free_set.discard(c)
+                if get_refcount(blk, c % per, bits) == 0:
+                    put_refcount(blk, c % per, 1, bits)
+                    self.dirty.add(c // per)
+                    cache.move_to_end(c // per)
+                    return c * self.cs
+        start = self.next_free
+        end = start + n
+        if end * self.cs > self.file.size or end * self.cs > MAX_HOST_OFFSET:
+            return None
+        for c in range(start, end):
+            blk = cache.get(c // per)
+            if blk is None or get_refcount(blk, c % per, bits):
+                return None
+        for c in range(start, end):
+            index = c // per
+            put_refcount(cache[index], c % per, 1, bits)
+            self.dirty.add(index)
+        cache.move_to_end((end - 1) // per)
+        self.next_free = end
+        return start * self.cs
+
     async def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); return the host offset."""
         if n == 1:
