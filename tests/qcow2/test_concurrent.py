@@ -9,6 +9,7 @@ next to the locked one (cache misses, COW from a backing file, flushes holding t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 from collections.abc import Awaitable
@@ -34,7 +35,7 @@ def _batch(rng: random.Random, size: int, cluster: int, count: int) -> list[tupl
     span = min(size - base, cluster * rng.choice([1, 2, 4]))
     cuts = sorted(rng.sample(range(1, span), min(span - 1, count * 2)))
     bounds = [0, *cuts, span]
-    ranges = [(base + a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+    ranges = [(base + a, b - a) for a, b in itertools.pairwise(bounds)]
     rng.shuffle(ranges)
     return ranges[:count]
 
