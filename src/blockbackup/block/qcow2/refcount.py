@@ -27,20 +27,31 @@ from blockbackup.block.qcow2.header import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
+#: Whole-byte refcount widths, read and written in place (no slice per access: the
+#: allocating write path reads and sets a refcount per cluster).
+_WIDE = {
+    8: struct.Struct(">B"),
+    16: struct.Struct(">H"),
+    32: struct.Struct(">I"),
+    64: struct.Struct(">Q"),
+}
+
+
 def get_refcount(blk: bytes | bytearray, i: int, bits: int) -> int:
     """Entry ``i`` of a refcount block with ``bits``-wide entries."""
-    if bits >= 8:
-        w = bits >> 3
-        return int.from_bytes(blk[i * w : (i + 1) * w], "big")
+    wide = _WIDE.get(bits)
+    if wide is not None:
+        value: int = wide.unpack_from(blk, i * wide.size)[0]
+        return value
     pos = i * bits
     return (blk[pos >> 3] >> (pos & 7)) & ((1 << bits) - 1)
 
 
 def put_refcount(blk: bytearray, i: int, value: int, bits: int) -> None:
     """Set entry ``i`` of a refcount block (sub-byte entries: bit 0 is the LSB)."""
-    if bits >= 8:
-        w = bits >> 3
-        blk[i * w : (i + 1) * w] = value.to_bytes(w, "big")
+    wide = _WIDE.get(bits)
+    if wide is not None:
+        wide.pack_into(blk, i * wide.size, value)
         return
     pos = i * bits
     shift = pos & 7
