@@ -16,7 +16,11 @@ any point leaks clusters at worst:
    decremented after the L2 tables without the reference are flushed.
 
 Metadata changes are serialised by one asyncio lock; reads and in-place writes of
-allocated clusters run outside it.
+allocated clusters run outside it. A write whose metadata is all cached (L2 table,
+refcount blocks, file already grown) maps, allocates and updates its L2 entries in
+synchronous sections instead, taken only while nobody holds the lock: with no await inside,
+such a section is as exclusive as a locked one, and it changes only cached tables, so
+the ordering above (kept by flush and cache eviction, which run under the lock) holds.
 """
 
 from __future__ import annotations
