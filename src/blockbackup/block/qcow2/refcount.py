@@ -229,6 +229,16 @@ class Refcounts:
         end = start + n
         if end * self.cs > self.file.size or end * self.cs > MAX_HOST_OFFSET:
             return None
+        if n == 1:  # the common case (small writes), without the loops below
+            index, i = divmod(start, per)
+            blk = cache.get(index)
+            if blk is None or get_refcount(blk, i, bits):
+                return None
+            put_refcount(blk, i, 1, bits)
+            self.dirty.add(index)
+            cache.move_to_end(index)
+            self.next_free = end
+            return start * self.cs
         for c in range(start, end):
             blk = cache.get(c // per)
             if blk is None or get_refcount(blk, c % per, bits):
