@@ -11,6 +11,9 @@ qcow2 node over a unix socket, one after the other, each on a fresh image made b
 - ``randwrite-4k-alloc``: 4 KiB random writes (QD16) into a large fresh image, few enough
   that nearly every write allocates a new cluster.
 
+Besides rates it prints each server's CPU time per request (user + system, all threads,
+from ``/proc``): on a shared machine the rates move with other load far more than that.
+
 Usage: ``.venv/bin/python benchmarks/qcow2_io.py [--size-mib 512] [--runtime 3]``
 """
 
@@ -30,16 +33,27 @@ from _ours_server import server_argv, wait_socket
 RANDOM_VIRTUAL_GIB = 16
 
 
-def run_fio(uri: str, args: list[str]) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(uri: str, args: list[str], pid: int) -> dict[str, float]:
+    """fio's rate, and the server's (``pid``) CPU microseconds per request."""
+    cpu = cpu_seconds(pid)
     out = subprocess.run(
         ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *args],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    cpu = cpu_seconds(pid) - cpu
     res = json.loads(out[out.index("{") :])["jobs"][0]
     side = res["write"] if res["write"]["io_bytes"] else res["read"]
-    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / (1 << 20)}
+    us = cpu / max(1, side["total_ios"]) * 1e6
+    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / (1 << 20), "cpu_us": us}
 
 
 class Server:
@@ -79,28 +93,34 @@ def _fresh(path: Path, size: str) -> Path:
     return path
 
 
-def bench(kind: str, d: Path, size_mib: int, runtime: int, rand_mib: int) -> dict[str, float]:
+def bench(
+    kind: str, d: Path, size_mib: int, runtime: int, rand_mib: int
+) -> dict[str, tuple[float, float]]:
+    """job -> (rate, server CPU microseconds per request)."""
     sock = str(d / f"{kind}.sock")
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     image = _fresh(d / f"{kind}-seq.qcow2", f"{size_mib}M")
     server = Server(kind, image, sock)
     try:
         seq = ["--bs=1M", "--iodepth=4", f"--size={size_mib}M"]
-        results["seqwrite-1m"] = run_fio(server.uri, ["--rw=write", *seq])["mib_s"]
-        results["seqread-1m"] = run_fio(
-            server.uri, ["--rw=read", *seq, "--time_based", f"--runtime={runtime}"]
-        )["mib_s"]
+        r = run_fio(server.uri, ["--rw=write", *seq], server.proc.pid)
+        results["seqwrite-1m"] = r["mib_s"], r["cpu_us"]
+        read = ["--rw=read", *seq, "--time_based", f"--runtime={runtime}"]
+        r = run_fio(server.uri, read, server.proc.pid)
+        results["seqread-1m"] = r["mib_s"], r["cpu_us"]
     finally:
         server.stop()
     image.unlink()
     image = _fresh(d / f"{kind}-rand.qcow2", f"{RANDOM_VIRTUAL_GIB}G")
     server = Server(kind, image, sock)
     try:
-        results["randwrite-4k-alloc"] = run_fio(
+        r = run_fio(
             server.uri,
             ["--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={RANDOM_VIRTUAL_GIB}G",
              f"--io_size={rand_mib}M", f"--runtime={runtime}"],
-        )["iops"]  # fmt: skip
+            server.proc.pid,
+        )  # fmt: skip
+        results["randwrite-4k-alloc"] = r["iops"], r["cpu_us"]
     finally:
         server.stop()
     image.unlink()
@@ -125,10 +145,10 @@ def main() -> None:
         qsd = bench("qsd", d, args.size_mib, args.runtime, args.rand_mib)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    print(f"{'job':<20} {'ours':>10} {'qsd':>10} {'unit':<6} ratio")
+    print(f"{'job':<20} {'ours':>10} {'qsd':>10} {'unit':<6} ratio  CPU us/request ours qsd")
     for job, unit in UNITS.items():
-        o, q = ours[job], qsd[job]
-        print(f"{job:<20} {o:>10.1f} {q:>10.1f} {unit:<6} {o / q:.2f}x")
+        (o, ocpu), (q, qcpu) = ours[job], qsd[job]
+        print(f"{job:<20} {o:>10.1f} {q:>10.1f} {unit:<6} {o / q:.2f}x {ocpu:>10.1f} {qcpu:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL a writer doing allocating writes and flushes at a random point;
+"""Crash safety: SIGKILL a writer doing allocating writes (one at a time, or several in
+flight at once) and flushes at a random point;
 ``qemu-img check`` must find no corruption (leaks are allowed) and every write that was
 acknowledged before a completed flush must read back."""
 
@@ -35,25 +36,32 @@ WRITER = (
     def payload(i):
         return bytes([(i * 37 + 1) % 256]) * SLOT
 
-    async def main(path):
+    async def one(node, n, i):
+        if n % 7 == 3:
+            await node.write_zeroes(i * SLOT, SLOT, WriteFlags.MAY_UNMAP)
+            await node.write(i * SLOT, payload(i))
+        else:
+            await node.write(i * SLOT, payload(i))
+
+    async def main(path, batch):
         g = Graph()
         node = await g.add({"driver": "qcow2", "node-name": "q",
                             "file": {"driver": "file", "filename": path}})
         order = list(range(SLOTS))
         random.Random(5).shuffle(order)
-        for n, i in enumerate(order):
-            if n % 7 == 3:
-                await node.write_zeroes(i * SLOT, SLOT, WriteFlags.MAY_UNMAP)
-                await node.write(i * SLOT, payload(i))
-            else:
-                await node.write(i * SLOT, payload(i))
+        # batch 5: five writes in flight at once (neighbouring slots share clusters),
+        # then the flush; batch 1: one at a time. Either way a flush follows n % 5 == 4.
+        for start in range(0, SLOTS, batch):
+            ns = range(start, min(start + batch, SLOTS))
+            await asyncio.gather(*(one(node, n, order[n]) for n in ns))
+            n = ns[-1]
             if n % 5 == 4:
                 await node.flush()
                 print(f"FLUSHED {n}", flush=True)
         print("DONE", flush=True)
         await asyncio.sleep(3600)
 
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
     """
     )
     .replace("SLOTS", str(SLOTS))
@@ -65,14 +73,15 @@ def _payload(i: int) -> bytes:
     return bytes([(i * 37 + 1) % 256]) * SLOT
 
 
+@pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sigkill_during_allocating_writes(tmp_path: Path, seed: int) -> None:
+def test_sigkill_during_allocating_writes(tmp_path: Path, seed: int, batch: int) -> None:
     img = tmp_path / "c.qcow2"
     create_qcow2_file(img, 4 << 20, cluster_size=1024)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(img)],
+        [sys.executable, str(script), str(img), str(batch)],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ),

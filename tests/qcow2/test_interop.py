@@ -156,7 +156,8 @@ async def _random_ops(node: object, model: bytearray, seed: int, count: int, max
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("cluster", "refbits", "version"), [(512, 16, 3), (512, 1, 3), (4096, 64, 3), (1024, 16, 2)]
+    ("cluster", "refbits", "version"),
+    [(512, 16, 3), (512, 1, 3), (4096, 64, 3), (1024, 16, 2), (512, 8, 3), (4096, 32, 3)],
 )
 async def test_written_images_pass_check(
     tmp_path: Path, graph: Graph, cluster: int, refbits: int, version: int

@@ -16,7 +16,11 @@ any point leaks clusters at worst:
    decremented after the L2 tables without the reference are flushed.
 
 Metadata changes are serialised by one asyncio lock; reads and in-place writes of
-allocated clusters run outside it.
+allocated clusters run outside it. A write whose metadata is all cached (L2 table,
+refcount blocks, file already grown) maps, allocates and updates its L2 entries in
+synchronous sections instead, taken only while nobody holds the lock: with no await inside,
+such a section is as exclusive as a locked one, and it changes only cached tables, so
+the ordering above (kept by flush and cache eviction, which run under the lock) holds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import errno
 import os
 import struct
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from blockbackup.block.driver import (
@@ -104,7 +108,13 @@ class _Allocation:
     host: int  # host offset of the first new cluster
     write_at: int  # where ``data`` goes (zero head clusters on fresh space are skipped)
     data: bytes | bytearray | memoryview
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the allocation is finished; made only when some request has to wait.
+    done: asyncio.Event | None = None
+
+    async def wait(self) -> None:
+        if self.done is None:
+            self.done = asyncio.Event()
+        await self.done.wait()
 
 
 @register
@@ -359,10 +369,21 @@ class Qcow2Driver(BlockDriver):
             raise _eio(f"L1 entry {l1_index} has an invalid L2 table offset {entry:#x}")
         return offset
 
-    async def _l2_table(self, l1_index: int, alloc: bool) -> tuple[int, array[int]] | None:
+    def _checked_l2_offset(self, l1_index: int) -> int:
+        """The L2 table offset of an L1 entry (0: none), EIO if it is invalid."""
         if l1_index >= len(self.l1):
             raise _eio("guest offset beyond the L1 table")
         offset = self._l2_offset(l1_index)
+        if offset and (
+            offset < self.cs
+            or offset == self.hdr.l1_table_offset
+            or offset == self.refs.table_offset
+        ):
+            raise _eio(f"L2 table at {offset:#x} overlaps metadata")
+        return offset
+
+    async def _l2_table(self, l1_index: int, alloc: bool) -> tuple[int, array[int]] | None:
+        offset = self._checked_l2_offset(l1_index)
         if offset == 0:
             if not alloc:
                 return None
@@ -371,12 +392,6 @@ class Qcow2Driver(BlockDriver):
             self.l1[l1_index] = offset | COPIED
             self.l1_dirty.add(l1_index)
             return offset, table
-        if (
-            offset < self.cs
-            or offset == self.hdr.l1_table_offset
-            or offset == self.refs.table_offset
-        ):
-            raise _eio(f"L2 table at {offset:#x} overlaps metadata")
         if alloc and not self.l1[l1_index] & COPIED:
             if await self.refs.get(offset // self.cs) != 1:
                 raise _eio("shared L2 tables (internal snapshots) cannot be written")
@@ -406,15 +421,17 @@ class Qcow2Driver(BlockDriver):
 
     async def _map(self, offset: int, length: int) -> Mapping:
         """The mapping of the run of bytes starting at ``offset`` (caller holds the lock)."""
+        found = await self._l2_table((offset >> self.cb) // self.l2e, alloc=False)
+        return self._map_in(None if found is None else found[1], offset, length)
+
+    def _map_in(self, table: array[int] | None, offset: int, length: int) -> Mapping:
+        """The mapping of ``offset`` in its L2 table (None: no table, all unallocated)."""
         cs = self.cs
         gc = offset >> self.cb
         l1_index, l2_index = divmod(gc, self.l2e)
-        table_end = (l1_index + 1) * self.l2e * cs
-        limit = min(offset + length, table_end)
-        found = await self._l2_table(l1_index, alloc=False)
-        if found is None:
+        limit = min(offset + length, (l1_index + 1) * self.l2e * cs)
+        if table is None:
             return Mapping(UNALLOC, limit - offset, 0)
-        table = found[1]
         kind, host, copied = self._classify(table[l2_index])
         end = min((gc + 1) * cs, limit)
         if kind == COMPRESSED_KIND:
@@ -506,6 +523,9 @@ class Qcow2Driver(BlockDriver):
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
         view = memoryview(data).cast("B")
+        if not flags:  # the common case: skip the (slow) enum flag tests
+            await self._write(offset, view)
+            return
         if flags & WriteFlags.COMPRESSED:
             await self._write_compressed(offset, view)
         else:
@@ -520,8 +540,10 @@ class Qcow2Driver(BlockDriver):
             inplace: Mapping | None = None
             alloc: _Allocation | None = None
             busy: _Allocation | None = None
-            async with self.lock:
-                m = await self._map(pos, end - pos)
+            m = None if self.lock.locked() else self._fast_map(pos, end - pos)
+            if m is not None:
+                # Everything needed is cached: map and allocate without an await, which
+                # makes this atomic on the loop like a section under the lock would be.
                 if m.kind == NORMAL and m.copied:
                     if self._is_metadata(m.host, m.length):
                         raise _eio(f"write to {m.host:#x} would overwrite metadata")
@@ -531,9 +553,24 @@ class Qcow2Driver(BlockDriver):
                     busy = self._allocating_overlap(pos, m.length)
                     if busy is None:
                         chunk = view[pos - offset : pos - offset + m.length]
-                        alloc = await self._prepare_allocation(pos, chunk)
+                        alloc = self._fast_allocation(pos, chunk, m)
+                        if alloc is None:
+                            m = None  # needs I/O: the locked path below
+            if m is None:
+                async with self.lock:
+                    m = await self._map(pos, end - pos)
+                    if m.kind == NORMAL and m.copied:
+                        if self._is_metadata(m.host, m.length):
+                            raise _eio(f"write to {m.host:#x} would overwrite metadata")
+                        inplace = m
+                        self._begin_data()
+                    else:
+                        busy = self._allocating_overlap(pos, m.length)
+                        if busy is None:
+                            chunk = view[pos - offset : pos - offset + m.length]
+                            alloc = await self._prepare_allocation(pos, chunk)
             if busy is not None:
-                await busy.done.wait()  # then map again: the clusters have a home now
+                await busy.wait()  # then map again: the clusters have a home now
                 continue
             if inplace is not None:
                 try:
@@ -545,6 +582,32 @@ class Qcow2Driver(BlockDriver):
             elif alloc is not None:
                 await self._finish_allocation(alloc)
             pos += m.length
+
+    def _fast_map(self, offset: int, length: int) -> Mapping | None:
+        """:meth:`_map` without I/O, when the L2 table is cached and needs no L1 update.
+
+        None sends the caller to the locked path (no table yet, table not cached, or an L1
+        entry without the COPIED flag, which allocation would have to check and set).
+        """
+        l1_index = (offset >> self.cb) // self.l2e
+        l2_offset = self._checked_l2_offset(l1_index)
+        if not l2_offset or not self.l1[l1_index] & COPIED:
+            return None
+        table = self.l2.cached(l2_offset)
+        return None if table is None else self._map_in(table, offset, length)
+
+    def _fast_allocation(self, pos: int, data: memoryview, m: Mapping) -> _Allocation | None:
+        """:meth:`_prepare_allocation` without I/O, or None when it would need some.
+
+        Only for clusters whose untouched parts read as zeroes (nothing to copy), with the
+        L2 table cached (checked by :meth:`_fast_map`) and the refcounts cached.
+        """
+        if not (m.kind == ZERO or (m.kind == UNALLOC and self.backing_node is None)):
+            return None
+        host = self.refs.try_alloc(((pos + len(data) - 1) >> self.cb) - (pos >> self.cb) + 1)
+        if host is None:
+            return None
+        return self._allocation(pos, data, host, None, None)
 
     def _allocating_overlap(self, offset: int, length: int) -> _Allocation | None:
         """An in-flight allocating write to a cluster of ``[offset, offset+length)``."""
@@ -577,10 +640,28 @@ class Qcow2Driver(BlockDriver):
         tail = (last + 1) * cs - tail_at
         head_data = await self._cow(first * cs, head) if head else None
         tail_data = await self._cow(tail_at, tail) if tail else None
-        l1_index, l2_index = divmod(first, self.l2e)
-        found = await self._l2_table(l1_index, alloc=True)
+        found = await self._l2_table(first // self.l2e, alloc=True)
         assert found is not None
         host = await self.refs.alloc(n)
+        return self._allocation(pos, data, host, head_data, tail_data)
+
+    def _allocation(
+        self,
+        pos: int,
+        data: memoryview,
+        host: int,
+        head_data: Buffer | None,
+        tail_data: Buffer | None,
+    ) -> _Allocation:
+        """Record an allocation of clusters at ``host`` for ``data`` (L2 table known)."""
+        cs = self.cs
+        first = pos >> self.cb
+        last = (pos + len(data) - 1) >> self.cb
+        n = last - first + 1
+        head = pos - first * cs
+        tail = (last + 1) * cs - pos - len(data)
+        l1_index, l2_index = divmod(first, self.l2e)
+        l2_offset = self.l1[l1_index] & L1_OFFSET_MASK
         # Fresh file space reads as zeroes already: zero parts of the clusters need no write.
         fresh = self.file.reads_zero(host)
         start = head if head_data is None and fresh else 0
@@ -597,7 +678,7 @@ class Qcow2Driver(BlockDriver):
                     tail_data if tail_data is not None else bytes(tail)
                 )
             buf = out
-        alloc = _Allocation(first, last, found[0], l2_index, host, host + start, buf)
+        alloc = _Allocation(first, last, l2_offset, l2_index, host, host + start, buf)
         self._allocating.append(alloc)
         return alloc
 
@@ -613,16 +694,26 @@ class Qcow2Driver(BlockDriver):
                     for c in range(a.host // cs, a.host // cs + n):
                         await self.refs.decrement(c)
                 raise
-            async with self.lock:
-                table = await self.l2.get(a.l2_offset)
-                for i in range(n):
-                    old = table[a.l2_index + i]
-                    table[a.l2_index + i] = (a.host + i * cs) | COPIED
-                    self._free_entry(old)
-                self.l2.mark_dirty(a.l2_offset, table)
+            table = None if self.lock.locked() else self.l2.cached(a.l2_offset)
+            if table is not None:
+                self._set_l2(a, table)  # no await: atomic like a locked section
+            else:
+                async with self.lock:
+                    self._set_l2(a, await self.l2.get(a.l2_offset))
         finally:
             self._allocating.remove(a)
-            a.done.set()
+            if a.done is not None:
+                a.done.set()
+
+    def _set_l2(self, a: _Allocation, table: array[int]) -> None:
+        """Point the L2 entries of a finished allocation at its new clusters."""
+        cs = self.cs
+        for i in range(a.last - a.first + 1):
+            old = table[a.l2_index + i]
+            table[a.l2_index + i] = (a.host + i * cs) | COPIED
+            if old:
+                self._free_entry(old)
+        self.l2.mark_dirty(a.l2_offset, table)
 
     async def _write_compressed(self, offset: int, view: memoryview) -> None:
         cs = self.cs
@@ -641,7 +732,7 @@ class Qcow2Driver(BlockDriver):
                     if busy is None:
                         await self._store_compressed(guest, packed)
                         break
-                await busy.done.wait()
+                await busy.wait()
 
     async def _store_compressed(self, guest: int, packed: bytes) -> None:
         cs = self.cs

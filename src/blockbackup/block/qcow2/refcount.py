@@ -27,20 +27,31 @@ from blockbackup.block.qcow2.header import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
+#: Whole-byte refcount widths, read and written in place (no slice per access: the
+#: allocating write path reads and sets a refcount per cluster).
+_WIDE = {
+    8: struct.Struct(">B"),
+    16: struct.Struct(">H"),
+    32: struct.Struct(">I"),
+    64: struct.Struct(">Q"),
+}
+
+
 def get_refcount(blk: bytes | bytearray, i: int, bits: int) -> int:
     """Entry ``i`` of a refcount block with ``bits``-wide entries."""
-    if bits >= 8:
-        w = bits >> 3
-        return int.from_bytes(blk[i * w : (i + 1) * w], "big")
+    wide = _WIDE.get(bits)
+    if wide is not None:
+        value: int = wide.unpack_from(blk, i * wide.size)[0]
+        return value
     pos = i * bits
     return (blk[pos >> 3] >> (pos & 7)) & ((1 << bits) - 1)
 
 
 def put_refcount(blk: bytearray, i: int, value: int, bits: int) -> None:
     """Set entry ``i`` of a refcount block (sub-byte entries: bit 0 is the LSB)."""
-    if bits >= 8:
-        w = bits >> 3
-        blk[i * w : (i + 1) * w] = value.to_bytes(w, "big")
+    wide = _WIDE.get(bits)
+    if wide is not None:
+        wide.pack_into(blk, i * wide.size, value)
         return
     pos = i * bits
     shift = pos & 7
@@ -191,6 +202,54 @@ class Refcounts:
                 heapq.heappush(self._free_heap, cluster)
 
     # -- allocation ----------------------------------------------------------------------------
+
+    def try_alloc(self, n: int = 1) -> int | None:
+        """:meth:`alloc` when it needs no I/O, else None (and nothing changed).
+
+        No I/O means: the refcount blocks involved are cached, the file is already big
+        enough and the clusters at ``next_free`` are free. The allocating write path calls
+        this synchronously, so it needs neither the metadata lock nor an await.
+        """
+        cache, per, bits = self.cache, self.per_block, self.bits
+        if n == 1:
+            heap = self._free_heap
+            while heap:
+                c = heap[0]
+                blk = cache.get(c // per)
+                if blk is None:
+                    return None
+                heapq.heappop(heap)
+                self._free_set.discard(c)
+                if get_refcount(blk, c % per, bits) == 0:
+                    put_refcount(blk, c % per, 1, bits)
+                    self.dirty.add(c // per)
+                    cache.move_to_end(c // per)
+                    return c * self.cs
+        start = self.next_free
+        end = start + n
+        if end * self.cs > self.file.size or end * self.cs > MAX_HOST_OFFSET:
+            return None
+        if n == 1:  # the common case (small writes), without the loops below
+            index, i = divmod(start, per)
+            blk = cache.get(index)
+            if blk is None or get_refcount(blk, i, bits):
+                return None
+            put_refcount(blk, i, 1, bits)
+            self.dirty.add(index)
+            cache.move_to_end(index)
+            self.next_free = end
+            return start * self.cs
+        for c in range(start, end):
+            blk = cache.get(c // per)
+            if blk is None or get_refcount(blk, c % per, bits):
+                return None
+        for c in range(start, end):
+            index = c // per
+            put_refcount(cache[index], c % per, 1, bits)
+            self.dirty.add(index)
+        cache.move_to_end((end - 1) // per)
+        self.next_free = end
+        return start * self.cs
 
     async def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); return the host offset."""

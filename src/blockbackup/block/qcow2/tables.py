@@ -57,6 +57,13 @@ class L2Cache:
     def __contains__(self, offset: int) -> bool:
         return offset in self.tables
 
+    def cached(self, offset: int) -> array[int] | None:
+        """The table at ``offset`` if it is in the cache (no I/O: the write fast path)."""
+        table = self.tables.get(offset)
+        if table is not None:
+            self.tables.move_to_end(offset)
+        return table
+
     async def get(self, offset: int) -> array[int]:
         table = self.tables.get(offset)
         if table is not None:
