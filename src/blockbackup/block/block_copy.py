@@ -41,11 +41,12 @@ import contextlib
 import errno
 import logging
 import mmap
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blockbackup._aio import background_io, in_background
+from blockbackup._aio import background_io, in_background, without_inline_yields
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.copy_range import SourceReadError
 from blockbackup.block.driver import Extent, Status, WriteFlags
@@ -69,6 +70,8 @@ COPY_PIECE = 128 * 1024
 #: Background chunks allowed in flight while guest copy-before-writes are active: enough to
 #: keep the backup moving under a constant guest load, few enough not to crowd the guest.
 BACKOFF_WORKERS = 8
+#: Seconds after a guest's copy-before-write during which the background stays backed off.
+GUEST_RECENT = 0.05
 
 _DATA = Status.ALLOCATED | Status.DATA
 
@@ -172,6 +175,8 @@ class BlockCopy:
         self._guest_copies = 0
         self._guests_idle = asyncio.Event()
         self._guests_idle.set()
+        #: ``time.monotonic()`` when a guest write last needed a copy.
+        self._last_guest_copy = -GUEST_RECENT
         self._kick = asyncio.Event()
         self._zeroes = bytes(max(MAX_BUFFER, cluster_size))
         #: Copy between local files in one blocking call through reused buffers (until
@@ -247,9 +252,11 @@ class BlockCopy:
             return  # copied already, nothing in flight: most guest writes during a backup
         self._guest_copies += 1
         self._guests_idle.clear()
+        self._last_guest_copy = time.monotonic()
         try:
             if timeout is None:
-                await self._copy_all(start, end, own_task=False)
+                with without_inline_yields():  # the guest write yields soon anyway
+                    await self._copy_all(start, end, own_task=False)
             else:
                 async with asyncio.timeout(timeout):
                     await self._copy_all(start, end, own_task=True)
@@ -326,7 +333,7 @@ class BlockCopy:
         try:
             with background_io():
                 while not failure:
-                    if self._guest_copies and len(running) >= BACKOFF_WORKERS:
+                    if len(running) >= BACKOFF_WORKERS and self._guests_copying():
                         await self._wait_guests_or_chunk(running)  # guest writes first
                         continue
                     await slots.acquire()
@@ -405,12 +412,21 @@ class BlockCopy:
             return None
         return widened, extent
 
+    def _guests_copying(self) -> bool:
+        """Whether guest writes need copies now or did a moment ago.
+
+        A guest's copy is over in well under a millisecond, so "one is active right now"
+        would let the background flood in between two of them; guests writing to uncopied
+        clusters keep the background backed off for ``GUEST_RECENT`` after each copy.
+        """
+        return bool(self._guest_copies) or (time.monotonic() - self._last_guest_copy < GUEST_RECENT)
+
     async def _wait_guests_or_chunk(self, running: set[asyncio.Task[None]]) -> None:
-        idle = asyncio.ensure_future(self._guests_idle.wait())
-        try:
-            await asyncio.wait({idle, *running}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            idle.cancel()
+        """Wait for a running chunk to finish, or for the guests to stop needing copies."""
+        quiet = GUEST_RECENT - (time.monotonic() - self._last_guest_copy)
+        await asyncio.wait(
+            set(running), timeout=max(quiet, 0.001), return_when=asyncio.FIRST_COMPLETED
+        )
 
     async def _wait_for_any(self, running: set[asyncio.Task[None]]) -> bool:
         """Nothing dirty: wait for a running chunk or a guest copy. False when all is done."""

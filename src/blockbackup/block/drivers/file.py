@@ -36,7 +36,7 @@ import struct
 import time
 from typing import ClassVar
 
-from blockbackup._aio import in_background, run_blocking
+from blockbackup._aio import in_background, inline_may_skip_yield, run_blocking
 from blockbackup.block.copy_range import fill
 from blockbackup.block.driver import (
     BlockDriver,
@@ -223,7 +223,8 @@ class FileDriver(BlockDriver):
             finally:
                 view.release()
             if done == length:
-                await asyncio.sleep(0)  # yield as a pool call would: no caller starves the loop
+                if not inline_may_skip_yield():
+                    await asyncio.sleep(0)  # yield as a pool call would: no caller starves it
                 return buf
             return await run_blocking(_pread_rest, self.fd, buf, done, offset)
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
@@ -246,7 +247,8 @@ class FileDriver(BlockDriver):
                     self._inline_slow(start + took)
                 # Yield once, as a pool call would: a caller looping on writes must not
                 # starve the loop (QMP, other clients, a backup taking its point in time).
-                await asyncio.sleep(0)
+                if not inline_may_skip_yield():
+                    await asyncio.sleep(0)
                 return
         await run_blocking(_pwrite_all, self.fd, data, offset, self._direct, fua)
 
