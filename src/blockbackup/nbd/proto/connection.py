@@ -24,10 +24,8 @@ from .events import (
     Event,
     Flush,
     NegotiatedExport,
-    OffsetData,
     OptionError,
     Read,
-    ReplyDone,
     SimpleReply,
     Trim,
     Write,
@@ -214,16 +212,25 @@ class ServerConnection(_Connection):
 
     def send_ok(self, cookie: int) -> list[Buffer]:
         """Complete a request that has no reply payload."""
-        return self.send(SimpleReply(cookie=cookie))
+        self._check_usable()
+        if self.transmission is None:
+            return self.send(SimpleReply(cookie=cookie))
+        try:
+            return self.transmission.reply_ok(cookie)
+        except ProtocolError:
+            self._fail()
+            raise
 
     def send_read(self, cookie: int, offset: int, data: Buffer) -> list[Buffer]:
         """Answer a whole READ with ``data`` (one chunk, or a simple reply)."""
-        export = self.export
-        if export is not None and export.structured_replies:
-            if not memoryview(data).nbytes:
-                return self.send(ReplyDone(cookie=cookie))
-            return self.send(OffsetData(cookie=cookie, offset=offset, data=data, done=True))
-        return self.send(SimpleReply(cookie=cookie, payload=data))
+        self._check_usable()
+        if self.transmission is None:
+            return self.send(SimpleReply(cookie=cookie, payload=data))
+        try:
+            return self.transmission.reply_read(cookie, offset, data)
+        except ProtocolError:
+            self._fail()
+            raise
 
 
 class ClientConnection(_Connection):
