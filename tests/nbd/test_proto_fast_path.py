@@ -21,6 +21,7 @@ from blockbackup.nbd.proto import (
     NegotiatedExport,
     OffsetData,
     Read,
+    RemoteProtocolError,
     ReplyDone,
     SimpleReply,
     TxFlag,
@@ -31,6 +32,7 @@ from blockbackup.nbd.proto.connection import DEFAULT_RECEIVE_CAP
 from blockbackup.nbd.proto.constants import Magic
 from blockbackup.nbd.proto.transmission import ServerTransmission, check_request
 from blockbackup.nbd.proto.wire import REQUEST
+from nbd.conftest import ConnectionPair, drain
 
 SIZE = 1 << 20
 
@@ -155,3 +157,63 @@ def test_oversized_write_is_dropped_not_buffered() -> None:
     event = tx.next_event()
     assert isinstance(event, InvalidRequest)
     assert buf.skipping == MAX_PAYLOAD + 1
+
+
+def _requests_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Three WRITEs of different sizes with a READ between; the payloads by cookie."""
+    payloads = [(1, bytes(range(256)) * 16), (3, b"\x5a" * 70000), (4, b"\x01\x02" * 7)]
+    out = b""
+    for cookie, data in payloads[:1]:
+        out += REQUEST.pack(Magic.REQUEST, 0, 1, cookie, 0, len(data)) + data
+    out += REQUEST.pack(Magic.REQUEST, 0, 0, 2, 0, 4096)
+    for cookie, data in payloads[1:]:
+        out += REQUEST.pack(Magic.REQUEST, 0, 1, cookie, 8192, len(data)) + data
+    return out, payloads
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 80000), max_size=12),
+    direct=st.lists(st.booleans(), min_size=1, max_size=12),
+)
+def test_payload_sink_any_cut_any_route(cuts: list[int], direct: list[bool]) -> None:
+    """However bytes are cut, and whether they land via receive_data or straight in
+    receive_view(), the same requests come out and nothing stays buffered."""
+    pair = ConnectionPair()
+    pair.handshake(structured=False)
+    server = pair.server
+    stream, payloads = _requests_stream()
+    events = []
+    pos, i = 0, 0
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    for end in bounds:
+        while pos < end:
+            view = server.receive_view()
+            if view is not None and direct[i % len(direct)]:
+                n = min(len(view), end - pos)
+                view[:n] = stream[pos : pos + n]
+                server.received_into(n)
+            else:
+                n = end - pos if view is None else min(len(view), end - pos)
+                server.receive_data(stream[pos : pos + n])
+            pos += n
+            i += 1
+            events += drain(server)
+    writes = [(e.cookie, bytes(e.data)) for e in events if isinstance(e, Write)]
+    assert writes == payloads
+    assert [e.cookie for e in events if isinstance(e, Read)] == [2]
+    assert server.buffered == 0
+
+
+def test_eof_inside_a_sink_payload_is_a_protocol_error() -> None:
+    pair = ConnectionPair()
+    pair.handshake(structured=False)
+    server = pair.server
+    server.receive_data(REQUEST.pack(Magic.REQUEST, 0, 1, 1, 0, 65536) + b"x" * 100)
+    assert drain(server) == []
+    view = server.receive_view()
+    assert view is not None
+    assert len(view) == 65536 - 100
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="mid-message"):
+        server.next_event()

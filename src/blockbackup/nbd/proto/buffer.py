@@ -1,9 +1,13 @@
-"""Receive buffer with a hard size cap and a skip counter.
+"""Receive buffer with a hard size cap, a skip counter and a payload sink.
 
 Why: the peer decides how many bytes arrive, so the buffer refuses to grow
 past ``cap`` (a denial-of-service bound) and can drop a known number of
 future bytes (an oversized WRITE payload) without ever storing them.
 Parsers read fixed headers in place with ``unpack_from``; nothing rescans.
+A parser that knows a payload's (already bounded) size can open a *sink*: a
+buffer of exactly that size that the following bytes fill before anything
+else is buffered. The I/O layer may receive straight into ``sink_view()``,
+so a large WRITE payload is copied once, from the socket into its final buffer.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from .wire import Buffer
 class ReceiveBuffer:
     """Bytes received but not yet parsed."""
 
-    __slots__ = ("_cap", "_data", "_skip", "eof", "high_water")
+    __slots__ = ("_cap", "_data", "_sink", "_sink_fill", "_skip", "eof", "high_water")
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
         self._data = bytearray()
         self._skip = 0
+        self._sink: bytearray | None = None
+        self._sink_fill = 0
         self.eof = False
         #: Largest size ever buffered (tests assert it never exceeds ``cap``).
         self.high_water = 0
@@ -43,12 +49,65 @@ class ReceiveBuffer:
         """How many future bytes will still be dropped on arrival."""
         return self._skip
 
+    @property
+    def sink_pending(self) -> int:
+        """Bytes the open sink still waits for (0 when none is open or it is full)."""
+        return 0 if self._sink is None else len(self._sink) - self._sink_fill
+
+    def open_sink(self, size: int) -> None:
+        """Collect the next ``size`` bytes (buffered ones first) in a buffer of their own.
+
+        The caller bounds ``size`` before calling: this allocates it at once.
+        """
+        if self._sink is not None or self._skip:
+            raise RuntimeError("a sink or skip is already pending")
+        sink = bytearray(size)
+        n = min(size, len(self._data))
+        if n:
+            with memoryview(self._data) as src:
+                sink[:n] = src[:n]
+            del self._data[:n]
+        self._sink = sink
+        self._sink_fill = n
+
+    def sink_view(self) -> memoryview | None:
+        """Where the next received bytes may be written directly, if a sink waits for them.
+
+        After writing ``n`` bytes there, call :meth:`sink_filled` before anything else.
+        """
+        sink = self._sink
+        if sink is None or self._sink_fill == len(sink):
+            return None
+        return memoryview(sink)[self._sink_fill :]
+
+    def sink_filled(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`sink_view`."""
+        if not 0 <= n <= self.sink_pending:
+            raise RuntimeError(f"sink_filled({n}) with {self.sink_pending} bytes pending")
+        self._sink_fill += n
+
+    def take_sink(self) -> bytearray | None:
+        """The sink's buffer once it is full (the sink is closed), else None."""
+        sink = self._sink
+        if sink is None or self._sink_fill != len(sink):
+            return None
+        self._sink = None
+        self._sink_fill = 0
+        return sink
+
     def feed(self, data: Buffer) -> None:
-        """Append ``data`` (after dropping any pending skip)."""
+        """Append ``data`` (after dropping any pending skip and filling any open sink)."""
         view = memoryview(data).cast("B")
         if self._skip:
             n = min(self._skip, len(view))
             self._skip -= n
+            view = view[n:]
+        pending = self.sink_pending
+        if pending and view:
+            assert self._sink is not None
+            n = min(pending, len(view))
+            self._sink[self._sink_fill : self._sink_fill + n] = view[:n]
+            self._sink_fill += n
             view = view[n:]
         if not view:
             return

@@ -286,6 +286,8 @@ class ServerTransmission:
         sizes = export.block_sizes
         self._max_len = min(sizes.maximum, MAX_PAYLOAD) if sizes else MAX_PAYLOAD
         self._align = sizes.minimum if sizes and sizes.minimum > 1 else 1
+        #: Header fields of a WRITE whose payload is still arriving in the buffer's sink.
+        self._partial: tuple[int, int, int, int, int] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -298,6 +300,14 @@ class ServerTransmission:
             if buf:
                 raise RemoteProtocolError("data after NBD_CMD_DISC")
             return None
+        payload: Buffer = b""
+        if self._partial is not None:
+            sink = buf.take_sink()
+            if sink is None:
+                return None
+            flags, command, cookie, offset, length = self._partial
+            self._partial = None
+            return self._request(flags, command, cookie, offset, length, sink)
         if buf.skipping or len(buf) < REQUEST.size:
             return None
         magic, flags, command, cookie, offset, length = buf.unpack_from(REQUEST)
@@ -307,25 +317,52 @@ class ServerTransmission:
             buf.drop(REQUEST.size)
             self.closed = True
             return Disconnect(cookie=cookie, offset=offset, length=length, flags=CmdFlag(flags))
-        in_flight = self._in_flight
-        if cookie in in_flight:
+        if cookie in self._in_flight:
             raise RemoteProtocolError(f"cookie {cookie:#x} is already in flight")
-        payload: Buffer = b""
-        problem: tuple[NbdErrno, str] | None = None
         if command == _WRITE:
             if length > MAX_PAYLOAD:
                 # Never buffer it: drop the payload as it streams past.
                 buf.drop(REQUEST.size + length)
                 problem = NbdErrno.EINVAL, f"write of {length} bytes exceeds {MAX_PAYLOAD}"
-            elif len(buf) < REQUEST.size + length:
-                return None
-            else:
-                buf.drop(REQUEST.size)
-                payload = buf.consume(length)
+                return self._refuse(cookie, command, offset, length, flags, problem)
+            buf.drop(REQUEST.size)
+            if len(buf) < length:
+                # Incomplete: the rest of the payload goes straight into its own buffer
+                # (bounded just above), never through the receive buffer.
+                buf.open_sink(length)
+                self._partial = flags, command, cookie, offset, length
+                return self.next_event()
+            payload = buf.consume(length)
         else:
             buf.drop(REQUEST.size)
-        in_flight[cookie] = _InFlight(command, offset, length, flags)
-        if problem is None and command <= _WRITE:
+        return self._request(flags, command, cookie, offset, length, payload)
+
+    def _refuse(
+        self,
+        cookie: int,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int,
+        problem: tuple[NbdErrno, str],
+    ) -> InvalidRequest:
+        self._in_flight[cookie] = _InFlight(command, offset, length, flags)
+        return InvalidRequest(
+            cookie=cookie,
+            command=command,
+            offset=offset,
+            length=length,
+            flags=flags,
+            error=problem[0],
+            reason=problem[1],
+        )
+
+    def _request(
+        self, flags: int, command: int, cookie: int, offset: int, length: int, payload: Buffer
+    ) -> Event:
+        """The event for a complete, well-framed request (a refusal if the rules say so)."""
+        self._in_flight[cookie] = _InFlight(command, offset, length, flags)
+        if command <= _WRITE:
             # READ/WRITE: accept what check_request would accept with integer tests only.
             allowed = self._fast_flags[command]
             if (
@@ -338,18 +375,10 @@ class ServerTransmission:
                 if command == _WRITE:
                     return parsed_write(cookie, offset, payload, _FLAG_MEMBERS[flags])
                 return parsed_range_request(Read, cookie, offset, length, _FLAG_MEMBERS[flags])
-        if problem is None:
-            problem = check_request(self.export, command, offset, length, flags)
+        problem = check_request(self.export, command, offset, length, flags)
         if problem is not None:
-            return InvalidRequest(
-                cookie=cookie,
-                command=command,
-                offset=offset,
-                length=length,
-                flags=flags,
-                error=problem[0],
-                reason=problem[1],
-            )
+            del self._in_flight[cookie]
+            return self._refuse(cookie, command, offset, length, flags, problem)
         cls = REQUEST_CLASSES[command]
         if cls is Write:
             return parsed_write(cookie, offset, payload, CmdFlag(flags))
