@@ -96,6 +96,7 @@ from blockbackup.nbd.proto import (
     WriteZeroes,
 )
 from blockbackup.nbd.proto.wire import Buffer
+from blockbackup.nbd.receiver import TransmissionReceiver, take_over
 from blockbackup.nbd.tls import TlsCredentials, find_credentials
 
 __all__ = ["NbdServer", "parse_socket_address"]
@@ -314,6 +315,8 @@ class _Client:
         self._batching = False
         self._out: list[Buffer] = []
         self._out_bytes = 0
+        #: Replaces ``reader`` in transmission without TLS (see :mod:`.receiver`).
+        self._receiver: TransmissionReceiver | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -374,6 +377,9 @@ class _Client:
             if event is not NEED_DATA:
                 assert isinstance(event, Event)
                 return event
+            if self._receiver is not None:
+                await self._receiver.wait()
+                continue
             data = await self.reader.read(MAX_FEED)
             self.conn.receive_data(data)
 
@@ -537,6 +543,8 @@ class _Client:
         if sock is not None and not self.tls:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        if not self.tls:
+            self._receiver = take_over(self.conn, self.reader, self.writer)
         async with asyncio.TaskGroup() as tasks:
             while not self._dead:
                 event = await self._next_request()
