@@ -6,9 +6,11 @@ accept loop, and one :class:`_Client` per connection that
 
 * runs the option haggling against the :class:`~blockbackup.nbd.exports.ExportManager`
   (LIST, INFO/GO, meta contexts, STARTTLS through ``StreamWriter.start_tls``);
-* in transmission, reads requests and serves each in its own task, so replies may leave
-  out of order. At most ``max_in_flight`` requests run per client; when they do, the
-  reader stops reading (backpressure onto the client's socket);
+* in transmission, receives through :mod:`~blockbackup.nbd.receiver` (without TLS) and
+  serves each request in its own task, so replies may leave out of order; a WRITE the
+  block layer can finish at once (``BlockNode.write_now``) is answered without a task. At
+  most ``max_in_flight`` tasks run per client; when they do, the reader stops reading
+  (backpressure onto the client's socket);
 * queues every reply synchronously right after ``send()`` (so the protocol state and the
   byte stream stay in the same order), then awaits ``drain()``. In transmission, replies
   queued during one event-loop iteration leave in one ``write`` (small ones joined), so
