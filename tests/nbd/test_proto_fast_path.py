@@ -8,6 +8,8 @@ for every export shape and header, or a client gets a wrong errno or a bad reply
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,8 +162,8 @@ def test_oversized_write_is_dropped_not_buffered() -> None:
 
 
 def _requests_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
-    """Three WRITEs of different sizes with a READ between; the payloads by cookie."""
-    payloads = [(1, bytes(range(256)) * 16), (3, b"\x5a" * 70000), (4, b"\x01\x02" * 7)]
+    """Three WRITEs of different sizes (one larger than a sink starts) with a READ between."""
+    payloads = [(1, bytes(range(256)) * 16), (3, os.urandom(1_500_000)), (4, b"\x01\x02" * 7)]
     out = b""
     for cookie, data in payloads[:1]:
         out += REQUEST.pack(Magic.REQUEST, 0, 1, cookie, 0, len(data)) + data
@@ -173,14 +175,14 @@ def _requests_stream() -> tuple[bytes, list[tuple[int, bytes]]]:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    cuts=st.lists(st.integers(1, 80000), max_size=12),
+    cuts=st.lists(st.integers(1, 1_600_000), max_size=12),
     direct=st.lists(st.booleans(), min_size=1, max_size=12),
 )
 def test_payload_sink_any_cut_any_route(cuts: list[int], direct: list[bool]) -> None:
     """However bytes are cut, and whether they land via receive_data or straight in
     receive_view(), the same requests come out and nothing stays buffered."""
     pair = ConnectionPair()
-    pair.handshake(structured=False)
+    pair.handshake(structured=False, size=64 * 1024 * 1024)
     server = pair.server
     stream, payloads = _requests_stream()
     events = []
@@ -217,3 +219,45 @@ def test_eof_inside_a_sink_payload_is_a_protocol_error() -> None:
     server.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="mid-message"):
         server.next_event()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_header_alone_does_not_commit_its_payload() -> None:
+    """A peer sending only a maximal WRITE header must not cost MAX_PAYLOAD of memory."""
+    pair = ConnectionPair()
+    pair.handshake(structured=False, size=64 * 1024 * 1024)
+    server = pair.server
+    before = _rss()
+    server.receive_data(REQUEST.pack(Magic.REQUEST, 0, 1, 1, 0, MAX_PAYLOAD) + b"z" * 4096)
+    assert drain(server) == []
+    view = server.receive_view()
+    assert view is not None
+    assert 0 < len(view) <= MAX_PAYLOAD - 4096
+    assert _rss() - before < MAX_PAYLOAD // 4
+    view[:4] = b"tail"  # the sink is writable where the socket will write
+    server.received_into(4)
+    view.release()
+
+
+def test_sink_grows_even_while_an_old_view_is_held() -> None:
+    pair = ConnectionPair()
+    pair.handshake(structured=False, size=64 * 1024 * 1024)
+    server = pair.server
+    data = os.urandom(5 * 1024 * 1024 + 5)
+    server.receive_data(REQUEST.pack(Magic.REQUEST, 0, 1, 1, 0, len(data)))
+    assert drain(server) == []
+    held = server.receive_view()  # kept alive: the sink cannot be resized in place
+    assert held is not None
+    pos = 0
+    while pos < len(data):
+        n = min(100_000, len(data) - pos)
+        server.receive_data(data[pos : pos + n])
+        pos += n
+    (event,) = drain(server)
+    assert isinstance(event, Write)
+    assert bytes(event.data) == data
+    held.release()

@@ -18,11 +18,26 @@ from typing import Any
 from .errors import RemoteProtocolError
 from .wire import Buffer
 
+#: A sink starts this large (or as large as its payload; as much as a peer may have us
+#: buffer anyway) and grows ``SINK_GROWTH`` times over when full, so what a payload
+#: commits stays within max(SINK_START, SINK_GROWTH x what the peer sent).
+SINK_START = 1024 * 1024
+SINK_GROWTH = 4
+
 
 class ReceiveBuffer:
     """Bytes received but not yet parsed."""
 
-    __slots__ = ("_cap", "_data", "_sink", "_sink_fill", "_skip", "eof", "high_water")
+    __slots__ = (
+        "_cap",
+        "_data",
+        "_sink",
+        "_sink_fill",
+        "_sink_size",
+        "_skip",
+        "eof",
+        "high_water",
+    )
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
@@ -30,6 +45,7 @@ class ReceiveBuffer:
         self._skip = 0
         self._sink: bytearray | None = None
         self._sink_fill = 0
+        self._sink_size = 0
         self.eof = False
         #: Largest size ever buffered (tests assert it never exceeds ``cap``).
         self.high_water = 0
@@ -52,47 +68,66 @@ class ReceiveBuffer:
     @property
     def sink_pending(self) -> int:
         """Bytes the open sink still waits for (0 when none is open or it is full)."""
-        return 0 if self._sink is None else len(self._sink) - self._sink_fill
+        return 0 if self._sink is None else self._sink_size - self._sink_fill
 
     def open_sink(self, size: int) -> None:
         """Collect the next ``size`` bytes (buffered ones first) in a buffer of their own.
 
-        The caller bounds ``size`` before calling: this allocates it at once.
+        The caller bounds ``size`` before calling. The buffer starts at ``SINK_START``
+        and grows as it fills: a peer that sends a header and stops commits us to
+        little memory, not to the whole announced payload.
         """
         if self._sink is not None or self._skip:
             raise RuntimeError("a sink or skip is already pending")
-        sink = bytearray(size)
         n = min(size, len(self._data))
+        sink = bytearray(max(n, min(size, SINK_START)))
         if n:
             with memoryview(self._data) as src:
                 sink[:n] = src[:n]
             del self._data[:n]
         self._sink = sink
         self._sink_fill = n
+        self._sink_size = size
+
+    def _sink_room(self) -> bytearray | None:
+        """The open, unfinished sink, grown if it is full (None if there is none)."""
+        sink = self._sink
+        if sink is None or self._sink_fill == self._sink_size:
+            return None
+        if self._sink_fill == len(sink):
+            grow = min(self._sink_size, SINK_GROWTH * len(sink)) - len(sink)
+            try:
+                sink += bytes(grow)
+            except BufferError:  # someone still holds a view of it: grow a copy
+                sink = self._sink = sink + bytes(grow)
+        return sink
 
     def sink_view(self) -> memoryview | None:
         """Where the next received bytes may be written directly, if a sink waits for them.
 
-        After writing ``n`` bytes there, call :meth:`sink_filled` before anything else.
+        After writing ``n`` bytes there, call :meth:`sink_filled` before anything else,
+        and drop the view before the next call (the sink may have to grow).
         """
-        sink = self._sink
-        if sink is None or self._sink_fill == len(sink):
+        sink = self._sink_room()
+        if sink is None:
             return None
         return memoryview(sink)[self._sink_fill :]
 
     def sink_filled(self, n: int) -> None:
         """``n`` bytes were written at the start of the last :meth:`sink_view`."""
-        if not 0 <= n <= self.sink_pending:
-            raise RuntimeError(f"sink_filled({n}) with {self.sink_pending} bytes pending")
+        room = 0 if self._sink is None else len(self._sink) - self._sink_fill
+        if not 0 <= n <= room:
+            raise RuntimeError(f"sink_filled({n}) with room for {room} bytes")
         self._sink_fill += n
 
     def take_sink(self) -> bytearray | None:
         """The sink's buffer once it is full (the sink is closed), else None."""
         sink = self._sink
-        if sink is None or self._sink_fill != len(sink):
+        if sink is None or self._sink_fill != self._sink_size:
             return None
         self._sink = None
         self._sink_fill = 0
+        self._sink_size = 0
         return sink
 
     def feed(self, data: Buffer) -> None:
@@ -102,11 +137,11 @@ class ReceiveBuffer:
             n = min(self._skip, len(view))
             self._skip -= n
             view = view[n:]
-        pending = self.sink_pending
-        if pending and view:
-            assert self._sink is not None
-            n = min(pending, len(view))
-            self._sink[self._sink_fill : self._sink_fill + n] = view[:n]
+        while view and self.sink_pending:
+            sink = self._sink_room()
+            assert sink is not None
+            n = min(len(sink) - self._sink_fill, len(view))
+            sink[self._sink_fill : self._sink_fill + n] = view[:n]
             self._sink_fill += n
             view = view[n:]
         if not view:
