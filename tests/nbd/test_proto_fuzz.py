@@ -7,7 +7,7 @@ buffer must never grow past its cap.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blockbackup.nbd.proto import (
@@ -196,6 +196,8 @@ def server_script(make_pair) -> list[tuple[str, object]]:
 
 @FUZZ
 @given(muts=mutations, cut=st.none() | st.integers(0, 2000))
+# An NBD_INFO_EXPORT reply one byte short once escaped as struct.error.
+@example(muts=[(1544, 1, "set")], cut=None)
 def test_mutated_server_stream_into_client(make_pair, muts, cut):
     script = server_script(make_pair)
     sizes = [len(x) for who, x in script if who == "s" and isinstance(x, bytes)]

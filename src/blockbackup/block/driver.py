@@ -122,6 +122,17 @@ class BlockDriver(ABC):
     ) -> None:
         """Write ``data``."""
 
+    def write_now(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> bool:
+        """Write ``data`` at once on the calling (loop) thread if that is cheap, else False.
+
+        Why: a caller that can finish a request without awaiting (the NBD server) skips
+        a task and a loop iteration per request. Only a driver whose write is a page-cache
+        copy says yes; False means nothing was done and :meth:`write` must be used.
+        """
+        return False
+
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         """Make the range read as zeroes. The default writes zero buffers."""
         if flags & WriteFlags.NO_FALLBACK:

@@ -366,6 +366,33 @@ class BlockNode:
             if not self._in_flight_changes:
                 self._changes_idle.set()
 
+    def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
+        """:meth:`write` without awaiting, when the fast path and the driver allow it.
+
+        Returns False having done nothing visible (at most a dirty mark that the
+        :meth:`write` the caller then makes repeats): quiesced, hooks or gates, a request
+        the driver must split or align, a check that fails (``write`` raises it), or a
+        driver that cannot write at once. No await happens in between, so no quiesce or
+        hook can start while it runs and no in-flight count is needed.
+        """
+        length = len(data)
+        if (
+            not length
+            or self._quiesce_depth
+            or self._before_write
+            or self._write_gates
+            or self.config.read_only
+            or offset < 0
+            or offset + length > self.size
+        ):
+            return False
+        limits = self.limits
+        if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
+            return False
+        for tracker in self.dirty_trackers:
+            tracker.mark_dirty(offset, length)
+        return self.driver.write_now(offset, memoryview(data).cast("B"), flags)
+
     async def _write_aligned(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
         length = len(data)
         if self.limits.request_alignment == 1:

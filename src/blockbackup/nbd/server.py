@@ -6,9 +6,11 @@ accept loop, and one :class:`_Client` per connection that
 
 * runs the option haggling against the :class:`~blockbackup.nbd.exports.ExportManager`
   (LIST, INFO/GO, meta contexts, STARTTLS through ``StreamWriter.start_tls``);
-* in transmission, reads requests and serves each in its own task, so replies may leave
-  out of order. At most ``max_in_flight`` requests run per client; when they do, the
-  reader stops reading (backpressure onto the client's socket);
+* in transmission, receives through :mod:`~blockbackup.nbd.receiver` (without TLS) and
+  serves each request in its own task, so replies may leave out of order; a WRITE the
+  block layer can finish at once (``BlockNode.write_now``) is answered without a task. At
+  most ``max_in_flight`` tasks run per client; when they do, the reader stops reading
+  (backpressure onto the client's socket);
 * queues every reply synchronously right after ``send()`` (so the protocol state and the
   byte stream stay in the same order), then awaits ``drain()``. In transmission, replies
   queued during one event-loop iteration leave in one ``write`` (small ones joined), so
@@ -96,6 +98,7 @@ from blockbackup.nbd.proto import (
     WriteZeroes,
 )
 from blockbackup.nbd.proto.wire import Buffer
+from blockbackup.nbd.receiver import TransmissionReceiver, take_over
 from blockbackup.nbd.tls import TlsCredentials, find_credentials
 
 __all__ = ["NbdServer", "parse_socket_address"]
@@ -119,6 +122,8 @@ FLUSH_BYTES = 64 * 1024
 #: Reply parts up to this size are joined into one buffer before writing; larger ones
 #: (READ payloads) are handed to the transport uncopied.
 JOIN_MAX = 16 * 1024
+#: WRITEs served in a row without a task before the request loop yields to the others.
+INLINE_YIELD = 32
 #: Kernel send buffer asked for per client: one 1 MiB READ reply fits, so the loop
 #: does not wake for every fraction of it.
 SEND_BUFFER = 4 * 1024 * 1024
@@ -314,6 +319,8 @@ class _Client:
         self._batching = False
         self._out: list[Buffer] = []
         self._out_bytes = 0
+        #: Replaces ``reader`` in transmission without TLS (see :mod:`.receiver`).
+        self._receiver: TransmissionReceiver | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -374,6 +381,9 @@ class _Client:
             if event is not NEED_DATA:
                 assert isinstance(event, Event)
                 return event
+            if self._receiver is not None:
+                await self._receiver.wait()
+                continue
             data = await self.reader.read(MAX_FEED)
             self.conn.receive_data(data)
 
@@ -537,9 +547,21 @@ class _Client:
         if sock is not None and not self.tls:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        if not self.tls:
+            self._receiver = take_over(self.conn, self.reader, self.writer)
+        transport = self.writer.transport
+        inline = 0
         async with asyncio.TaskGroup() as tasks:
             while not self._dead:
                 event = await self._next_request()
+                if type(event) is Write and self._write_now(export, event):
+                    # Served without a task; keep the loop and the socket flowing.
+                    inline += 1
+                    if transport.get_write_buffer_size() > FLUSH_BYTES:
+                        await self._drain()
+                    elif inline % INLINE_YIELD == 0:
+                        await asyncio.sleep(0)
+                    continue
                 if isinstance(event, Request) and not isinstance(event, Disconnect):
                     await self._slots.acquire()
                     tasks.create_task(self._serve(export, event))
@@ -551,6 +573,31 @@ class _Client:
                         self._drop()
                 else:  # Disconnect, EOF or a broken stream: finish what is in flight, close
                     break
+
+    def _write_now(self, export: NbdExport, req: Write) -> bool:
+        """Serve a WRITE the block layer can finish without awaiting; False: not done.
+
+        Why: a page-cache write takes a few µs; a task, its loop iteration and the
+        driver's yield cost more than that. The reply is queued at once, like a task's.
+        """
+        fua = WriteFlags.FUA if int(req.flags) & _FUA else WriteFlags.NONE
+        try:
+            if not export.node.write_now(req.offset, req.data, fua):
+                return False
+        except OSError as exc:
+            code = exc.errno if exc.errno is not None else errno.EIO
+            message = (exc.strerror or "")[:4096]
+            self._write(self.conn.send_error(req.cookie, NbdErrno.from_host(code), message))
+            return True
+        self._write(self.conn.send_ok(req.cookie))
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, ProtocolError) as exc:
+            log.debug("NBD reply not sent: %s", exc)
+            self._drop()
 
     async def _next_request(self) -> Event | None:
         """The next transmission event; None when the stream ended or broke."""

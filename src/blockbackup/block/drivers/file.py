@@ -232,25 +232,34 @@ class FileDriver(BlockDriver):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
+        if self.write_now(offset, data, flags):
+            # Yield once, as a pool call would: a caller looping on writes must not
+            # starve the loop (QMP, other clients, a backup taking its point in time).
+            if not inline_may_skip_yield():
+                await asyncio.sleep(0)
+            return
         fua = bool(flags & WriteFlags.FUA) and not self._no_flush
-        if (
-            self._inline_writes
-            and not fua
-            and len(data) <= INLINE_WRITE_MAX
-            and not in_background()
-        ):
-            start = time.monotonic()
-            if start >= self._inline_after:
-                _pwrite_all(self.fd, data, offset, False, False)
-                took = time.monotonic() - start
-                if took > INLINE_SLOW:
-                    self._inline_slow(start + took)
-                # Yield once, as a pool call would: a caller looping on writes must not
-                # starve the loop (QMP, other clients, a backup taking its point in time).
-                if not inline_may_skip_yield():
-                    await asyncio.sleep(0)
-                return
         await run_blocking(_pwrite_all, self.fd, data, offset, self._direct, fua)
+
+    def write_now(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> bool:
+        """The inline page-cache write (see the module docstring), or False."""
+        if (
+            not self._inline_writes
+            or (flags & WriteFlags.FUA and not self._no_flush)
+            or len(data) > INLINE_WRITE_MAX
+            or in_background()
+        ):
+            return False
+        start = time.monotonic()
+        if start < self._inline_after:
+            return False
+        _pwrite_all(self.fd, data, offset, False, False)
+        took = time.monotonic() - start
+        if took > INLINE_SLOW:
+            self._inline_slow(start + took)
+        return True
 
     def _inline_slow(self, now: float) -> None:
         """An inline write blocked: use the pool for a while, longer each time in a row."""

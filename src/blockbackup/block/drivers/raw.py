@@ -74,6 +74,11 @@ class RawDriver(BlockDriver):
     ) -> None:
         await self.child.write(self.offset + offset, data, flags)
 
+    def write_now(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> bool:
+        return self.child.write_now(self.offset + offset, data, flags)
+
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self.child.write_zeroes(self.offset + offset, length, flags)
 

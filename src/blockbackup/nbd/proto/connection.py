@@ -24,10 +24,8 @@ from .events import (
     Event,
     Flush,
     NegotiatedExport,
-    OffsetData,
     OptionError,
     Read,
-    ReplyDone,
     SimpleReply,
     Trim,
     Write,
@@ -121,6 +119,23 @@ class _Connection:
             self._error = True
             raise
 
+    def receive_view(self) -> memoryview | None:
+        """Where the next bytes from the peer may be received directly, if anywhere.
+
+        Why: while a WRITE payload is arriving, its final buffer is known; an I/O layer
+        that can receive into memory (``recv_into``) fills it there and reports the count
+        with :meth:`received_into` instead of copying through :meth:`receive_data`.
+        None means: use ``receive_data``.
+        """
+        if self._error:
+            return None
+        return self._buf.sink_view()
+
+    def received_into(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`receive_view`."""
+        self._check_usable()
+        self._buf.sink_filled(n)
+
     def next_event(self) -> Event | NeedData:
         """The next event from the peer, or ``NEED_DATA``."""
         self._check_usable()
@@ -135,7 +150,7 @@ class _Connection:
         if event is not None:
             return event
         if self._buf.eof and not self._closed:
-            if self._buf or self._buf.skipping:
+            if self._buf or self._buf.skipping or self._buf.sink_pending:
                 self._error = True
                 raise RemoteProtocolError("peer closed the connection mid-message")
             self._closed = True
@@ -214,16 +229,25 @@ class ServerConnection(_Connection):
 
     def send_ok(self, cookie: int) -> list[Buffer]:
         """Complete a request that has no reply payload."""
-        return self.send(SimpleReply(cookie=cookie))
+        self._check_usable()
+        if self.transmission is None:
+            return self.send(SimpleReply(cookie=cookie))
+        try:
+            return self.transmission.reply_ok(cookie)
+        except ProtocolError:
+            self._fail()
+            raise
 
     def send_read(self, cookie: int, offset: int, data: Buffer) -> list[Buffer]:
         """Answer a whole READ with ``data`` (one chunk, or a simple reply)."""
-        export = self.export
-        if export is not None and export.structured_replies:
-            if not memoryview(data).nbytes:
-                return self.send(ReplyDone(cookie=cookie))
-            return self.send(OffsetData(cookie=cookie, offset=offset, data=data, done=True))
-        return self.send(SimpleReply(cookie=cookie, payload=data))
+        self._check_usable()
+        if self.transmission is None:
+            return self.send(SimpleReply(cookie=cookie, payload=data))
+        try:
+            return self.transmission.reply_read(cookie, offset, data)
+        except ProtocolError:
+            self._fail()
+            raise
 
 
 class ClientConnection(_Connection):

@@ -9,9 +9,9 @@ does the opposite.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from .constants import (
     MAX_OPTION_LENGTH,
@@ -549,6 +549,49 @@ class BlockStatus(_RangeRequest):
     """NBD_CMD_BLOCK_STATUS."""
 
     command: ClassVar[Cmd] = Cmd.BLOCK_STATUS
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, Any], None]:
+    """The slot descriptor's setter: it bypasses the frozen dataclass's ``__setattr__``."""
+    setter: Callable[[object, Any], None] = vars(cls)[name].__set__
+    return setter
+
+
+_SET_COOKIE = _slot_setter(_RangeRequest, "cookie")
+_SET_OFFSET = _slot_setter(_RangeRequest, "offset")
+_SET_LENGTH = _slot_setter(_RangeRequest, "length")
+_SET_FLAGS = _slot_setter(_RangeRequest, "flags")
+_SET_W_COOKIE = _slot_setter(Write, "cookie")
+_SET_W_OFFSET = _slot_setter(Write, "offset")
+_SET_W_DATA = _slot_setter(Write, "data")
+_SET_W_FLAGS = _slot_setter(Write, "flags")
+
+
+def parsed_range_request(
+    cls: type[_RangeRequest], cookie: int, offset: int, length: int, flags: CmdFlag
+) -> _RangeRequest:
+    """Build a range request from fields a wire parser already bounded.
+
+    Why: the request header's struct widths already guarantee what ``__post_init__``
+    checks, and the frozen dataclass ``__init__`` costs about 1.5 µs per request on the
+    server's hot path; filling the slots directly costs a fifth of that.
+    """
+    req = object.__new__(cls)
+    _SET_COOKIE(req, cookie)
+    _SET_OFFSET(req, offset)
+    _SET_LENGTH(req, length)
+    _SET_FLAGS(req, flags)
+    return req
+
+
+def parsed_write(cookie: int, offset: int, data: Buffer, flags: CmdFlag) -> Write:
+    """:func:`parsed_range_request` for WRITE (the payload is ``data``)."""
+    req = object.__new__(Write)
+    _SET_W_COOKIE(req, cookie)
+    _SET_W_OFFSET(req, offset)
+    _SET_W_DATA(req, data)
+    _SET_W_FLAGS(req, flags)
+    return req
 
 
 REQUEST_CLASSES: dict[int, type[Request]] = {

@@ -466,6 +466,8 @@ def _decode_info(data: memoryview) -> Event:
     r = Reader(data)
     info_type = r.u16()
     if info_type == Info.EXPORT:
+        if len(data) != INFO_EXPORT.size:
+            raise WireError("NBD_INFO_EXPORT must be 12 bytes")
         _, size, flags = INFO_EXPORT.unpack(data)
         return ExportInfo(size=size, transmission_flags=TxFlag(flags))
     if info_type == Info.NAME:
@@ -473,6 +475,8 @@ def _decode_info(data: memoryview) -> Event:
     if info_type == Info.DESCRIPTION:
         return ExportDescription(description=decode_string(r.rest()))
     if info_type == Info.BLOCK_SIZE:
+        if len(data) != INFO_BLOCK_SIZE.size:
+            raise WireError("NBD_INFO_BLOCK_SIZE must be 14 bytes")
         _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
         return BlockSizeInfo(minimum=minimum, preferred=preferred, maximum=maximum)
     return UnknownInfo(info_type=info_type, data=bytes(r.rest()))

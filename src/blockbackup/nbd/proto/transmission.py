@@ -12,6 +12,7 @@ per-request: it makes the stream unparseable and raises
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -41,11 +42,15 @@ from .events import (
     NegotiatedExport,
     OffsetData,
     OffsetHole,
+    Read,
     ReplyDone,
     Request,
     RequestDone,
     SimpleReply,
     Write,
+    _RangeRequest,
+    parsed_range_request,
+    parsed_write,
 )
 from .wire import (
     ERROR_HEAD,
@@ -132,6 +137,36 @@ def check_request(
         err = NbdErrno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else NbdErrno.EINVAL
         return err, "request extends beyond the end of the export"
     return None
+
+
+#: Request flags as enum members, precomputed for every value ``ALL_CMD_FLAGS`` allows.
+_FLAG_MEMBERS = tuple(CmdFlag(i) for i in range(int(ALL_CMD_FLAGS) + 1))
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
+_REQUEST_MAGIC = int(Magic.REQUEST)
+_SIMPLE_MAGIC = int(Magic.SIMPLE_REPLY)
+_STRUCTURED_MAGIC = int(Magic.STRUCTURED_REPLY)
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+#: Structured reply header followed by the OFFSET_DATA offset.
+_DATA_CHUNK_HEAD = struct.Struct(">IHHQIQ")
+
+
+def fast_read_write_flags(export: NegotiatedExport) -> tuple[int | None, int | None]:
+    """Flags READ and WRITE may carry without ``check_request`` (None: always check).
+
+    Why: READ and WRITE are nearly every request; precomputing which flags the export
+    advertised lets the parser accept a well-formed one with a few integer tests, and
+    anything else still goes through ``check_request`` for its exact errno and reason.
+    """
+    tx = int(export.transmission_flags)
+    if export.block_sizes is not None and export.block_sizes.minimum < 1:
+        return None, None  # nonsensical sizes: let check_request decide everything
+    fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
+    read = fua | (int(CmdFlag.DF) if tx & TxFlag.SEND_DF else 0)
+    write = None if tx & TxFlag.READ_ONLY else fua
+    return read, write
 
 
 @dataclass(slots=True)
@@ -247,6 +282,12 @@ class ServerTransmission:
         self._buf = buffer
         self._in_flight: dict[int, _InFlight] = {}
         self.closed = False
+        self._fast_flags = fast_read_write_flags(export)
+        sizes = export.block_sizes
+        self._max_len = min(sizes.maximum, MAX_PAYLOAD) if sizes else MAX_PAYLOAD
+        self._align = sizes.minimum if sizes and sizes.minimum > 1 else 1
+        #: Header fields of a WRITE whose payload is still arriving in the buffer's sink.
+        self._partial: tuple[int, int, int, int, int] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -259,48 +300,132 @@ class ServerTransmission:
             if buf:
                 raise RemoteProtocolError("data after NBD_CMD_DISC")
             return None
+        payload: Buffer = b""
+        if self._partial is not None:
+            sink = buf.take_sink()
+            if sink is None:
+                return None
+            flags, command, cookie, offset, length = self._partial
+            self._partial = None
+            return self._request(flags, command, cookie, offset, length, sink)
         if buf.skipping or len(buf) < REQUEST.size:
             return None
         magic, flags, command, cookie, offset, length = buf.unpack_from(REQUEST)
-        if magic != Magic.REQUEST:
+        if magic != _REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
-        if command == Cmd.DISC:
+        if command == _DISC:
             buf.drop(REQUEST.size)
             self.closed = True
             return Disconnect(cookie=cookie, offset=offset, length=length, flags=CmdFlag(flags))
         if cookie in self._in_flight:
             raise RemoteProtocolError(f"cookie {cookie:#x} is already in flight")
-        payload = b""
-        problem: tuple[NbdErrno, str] | None = None
-        if command == Cmd.WRITE:
+        if command == _WRITE:
             if length > MAX_PAYLOAD:
                 # Never buffer it: drop the payload as it streams past.
                 buf.drop(REQUEST.size + length)
                 problem = NbdErrno.EINVAL, f"write of {length} bytes exceeds {MAX_PAYLOAD}"
-            elif len(buf) < REQUEST.size + length:
-                return None
-            else:
-                buf.drop(REQUEST.size)
-                payload = buf.consume(length)
+                return self._refuse(cookie, command, offset, length, flags, problem)
+            buf.drop(REQUEST.size)
+            if len(buf) < length:
+                # Incomplete: the rest of the payload goes straight into its own buffer
+                # (bounded just above), never through the receive buffer.
+                buf.open_sink(length)
+                self._partial = flags, command, cookie, offset, length
+                return self.next_event()
+            payload = buf.consume(length)
         else:
             buf.drop(REQUEST.size)
-        if problem is None:
-            problem = check_request(self.export, command, offset, length, flags)
+        return self._request(flags, command, cookie, offset, length, payload)
+
+    def _refuse(
+        self,
+        cookie: int,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int,
+        problem: tuple[NbdErrno, str],
+    ) -> InvalidRequest:
         self._in_flight[cookie] = _InFlight(command, offset, length, flags)
+        return InvalidRequest(
+            cookie=cookie,
+            command=command,
+            offset=offset,
+            length=length,
+            flags=flags,
+            error=problem[0],
+            reason=problem[1],
+        )
+
+    def _request(
+        self, flags: int, command: int, cookie: int, offset: int, length: int, payload: Buffer
+    ) -> Event:
+        """The event for a complete, well-framed request (a refusal if the rules say so)."""
+        self._in_flight[cookie] = _InFlight(command, offset, length, flags)
+        if command <= _WRITE:
+            # READ/WRITE: accept what check_request would accept with integer tests only.
+            allowed = self._fast_flags[command]
+            if (
+                allowed is not None
+                and not flags & ~allowed
+                and length <= self._max_len
+                and offset + length <= self.export.size
+                and not (offset % self._align or length % self._align)
+            ):
+                if command == _WRITE:
+                    return parsed_write(cookie, offset, payload, _FLAG_MEMBERS[flags])
+                return parsed_range_request(Read, cookie, offset, length, _FLAG_MEMBERS[flags])
+        problem = check_request(self.export, command, offset, length, flags)
         if problem is not None:
-            return InvalidRequest(
-                cookie=cookie,
-                command=command,
-                offset=offset,
-                length=length,
-                flags=flags,
-                error=problem[0],
-                reason=problem[1],
-            )
+            del self._in_flight[cookie]
+            return self._refuse(cookie, command, offset, length, flags, problem)
         cls = REQUEST_CLASSES[command]
         if cls is Write:
-            return Write(cookie=cookie, offset=offset, data=payload, flags=CmdFlag(flags))
+            return parsed_write(cookie, offset, payload, CmdFlag(flags))
+        if issubclass(cls, _RangeRequest):
+            return parsed_range_request(cls, cookie, offset, length, CmdFlag(flags))
         return cls(cookie=cookie, offset=offset, length=length, flags=CmdFlag(flags))  # type: ignore[call-arg]
+
+    def reply_ok(self, cookie: int) -> list[Buffer]:
+        """``send(SimpleReply(cookie=cookie))`` without building the event (hot path)."""
+        pending = self._in_flight.get(cookie)
+        if pending is None or pending.command == _READ:
+            return self.send(SimpleReply(cookie=cookie))  # raises the precise error
+        del self._in_flight[cookie]
+        return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie)]
+
+    def reply_read(self, cookie: int, offset: int, data: Buffer) -> list[Buffer]:
+        """A whole, successful READ in one piece (an OFFSET_DATA chunk or a simple reply).
+
+        The common case skips the event objects; anything unusual (no such request, an
+        earlier chunk or error, a range that is not exactly the request's) takes
+        :meth:`send`, which checks it in full.
+        """
+        pending = self._in_flight.get(cookie)
+        size = memoryview(data).nbytes
+        structured = self.export.structured_replies
+        if (
+            pending is None
+            or pending.command != _READ
+            or pending.content_chunks
+            or pending.error is not None
+            or offset != pending.offset
+            or size != pending.length
+            or not size
+        ):
+            if not structured:
+                return self.send(SimpleReply(cookie=cookie, payload=data))
+            if not size:
+                return self.send(ReplyDone(cookie=cookie))
+            return self.send(OffsetData(cookie=cookie, offset=offset, data=data, done=True))
+        del self._in_flight[cookie]
+        if structured:
+            head = _DATA_CHUNK_HEAD.pack(
+                _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + size, offset
+            )
+        else:
+            head = SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie)
+        return [head, data]
 
     def _lookup(self, cookie: int) -> _InFlight:
         pending = self._in_flight.get(cookie)
