@@ -18,18 +18,36 @@ UNIX_PATH_MAX = 107
 
 
 def bind_unix(path: str) -> socket.socket:
-    """A stream socket bound at ``path`` with mode 0600; a stale socket file is replaced."""
+    """A stream socket listening at ``path`` with mode 0600; a stale socket file is replaced.
+
+    The socket is bound and listening under a temporary name first, then renamed into
+    place: whoever sees ``path`` appear can connect at once (a plain bind publishes the
+    file before ``listen``, and a client that is quick enough gets ECONNREFUSED).
+    """
     if len(path.encode()) > UNIX_PATH_MAX:
         raise BlockBackupError(f"UNIX socket path '{path}' is too long (max {UNIX_PATH_MAX} bytes)")
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            # Never replace anything but a socket (a plain bind would refuse too).
+            raise BlockBackupError(f"Failed to bind socket to {path}: Address already in use")
+    staging = f"{path}.{os.getpid()}~"
+    if len(staging.encode()) > UNIX_PATH_MAX:
+        staging = path  # no room for a temporary name: bind in place
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(staging).st_mode):
+            os.unlink(staging)  # stale: ours from an earlier run, or the target itself
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket file is created owner-only (0600)
     try:
-        sock.bind(path)
+        sock.bind(staging)
+        sock.listen(socket.SOMAXCONN)
+        if staging != path:
+            os.rename(staging, path)  # atomic: replaces a stale socket file, if any
     except OSError as exc:
         sock.close()
+        if staging != path:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
         raise BlockBackupError(f"Failed to bind socket to {path}: {exc.strerror}") from exc
     finally:
         os.umask(old)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 QSD = shutil.which("qemu-storage-daemon")
 QEMU_IMG = shutil.which("qemu-img")
@@ -177,6 +177,23 @@ def _mask(value: Any, volatile: set[str]) -> Any:
 Scenario = Callable[[Recorder], Awaitable[None]]
 
 
+async def _connect(name: str, sock: Path) -> QMPClient:
+    """Connect, retrying while the daemon is still starting.
+
+    qemu-storage-daemon creates its socket file before it listens (a client can get
+    ECONNREFUSED) and has been seen to fail the first capabilities negotiation right
+    after startup; retries end at the caller's timeout.
+    """
+    while True:
+        client = QMPClient(name)
+        try:
+            await client.connect(str(sock))
+        except ConnectError:
+            await asyncio.sleep(0.05)
+            continue
+        return client
+
+
 async def run_one(
     name: str,
     command: list[str],
@@ -202,8 +219,7 @@ async def run_one(
                     err = await proc.stderr.read() if proc.stderr else b""
                     raise RuntimeError(f"{name} exited at startup: {err.decode()}")
                 await asyncio.sleep(0.02)
-        client = QMPClient(name)
-        await client.connect(str(sock))
+            client = await _connect(name, sock)
         rec = Recorder(name, directory, client, proc)
         collector = asyncio.create_task(rec._collect())
         try:
