@@ -112,6 +112,27 @@ async def test_guest_write_cancelled_during_its_copy_leaves_the_cluster_to_copy(
     assert_clean(env, job)
 
 
+async def test_write_now_during_a_backup_only_where_nothing_is_left_to_copy(env: Env) -> None:
+    """The NBD server's inline write path works during a backup, for copied clusters only.
+
+    A write to a cluster still to copy must take the awaiting path (its copy comes first);
+    one to a copied cluster is written at once, and the backup still holds T0.
+    """
+    job = await env.bb.backup("src-raw", "tgt-raw", speed=1)  # the background barely moves
+    top = job.filter_node
+    cluster = job.block_copy.cluster_size
+    late = SIZE - cluster  # not copied yet: the background starts at 0
+    assert not top.write_now(late, b"\x03" * 4096)
+    assert read_file(env.src_path)[late : late + 4096] == env.t0[late : late + 4096]
+    await top.write(late, b"\x03" * 4096)  # copies the cluster first
+    assert top.write_now(late + 8192, b"\x04" * 4096)  # copied: written at once
+    source = read_file(env.src_path)
+    assert source[late + 8192 : late + 12288] == b"\x04" * 4096
+    job.set_speed(0)
+    await env.bb.wait(job)
+    assert read_file(env.tgt_path) == env.t0
+
+
 async def test_cancel_while_running(env: Env) -> None:
     with env.bb.events.subscribe() as sub:
         job = await env.bb.backup("src", "tgt", job_id="j", speed=512 * 1024)

@@ -243,15 +243,9 @@ class BlockCopy:
         Returns when all of them are on the target; raises ``CopyError`` if a copy failed,
         ``TimeoutError`` if ``timeout`` (seconds) passed first (the copies go on).
         """
-        self._last_guest_write = time.monotonic()
-        start, end = self._cluster_range(offset, length)
-        if start >= end:
-            return
-        if (
-            self.copy_bitmap.next_dirty_area(start, end, end - start) is None
-            and self.reqs.find_conflict(start, end - start) is None
-        ):
+        if not self.needs_copy(offset, length):
             return  # copied already, nothing in flight: most guest writes during a backup
+        start, end = self._cluster_range(offset, length)
         self._guest_copies += 1
         self._guests_idle.clear()
         self._last_guest_copy = time.monotonic()
@@ -266,6 +260,21 @@ class BlockCopy:
             self._guest_copies -= 1
             if self._guest_copies == 0:
                 self._guests_idle.set()
+
+    def needs_copy(self, offset: int, length: int) -> bool:
+        """Whether a guest write of this range must wait for :meth:`copy_before_write`.
+
+        False when every cluster it touches is copied and none is in flight: the write may
+        go ahead without awaiting anything. Counts as a guest write either way.
+        """
+        self._last_guest_write = time.monotonic()
+        start, end = self._cluster_range(offset, length)
+        if start >= end:
+            return False
+        return (
+            self.copy_bitmap.next_dirty_area(start, end, end - start) is not None
+            or self.reqs.find_conflict(start, end - start) is not None
+        )
 
     async def _copy_all(self, start: int, end: int, *, own_task: bool) -> None:
         """Copy the dirty clusters of ``[start, end)`` and wait for those in flight.

@@ -91,6 +91,8 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
+        #: For hooks that can tell without awaiting whether a write needs them at all.
+        self._hook_needed: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -175,11 +177,30 @@ class BlockNode:
 
     # -- interception ------------------------------------------------------------------------
 
-    def add_before_write(self, hook: BeforeWriteHook) -> None:
+    def add_before_write(
+        self, hook: BeforeWriteHook, *, needed: Callable[[int, int], bool] | None = None
+    ) -> None:
+        """Await ``hook`` before every modification reaches the driver.
+
+        ``needed(offset, length)``, if given, says synchronously (and without side effects
+        that matter) whether a write of that range needs the hook at all; when no hook is
+        needed, :meth:`write_now` may still write at once.
+        """
         self._before_write.append(hook)
+        if needed is not None:
+            self._hook_needed[hook] = needed
 
     def remove_before_write(self, hook: BeforeWriteHook) -> None:
         self._before_write.remove(hook)
+        self._hook_needed.pop(hook, None)
+
+    def _hooks_needed(self, offset: int, length: int) -> bool:
+        """Whether some before-write hook must run for a write of this range."""
+        for hook in self._before_write:
+            needed = self._hook_needed.get(hook)
+            if needed is None or needed(offset, length):
+                return True
+        return False
 
     def add_write_gate(self, gate: WriteGate) -> None:
         self._write_gates.append(gate)
@@ -370,7 +391,8 @@ class BlockNode:
         """:meth:`write` without awaiting, when the fast path and the driver allow it.
 
         Returns False having done nothing visible (at most a dirty mark that the
-        :meth:`write` the caller then makes repeats): quiesced, hooks or gates, a request
+        :meth:`write` the caller then makes repeats): quiesced, gates, a hook this write
+        needs (see :meth:`add_before_write`), a request
         the driver must split or align, a check that fails (``write`` raises it), or a
         driver that cannot write at once. No await happens in between, so no quiesce or
         hook can start while it runs and no in-flight count is needed.
@@ -379,11 +401,11 @@ class BlockNode:
         if (
             not length
             or self._quiesce_depth
-            or self._before_write
             or self._write_gates
             or self.config.read_only
             or offset < 0
             or offset + length > self.size
+            or (self._before_write and self._hooks_needed(offset, length))
         ):
             return False
         limits = self.limits

@@ -140,7 +140,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         self._target_readers = ReqList()
         limits = source.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
-        source.add_before_write(self._before_write)
+        source.add_before_write(self._before_write, needed=self._write_needs_hook)
         target.write_blocker = (node.name, "target")
 
     @classmethod
@@ -202,6 +202,15 @@ class CopyBeforeWriteDriver(BlockDriver):
         # the source changes under them.
         start, end = self._cluster_range(offset, length)
         await self._source_readers.wait_conflicts(start, end - start)
+
+    def _write_needs_hook(self, offset: int, length: int) -> bool:
+        """Whether :meth:`_before_write` has anything to do (copy, or wait) for this write."""
+        if self.snapshot_error is not None:
+            return False
+        if self.block_copy.needs_copy(offset, length):
+            return True
+        start, end = self._cluster_range(offset, length)
+        return self._source_readers.find_conflict(start, end - start) is not None
 
     def _copy_failed(self, err: OSError) -> None:
         if self.on_cbw_error == "break-guest-write":
@@ -296,6 +305,12 @@ class CopyBeforeWriteDriver(BlockDriver):
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
         await self.source.write(offset, data, flags)
+
+    def write_now(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> bool:
+        # The source's own write_now asks this filter's hook whether the write needs it.
+        return self.source.write_now(offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self.source.write_zeroes(offset, length, flags)
