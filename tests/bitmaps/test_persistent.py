@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from blockbackup.api import BlockBackup
+from blockbackup.block.bitmap_store import DURABLE_SPAN, store_of
 from blockbackup.block.bitmap_store import sidecar as sc
-from blockbackup.block.bitmap_store import store_of
 from blockbackup.block.dirty_bitmap import bitmaps_of
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -244,3 +244,23 @@ async def test_unsupported_nodes_keep_qemus_error(tmp_path: Path) -> None:
         node = await bb.blockdev_add({"driver": "null-co", "node-name": "n", "size": 1 << 20})
         with pytest.raises(Exception, match="Can't store persistent bitmaps to n: Operation not"):
             bitmaps_of(node).create("p", persistent=True)
+
+
+async def test_write_now_only_once_the_span_is_durable(tmp_path: Path) -> None:
+    """The NBD server's inline writes keep working with a persistent bitmap: a write whose
+    span is durable goes at once (and is recorded), one that needs a commit waits for it."""
+    path = tmp_path / "big.raw"
+    path.write_bytes(bytes(4 * DURABLE_SPAN))  # several durable spans
+    async with BlockBackup() as bb:
+        node = await bb.blockdev_add(_opts("raw", path))
+        bitmap = bitmaps_of(node).create("a", 65536, persistent=True)
+        assert not node.write_now(0, b"\x01" * 4096)  # clean span: the commit comes first
+        assert bitmap.bitmap.dirty_bytes() == 0  # and nothing was recorded by the refusal
+        await node.write(0, b"\x01" * 4096)  # commits the span
+        assert node.write_now(65536, b"\x02" * 4096)  # same durable span: at once
+        assert bitmap.bitmap.next_dirty_area(65536, 2 * 65536, 65536) == (65536, 65536)
+        last = 4 * DURABLE_SPAN - 4096
+        assert not node.write_now(last, b"\x03" * 4096)  # another span: not durable yet
+    data = path.read_bytes()
+    assert data[:4096] == b"\x01" * 4096
+    assert data[65536 : 65536 + 4096] == b"\x02" * 4096

@@ -91,8 +91,9 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
-        #: For hooks that can tell without awaiting whether a write needs them at all.
+        #: For hooks and gates that can tell at once whether a write needs them at all.
         self._hook_needed: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
+        self._gate_needed: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -202,11 +203,22 @@ class BlockNode:
                 return True
         return False
 
-    def add_write_gate(self, gate: WriteGate) -> None:
+    def add_write_gate(
+        self, gate: WriteGate, *, needed: Callable[[int, int], bool] | None = None
+    ) -> None:
+        """Call ``gate`` for every modification (see :data:`WriteGate`).
+
+        ``needed(offset, length)``, if given, says without side effects whether the gate
+        would make a write of that range wait; when it would not, :meth:`write_now` calls
+        the gate (which then returns ``None``) and still writes at once.
+        """
         self._write_gates.append(gate)
+        if needed is not None:
+            self._gate_needed[gate] = needed
 
     def remove_write_gate(self, gate: WriteGate) -> None:
         self._write_gates.remove(gate)
+        self._gate_needed.pop(gate, None)
 
     async def _pass_write_gates(self, offset: int, length: int) -> None:
         for gate in tuple(self._write_gates):
@@ -391,8 +403,8 @@ class BlockNode:
         """:meth:`write` without awaiting, when the fast path and the driver allow it.
 
         Returns False having done nothing visible (at most a dirty mark that the
-        :meth:`write` the caller then makes repeats): quiesced, gates, a hook this write
-        needs (see :meth:`add_before_write`), a request
+        :meth:`write` the caller then makes repeats): quiesced, a hook or gate this write
+        needs (see :meth:`add_before_write`, :meth:`add_write_gate`), a request
         the driver must split or align, a check that fails (``write`` raises it), or a
         driver that cannot write at once. No await happens in between, so no quiesce or
         hook can start while it runs and no in-flight count is needed.
@@ -401,7 +413,6 @@ class BlockNode:
         if (
             not length
             or self._quiesce_depth
-            or self._write_gates
             or self.config.read_only
             or offset < 0
             or offset + length > self.size
@@ -411,6 +422,14 @@ class BlockNode:
         limits = self.limits
         if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
             return False
+        gates = self._write_gates
+        if gates:
+            needed = self._gate_needed
+            if any(gate not in needed or needed[gate](offset, length) for gate in gates):
+                return False
+            for gate in tuple(gates):
+                if gate(offset, length) is not None:  # cannot happen: ``needed`` said so
+                    raise AssertionError(f"write gate {gate!r} disagrees with its check")
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
         return self.driver.write_now(offset, memoryview(data).cast("B"), flags)

@@ -29,7 +29,7 @@ import errno
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -406,7 +406,7 @@ class NodeStore:
 
     def _install(self) -> None:
         if not self._hooked:
-            self.node.add_write_gate(self.before_write)
+            self.node.add_write_gate(self.before_write, needed=self.needs_commit)
             self._hooked = True
 
     def _uninstall(self) -> None:
@@ -425,34 +425,14 @@ class NodeStore:
         is the common case and keeps the request layer's fast path; otherwise the commit
         to wait for.
         """
-        if length <= 0:
-            return None
         need = 0
-        registry = bitmaps_of(self.node)
-        for lin in self.lineages.values():
-            bearer = registry.get(lin.name)
-            if bearer is None:
-                continue
-            rec = bearer.successor if bearer.successor is not None else bearer
-            if not rec.enabled:
-                continue
-            # Durable in spans of DURABLE_SPAN bytes: one commit covers the neighbours too
-            # (a superset after a crash only; a clean close stores the exact bits).
-            q = lin.span
-            g0 = (offset >> lin.shift) // q * q
-            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
-            if g0 >= g1:
-                continue
+        for lin, rec, g0, g1 in self._spans(offset, length):
             # Marked now rather than after the hooks: a shrink then sees this write.
             rec.bitmap.set(offset, length)
+            if self._durable(lin, g0, g1):
+                continue  # durable, and no commit in flight takes it away: the fast path
             in_mem = lin.covered(lin.mem, g0, g1)
             target = lin.target
-            if (
-                in_mem
-                and lin.covered(lin.disk, g0, g1)
-                and (target is None or lin.covered(target, g0, g1))
-            ):
-                continue  # durable, and no commit in flight takes it away: the fast path
             if in_mem and target is not None and lin.covered(target, g0, g1):
                 need = max(need, self._inflight_gen)
                 continue
@@ -462,6 +442,46 @@ class NodeStore:
             )
             need = max(need, self._request())
         return self._wait(need) if need else None
+
+    def needs_commit(self, offset: int, length: int) -> bool:
+        """Whether :meth:`before_write` would make this write wait (no side effects).
+
+        False exactly when every span the write touches is durable already, so the gate
+        would let it through at once: the request layer may then write without awaiting.
+        """
+        return any(not self._durable(lin, g0, g1) for lin, _, g0, g1 in self._spans(offset, length))
+
+    def _spans(self, offset: int, length: int) -> Iterator[tuple[Lineage, DirtyBitmap, int, int]]:
+        """Per recording lineage: the bitmap recording writes now and the write's spans.
+
+        Durable in spans of DURABLE_SPAN bytes: one commit covers the neighbours too (a
+        superset after a crash only; a clean close stores the exact bits).
+        """
+        if length <= 0:
+            return
+        registry = bitmaps_of(self.node)
+        for lin in self.lineages.values():
+            bearer = registry.get(lin.name)
+            if bearer is None:
+                continue
+            rec = bearer.successor if bearer.successor is not None else bearer
+            if not rec.enabled:
+                continue
+            q = lin.span
+            g0 = (offset >> lin.shift) // q * q
+            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
+            if g0 < g1:
+                yield lin, rec, g0, g1
+
+    @staticmethod
+    def _durable(lin: Lineage, g0: int, g1: int) -> bool:
+        """Spans ``[g0, g1)`` are durable and no commit in flight takes them away."""
+        target = lin.target
+        return (
+            lin.covered(lin.mem, g0, g1)
+            and lin.covered(lin.disk, g0, g1)
+            and (target is None or lin.covered(target, g0, g1))
+        )
 
     def _request(self) -> int:
         """Ask for a commit of everything in ``mem`` now; return its generation."""
