@@ -93,7 +93,7 @@ class BlockNode:
         self._before_write: list[BeforeWriteHook] = []
         #: For hooks and gates that can tell at once whether a write needs them at all.
         self._hook_needed: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
-        self._gate_needed: dict[WriteGate, Callable[[int, int], bool]] = {}
+        self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -204,21 +204,22 @@ class BlockNode:
         return False
 
     def add_write_gate(
-        self, gate: WriteGate, *, needed: Callable[[int, int], bool] | None = None
+        self, gate: WriteGate, *, pass_now: Callable[[int, int], bool] | None = None
     ) -> None:
         """Call ``gate`` for every modification (see :data:`WriteGate`).
 
-        ``needed(offset, length)``, if given, says without side effects whether the gate
-        would make a write of that range wait; when it would not, :meth:`write_now` calls
-        the gate (which then returns ``None``) and still writes at once.
+        ``pass_now(offset, length)``, if given, is the gate for a write that must not
+        wait: it does what the gate does and returns True when the gate would let the
+        write through at once, or returns False having changed nothing. With it,
+        :meth:`write_now` can still write at once.
         """
         self._write_gates.append(gate)
-        if needed is not None:
-            self._gate_needed[gate] = needed
+        if pass_now is not None:
+            self._gate_pass_now[gate] = pass_now
 
     def remove_write_gate(self, gate: WriteGate) -> None:
         self._write_gates.remove(gate)
-        self._gate_needed.pop(gate, None)
+        self._gate_pass_now.pop(gate, None)
 
     async def _pass_write_gates(self, offset: int, length: int) -> None:
         for gate in tuple(self._write_gates):
@@ -422,14 +423,12 @@ class BlockNode:
         limits = self.limits
         if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
             return False
-        gates = self._write_gates
-        if gates:
-            needed = self._gate_needed
-            if any(gate not in needed or needed[gate](offset, length) for gate in gates):
+        for gate in self._write_gates:
+            pass_now = self._gate_pass_now.get(gate)
+            # A gate that passed before one that refuses leaves its record of this write,
+            # which the awaiting write the caller then makes repeats.
+            if pass_now is None or not pass_now(offset, length):
                 return False
-            for gate in tuple(gates):
-                if gate(offset, length) is not None:  # cannot happen: ``needed`` said so
-                    raise AssertionError(f"write gate {gate!r} disagrees with its check")
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
         return self.driver.write_now(offset, memoryview(data).cast("B"), flags)

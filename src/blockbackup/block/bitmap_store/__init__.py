@@ -406,7 +406,7 @@ class NodeStore:
 
     def _install(self) -> None:
         if not self._hooked:
-            self.node.add_write_gate(self.before_write, needed=self.needs_commit)
+            self.node.add_write_gate(self.before_write, pass_now=self.pass_now)
             self._hooked = True
 
     def _uninstall(self) -> None:
@@ -443,13 +443,35 @@ class NodeStore:
             need = max(need, self._request())
         return self._wait(need) if need else None
 
-    def needs_commit(self, offset: int, length: int) -> bool:
-        """Whether :meth:`before_write` would make this write wait (no side effects).
+    def pass_now(self, offset: int, length: int) -> bool:
+        """:meth:`before_write` for a write that need not wait, in one pass; else False.
 
-        False exactly when every span the write touches is durable already, so the gate
-        would let it through at once: the request layer may then write without awaiting.
+        True (with the write recorded, as the gate would) when every span it touches is
+        durable already and no commit in flight takes one away; False having changed
+        nothing otherwise. The request layer's write-at-once path uses it.
         """
-        return any(not self._durable(lin, g0, g1) for lin, _, g0, g1 in self._spans(offset, length))
+        if length <= 0:
+            return True
+        registry = bitmaps_of(self.node)
+        recording = []
+        for lin in self.lineages.values():
+            bearer = registry.get(lin.name)
+            if bearer is None:
+                continue
+            rec = bearer.successor if bearer.successor is not None else bearer
+            if not rec.enabled:
+                continue
+            q = lin.span
+            g0 = (offset >> lin.shift) // q * q
+            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
+            if g0 >= g1:
+                continue
+            if not self._durable(lin, g0, g1):
+                return False
+            recording.append(rec)
+        for rec in recording:
+            rec.bitmap.set(offset, length)
+        return True
 
     def _spans(self, offset: int, length: int) -> Iterator[tuple[Lineage, DirtyBitmap, int, int]]:
         """Per recording lineage: the bitmap recording writes now and the write's spans.
