@@ -862,3 +862,31 @@ async def test_file_inline_write_backoff(tmp_path: Path) -> None:
         assert 2 * sys.getswitchinterval() < file_mod.INLINE_SLOW
     finally:
         await graph.aclose()
+
+
+@pytest.mark.asyncio
+async def test_read_now_only_for_plain_cached_reads(tmp_path: Path) -> None:
+    """``read_now`` answers what ``read`` would, or None having done nothing: outside
+    the node, while quiesced, beyond the inline limit, with O_DIRECT."""
+    graph = Graph()
+    try:
+        data = os.urandom(4 * MiB)
+        path = tmp_path / "d.img"
+        path.write_bytes(data)
+        node = await graph.add({**_file_opts(path), "node-name": "f"})
+        raw = await graph.add({"driver": "raw", "node-name": "r", "file": "f", "offset": 4097})
+        assert node.read_now(MiB - 5, MiB) == data[MiB - 5 : 2 * MiB - 5]
+        assert raw.read_now(0, 4096) == data[4097 : 4097 + 4096]
+        assert raw.read_now(raw.size - 7, 7) == data[-7:]
+        assert raw.read_now(raw.size - 7, 8) is None  # outside: read() raises EINVAL
+        assert node.read_now(0, 0) is None
+        assert node.read_now(0, 2 * MiB) is None  # above INLINE_READ_MAX: the pool
+        async with node.quiesced():
+            assert node.read_now(0, 4096) is None
+        if _o_direct_supported(tmp_path):
+            direct = await graph.add(
+                {**_file_opts(path), "node-name": "d", "cache": {"direct": True}, "read-only": True}
+            )
+            assert direct.read_now(0, 4096) is None
+    finally:
+        await graph.aclose()

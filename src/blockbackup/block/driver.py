@@ -122,6 +122,16 @@ class BlockDriver(ABC):
     ) -> None:
         """Write ``data``."""
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """Return ``length`` bytes at once on the calling (loop) thread if cheap, else None.
+
+        Why: as for :meth:`write_now`, a caller that can answer without awaiting (the NBD
+        server) skips a task and a loop iteration. None means nothing visible was done
+        and :meth:`read` must be used; that includes a failing read, so that the error is
+        raised by :meth:`read` and reported the way the caller always reports it.
+        """
+        return None
+
     def write_now(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> bool:

@@ -348,6 +348,25 @@ class BlockNode:
             if not self._in_flight:
                 self._idle.set()
 
+    def read_now(self, offset: int, length: int) -> Buffer | None:
+        """:meth:`read` without awaiting, when no split or padding is needed and the
+        driver can read at once (a page-cache copy); else None, having done nothing.
+
+        Also None while quiesced (reads are not held there, but whoever quiesces may be
+        changing the node underneath, e.g. a truncate) and for anything :meth:`read`
+        would refuse, so the caller's :meth:`read` raises it. Nothing awaits, so no
+        in-flight count is needed: no quiesce can start while this runs.
+        """
+        if offset < 0 or length <= 0 or offset + length > self.size or self._quiesce_depth:
+            return None
+        limits = self.limits
+        align = limits.request_alignment
+        if (align != 1 and (offset % align or length % align)) or (
+            limits.max_transfer and length > limits.max_transfer
+        ):
+            return None
+        return self.driver.read_now(offset, length)
+
     async def _read_split(self, offset: int, length: int) -> Buffer:
         chunks = list(self._chunks(offset, length))
         if len(chunks) == 1:

@@ -229,6 +229,32 @@ class FileDriver(BlockDriver):
             return await run_blocking(_pread_rest, self.fd, buf, done, offset)
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
 
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        """The whole read from the page cache (``RWF_NOWAIT``) on the loop thread, or None.
+
+        None when any of it is not cached, at end of file (the pool path fills zeroes),
+        above ``INLINE_READ_MAX``, in a background job, or on any error: :meth:`read`
+        then repeats the read and raises the error itself.
+        """
+        if not self._inline_reads or length > INLINE_READ_MAX or in_background():
+            return None
+        buf = bytearray(length)
+        done = 0
+        view = memoryview(buf)
+        try:
+            while done < length:
+                n = os.preadv(self.fd, [view[done:]], offset + done, _RWF_NOWAIT)
+                if n == 0:
+                    return None
+                done += n
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._inline_reads = False  # the kernel or file system refuses RWF_NOWAIT
+            return None
+        finally:
+            view.release()
+        return buf
+
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:

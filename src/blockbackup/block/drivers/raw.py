@@ -74,6 +74,9 @@ class RawDriver(BlockDriver):
     ) -> None:
         await self.child.write(self.offset + offset, data, flags)
 
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        return self.child.read_now(self.offset + offset, length)
+
     def write_now(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> bool:
