@@ -446,14 +446,14 @@ class NodeStore:
     def pass_now(self, offset: int, length: int) -> bool:
         """:meth:`before_write` for a write that need not wait, in one pass; else False.
 
-        True (with the write recorded, as the gate would) when every span it touches is
-        durable already and no commit in flight takes one away; False having changed
-        nothing otherwise. The request layer's write-at-once path uses it.
+        True when every span it touches is durable already and no commit in flight takes
+        one away; False otherwise. It changes nothing: the recording bitmaps are the node's
+        dirty trackers, which the request layer's write-at-once path marks right after,
+        with no await in between (the gate marks them itself because it may wait).
         """
         if length <= 0:
             return True
         registry = bitmaps_of(self.node)
-        recording = []
         for lin in self.lineages.values():
             bearer = registry.get(lin.name)
             if bearer is None:
@@ -468,9 +468,6 @@ class NodeStore:
                 continue
             if not self._durable(lin, g0, g1):
                 return False
-            recording.append(rec)
-        for rec in recording:
-            rec.bitmap.set(offset, length)
         return True
 
     def _spans(self, offset: int, length: int) -> Iterator[tuple[Lineage, DirtyBitmap, int, int]]:
