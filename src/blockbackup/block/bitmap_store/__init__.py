@@ -451,24 +451,7 @@ class NodeStore:
         dirty trackers, which the request layer's write-at-once path marks right after,
         with no await in between (the gate marks them itself because it may wait).
         """
-        if length <= 0:
-            return True
-        registry = bitmaps_of(self.node)
-        for lin in self.lineages.values():
-            bearer = registry.get(lin.name)
-            if bearer is None:
-                continue
-            rec = bearer.successor if bearer.successor is not None else bearer
-            if not rec.enabled:
-                continue
-            q = lin.span
-            g0 = (offset >> lin.shift) // q * q
-            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
-            if g0 >= g1:
-                continue
-            if not self._durable(lin, g0, g1):
-                return False
-        return True
+        return all(self._durable(lin, g0, g1) for lin, _, g0, g1 in self._spans(offset, length))
 
     def _spans(self, offset: int, length: int) -> Iterator[tuple[Lineage, DirtyBitmap, int, int]]:
         """Per recording lineage: the bitmap recording writes now and the write's spans.
