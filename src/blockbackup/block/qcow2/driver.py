@@ -544,31 +544,19 @@ class Qcow2Driver(BlockDriver):
             if m is not None:
                 # Everything needed is cached: map and allocate without an await, which
                 # makes this atomic on the loop like a section under the lock would be.
-                if m.kind == NORMAL and m.copied:
-                    if self._is_metadata(m.host, m.length):
-                        raise _eio(f"write to {m.host:#x} would overwrite metadata")
-                    inplace = m
-                    self._begin_data()
-                else:
-                    busy = self._allocating_overlap(pos, m.length)
-                    if busy is None:
-                        chunk = view[pos - offset : pos - offset + m.length]
-                        alloc = self._fast_allocation(pos, chunk, m)
-                        if alloc is None:
-                            m = None  # needs I/O: the locked path below
+                inplace, busy = self._inplace_or_busy(m, pos)
+                if inplace is None and busy is None:
+                    chunk = view[pos - offset : pos - offset + m.length]
+                    alloc = self._fast_allocation(pos, chunk, m)
+                    if alloc is None:
+                        m = None  # needs I/O: the locked path below
             if m is None:
                 async with self.lock:
                     m = await self._map(pos, end - pos)
-                    if m.kind == NORMAL and m.copied:
-                        if self._is_metadata(m.host, m.length):
-                            raise _eio(f"write to {m.host:#x} would overwrite metadata")
-                        inplace = m
-                        self._begin_data()
-                    else:
-                        busy = self._allocating_overlap(pos, m.length)
-                        if busy is None:
-                            chunk = view[pos - offset : pos - offset + m.length]
-                            alloc = await self._prepare_allocation(pos, chunk)
+                    inplace, busy = self._inplace_or_busy(m, pos)
+                    if inplace is None and busy is None:
+                        chunk = view[pos - offset : pos - offset + m.length]
+                        alloc = await self._prepare_allocation(pos, chunk)
             if busy is not None:
                 await busy.wait()  # then map again: the clusters have a home now
                 continue
@@ -582,6 +570,16 @@ class Qcow2Driver(BlockDriver):
             elif alloc is not None:
                 await self._finish_allocation(alloc)
             pos += m.length
+
+    def _inplace_or_busy(self, m: Mapping, pos: int) -> tuple[Mapping | None, _Allocation | None]:
+        """For a mapped run: (m, None) to write in place (data write begun), (None, busy)
+        to wait for an allocation in flight there, (None, None) to allocate."""
+        if m.kind == NORMAL and m.copied:
+            if self._is_metadata(m.host, m.length):
+                raise _eio(f"write to {m.host:#x} would overwrite metadata")
+            self._begin_data()
+            return m, None
+        return None, self._allocating_overlap(pos, m.length)
 
     def _fast_map(self, offset: int, length: int) -> Mapping | None:
         """:meth:`_map` without I/O, when the L2 table is cached and needs no L1 update.
