@@ -264,3 +264,44 @@ async def test_write_now_only_once_the_span_is_durable(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert data[:4096] == b"\x01" * 4096
     assert data[65536 : 65536 + 4096] == b"\x02" * 4096
+
+
+async def test_write_now_sees_every_way_a_span_stops_being_durable(tmp_path: Path) -> None:
+    """The inline path's cache of durable spans never outlives what made them durable: a
+    clear, a new persistent bitmap, and a disabled bitmap enabled again each send the next
+    write to a cleared span back to the commit."""
+    path = tmp_path / "big.raw"
+    path.write_bytes(bytes(2 * DURABLE_SPAN))
+    async with BlockBackup() as bb:
+        node = await bb.blockdev_add(_opts("raw", path))
+        store = store_of(node)
+        assert store is not None
+        a = bitmaps_of(node).create("a", 65536, persistent=True)
+        await node.write(0, b"\x01" * 4096)
+        assert node.write_now(8192, b"\x01" * 4096)  # durable: at once
+
+        a.clear()  # the commit that shrinks the log takes the span away
+        await store.settle()
+        assert not node.write_now(8192, b"\x02" * 4096)
+        await node.write(8192, b"\x02" * 4096)
+        assert node.write_now(8192, b"\x02" * 4096)
+
+        b = bitmaps_of(node).create("b", 65536, persistent=True)  # durable nowhere yet
+        assert not node.write_now(8192, b"\x03" * 4096)
+        await node.write(8192, b"\x03" * 4096)
+        assert node.write_now(8192, b"\x03" * 4096)
+
+        b.disable()
+        b.clear()  # a shrink: every lineage is back to its exact bits
+        await store.settle()
+        assert not node.write_now(16384, b"\x04" * 4096)
+        await node.write(16384, b"\x04" * 4096)  # durable again for "a" only
+        assert node.write_now(16384, b"\x04" * 4096)  # "b" records nothing: no commit
+        b.enable()
+        assert not node.write_now(16384, b"\x05" * 4096)
+        await node.write(16384, b"\x05" * 4096)
+        assert node.write_now(16384, b"\x05" * 4096)
+        assert b.bitmap.next_dirty_area(0, DURABLE_SPAN, 65536) == (0, 65536)
+    img = sc.read(str(path) + ".bbmap")
+    assert img is not None
+    assert [e.name for e in img.entries] == ["a", "b"]

@@ -39,7 +39,7 @@ from bitarray.util import zeros
 from blockbackup._aio import run_blocking
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.bitmap_store import sidecar as sc
-from blockbackup.block.dirty_bitmap import DirtyBitmap, bitmaps_of
+from blockbackup.block.dirty_bitmap import BitmapRegistry, DirtyBitmap, bitmaps_of
 from blockbackup.block.driver import io_error
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ _log = logging.getLogger(__name__)
 #: with 1 MiB spans and 0.88x with 4 MiB (8 MiB: no better); the price is a coarser superset
 #: after a crash only (a clean close stores the exact bits).
 DURABLE_SPAN = 4 << 20
+_SPAN_SHIFT = DURABLE_SPAN.bit_length() - 1
 
 _STORES: weakref.WeakKeyDictionary[BlockNode, NodeStore] = weakref.WeakKeyDictionary()
 _CLAIMED: weakref.WeakKeyDictionary[Graph, set[str]] = weakref.WeakKeyDictionary()
@@ -116,6 +117,27 @@ class Lineage:
     def covered(self, bits: bitarray, g0: int, g1: int) -> bool:
         return bits.count(1, g0, g1) == g1 - g0
 
+    def spans(self, offset: int, length: int) -> tuple[int, int]:
+        """The granules ``[g0, g1)`` of the whole spans a write touches.
+
+        Durable in spans of DURABLE_SPAN bytes (or one granule, if larger): one commit
+        covers the neighbours too (a superset after a crash only; a clean close stores the
+        exact bits).
+        """
+        q = self.span
+        g0 = (offset >> self.shift) // q * q
+        g1 = min(-(-(((offset + length - 1) >> self.shift) + 1) // q) * q, self.nbits)
+        return g0, g1
+
+
+def _recorder(registry: BitmapRegistry, lin: Lineage) -> DirtyBitmap | None:
+    """The bitmap that records writes for ``lin`` now (its successor while frozen), if any."""
+    bearer = registry.get(lin.name)
+    if bearer is None:
+        return None
+    rec = bearer.successor if bearer.successor is not None else bearer
+    return rec if rec.enabled else None
+
 
 class NodeStore:
     """Where one node's persistent bitmaps live, and their write-ahead dirty log."""
@@ -146,6 +168,8 @@ class NodeStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._hooked = False
         self._closed = False
+        self._safe = bitarray()
+        self._forget_safe()
 
     @property
     def journaling(self) -> bool:
@@ -222,7 +246,13 @@ class NodeStore:
     def _track(self, name: str, granularity: int, bits: bitarray) -> Lineage:
         lin = Lineage(name, granularity, len(bits), bits.copy(), bits.copy())
         self.lineages[name] = lin
+        self._forget_safe()  # a new lineage is durable nowhere yet
         return lin
+
+    def _forget_safe(self) -> None:
+        """Drop every span of the :meth:`pass_now` cache (something may have stopped
+        being durable)."""
+        self._safe = zeros(-(-self.node.size // DURABLE_SPAN) or 1, endian="little")
 
     def _problem(self, text: str) -> None:
         _log.error("%s", text)
@@ -447,31 +477,44 @@ class NodeStore:
         """:meth:`before_write` for a write that need not wait, in one pass; else False.
 
         True when every span it touches is durable already and no commit in flight takes
-        one away; False otherwise. It changes nothing: the recording bitmaps are the node's
-        dirty trackers, which the request layer's write-at-once path marks right after,
-        with no await in between (the gate marks them itself because it may wait).
+        one away; False otherwise. It changes nothing visible: the recording bitmaps are
+        the node's dirty trackers, which the request layer's write-at-once path marks right
+        after, with no await in between (the gate marks them itself because it may wait).
+
+        Why a cache: this runs for every guest write, and after the first pass nearly every
+        span is durable for good. ``_safe`` has one bit per DURABLE_SPAN of the node, set
+        once a span is durable in every lineage (recording or not, so that enabling one
+        never makes a bit stale); it can only go stale when a lineage's ``mem`` loses bits
+        (:meth:`_shrink`) or a lineage appears (:meth:`_track`), and both drop it. ``disk``
+        loses a bit only through a commit of a ``mem`` that had lost it first.
         """
-        return all(self._durable(lin, g0, g1) for lin, _, g0, g1 in self._spans(offset, length))
+        s0 = offset >> _SPAN_SHIFT
+        s1 = (offset + length - 1) >> _SPAN_SHIFT
+        safe = self._safe
+        if s1 < len(safe) and (safe[s0] if s0 == s1 else safe.count(1, s0, s1 + 1) > s1 - s0):
+            return True
+        everywhere = True
+        registry = bitmaps_of(self.node)
+        for lin in self.lineages.values():
+            g0, g1 = lin.spans(offset, length)
+            if g0 < g1 and not self._durable(lin, g0, g1):
+                if _recorder(registry, lin) is not None:
+                    return False
+                everywhere = False
+        if everywhere and s1 < len(safe):
+            safe[s0 : s1 + 1] = 1
+        return True
 
     def _spans(self, offset: int, length: int) -> Iterator[tuple[Lineage, DirtyBitmap, int, int]]:
-        """Per recording lineage: the bitmap recording writes now and the write's spans.
-
-        Durable in spans of DURABLE_SPAN bytes: one commit covers the neighbours too (a
-        superset after a crash only; a clean close stores the exact bits).
-        """
+        """Per recording lineage: the bitmap recording writes now and the write's spans."""
         if length <= 0:
             return
         registry = bitmaps_of(self.node)
         for lin in self.lineages.values():
-            bearer = registry.get(lin.name)
-            if bearer is None:
+            rec = _recorder(registry, lin)
+            if rec is None:
                 continue
-            rec = bearer.successor if bearer.successor is not None else bearer
-            if not rec.enabled:
-                continue
-            q = lin.span
-            g0 = (offset >> lin.shift) // q * q
-            g1 = min(-(-(((offset + length - 1) >> lin.shift) + 1) // q) * q, lin.nbits)
+            g0, g1 = lin.spans(offset, length)
             if g0 < g1:
                 yield lin, rec, g0, g1
 
@@ -606,6 +649,7 @@ class NodeStore:
                     continue
                 if logical != lin.mem:
                     lin.mem = logical
+                    self._forget_safe()
                     lin.dirty_blocks.update(range(self._nblocks(lin)))
             gen = self._request()
         await self._wait(gen)
