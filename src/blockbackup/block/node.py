@@ -348,7 +348,7 @@ class BlockNode:
             if not self._in_flight:
                 self._idle.set()
 
-    def read_now(self, offset: int, length: int) -> Buffer | None:
+    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
         """:meth:`read` without awaiting, when no split or padding is needed and the
         driver can read at once (a page-cache copy); else None, having done nothing.
 
@@ -365,7 +365,7 @@ class BlockNode:
             limits.max_transfer and length > limits.max_transfer
         ):
             return None
-        return self.driver.read_now(offset, length)
+        return self.driver.read_now(offset, length, into)
 
     async def _read_split(self, offset: int, length: int) -> Buffer:
         chunks = list(self._chunks(offset, length))
@@ -383,15 +383,16 @@ class BlockNode:
             self._check_range(offset, 0)
             return
         view = memoryview(data).cast("B")
-        if self._quiesce_depth or self._before_write:
+        if self._quiesce_depth or (self._before_write and self._hooks_needed(offset, length)):
             async with self._change(offset, length):
                 await self._write_aligned(offset, view, flags)
             return
-        # Fast path: not quiesced and no hooks, so admission needs no await. What
-        # :meth:`_change` does, inline and in the same order: checks, in-flight counts
-        # (taken before any await, so a quiesce that starts now waits for this write),
-        # dirty marks. A hook added later is added inside a quiesced section, which
-        # waits for this write to finish first.
+        # Fast path: not quiesced and no hook needed (none, or none with anything to do
+        # for this range: most guest writes during a backup), so admission needs no
+        # await. What :meth:`_change` does, inline and in the same order: checks,
+        # in-flight counts (taken before any await, so a quiesce that starts now waits
+        # for this write), dirty marks. A hook added later is added inside a quiesced
+        # section, which waits for this write to finish first.
         self._check_writable()
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
