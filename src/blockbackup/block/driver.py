@@ -122,8 +122,13 @@ class BlockDriver(ABC):
     ) -> None:
         """Write ``data``."""
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+    def read_now(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview | None:
         """Return ``length`` bytes at once on the calling (loop) thread if cheap, else None.
+
+        ``into``: a writable buffer of ``length`` bytes to read into (and return), so that
+        a caller copying many pieces reuses one buffer.
 
         Why: as for :meth:`write_now`, a caller that can answer without awaiting (the NBD
         server) skips a task and a loop iteration. None means nothing visible was done

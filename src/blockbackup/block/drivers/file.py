@@ -229,7 +229,9 @@ class FileDriver(BlockDriver):
             return await run_blocking(_pread_rest, self.fd, buf, done, offset)
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
 
-    def read_now(self, offset: int, length: int) -> bytearray | None:
+    def read_now(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> bytearray | memoryview | None:
         """The whole read from the page cache (``RWF_NOWAIT``) on the loop thread, or None.
 
         None when any of it is not cached, at end of file (the pool path fills zeroes),
@@ -238,7 +240,7 @@ class FileDriver(BlockDriver):
         """
         if not self._inline_reads or length > INLINE_READ_MAX or in_background():
             return None
-        buf = bytearray(length)
+        buf = bytearray(length) if into is None else into
         done = 0
         view = memoryview(buf)
         try:

@@ -74,8 +74,10 @@ class RawDriver(BlockDriver):
     ) -> None:
         await self.child.write(self.offset + offset, data, flags)
 
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None:
-        return self.child.read_now(self.offset + offset, length)
+    def read_now(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview | None:
+        return self.child.read_now(self.offset + offset, length, into)
 
     def write_now(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
