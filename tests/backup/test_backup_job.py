@@ -112,25 +112,55 @@ async def test_guest_write_cancelled_during_its_copy_leaves_the_cluster_to_copy(
     assert_clean(env, job)
 
 
-async def test_write_now_during_a_backup_only_where_nothing_is_left_to_copy(env: Env) -> None:
-    """The NBD server's inline write path works during a backup, for copied clusters only.
+async def test_write_now_during_a_backup_copies_cached_clusters_first(env: Env) -> None:
+    """The NBD server's inline write path works during a backup.
 
-    A write to a cluster still to copy must take the awaiting path (its copy comes first);
-    one to a copied cluster is written at once, and the backup still holds T0.
+    A write to a cluster still to copy copies it first, at once, when the source data is
+    cached and the target can be written at once; the backup still holds T0.
     """
     job = await env.bb.backup("src-raw", "tgt-raw", speed=1)  # the background barely moves
     top = job.filter_node
     cluster = job.block_copy.cluster_size
     late = SIZE - cluster  # not copied yet: the background starts at 0
-    assert not top.write_now(late, b"\x03" * 4096)
-    assert read_file(env.src_path)[late : late + 4096] == env.t0[late : late + 4096]
-    await top.write(late, b"\x03" * 4096)  # copies the cluster first
+    assert job.block_copy.needs_copy(late, 4096)
+    assert top.write_now(late, b"\x03" * 4096)  # copied first, then written
+    assert not job.block_copy.needs_copy(late, 4096)
+    assert read_file(env.tgt_path)[late:] == env.t0[late:]  # T0 is on the target already
     assert top.write_now(late + 8192, b"\x04" * 4096)  # copied: written at once
     source = read_file(env.src_path)
+    assert source[late : late + 4096] == b"\x03" * 4096
     assert source[late + 8192 : late + 12288] == b"\x04" * 4096
     job.set_speed(0)
     await env.bb.wait(job)
     assert read_file(env.tgt_path) == env.t0
+
+
+async def test_write_now_during_a_backup_waits_where_the_copy_cannot_go_at_once(
+    env: Env,
+) -> None:
+    """A target that cannot be written at once (here blkdebug), or a cluster whose copy is
+    in flight, sends the write to the awaiting path with nothing written and the cluster
+    still to copy."""
+    job = await env.bb.backup("src", "tgt", speed=1)
+    top = job.filter_node
+    cluster = job.block_copy.cluster_size
+    late = SIZE - cluster
+    assert not top.write_now(late, b"\x03" * 4096)
+    assert job.block_copy.copy_bitmap.next_dirty_area(late, SIZE, SIZE) == (late, cluster)
+    assert read_file(env.src_path)[late:] == env.t0[late:]
+
+    held = env.tgt_debug.add_breakpoint("write", offset=late, length=cluster)
+    guest = asyncio.ensure_future(top.write(late, b"\x03" * 4096))
+    await held.arrived.wait()  # the guest's copy is writing the target
+    assert not top.write_now(late + 8192, b"\x04" * 4096)  # in flight: must wait
+    env.tgt_debug.remove_breakpoint(held)
+    await guest
+    assert not job.block_copy.needs_copy(late, cluster)
+    await top.write(late + 8192, b"\x04" * 4096)
+    job.set_speed(0)
+    await env.bb.wait(job)
+    assert read_file(env.tgt_path) == env.t0
+    assert read_file(env.src_path)[late + 8192 : late + 12288] == b"\x04" * 4096
 
 
 async def test_cancel_while_running(env: Env) -> None:

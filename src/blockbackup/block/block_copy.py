@@ -261,6 +261,43 @@ class BlockCopy:
             if self._guest_copies == 0:
                 self._guests_idle.set()
 
+    def copy_before_write_now(self, offset: int, length: int) -> bool:
+        """:meth:`copy_before_write` without awaiting; False: the awaiting call is needed.
+
+        True when every cluster the write touches is copied: already, or just now from
+        the page cache (:meth:`_copy_now`), with no task and no loop iteration for the
+        guest. False, with the clusters not copied still dirty, when one is in flight or
+        cannot be copied at once (not cached, a target that must wait, zeroes, a block
+        status or a source discard to do).
+        """
+        if not self.needs_copy(offset, length):
+            return True
+        start, end = self._cluster_range(offset, length)
+        if (
+            self.skip_unallocated
+            or self.discard_source
+            or self.reqs.find_conflict(start, end - start) is not None
+        ):
+            return False
+        self._last_guest_copy = time.monotonic()
+        while (area := self.copy_bitmap.next_dirty_area(start, end, end - start)) is not None:
+            # Claimed by clearing the bits alone: nothing awaits before they are final.
+            area_offset, area_length = area
+            self.copy_bitmap.reset(area_offset, area_length)
+            try:
+                copied = self._copy_now(area_offset, area_length)
+            except CopyError:
+                copied = False  # the awaiting call tries again and reports it
+            if not copied:
+                self.copy_bitmap.set(area_offset, area_length)
+                return False
+            self.bytes_done += area_length
+            if self.on_copied is not None:
+                self.on_copied(area_offset, area_length)
+            if self.on_progress is not None:
+                self.on_progress()
+        return True
+
     def needs_copy(self, offset: int, length: int) -> bool:
         """Whether a guest write of this range must wait for :meth:`copy_before_write`.
 

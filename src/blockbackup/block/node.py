@@ -92,7 +92,7 @@ class BlockNode:
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
         #: For hooks and gates that can tell at once whether a write needs them at all.
-        self._hook_needed: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
+        self._hook_pass_now: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
         self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
@@ -179,29 +179,31 @@ class BlockNode:
     # -- interception ------------------------------------------------------------------------
 
     def add_before_write(
-        self, hook: BeforeWriteHook, *, needed: Callable[[int, int], bool] | None = None
+        self, hook: BeforeWriteHook, *, pass_now: Callable[[int, int], bool] | None = None
     ) -> None:
         """Await ``hook`` before every modification reaches the driver.
 
-        ``needed(offset, length)``, if given, says synchronously (and without side effects
-        that matter) whether a write of that range needs the hook at all; when no hook is
-        needed, :meth:`write_now` may still write at once.
+        ``pass_now(offset, length)``, if given, is the hook without awaiting: it returns
+        True when the write may go ahead at once (nothing to do for that range, or done
+        just now), or False having done nothing that the hook would not redo. With it,
+        :meth:`write` skips the awaiting admission and :meth:`write_now` can still write
+        at once (a copy-before-write of cached data costs no task and no loop iteration).
         """
         self._before_write.append(hook)
-        if needed is not None:
-            self._hook_needed[hook] = needed
+        if pass_now is not None:
+            self._hook_pass_now[hook] = pass_now
 
     def remove_before_write(self, hook: BeforeWriteHook) -> None:
         self._before_write.remove(hook)
-        self._hook_needed.pop(hook, None)
+        self._hook_pass_now.pop(hook, None)
 
-    def _hooks_needed(self, offset: int, length: int) -> bool:
-        """Whether some before-write hook must run for a write of this range."""
+    def _hooks_pass_now(self, offset: int, length: int) -> bool:
+        """Whether every before-write hook lets a write of this range go ahead at once."""
         for hook in self._before_write:
-            needed = self._hook_needed.get(hook)
-            if needed is None or needed(offset, length):
-                return True
-        return False
+            pass_now = self._hook_pass_now.get(hook)
+            if pass_now is None or not pass_now(offset, length):
+                return False
+        return True
 
     def add_write_gate(
         self, gate: WriteGate, *, pass_now: Callable[[int, int], bool] | None = None
@@ -383,19 +385,19 @@ class BlockNode:
             self._check_range(offset, 0)
             return
         view = memoryview(data).cast("B")
-        if self._quiesce_depth or (self._before_write and self._hooks_needed(offset, length)):
-            async with self._change(offset, length):
-                await self._write_aligned(offset, view, flags)
-            return
-        # Fast path: not quiesced and no hook needed (none, or none with anything to do
-        # for this range: most guest writes during a backup), so admission needs no
-        # await. What :meth:`_change` does, inline and in the same order: checks,
-        # in-flight counts (taken before any await, so a quiesce that starts now waits
-        # for this write), dirty marks. A hook added later is added inside a quiesced
-        # section, which waits for this write to finish first.
         self._check_writable()
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
+        if self._quiesce_depth or (self._before_write and not self._hooks_pass_now(offset, length)):
+            async with self._change(offset, length):
+                await self._write_aligned(offset, view, flags)
+            return
+        # Fast path: not quiesced and every hook passed at once (none, nothing to do for
+        # this range, or done just now: most guest writes during a backup), so admission
+        # needs no await. What :meth:`_change` does, inline and in the same order: checks,
+        # hooks, in-flight counts (taken before any await, so a quiesce that starts now
+        # waits for this write), dirty marks. A hook added later is added inside a
+        # quiesced section, which waits for this write to finish first.
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
         self._in_flight_changes += 1
@@ -437,7 +439,7 @@ class BlockNode:
             or self.config.read_only
             or offset < 0
             or offset + length > self.size
-            or (self._before_write and self._hooks_needed(offset, length))
+            or (self._before_write and not self._hooks_pass_now(offset, length))
         ):
             return False
         limits = self.limits

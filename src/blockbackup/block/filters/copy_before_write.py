@@ -140,7 +140,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         self._target_readers = ReqList()
         limits = source.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
-        source.add_before_write(self._before_write, needed=self._write_needs_hook)
+        source.add_before_write(self._before_write, pass_now=self._pass_now)
         target.write_blocker = (node.name, "target")
 
     @classmethod
@@ -203,14 +203,19 @@ class CopyBeforeWriteDriver(BlockDriver):
         start, end = self._cluster_range(offset, length)
         await self._source_readers.wait_conflicts(start, end - start)
 
-    def _write_needs_hook(self, offset: int, length: int) -> bool:
-        """Whether :meth:`_before_write` has anything to do (copy, or wait) for this write."""
+    def _pass_now(self, offset: int, length: int) -> bool:
+        """:meth:`_before_write` without awaiting: True when the write may go ahead now.
+
+        The copy comes first there and the wait for snapshot readers after; neither
+        changes the other, so here the readers are looked at first and the copy is tried
+        only if none is in the way.
+        """
         if self.snapshot_error is not None:
-            return False
-        if self.block_copy.needs_copy(offset, length):
             return True
         start, end = self._cluster_range(offset, length)
-        return self._source_readers.find_conflict(start, end - start) is not None
+        if self._source_readers.find_conflict(start, end - start) is not None:
+            return False
+        return self.block_copy.copy_before_write_now(offset, length)
 
     def _copy_failed(self, err: OSError) -> None:
         if self.on_cbw_error == "break-guest-write":
