@@ -102,3 +102,87 @@ def test_writeback_is_started_and_advisory(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _sparse_file(path: Path, size: int, grains: dict[int, bytes]) -> None:
+    """A file of ``size`` bytes: holes except the ``grains`` (offset -> data) written."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in grains.items():
+            f.seek(offset)
+            f.write(data)
+
+
+def _data_runs(path: Path) -> list[tuple[int, int]]:
+    """The file's data extents by SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, runs, pos = os.fstat(fd).st_size, [], 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, end - start))
+            pos = end
+        return runs
+    finally:
+        os.close(fd)
+
+
+def test_grains_mix_data_source_holes_and_zero_data(tmp_path: Path) -> None:
+    """Per-grain: data grains are written, source holes are not read or written, and data
+    that reads as zeroes is not written either; all come back as merged runs."""
+    grain, piece = 16 * 1024, 64 * 1024
+    size = 8 * piece
+    a, b, c = os.urandom(grain), os.urandom(2 * grain), os.urandom(grain)
+    grains = {grain: a, 3 * piece: b, 3 * piece + 3 * grain: bytes(grain), 7 * piece + grain: c}
+    _sparse_file(tmp_path / "src", size, grains)
+    _sparse_file(tmp_path / "dst", size, {})
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR)
+    buffer = mmap.mmap(-1, piece)
+    try:
+        skipped = copy_through_buffer(
+            src, 0, dst, 0, size, buffer, bytes(piece), grain=grain, holes_read_zero=False
+        )
+    finally:
+        os.close(src)
+        os.close(dst)
+        buffer.close()
+    assert skipped == [
+        (0, grain),
+        (2 * grain, 3 * piece - 2 * grain),
+        (3 * piece + 2 * grain, 4 * piece - 2 * grain + grain),
+        (7 * piece + 2 * grain, piece - 2 * grain),
+    ]
+    assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()
+    written = _data_runs(tmp_path / "dst")
+    assert sum(n for _, n in written) <= 4 * grain + 3 * 4096  # the data grains, no more
+
+
+def test_holes_read_zero_returns_nothing_for_a_fresh_target(tmp_path: Path) -> None:
+    grain, piece = 16 * 1024, 64 * 1024
+    _sparse_file(tmp_path / "src", 4 * piece, {piece: os.urandom(grain)})
+    _sparse_file(tmp_path / "dst", 4 * piece, {})
+    _sparse_file(tmp_path / "old", 4 * piece, {0: b"\x01" * 4 * piece})
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR)
+    old = os.open(tmp_path / "old", os.O_RDWR)
+    buffer = mmap.mmap(-1, piece)
+    try:
+        args = (buffer, bytes(piece))
+        fresh = copy_through_buffer(
+            src, 0, dst, 0, 4 * piece, *args, grain=grain, holes_read_zero=True
+        )
+        used = copy_through_buffer(
+            src, 0, old, 0, 4 * piece, *args, grain=grain, holes_read_zero=True
+        )
+    finally:
+        for fd in (src, dst, old):
+            os.close(fd)
+        buffer.close()
+    assert fresh == []  # the target's holes already read as zeroes
+    assert used == [(0, piece), (piece + grain, 3 * piece - grain)]  # these need zeroing
+    assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()

@@ -183,6 +183,7 @@ class BlockCopy:
         #: Copy between local files in one blocking call through reused buffers (until
         #: either side turns out not to be one).
         self._between_files = True
+        self._files_both: bool | None = None
         self._buffers: list[mmap.mmap] = []
         #: The source's status over the last extent the background looked up (see
         #: :meth:`_widen_over_zeroes`).
@@ -448,6 +449,12 @@ class BlockCopy:
         if extent is None:
             return area, None
         skippable = self.skip_unallocated and not extent.is_allocated
+        if extent.length < length and self._mixed_chunks():
+            # More extents before the chunk ends: copy the whole chunk in one call that
+            # reads holes as zeroes and leaves zero clusters unwritten, rather than one
+            # chunk (and block-status calls) per extent. A disk of small scattered extents
+            # costs chunks, not extents.
+            return area, Extent(offset, length, _DATA)
         if not (extent.is_zero or skippable) or extent.length <= length:
             return area, extent
         span = extent.length
@@ -459,6 +466,23 @@ class BlockCopy:
         if widened is None or widened[0] != offset:
             return None
         return widened, extent
+
+    def _mixed_chunks(self) -> bool:
+        """Whether a chunk may span data and holes: a copy between local files that
+        writes no zero cluster (so a sparse target stays sparse) and needs no allocation
+        status per cluster (``sync=top``)."""
+        if self._files_both is None:
+            self._files_both = (
+                self.source.fd_map(0) is not None and self.target.fd_map(0) is not None
+            )
+        return (
+            self._files_both
+            and self._between_files
+            and not self.use_copy_range
+            and not self.compress
+            and not self.skip_unallocated
+            and self.cluster_size <= COPY_PIECE
+        )
 
     def _guests_copying(self) -> bool:
         """Whether guest writes need copies now or did a moment ago.
@@ -712,6 +736,9 @@ class BlockCopy:
                 buffer,
                 self._zeroes,
                 writeback=self._guests_quiet(),
+                grain=self.cluster_size if self.cluster_size <= COPY_PIECE else 0,
+                # Plain local files have no backing, and the target is ours alone.
+                holes_read_zero=True,
             )
         except SourceReadError as err:
             raise CopyError(err, is_read=True) from err

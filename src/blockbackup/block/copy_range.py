@@ -80,6 +80,12 @@ def copy_file_range_all(
         start_writeback(dst_fd, start, total)
 
 
+def _pwrite_view(fd: int, view: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(view):
+        written += os.pwritev(fd, [view[written:]], offset + written)
+
+
 def copy_through_buffer(
     src_fd: int,
     src_off: int,
@@ -89,36 +95,75 @@ def copy_through_buffer(
     buffer: mmap.mmap,
     zeroes: bytes,
     writeback: bool = False,
+    grain: int = 0,
+    holes_read_zero: bool = False,
 ) -> list[tuple[int, int]]:
-    """Copy ``length`` bytes a buffer at a time, skipping pieces that read as all zeroes.
+    """Copy ``length`` bytes a buffer at a time, skipping ``grain``s that read as all zeroes.
 
     Returns the skipped runs as ``(offset, length)`` relative to the start, merged, for the
     caller to zero on the target its own way (a hole, or nothing where it already reads as
-    zero). ``zeroes`` is at least as long as ``buffer``. A failed read raises
-    :class:`SourceReadError`; a failed write, the plain ``OSError``. ``writeback``: start
-    writing what was written back to storage (:func:`start_writeback`).
+    zero). ``zeroes`` is at least as long as ``buffer``; ``grain`` (the cluster size; 0: the
+    whole buffer) divides it. A failed read raises :class:`SourceReadError`; a failed
+    write, the plain ``OSError``. ``writeback``: start writing what was written back to
+    storage (:func:`start_writeback`). ``holes_read_zero``: the destination's holes read as
+    zeroes and nobody else writes there; then if the destination range is one hole to
+    begin with, no run is returned (its zero grains stay holes), which saves the caller a
+    status call per run.
     """
     skipped: list[tuple[int, int]] = []
     step = len(buffer)
+    grain = grain or step
+    all_hole = holes_read_zero and _is_hole(dst_fd, dst_off, length)
     done = 0
     while done < length:
         n = min(step, length - done)
-        with memoryview(buffer) as whole, whole[:n] as view:
+        # Leading grains in a hole of the source are zeroes without reading them: reading
+        # a hole fills page cache with zeroes, which costs more than copying data.
+        lead = _hole_before(src_fd, src_off + done, n) // grain * grain
+        if lead:
+            _extend(skipped, done, lead)
+        with memoryview(buffer) as whole, whole[lead:n] as view:
             try:
-                fill(src_fd, view, 0, src_off + done)
+                fill(src_fd, view, 0, src_off + done + lead)
             except OSError as err:
                 raise SourceReadError(err.errno, err.strerror) from err
-            # A memcmp that stops at the first non-zero byte: random data costs nothing.
-            if zeroes.startswith(view):
-                if skipped and sum(skipped[-1]) == done:
-                    skipped[-1] = (skipped[-1][0], skipped[-1][1] + n)
-                else:
-                    skipped.append((done, n))
-            else:
-                written = 0
-                while written < n:
-                    written += os.pwritev(dst_fd, [view[written:]], dst_off + done + written)
+            data_from = None  # start of the run of data grains not written yet
+            for at in range(0, n - lead, grain):
+                # A memcmp that stops at the first non-zero byte: random data costs nothing.
+                if not zeroes.startswith(view[at : at + grain]):
+                    data_from = at if data_from is None else data_from
+                    continue
+                if data_from is not None:
+                    _pwrite_view(dst_fd, view[data_from:at], dst_off + done + lead + data_from)
+                    data_from = None
+                _extend(skipped, done + lead + at, min(grain, n - lead - at))
+            if data_from is not None:
+                _pwrite_view(dst_fd, view[data_from:], dst_off + done + lead + data_from)
         done += n
     if writeback:
         start_writeback(dst_fd, dst_off, length)
-    return skipped
+    return [] if all_hole else skipped
+
+
+def _extend(runs: list[tuple[int, int]], start: int, length: int) -> None:
+    """Add ``[start, start+length)`` to sorted ``runs``, merged with the last if adjacent."""
+    if runs and sum(runs[-1]) == start:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((start, length))
+
+
+def _hole_before(fd: int, offset: int, length: int) -> int:
+    """How many bytes from ``offset`` (at most ``length``) are a hole: 0 when unsure."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_DATA) - offset, length)
+    except OSError as err:
+        return length if err.errno == errno.ENXIO else 0  # ENXIO: no data up to the end
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether ``[offset, offset+length)`` of a file is one hole (False when unsure)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as err:
+        return err.errno == errno.ENXIO  # no data from there to the end of the file

@@ -609,19 +609,32 @@ class BlockNode:
         zeroes: bytes,
         *,
         writeback: bool = False,
+        grain: int = 0,
+        holes_read_zero: bool = False,
     ) -> list[tuple[int, int]]:
         """Copy from ``source`` through ``buffer`` (reused by the caller) in one blocking call.
 
-        Pieces that read as all zeroes are not written: they are returned as
+        ``grain``s (0: whole buffers) that read as all zeroes are not written: they are
+        returned as
         ``(offset, length)`` runs relative to ``offset`` for the caller to zero. Raises
         ``OSError(ENOTSUP)`` when either side is not a plain local file, and
         :class:`~blockbackup.block.copy_range.SourceReadError` when the read failed.
-        ``writeback``: start writing the copy back to storage.
+        ``writeback``: start writing the copy back to storage. ``holes_read_zero``: see
+        :func:`~blockbackup.block.copy_range.copy_through_buffer`.
         """
         from blockbackup.block.copy_range import copy_through_buffer
 
         return await self._copy_between_files(
-            source, src_offset, offset, length, copy_through_buffer, buffer, zeroes, writeback
+            source,
+            src_offset,
+            offset,
+            length,
+            copy_through_buffer,
+            buffer,
+            zeroes,
+            writeback,
+            grain,
+            holes_read_zero,
         )
 
     async def _copy_between_files(

@@ -14,7 +14,8 @@
     inline write is timed, and one that took longer than ``INLINE_SLOW`` sends this
     file's writes to the pool for a back-off period that doubles while it keeps
     happening. A throttled disk therefore costs the loop at most one stall per period.
-- block status: ``SEEK_DATA``/``SEEK_HOLE``, so holes cost nothing to back up;
+- block status: ``SEEK_DATA``/``SEEK_HOLE``, so holes cost nothing to back up; on the loop
+  thread, timed and backed off like inline writes;
 - write-zeroes: ``fallocate`` (punch hole when unmapping is allowed, else zero range),
   falling back to writing zero buffers;
 - discard: punch hole, only with ``discard=unmap`` (QEMU's default ignores discards);
@@ -293,7 +294,7 @@ class FileDriver(BlockDriver):
         return True
 
     def _inline_slow(self, now: float) -> None:
-        """An inline write blocked: use the pool for a while, longer each time in a row."""
+        """An inline call blocked: use the pool for a while, longer each time in a row."""
         if now - self._inline_after > INLINE_BACKOFF_MAX:
             self._inline_backoff = INLINE_BACKOFF_MIN  # the last stall is long past
         self._inline_after = now + self._inline_backoff
@@ -353,7 +354,20 @@ class FileDriver(BlockDriver):
             await run_blocking(os.fdatasync, self.fd)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        n, is_data = await run_blocking(_seek_extent, self.fd, offset, length)
+        start = time.monotonic()
+        if start >= self._inline_after:
+            # Two lseeks over a cached extent tree: a pool round trip costs 20-50 times
+            # more, and a sparse disk's backup asks once per extent (a 2 GiB image of
+            # random 64 KiB extents: 3.5 s -> see docs/performance.md). Timed like an
+            # inline write: a file system that reads its extents from disk backs off.
+            n, is_data = _seek_extent(self.fd, offset, length)
+            took = time.monotonic() - start
+            if took > INLINE_SLOW:
+                self._inline_slow(start + took)
+            if not inline_may_skip_yield():
+                await asyncio.sleep(0)  # yield as a pool call would: no caller starves it
+        else:
+            n, is_data = await run_blocking(_seek_extent, self.fd, offset, length)
         status = Status.ALLOCATED | (Status.DATA if is_data else Status.ZERO)
         return Extent(offset, n, status)
 
