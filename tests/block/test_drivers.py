@@ -865,6 +865,52 @@ async def test_file_inline_write_backoff(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_file_block_status_inline_then_pool_after_a_slow_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block status runs on the loop thread; one slow call (an extent tree read from disk)
+    sends the file's calls to the pool for the back-off period, with the same answers."""
+    from blockbackup.block.drivers import file as file_mod
+
+    path = _sparse(tmp_path / "disk.img", 4 * MiB)
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        f.write(os.urandom(64 * 1024))
+    graph = Graph()
+    try:
+        node = await graph.add({**_file_opts(path), "node-name": "f"})
+        drv = node.driver
+        assert isinstance(drv, file_mod.FileDriver)
+        pooled: list[object] = []
+        real_pool = file_mod.run_blocking
+
+        async def counting(fn: Any, *args: Any) -> Any:
+            pooled.append(fn)
+            return await real_pool(fn, *args)
+
+        monkeypatch.setattr(file_mod, "run_blocking", counting)
+        hole = await node.block_status(0, 4 * MiB)
+        assert (hole.length, hole.status & Status.ZERO) == (MiB, Status.ZERO)
+        assert pooled == []  # inline
+        real_seek = file_mod._seek_extent
+
+        def slow_seek(fd: int, offset: int, length: int) -> tuple[int, bool]:
+            time.sleep(1.5 * file_mod.INLINE_SLOW)
+            return real_seek(fd, offset, length)
+
+        monkeypatch.setattr(file_mod, "_seek_extent", slow_seek)
+        data = await node.block_status(MiB, 3 * MiB)
+        assert (data.length, data.status & Status.DATA) == (64 * 1024, Status.DATA)
+        assert pooled == []
+        assert drv._inline_after > time.monotonic()  # backing off now
+        again = await node.block_status(MiB, 3 * MiB)
+        assert pooled == [slow_seek]
+        assert (again.length, again.status) == (data.length, data.status)
+    finally:
+        await graph.aclose()
+
+
+@pytest.mark.asyncio
 async def test_read_now_only_for_plain_cached_reads(tmp_path: Path) -> None:
     """``read_now`` answers what ``read`` would, or None having done nothing: outside
     the node, while quiesced, beyond the inline limit, with O_DIRECT."""
