@@ -842,19 +842,20 @@ async def test_file_inline_write_backoff(tmp_path: Path) -> None:
         node = await graph.add({**_file_opts(path), "node-name": "f"})
         drv = node.driver
         assert isinstance(drv, file_mod.FileDriver)
+        backoff = drv._write_backoff
         now = time.monotonic()
-        drv._inline_slow(now)
-        assert drv._inline_after == now + file_mod.INLINE_BACKOFF_MIN
-        drv._inline_slow(now + 0.1)  # again within the period: the next one lasts twice as long
-        assert drv._inline_after == now + 0.1 + 2 * file_mod.INLINE_BACKOFF_MIN
+        backoff.stalled(now)
+        assert backoff.after == now + file_mod.INLINE_BACKOFF_MIN
+        backoff.stalled(now + 0.1)  # again within the period: the next one lasts twice as long
+        assert backoff.after == now + 0.1 + 2 * file_mod.INLINE_BACKOFF_MIN
         for _ in range(20):  # capped
-            drv._inline_slow(drv._inline_after)
-        assert drv._inline_backoff == file_mod.INLINE_BACKOFF_MAX
-        later = drv._inline_after + file_mod.INLINE_BACKOFF_MAX + 1
-        drv._inline_slow(later)  # long after the last stall: back to the shortest period
-        assert drv._inline_after == later + file_mod.INLINE_BACKOFF_MIN
+            backoff.stalled(backoff.after)
+        assert backoff.period == file_mod.INLINE_BACKOFF_MAX
+        later = backoff.after + file_mod.INLINE_BACKOFF_MAX + 1
+        backoff.stalled(later)  # long after the last stall: back to the shortest period
+        assert backoff.after == later + file_mod.INLINE_BACKOFF_MIN
         # Writes now go through the pool (the back-off is in the future) and land.
-        assert drv._inline_after > time.monotonic()
+        assert backoff.after > time.monotonic()
         await node.write(4096, b"\x77" * 4096)
         await node.flush()
         assert path.read_bytes()[4096:8192] == b"\x77" * 4096
@@ -895,14 +896,15 @@ async def test_file_block_status_inline_then_pool_after_a_slow_call(
         real_seek = file_mod._seek_extent
 
         def slow_seek(fd: int, offset: int, length: int) -> tuple[int, bool]:
-            time.sleep(1.5 * file_mod.INLINE_SLOW)
+            time.sleep(2 * file_mod.INLINE_STATUS_SLOW)
             return real_seek(fd, offset, length)
 
         monkeypatch.setattr(file_mod, "_seek_extent", slow_seek)
         data = await node.block_status(MiB, 3 * MiB)
         assert (data.length, data.status & Status.DATA) == (64 * 1024, Status.DATA)
         assert pooled == []
-        assert drv._inline_after > time.monotonic()  # backing off now
+        assert drv._status_backoff.after > time.monotonic()  # backing off now
+        assert drv._write_backoff.after == 0.0  # writes are not affected
         again = await node.block_status(MiB, 3 * MiB)
         assert pooled == [slow_seek]
         assert (again.length, again.status) == (data.length, data.status)

@@ -15,7 +15,7 @@
     file's writes to the pool for a back-off period that doubles while it keeps
     happening. A throttled disk therefore costs the loop at most one stall per period.
 - block status: ``SEEK_DATA``/``SEEK_HOLE``, so holes cost nothing to back up; on the loop
-  thread, timed and backed off like inline writes;
+  thread, timed (over 2 ms: the pool for a while, as for writes);
 - write-zeroes: ``fallocate`` (punch hole when unmapping is allowed, else zero range),
   falling back to writing zero buffers;
 - discard: punch hole, only with ``discard=unmap`` (QEMU's default ignores discards);
@@ -71,7 +71,10 @@ INLINE_READ_MAX = 1 << 20
 #: the call can take that long when job threads are busy, and the pool, which needs the GIL
 #: too, would only make that worse. Dirty-page throttling sleeps for longer than this.
 INLINE_SLOW = 0.02
-#: First and longest back-off (seconds) during which writes go to the pool again.
+#: An inline block status slower than this (seconds) read the extent tree from disk or
+#: asked a server (NFS): unlike a page-cache write it can take that long every time.
+INLINE_STATUS_SLOW = 0.002
+#: First and longest back-off (seconds) during which such calls go to the pool again.
 INLINE_BACKOFF_MIN = 0.5
 INLINE_BACKOFF_MAX = 30.0
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -145,6 +148,31 @@ def _seek_extent(fd: int, offset: int, length: int) -> tuple[int, bool]:
     return max(1, min(hole, end) - offset), True
 
 
+class _Backoff:
+    """When a kind of inline call may run on the loop thread again after one was slow."""
+
+    __slots__ = ("after", "period", "slow")
+
+    def __init__(self, slow: float) -> None:
+        #: Calls slower than this (seconds) start a back-off.
+        self.slow = slow
+        #: ``time.monotonic()`` before which calls go to the pool.
+        self.after = 0.0
+        self.period = INLINE_BACKOFF_MIN
+
+    def took(self, start: float, seconds: float) -> None:
+        """Record an inline call; a slow one sends the next ones to the pool for a while,
+        longer each time in a row."""
+        if seconds > self.slow:
+            self.stalled(start + seconds)
+
+    def stalled(self, now: float) -> None:
+        if now - self.after > INLINE_BACKOFF_MAX:
+            self.period = INLINE_BACKOFF_MIN  # the last stall is long past
+        self.after = now + self.period
+        self.period = min(self.period * 2, INLINE_BACKOFF_MAX)
+
+
 @register
 class FileDriver(BlockDriver):
     """Protocol driver over a local file or block device."""
@@ -174,8 +202,8 @@ class FileDriver(BlockDriver):
         #: Small buffered writes may run on the loop thread (see the module docstring).
         self._inline_writes = not direct
         #: ``time.monotonic()`` before which writes go to the pool (after a slow one).
-        self._inline_after = 0.0
-        self._inline_backoff = INLINE_BACKOFF_MIN
+        self._write_backoff = _Backoff(INLINE_SLOW)
+        self._status_backoff = _Backoff(INLINE_STATUS_SLOW)
         self._inline_reads = not direct and _RWF_NOWAIT != 0
 
     @classmethod
@@ -285,20 +313,11 @@ class FileDriver(BlockDriver):
         ):
             return False
         start = time.monotonic()
-        if start < self._inline_after:
+        if start < self._write_backoff.after:
             return False
         _pwrite_all(self.fd, data, offset, False, False)
-        took = time.monotonic() - start
-        if took > INLINE_SLOW:
-            self._inline_slow(start + took)
+        self._write_backoff.took(start, time.monotonic() - start)
         return True
-
-    def _inline_slow(self, now: float) -> None:
-        """An inline call blocked: use the pool for a while, longer each time in a row."""
-        if now - self._inline_after > INLINE_BACKOFF_MAX:
-            self._inline_backoff = INLINE_BACKOFF_MIN  # the last stall is long past
-        self._inline_after = now + self._inline_backoff
-        self._inline_backoff = min(self._inline_backoff * 2, INLINE_BACKOFF_MAX)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         if flags & WriteFlags.MAY_UNMAP and self._can_punch:
@@ -355,15 +374,13 @@ class FileDriver(BlockDriver):
 
     async def block_status(self, offset: int, length: int) -> Extent:
         start = time.monotonic()
-        if start >= self._inline_after:
+        if start >= self._status_backoff.after:
             # Two lseeks over a cached extent tree: a pool round trip costs 20-50 times
-            # more, and a sparse disk's backup asks once per extent (a 2 GiB image of
-            # random 64 KiB extents: 3.5 s -> see docs/performance.md). Timed like an
-            # inline write: a file system that reads its extents from disk backs off.
+            # more, and a sparse disk's backup asks once per extent (docs/performance.md,
+            # "Sparse scale"). Timed: a file system that reads its extents from disk or
+            # asks a server (NFS) sends its calls to the pool for a while.
             n, is_data = _seek_extent(self.fd, offset, length)
-            took = time.monotonic() - start
-            if took > INLINE_SLOW:
-                self._inline_slow(start + took)
+            self._status_backoff.took(start, time.monotonic() - start)
             if not inline_may_skip_yield():
                 await asyncio.sleep(0)  # yield as a pool call would: no caller starves it
         else:
