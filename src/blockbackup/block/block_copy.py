@@ -69,7 +69,7 @@ MAX_COPY_RANGE = 16 * 1024 * 1024
 COPY_PIECE = 128 * 1024
 #: Background chunks allowed in flight while guest copy-before-writes are active: enough to
 #: keep the backup moving under a constant guest load, few enough not to crowd the guest.
-BACKOFF_WORKERS = int(__import__("os").environ.get("BB_BACKOFF", "1"))
+BACKOFF_WORKERS = 1
 #: Seconds after a guest's copy-before-write during which the background stays backed off.
 GUEST_RECENT = 0.05
 
