@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging
 import os
+from typing import Any
 
 import pytest
 
@@ -489,3 +490,38 @@ async def test_min_cluster_size(env: Env) -> None:
     assert job.block_copy.cluster_size == 256 * 1024
     await env.bb.wait(job)
     assert read_file(env.tgt_path) == env.t0
+
+
+async def test_a_cancelled_chunk_never_lends_out_a_buffer_a_thread_still_uses(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk task cancelled while its thread copies through a reused buffer does not put
+    that buffer back for the next chunk: the thread keeps using it."""
+    import threading
+
+    from blockbackup.block import copy_range
+
+    entered, release = threading.Event(), threading.Event()
+    in_use: list[object] = []
+    real = copy_range.copy_through_buffer
+
+    def held(*args: Any, **kwargs: Any) -> list[tuple[int, int]]:
+        if not in_use:
+            in_use.append(args[5])  # the buffer
+            entered.set()
+            release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(copy_range, "copy_through_buffer", held)
+    job = await env.bb.backup("src-raw", "tgt-raw")
+    bcs = job.block_copy
+    while not entered.is_set():
+        await asyncio.sleep(0.001)
+    chunks = list(bcs._tasks)
+    for task in chunks:
+        task.cancel()
+    await asyncio.wait(chunks)
+    assert all(buffer is not in_use[0] for buffer in bcs._buffers)
+    release.set()
+    await env.bb.wait(job)
+    assert read_file(env.tgt_path) == env.t0  # the cancelled chunk was copied again

@@ -727,6 +727,7 @@ class BlockCopy:
         this path costs neither. False (nothing done) when either side is not a local file.
         """
         buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, COPY_PIECE)
+        reuse = True
         try:
             zero_runs = await self.target.copy_through_buffer_from(
                 self.source,
@@ -740,6 +741,10 @@ class BlockCopy:
                 # Plain local files have no backing, and the target is ours alone.
                 holes_read_zero=True,
             )
+        except asyncio.CancelledError:
+            # The thread call goes on without us, through this buffer: it goes with it.
+            reuse = False
+            raise
         except SourceReadError as err:
             raise CopyError(err, is_read=True) from err
         except OSError as err:
@@ -748,7 +753,8 @@ class BlockCopy:
             self._between_files = False
             return False
         finally:
-            self._keep_buffer(buffer)
+            if reuse:
+                self._keep_buffer(buffer)
         for start, n in zero_runs:
             await self._write_zeroes(offset + start, n)
         return True
