@@ -238,26 +238,14 @@ class FileDriver(BlockDriver):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self._inline_reads and length <= INLINE_READ_MAX and not in_background():
             buf = bytearray(length)
-            done = 0
-            view = memoryview(buf)
-            try:
-                while done < length:
-                    n = os.preadv(self.fd, [view[done:]], offset + done, _RWF_NOWAIT)
-                    if n == 0:
-                        break  # end of file: the pool call below fills zeroes
-                    done += n
-            except BlockingIOError:
-                pass  # not (all) in the page cache: the rest is disk I/O
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._inline_reads = False  # the kernel or file system refuses RWF_NOWAIT
-            finally:
-                view.release()
+            with memoryview(buf) as view:
+                done = self._read_cached(view, offset)
             if done == length:
                 if not inline_may_skip_yield():
                     await asyncio.sleep(0)  # yield as a pool call would: no caller starves it
                 return buf
+            # Not (all) in the page cache, or end of file: the rest in the pool, which
+            # reads from disk and fills zeroes past the end.
             return await run_blocking(_pread_rest, self.fd, buf, done, offset)
         return await run_blocking(_pread_all, self.fd, length, offset, self._direct)
 
@@ -273,21 +261,33 @@ class FileDriver(BlockDriver):
         if not self._inline_reads or length > INLINE_READ_MAX or in_background():
             return None
         buf = bytearray(length) if into is None else into
-        done = 0
-        view = memoryview(buf)
         try:
-            while done < length:
+            with memoryview(buf) as view:
+                done = self._read_cached(view, offset)
+        except OSError:
+            return None
+        return buf if done == length else None
+
+    def _read_cached(self, view: memoryview, offset: int) -> int:
+        """Bytes read into ``view`` from the page cache only (``RWF_NOWAIT``).
+
+        Stops short at data not cached or at end of file. Raises other errors, except a
+        kernel or file system that refuses ``RWF_NOWAIT``: inline reads are then off.
+        """
+        done = 0
+        try:
+            while done < len(view):
                 n = os.preadv(self.fd, [view[done:]], offset + done, _RWF_NOWAIT)
                 if n == 0:
-                    return None
+                    break
                 done += n
+        except BlockingIOError:
+            pass
         except OSError as err:
-            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._inline_reads = False  # the kernel or file system refuses RWF_NOWAIT
-            return None
-        finally:
-            view.release()
-        return buf
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._inline_reads = False
+        return done
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
