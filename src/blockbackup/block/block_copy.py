@@ -180,10 +180,9 @@ class BlockCopy:
         self._last_guest_write = -GUEST_RECENT
         self._kick = asyncio.Event()
         self._zeroes = bytes(max(MAX_BUFFER, cluster_size))
-        #: Copy between local files in one blocking call through reused buffers (until
-        #: either side turns out not to be one).
-        self._between_files = True
-        self._files_both: bool | None = None
+        #: Copy between local files in one blocking call through reused buffers: both
+        #: sides are plain files (until a copy says otherwise).
+        self._between_files = source.fd_map(0) is not None and target.fd_map(0) is not None
         self._buffers: list[mmap.mmap] = []
         #: The source's status over the last extent the background looked up (see
         #: :meth:`_widen_over_zeroes`).
@@ -471,13 +470,8 @@ class BlockCopy:
         """Whether a chunk may span data and holes: a copy between local files that
         writes no zero cluster (so a sparse target stays sparse) and needs no allocation
         status per cluster (``sync=top``)."""
-        if self._files_both is None:
-            self._files_both = (
-                self.source.fd_map(0) is not None and self.target.fd_map(0) is not None
-            )
         return (
-            self._files_both
-            and self._between_files
+            self._between_files
             and not self.use_copy_range
             and not self.compress
             and not self.skip_unallocated

@@ -113,7 +113,7 @@ def copy_through_buffer(
     skipped: list[tuple[int, int]] = []
     step = len(buffer)
     grain = grain or step
-    all_hole = holes_read_zero and _is_hole(dst_fd, dst_off, length)
+    all_hole = holes_read_zero and _hole_before(dst_fd, dst_off, length) == length
     done = 0
     while done < length:
         n = min(step, length - done)
@@ -159,11 +159,3 @@ def _hole_before(fd: int, offset: int, length: int) -> int:
         return min(os.lseek(fd, offset, os.SEEK_DATA) - offset, length)
     except OSError as err:
         return length if err.errno == errno.ENXIO else 0  # ENXIO: no data up to the end
-
-
-def _is_hole(fd: int, offset: int, length: int) -> bool:
-    """Whether ``[offset, offset+length)`` of a file is one hole (False when unsure)."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError as err:
-        return err.errno == errno.ENXIO  # no data from there to the end of the file
