@@ -18,7 +18,7 @@ TiB = 1 << 40
 MiB = 1 << 20
 
 CHILD = r"""
-import asyncio, json, os, resource, sys, time
+import asyncio, json, os, sys, time
 from blockbackup.api import BlockBackup
 
 async def main(src, tgt):
@@ -32,7 +32,11 @@ async def main(src, tgt):
         await bb.wait(job)
         seconds = time.perf_counter() - start
         total = job.progress_total
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: a child spawned by vfork inherits the parent's peak in
+    # ru_maxrss (the pytest process's, after whatever ran before), VmHWM is its own.
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM:"))
+    rss = int(hwm.split()[1]) * 1024
     print(json.dumps({"seconds": seconds, "rss": rss, "total": total}))
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
