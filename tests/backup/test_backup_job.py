@@ -10,17 +10,19 @@ import asyncio
 import errno
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from blockbackup.api import BackupFailed
+from blockbackup.api import BackupFailed, BlockBackup
+from blockbackup.block import block_copy
 from blockbackup.block.drivers.blkdebug import IOType
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.backup import BackupJob, BackupPerf
 from blockbackup.jobs.status import IoStatus, JobStatus
 from testkit.backup_env import SIZE, Env
-from testkit.images import read_file
+from testkit.images import cached_bytes, make_image, page_cache_drops, raw_node, read_file
 
 pytestmark = pytest.mark.asyncio
 MiB = 1 << 20
@@ -402,6 +404,35 @@ async def test_local_files_copy_through_reused_buffers(env: Env) -> None:
         assert os.lseek(fd, MiB, os.SEEK_DATA) == 2 * MiB  # the zero MiB is a hole
     finally:
         os.close(fd)
+
+
+async def test_background_copy_drops_the_target_cache_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``DROP_BEHIND`` bytes, the target's written-back pages leave the page cache: a
+    backup does not fill the host's memory with a disk nobody reads back. A ``no-flush``
+    target keeps them (dropping means writing back, which it was told to spare)."""
+    if not page_cache_drops(tmp_path):
+        pytest.skip("this file system never evicts its pages (tmpfs)")
+    monkeypatch.setattr(block_copy, "DROP_BEHIND", 2 * MiB)
+    size = 32 * MiB
+    data = os.urandom(size)
+    src = make_image(tmp_path / "src.img", size, [(0, data)])
+    tgt = make_image(tmp_path / "tgt.img", size)
+    kept = make_image(tmp_path / "kept.img", size)
+    async with BlockBackup() as bb:
+        await bb.blockdev_add(raw_node("src", src))
+        await bb.blockdev_add(raw_node("tgt", tgt))
+        await bb.blockdev_add(raw_node("kept", kept, cache={"no-flush": True}))
+        for target in ("tgt", "kept"):
+            # One chunk at a time, so that drops keep up with the copy.
+            job = await bb.backup("src", target, perf=BackupPerf(max_workers=1))
+            await bb.wait(job)
+            assert job.block_copy.data_copied == size
+    assert cached_bytes(tgt) <= size // 2, f"{cached_bytes(tgt) >> 20} MiB cached"
+    assert cached_bytes(kept) == size
+    assert read_file(tgt) == data
+    assert read_file(kept) == data
 
 
 # -- arguments ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from blockbackup.block.drivers.blkdebug import BlkdebugDriver, IOType
 from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
+from testkit.images import cached_bytes, page_cache_drops
 
 MiB = 1 << 20
 
@@ -936,5 +937,46 @@ async def test_read_now_only_for_plain_cached_reads(tmp_path: Path) -> None:
                 {**_file_opts(path), "node-name": "d", "cache": {"direct": True}, "read-only": True}
             )
             assert direct.read_now(0, 4096) is None
+    finally:
+        await graph.aclose()
+
+
+@pytest.mark.asyncio
+async def test_drop_cache_evicts_only_where_it_may(tmp_path: Path) -> None:
+    """``drop_cache`` evicts a file's written-back pages, only in the node's range (raw
+    ``offset``), through blkdebug; a ``no-flush`` node keeps them (evicting means writing
+    back, which it was told to spare). Out of range is refused like any request.
+
+    The kernel evicts whole folios (up to 2 MiB here), so ranges are 2 MiB-aligned.
+    """
+    if not page_cache_drops(tmp_path):
+        pytest.skip("this file system never evicts its pages (tmpfs)")
+    graph = Graph()
+    try:
+        path = tmp_path / "d.img"
+        path.write_bytes(os.urandom(16 * MiB))
+        await graph.add({**_file_opts(path), "node-name": "f"})
+        window = await graph.add(
+            {"driver": "raw", "node-name": "w", "file": "f", "offset": 4 * MiB, "size": 8 * MiB}
+        )
+        debug = await graph.add({"driver": "blkdebug", "node-name": "dbg", "image": "w"})
+        await window.flush()
+        assert cached_bytes(path) == 16 * MiB
+        await debug.drop_cache(2 * MiB, 2 * MiB)  # bytes 6-8 MiB of the file
+        assert cached_bytes(path, 6 * MiB, 2 * MiB) == 0
+        assert cached_bytes(path) == 14 * MiB
+        await window.drop_cache()
+        assert cached_bytes(path, 4 * MiB, 8 * MiB) == 0
+        assert cached_bytes(path) == 8 * MiB  # the 4 MiB on each side of the window
+        with pytest.raises(OSError, match="outside w") as info:
+            await window.drop_cache(8 * MiB, 1)
+        assert info.value.errno == errno.EINVAL
+
+        kept = tmp_path / "k.img"
+        kept.write_bytes(os.urandom(4 * MiB))
+        os.sync()
+        node = await graph.add({**_file_opts(kept), "node-name": "k", "cache": {"no-flush": True}})
+        await node.drop_cache()
+        assert cached_bytes(kept) == 4 * MiB
     finally:
         await graph.aclose()

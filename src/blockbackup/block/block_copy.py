@@ -72,6 +72,8 @@ COPY_PIECE = 128 * 1024
 BACKOFF_WORKERS = 1
 #: Seconds after a guest's copy-before-write during which the background stays backed off.
 GUEST_RECENT = 0.05
+#: Data copied to the target between two drop-behinds (see :meth:`BlockCopy._drop_behind`).
+DROP_BEHIND = 64 * 1024 * 1024
 
 _DATA = Status.ALLOCATED | Status.DATA
 
@@ -170,6 +172,11 @@ class BlockCopy:
         self.discard_source = False
         self.bytes_done = 0
         self.bytes_skipped = 0
+        #: Bytes of data (not zeroes) written to the target, and that count at the last
+        #: drop-behind.
+        self.data_copied = 0
+        self._dropped_at = 0
+        self._dropping: asyncio.Task[None] | None = None
         self._budget = _ByteBudget(memory_limit)
         self._tasks: set[asyncio.Task[None]] = set()
         self._guest_copies = 0
@@ -292,6 +299,7 @@ class BlockCopy:
                 self.copy_bitmap.set(area_offset, area_length)
                 return False
             self.bytes_done += area_length
+            self.data_copied += area_length
             if self.on_copied is not None:
                 self.on_copied(area_offset, area_length)
             if self.on_progress is not None:
@@ -385,6 +393,7 @@ class BlockCopy:
                         await self._wait_guests_or_chunk(running)  # guest writes first
                         continue
                     await slots.acquire()
+                    self._drop_behind()
                     area = self.copy_bitmap.next_dirty_area(position, self.source.size, chunk)
                     if area is None and position:
                         position = 0
@@ -416,6 +425,23 @@ class BlockCopy:
             await self._settle(running)
         if failure:
             raise failure[0]
+
+    def _drop_behind(self) -> None:
+        """Every ``DROP_BEHIND`` bytes of data copied, let the target write back and evict
+        its page cache, in a background-pool call of its own.
+
+        Why: nobody reads a backup back soon. Left cached, a whole disk's copy evicts what
+        the host does read, and every page of it is fresh memory. On a VM that hands freed
+        memory back to its host (measured here), touching fresh memory costs about 10 us a
+        page once the warm free memory is used up: a guest's 64 KiB copy-before-write went
+        from 20 to 150 us. Dropping behind keeps reusing the same warm pages.
+        """
+        if self.data_copied - self._dropped_at < DROP_BEHIND:
+            return
+        if self._dropping is not None and not self._dropping.done():
+            return
+        self._dropped_at = self.data_copied
+        self._dropping = self._spawn(self.target.drop_cache())
 
     async def _widen_over_zeroes(
         self, area: tuple[int, int]
@@ -601,8 +627,10 @@ class BlockCopy:
             await self._write_zeroes(offset, length)
         elif self.use_copy_range and not self.compress:
             await self._copy_offloaded(offset, length, budget)
+            self.data_copied += length
         else:
             await self._copy_buffered(offset, length, budget)
+            self.data_copied += length
         self.bytes_done += length
         return True
 

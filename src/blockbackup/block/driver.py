@@ -174,6 +174,10 @@ class BlockDriver(ABC):
     async def flush(self) -> None:
         """Make completed writes durable. The default has nothing to flush."""
 
+    async def drop_cache(self, offset: int, length: int) -> None:
+        """Hint: nobody reads the range again soon; write back and evict what the host
+        caches of it. Advisory: never fails. The default has no cache to drop."""
+
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the extent starting at ``offset`` (at most ``length`` long).
 

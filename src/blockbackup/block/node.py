@@ -566,6 +566,16 @@ class BlockNode:
         with self._tracked():
             await self.driver.flush()
 
+    async def drop_cache(self, offset: int = 0, length: int | None = None) -> None:
+        """Hint that nobody reads the range (default: all) again soon: the host may write
+        it back and evict what it caches of it (a backup target as the copy goes).
+        Advisory: errors are ignored."""
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
+        with self._tracked():
+            await self.driver.drop_cache(offset, length)
+
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the extent at ``offset``, at most ``length`` long (never empty)."""
         self._check_range(offset, length)

@@ -381,6 +381,9 @@ class BlkdebugDriver(BlockDriver):
         extent = await self.child.block_status(offset, length)
         return Extent(offset, extent.length, extent.status)
 
+    async def drop_cache(self, offset: int, length: int) -> None:
+        await self.child.drop_cache(offset, length)  # a hint: nothing to inject
+
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         # Never let copy offload bypass the fault injection.
         return None

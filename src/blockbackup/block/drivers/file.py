@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -388,11 +389,22 @@ class FileDriver(BlockDriver):
         status = Status.ALLOCATED | (Status.DATA if is_data else Status.ZERO)
         return Extent(offset, n, status)
 
+    async def drop_cache(self, offset: int, length: int) -> None:
+        # O_DIRECT has no page cache; a no-flush node was told to spare the storage.
+        if not self._direct and not self._no_flush:
+            await run_blocking(_drop_cache, self.fd, offset, length)
+
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         return None if self._direct else (self.fd, offset)
 
     async def close(self) -> None:
         os.close(self.fd)
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Start writeback of the range's dirty pages and evict its clean ones (advisory)."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _size_of(fd: int) -> tuple[int, bool]:

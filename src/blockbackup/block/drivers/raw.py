@@ -105,6 +105,9 @@ class RawDriver(BlockDriver):
         extent = await self.child.block_status(self.offset + offset, length)
         return Extent(offset, extent.length, extent.status)
 
+    async def drop_cache(self, offset: int, length: int) -> None:
+        await self.child.drop_cache(self.offset + offset, length)
+
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         return self.child.fd_map(self.offset + offset)
 
