@@ -429,6 +429,7 @@ async def test_background_copy_drops_the_target_cache_behind_it(
             job = await bb.backup("src", target, perf=BackupPerf(max_workers=1))
             await bb.wait(job)
             assert job.block_copy.data_copied == size
+            assert job.block_copy._early_writeback is (target == "tgt")
     assert cached_bytes(tgt) <= size // 2, f"{cached_bytes(tgt) >> 20} MiB cached"
     assert cached_bytes(kept) == size
     assert read_file(tgt) == data

@@ -945,7 +945,8 @@ async def test_read_now_only_for_plain_cached_reads(tmp_path: Path) -> None:
 async def test_drop_cache_evicts_only_where_it_may(tmp_path: Path) -> None:
     """``drop_cache`` evicts a file's written-back pages, only in the node's range (raw
     ``offset``), through blkdebug; a ``no-flush`` node keeps them (evicting means writing
-    back, which it was told to spare). Out of range is refused like any request.
+    back, which it was told to spare), and says early writeback does not suit it, as
+    O_DIRECT and null nodes do. Out of range is refused like any request.
 
     The kernel evicts whole folios (up to 2 MiB here), so ranges are 2 MiB-aligned.
     """
@@ -960,6 +961,8 @@ async def test_drop_cache_evicts_only_where_it_may(tmp_path: Path) -> None:
             {"driver": "raw", "node-name": "w", "file": "f", "offset": 4 * MiB, "size": 8 * MiB}
         )
         debug = await graph.add({"driver": "blkdebug", "node-name": "dbg", "image": "w"})
+        assert debug.early_writeback()
+        assert window.early_writeback()
         await window.flush()
         assert cached_bytes(path) == 16 * MiB
         await debug.drop_cache(2 * MiB, 2 * MiB)  # bytes 6-8 MiB of the file
@@ -976,7 +979,17 @@ async def test_drop_cache_evicts_only_where_it_may(tmp_path: Path) -> None:
         kept.write_bytes(os.urandom(4 * MiB))
         os.sync()
         node = await graph.add({**_file_opts(kept), "node-name": "k", "cache": {"no-flush": True}})
+        assert not node.early_writeback()
         await node.drop_cache()
         assert cached_bytes(kept) == 4 * MiB
+        null = await graph.add({"driver": "null-co", "node-name": "n", "size": MiB})
+        assert not null.early_writeback()
+        await null.drop_cache()
+        if _o_direct_supported(tmp_path):
+            direct = await graph.add(
+                {**_file_opts(kept), "node-name": "d", "cache": {"direct": True}}
+            )
+            assert not direct.early_writeback()
+            await direct.drop_cache()
     finally:
         await graph.aclose()

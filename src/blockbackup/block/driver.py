@@ -178,6 +178,12 @@ class BlockDriver(ABC):
         """Hint: nobody reads the range again soon; write back and evict what the host
         caches of it. Advisory: never fails. The default has no cache to drop."""
 
+    def early_writeback(self) -> bool:
+        """Whether writing back cached writes before the flush suits this node (a copy
+        starting writeback as it goes, :meth:`drop_cache`): a buffered file whose flushes
+        count. The default: no host cache to write back."""
+        return False
+
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the extent starting at ``offset`` (at most ``length`` long).
 

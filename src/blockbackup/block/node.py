@@ -576,6 +576,11 @@ class BlockNode:
         with self._tracked():
             await self.driver.drop_cache(offset, length)
 
+    def early_writeback(self) -> bool:
+        """Whether writing back before the flush suits this node (see
+        :meth:`~blockbackup.block.driver.BlockDriver.early_writeback`)."""
+        return self.driver.early_writeback()
+
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the extent at ``offset``, at most ``length`` long (never empty)."""
         self._check_range(offset, length)

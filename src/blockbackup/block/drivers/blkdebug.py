@@ -384,6 +384,9 @@ class BlkdebugDriver(BlockDriver):
     async def drop_cache(self, offset: int, length: int) -> None:
         await self.child.drop_cache(offset, length)  # a hint: nothing to inject
 
+    def early_writeback(self) -> bool:
+        return self.child.early_writeback()
+
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         # Never let copy offload bypass the fault injection.
         return None

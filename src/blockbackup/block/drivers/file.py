@@ -390,9 +390,12 @@ class FileDriver(BlockDriver):
         return Extent(offset, n, status)
 
     async def drop_cache(self, offset: int, length: int) -> None:
-        # O_DIRECT has no page cache; a no-flush node was told to spare the storage.
-        if not self._direct and not self._no_flush:
+        if self.early_writeback():
             await run_blocking(_drop_cache, self.fd, offset, length)
+
+    def early_writeback(self) -> bool:
+        # O_DIRECT has no page cache; a no-flush node was told to spare the storage.
+        return not self._direct and not self._no_flush
 
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         return None if self._direct else (self.fd, offset)

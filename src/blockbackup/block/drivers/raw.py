@@ -108,6 +108,9 @@ class RawDriver(BlockDriver):
     async def drop_cache(self, offset: int, length: int) -> None:
         await self.child.drop_cache(self.offset + offset, length)
 
+    def early_writeback(self) -> bool:
+        return self.child.early_writeback()
+
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         return self.child.fd_map(self.offset + offset)
 
