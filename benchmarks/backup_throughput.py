@@ -14,8 +14,8 @@ with ``cache.no-flush`` on the target, like qemu-img's default) and to durable s
 Each side is compared with ``cp`` of the same kind.
 
 All copies run on a warm page cache (the source is read once first) after a ``sync`` (no
-copier pays for another's dirty pages), in ``--repeat`` interleaved rounds (a noisy moment
-hits every copier alike), best kept. Usage:
+copier pays for another's dirty pages) with warm free memory (see ``_settle.settle``), in
+``--repeat`` interleaved rounds (a noisy moment hits every copier alike), best kept. Usage:
 
     .venv/bin/python benchmarks/backup_throughput.py [--size-mib 2048] [--repeat 3]
         [--only throughput|guest]
@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _settle import settle
 from blockbackup.api import BlockBackup
 from blockbackup.demo import Writer
 from blockbackup.jobs.backup import BackupPerf
@@ -56,15 +57,6 @@ def fresh_target(path: Path, size: int) -> None:
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:
         f.truncate(size)
-
-
-def settle() -> None:
-    """Write back every dirty page and let the file system finish freeing blocks.
-
-    The root file system here is mounted with ``discard``: unlinking a written-back target
-    makes the next journal commit discard its blocks, which stalls whatever writes next.
-    """
-    os.sync()
 
 
 def timed(cmd: list[str]) -> float:
@@ -124,20 +116,20 @@ def throughput_copiers(src: Path, tgt: Path, size: int) -> Copiers:
 
     def cp(durable: bool) -> float:
         tgt.unlink(missing_ok=True)
-        settle()
+        settle(size)
         took = timed(["cp", "--sparse=always", str(src), str(tgt)])
         return took + (timed(["sync", "--data", str(tgt)]) if durable else 0.0)
 
     def convert(durable: bool) -> float:
         fresh_target(tgt, size)
-        settle()
+        settle(size)
         cache = "writeback" if durable else "unsafe"
         return timed(["qemu-img", "convert", "-n", "-t", cache, "-f", "raw", "-O", "raw",
                       str(src), str(tgt)])  # fmt: skip
 
     def ours(copy_range: bool, durable: bool) -> float:
         fresh_target(tgt, size)
-        settle()
+        settle(size)
         return asyncio.run(backup_seconds(src, tgt, size, copy_range, flush=durable))
 
     copiers: Copiers = {}
@@ -196,7 +188,7 @@ def main() -> int:
             # The source keeps each round's guest writes: the data stays random.
             for _ in range(args.repeat if args.only == "guest" else 1):
                 fresh_target(tgt, size)
-                settle()
+                settle(size)
                 print_impact(asyncio.run(guest_impact(src, tgt, size, 2.0)))
     finally:
         if args.dir is None:

@@ -7,7 +7,8 @@ its p99 while an unlimited backup runs; a 75%-sparse source gives an equally spa
 daemon RSS under 150 MiB). Only a run of both daemons, started with the same command line and
 driven by the same QMP script over the same files, makes those ratios meaningful.
 
-For each daemon, one after the other, on a warm page cache and with a fresh target each time:
+For each daemon, one after the other, on a warm page cache, with a fresh target and
+warm free memory each time (``_settle.settle``):
 
 1. full backup of a random raw image to a raw target (``blockdev-add`` + ``blockdev-backup
    sync=full``, until ``BLOCK_JOB_COMPLETED``): MiB/s, best of ``--repeat``. Ours flushes
@@ -50,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
+
+from _settle import settle
 
 MiB = 1 << 20
 GRAIN = 64 * 1024  # extent size of the sparse image's data
@@ -204,7 +207,7 @@ async def started(
 async def backup(d: Daemon, job: str, device: str, target: Path, size: int) -> dict[str, float]:
     """Back ``device`` up into a fresh raw ``target``; wall and event times, allocation."""
     fresh_target(target, size)
-    os.sync()  # no writeback of an earlier phase competes with this one
+    settle(size)  # no writeback of an earlier phase competes; both daemons get warm memory
     await d.cmd(
         "blockdev-add",
         {"driver": "raw", "node-name": "tgt", "file": {"driver": "file", "filename": str(target)}},
@@ -263,7 +266,7 @@ async def fio(
     state without a backup)."""
     if target is not None:
         fresh_target(target, size)
-    os.sync()
+    settle(size)
     proc = await asyncio.create_subprocess_exec(
         *fio_command(d.work, log, size), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
