@@ -39,7 +39,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockbackup._sockets import bind_unix
+from blockbackup._sockets import bind_unix, parse_socket_address
 from blockbackup.block.driver import Status, WriteFlags
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
@@ -101,7 +101,7 @@ from blockbackup.nbd.proto.wire import Buffer
 from blockbackup.nbd.receiver import TransmissionReceiver, take_over
 from blockbackup.nbd.tls import TlsCredentials, find_credentials
 
-__all__ = ["NbdServer", "parse_socket_address"]
+__all__ = ["NbdServer"]
 
 log = logging.getLogger(__name__)
 
@@ -141,35 +141,6 @@ _DF = int(CmdFlag.DF)
 
 class _Close(Exception):
     """End this connection quietly (handshake abort, unknown EXPORT_NAME)."""
-
-
-def parse_socket_address(addr: Mapping[str, Any]) -> dict[str, str]:
-    """Normalise a QAPI ``SocketAddress`` or ``SocketAddressLegacy`` to a flat dict.
-
-    Accepts ``{"type": "unix", "path": P}``, ``{"type": "inet", "host": H, "port": N}`` and
-    the legacy forms with the fields under ``"data"``.
-    """
-    if not isinstance(addr, Mapping):
-        raise BlockBackupError("Invalid parameter type for 'addr', expected: object")
-    kind = addr.get("type")
-    fields: Mapping[str, Any] = addr
-    data = addr.get("data")
-    if isinstance(data, Mapping):
-        fields = data
-    if kind == "unix":
-        path = fields.get("path")
-        if not isinstance(path, str):
-            raise BlockBackupError("Parameter 'addr.path' is missing")
-        return {"type": "unix", "path": path}
-    if kind == "inet":
-        host = fields.get("host", "127.0.0.1")
-        port = fields.get("port")
-        if port is None:
-            raise BlockBackupError("Parameter 'addr.port' is missing")
-        return {"type": "inet", "host": str(host) or "127.0.0.1", "port": str(port)}
-    if kind is None:
-        raise BlockBackupError("Parameter 'addr.type' is missing")
-    raise BlockBackupError(f"Parameter 'addr.type' does not accept value '{kind}'")
 
 
 class NbdServer:
