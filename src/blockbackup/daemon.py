@@ -30,7 +30,6 @@ from blockbackup.nbd.server import NbdServer
 from blockbackup.qmp import commands as _commands  # noqa: F401  (declares the commands)
 from blockbackup.qmp.commands.exports import NBD_SERVER_OPTIONS, nbd_server_start
 from blockbackup.qmp.context import Context, Services
-from blockbackup.qmp.objects import ObjectRegistry
 from blockbackup.qmp.registry import REGISTRY
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 from blockbackup.qmp.session import ChardevSocket, Monitor
@@ -71,15 +70,13 @@ class Daemon:
         self.graph = Graph()
         self.jobs = JobManager(self.events)
         self.exports = ExportManager(self.graph, self.events, bitmap_lookup=find_bitmap)
-        self.objects = ObjectRegistry()
-        self.nbd = NbdServer(self.exports, credentials=self.objects.tls_credentials)
+        self.nbd = NbdServer(self.exports)
         self.services = Services(
             graph=self.graph,
             events=self.events,
             jobs=self.jobs,
             exports=self.exports,
             nbd=self.nbd,
-            objects=self.objects,
             registry=REGISTRY,
             request_shutdown=self.request_shutdown,
         )
@@ -194,7 +191,6 @@ class Daemon:
         else:
             self.exports.close_all()
         await self.graph.aclose()
-        self.objects.close()
 
 
 def _write_pidfile(path: str) -> None:

@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from blockbackup._sockets import bind_unix, parse_socket_address
@@ -99,7 +99,7 @@ from blockbackup.nbd.proto import (
 )
 from blockbackup.nbd.proto.wire import Buffer
 from blockbackup.nbd.receiver import TransmissionReceiver, take_over
-from blockbackup.nbd.tls import TlsCredentials, find_credentials
+from blockbackup.nbd.tls import TlsCredentials
 
 __all__ = ["NbdServer"]
 
@@ -146,9 +146,8 @@ class _Close(Exception):
 class NbdServer:
     """``nbd-server-start`` / ``nbd-server-stop``: one listener serving an ExportManager.
 
-    :param exports: the export registry (shared with ``block-export-*``).
-    :param credentials: finds ``tls-creds`` objects by id (default: the
-        :mod:`blockbackup.nbd.tls` registry).
+    :param exports: the export registry (shared with ``block-export-*``); ``tls-creds``
+        are looked up among the objects of its graph.
     :param max_in_flight: requests served concurrently per client.
     """
 
@@ -156,12 +155,10 @@ class NbdServer:
         self,
         exports: ExportManager,
         *,
-        credentials: Callable[[str, str], TlsCredentials] = find_credentials,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.exports = exports
-        self._credentials = credentials
         self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
         self._server: asyncio.AbstractServer | None = None
@@ -198,7 +195,7 @@ class NbdServer:
         parsed = parse_socket_address(addr)
         creds: TlsCredentials | None
         if isinstance(tls_creds, str):
-            creds = self._credentials(tls_creds, "server")
+            creds = self.exports.graph.objects.tls_credentials(tls_creds, "server")
         else:
             creds = tls_creds
             if creds is not None and creds.endpoint != "server":
