@@ -19,9 +19,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from blockbackup import __version__
 from blockbackup.block.dirty_bitmap import find_bitmap
 from blockbackup.block.graph import Graph
-from blockbackup.daemon_options import DaemonOption, OptionsError
+from blockbackup.daemon_options import USAGE, DaemonOption, OptionsError, parse_args
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
 from blockbackup.jobs.job import JobManager
@@ -204,9 +205,6 @@ def _write_pidfile(path: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``blockbackup daemon ARGS``: parse, optionally daemonize, run; the exit status."""
-    from blockbackup import __version__
-    from blockbackup.daemon_options import USAGE, parse_args
-
     try:
         args = parse_args(argv)
     except OptionsError as exc:
