@@ -44,13 +44,13 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    # Lazy imports here and below: start-up cost only. The CLI's QMP-client commands
-    # import no block/ module; the demos and the daemon pull in the whole engine.
+    # Lazy imports (here and for the daemon): start-up cost only. The CLI's QMP-client
+    # commands import no block/ module; the demos and the daemon pull in the whole engine.
     if args.library:
-        from blockbackup.demo import run_demo
+        from blockbackup.demo import run_demo  # lazy: start-up cost
 
         return asyncio.run(run_demo(args.size, args.dir, args.speed, args.keep))
-    from blockbackup.demo_e2e import run as run_e2e
+    from blockbackup.demo_e2e import run as run_e2e  # lazy: start-up cost
 
     return asyncio.run(run_e2e(args.size, args.speed, args.keep, args.dir))
 
