@@ -1,7 +1,11 @@
-"""Listening unix sockets, created owner-only: the one way the daemon binds a socket file.
+"""Socket addresses as QAPI gives them, and owner-only listening unix sockets.
 
-``umask`` is process-wide, so the bind happens with the loop's thread briefly holding it;
-nothing else creates files concurrently on the loop thread.
+Why one module below both NBD roles: the NBD server (``nbd-server-start``, the daemon's
+``--nbd-server``) and the ``nbd`` block driver's client (``server``) take the same QAPI
+``SocketAddress``; parsing it here keeps the client from importing the server.
+
+``umask`` is process-wide, so a unix bind happens with the loop's thread briefly holding
+it; nothing else creates files concurrently on the loop thread.
 """
 
 from __future__ import annotations
@@ -10,11 +14,42 @@ import contextlib
 import os
 import socket
 import stat
+from collections.abc import Mapping
+from typing import Any
 
 from blockbackup.errors import BlockBackupError
 
 #: sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
+
+
+def parse_socket_address(addr: Mapping[str, Any]) -> dict[str, str]:
+    """Normalise a QAPI ``SocketAddress`` or ``SocketAddressLegacy`` to a flat dict.
+
+    Accepts ``{"type": "unix", "path": P}``, ``{"type": "inet", "host": H, "port": N}`` and
+    the legacy forms with the fields under ``"data"``.
+    """
+    if not isinstance(addr, Mapping):
+        raise BlockBackupError("Invalid parameter type for 'addr', expected: object")
+    kind = addr.get("type")
+    fields: Mapping[str, Any] = addr
+    data = addr.get("data")
+    if isinstance(data, Mapping):
+        fields = data
+    if kind == "unix":
+        path = fields.get("path")
+        if not isinstance(path, str):
+            raise BlockBackupError("Parameter 'addr.path' is missing")
+        return {"type": "unix", "path": path}
+    if kind == "inet":
+        host = fields.get("host", "127.0.0.1")
+        port = fields.get("port")
+        if port is None:
+            raise BlockBackupError("Parameter 'addr.port' is missing")
+        return {"type": "inet", "host": str(host) or "127.0.0.1", "port": str(port)}
+    if kind is None:
+        raise BlockBackupError("Parameter 'addr.type' is missing")
+    raise BlockBackupError(f"Parameter 'addr.type' does not accept value '{kind}'")
 
 
 def bind_unix(path: str) -> socket.socket:

@@ -63,6 +63,16 @@ class BlockBackup:
         """Create a node from ``blockdev-add`` options."""
         return await self.graph.add(options)
 
+    def object_add(self, options: Mapping[str, Any]) -> object:
+        """Create an object of this graph from ``object-add`` options (``qom-type``, ``id``
+        and the type's properties): a ``secret``, ``tls-creds-x509`` or ``throttle-group``."""
+        props = {k: v for k, v in options.items() if k not in ("qom-type", "id")}
+        return self.graph.objects.add(options["qom-type"], options["id"], props)
+
+    def object_del(self, id: str) -> None:
+        """``object-del``: refused while a node uses the object."""
+        self.graph.objects.delete(id)
+
     async def backup(
         self,
         device: str,

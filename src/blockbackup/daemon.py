@@ -19,9 +19,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from blockbackup import __version__
 from blockbackup.block.dirty_bitmap import find_bitmap
 from blockbackup.block.graph import Graph
-from blockbackup.daemon_options import DaemonOption, OptionsError
+from blockbackup.daemon_options import USAGE, DaemonOption, OptionsError, parse_args
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
 from blockbackup.jobs.job import JobManager
@@ -30,7 +31,6 @@ from blockbackup.nbd.server import NbdServer
 from blockbackup.qmp import commands as _commands  # noqa: F401  (declares the commands)
 from blockbackup.qmp.commands.exports import NBD_SERVER_OPTIONS, nbd_server_start
 from blockbackup.qmp.context import Context, Services
-from blockbackup.qmp.objects import ObjectRegistry
 from blockbackup.qmp.registry import REGISTRY
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 from blockbackup.qmp.session import ChardevSocket, Monitor
@@ -71,15 +71,13 @@ class Daemon:
         self.graph = Graph()
         self.jobs = JobManager(self.events)
         self.exports = ExportManager(self.graph, self.events, bitmap_lookup=find_bitmap)
-        self.objects = ObjectRegistry()
-        self.nbd = NbdServer(self.exports, credentials=self.objects.tls_credentials)
+        self.nbd = NbdServer(self.exports)
         self.services = Services(
             graph=self.graph,
             events=self.events,
             jobs=self.jobs,
             exports=self.exports,
             nbd=self.nbd,
-            objects=self.objects,
             registry=REGISTRY,
             request_shutdown=self.request_shutdown,
         )
@@ -194,7 +192,6 @@ class Daemon:
         else:
             self.exports.close_all()
         await self.graph.aclose()
-        self.objects.close()
 
 
 def _write_pidfile(path: str) -> None:
@@ -208,9 +205,6 @@ def _write_pidfile(path: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``blockbackup daemon ARGS``: parse, optionally daemonize, run; the exit status."""
-    from blockbackup import __version__
-    from blockbackup.daemon_options import USAGE, parse_args
-
     try:
         args = parse_args(argv)
     except OptionsError as exc:

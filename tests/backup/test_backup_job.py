@@ -531,11 +531,11 @@ async def test_a_cancelled_chunk_never_lends_out_a_buffer_a_thread_still_uses(
     that buffer back for the next chunk: the thread keeps using it."""
     import threading
 
-    from blockbackup.block import copy_range
+    from blockbackup.block import node
 
     entered, release = threading.Event(), threading.Event()
     in_use: list[object] = []
-    real = copy_range.copy_through_buffer
+    real = node.copy_through_buffer
 
     def held(*args: Any, **kwargs: Any) -> list[tuple[int, int]]:
         if not in_use:
@@ -544,7 +544,7 @@ async def test_a_cancelled_chunk_never_lends_out_a_buffer_a_thread_still_uses(
             release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(copy_range, "copy_through_buffer", held)
+    monkeypatch.setattr(node, "copy_through_buffer", held)  # where the node looks it up
     job = await env.bb.backup("src-raw", "tgt-raw")
     bcs = job.block_copy
     while not entered.is_set():

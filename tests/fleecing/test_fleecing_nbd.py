@@ -8,7 +8,6 @@ disk taken before, all against the in-process server.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from blockbackup.api import BlockBackup
-from blockbackup.block import throttle_groups
 from fleecing.fleece_kit import CLUSTER, MiB, t0_data
 from nbd.nbd_kit import Env, check_tool, need, run_tool, server_env
 from testkit.images import allocated_bytes, make_image, raw_node
@@ -25,7 +23,6 @@ from testkit.images import allocated_bytes, make_image, raw_node
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 SIZE = 4 * MiB
-_groups = itertools.count()
 
 
 @asynccontextmanager
@@ -157,18 +154,14 @@ async def test_break_snapshot_over_nbd() -> None:
 @asynccontextmanager
 async def throttled_tmp(env: Env) -> AsyncIterator[str]:
     """``tmp``: a throttle node (64 KiB/s of writes, bucket already full for ~1.9 s)."""
-    name = f"fleece-tg{next(_groups)}"
-    throttle_groups.create_group(name, {"limits": {"bps-write": 64 * 1024}})
-    try:
-        tmp_path = make_image(env.dir / "tmp.img", SIZE)
-        await env.graph.add(raw_node("tmp-raw", tmp_path))
-        node = await env.graph.add(
-            {"driver": "throttle", "node-name": "tmp", "throttle-group": name, "file": "tmp-raw"}
-        )
-        await node.write(SIZE - 128 * 1024, bytes(128 * 1024))  # fills the bucket
-        yield "tmp"
-    finally:
-        throttle_groups.delete_group(name, force=True)
+    env.graph.objects.add("throttle-group", "tg", {"limits": {"bps-write": 64 * 1024}})
+    tmp_path = make_image(env.dir / "tmp.img", SIZE)
+    await env.graph.add(raw_node("tmp-raw", tmp_path))
+    node = await env.graph.add(
+        {"driver": "throttle", "node-name": "tmp", "throttle-group": "tg", "file": "tmp-raw"}
+    )
+    await node.write(SIZE - 128 * 1024, bytes(128 * 1024))  # fills the bucket
+    yield "tmp"
 
 
 @need("qemu-io")

@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from blockbackup.api import BlockBackup
-from blockbackup.block import throttle_groups
+from blockbackup.block.objects import ObjectRegistry
 from blockbackup.block.throttle_groups import ThrottleGroup, ThrottleLimits, create_group
 from blockbackup.errors import BlockBackupError
-from blockbackup.qmp.objects import ObjectRegistry
 from testkit.images import make_image, raw_node
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -95,55 +94,50 @@ async def test_burst_then_average() -> None:
 
 async def test_fifo_and_shared_by_members(tmp_path: Path) -> None:
     clock = FakeClock()
-    g = create_group(f"shared{next(_names)}", {"limits": {"bps-write": MiB}}, clock)
-    try:
-        async with BlockBackup() as bb:
-            for name in ("a", "b"):
-                path = make_image(tmp_path / f"{name}.img", 4 * MiB)
-                await bb.blockdev_add(raw_node(f"{name}-raw", path))
-                await bb.blockdev_add(
-                    {
-                        "driver": "throttle",
-                        "node-name": name,
-                        "throttle-group": g.name,
-                        "file": f"{name}-raw",
-                    }
-                )
-            assert g.members == 2
-            a, b = bb.graph.get("a"), bb.graph.get("b")
-            data = b"\x01" * (256 * KiB)
-            async with asyncio.TaskGroup() as tg:
-                for i in range(8):
-                    tg.create_task(a.write(i * len(data), data))
-                    tg.create_task(b.write(i * len(data), data))
-            # 16 writes of 256 KiB share 1 MiB/s
-            assert clock.t == pytest.approx(15 * 0.25 - 0.1, abs=0.01)
-            with pytest.raises(BlockBackupError, match="in use, can not be deleted"):
-                throttle_groups.delete_group(g.name)
-        assert g.members == 0
-    finally:
-        throttle_groups.delete_group(g.name)
+    g = create_group("shared", {"limits": {"bps-write": MiB}}, clock)
+    async with BlockBackup() as bb:
+        bb.graph.objects.insert(g.name, g)
+        for name in ("a", "b"):
+            path = make_image(tmp_path / f"{name}.img", 4 * MiB)
+            await bb.blockdev_add(raw_node(f"{name}-raw", path))
+            await bb.blockdev_add(
+                {
+                    "driver": "throttle",
+                    "node-name": name,
+                    "throttle-group": g.name,
+                    "file": f"{name}-raw",
+                }
+            )
+        assert g.members == 2
+        a, b = bb.graph.get("a"), bb.graph.get("b")
+        data = b"\x01" * (256 * KiB)
+        async with asyncio.TaskGroup() as tg:
+            for i in range(8):
+                tg.create_task(a.write(i * len(data), data))
+                tg.create_task(b.write(i * len(data), data))
+        # 16 writes of 256 KiB share 1 MiB/s
+        assert clock.t == pytest.approx(15 * 0.25 - 0.1, abs=0.01)
+        with pytest.raises(BlockBackupError, match="in use, can not be deleted"):
+            bb.object_del(g.name)
+    assert g.members == 0
 
 
 async def test_quiesce_is_not_held_by_limits(tmp_path: Path) -> None:
-    name = f"slow{next(_names)}"
-    create_group(name, {"limits": {"bps-write": 1}})  # the real clock: 1 byte/s
-    try:
-        async with BlockBackup() as bb:
-            path = make_image(tmp_path / "t.img", MiB)
-            await bb.blockdev_add(raw_node("t-raw", path))
-            node = await bb.blockdev_add(
-                {"driver": "throttle", "node-name": "t", "throttle-group": name, "file": "t-raw"}
-            )
-            await node.write(0, b"\x01" * 4096)  # fills the bucket for about an hour
-            stuck = asyncio.create_task(node.write(4096, b"\x02" * 4096))
-            await asyncio.sleep(0.05)
-            assert not stuck.done()
-            async with asyncio.timeout(5):
-                async with node.quiesced():
-                    assert stuck.done()
-    finally:
-        throttle_groups.delete_group(name, force=True)
+    async with BlockBackup() as bb:
+        # the real clock: 1 byte/s
+        bb.object_add({"qom-type": "throttle-group", "id": "slow", "limits": {"bps-write": 1}})
+        path = make_image(tmp_path / "t.img", MiB)
+        await bb.blockdev_add(raw_node("t-raw", path))
+        node = await bb.blockdev_add(
+            {"driver": "throttle", "node-name": "t", "throttle-group": "slow", "file": "t-raw"}
+        )
+        await node.write(0, b"\x01" * 4096)  # fills the bucket for about an hour
+        stuck = asyncio.create_task(node.write(4096, b"\x02" * 4096))
+        await asyncio.sleep(0.05)
+        assert not stuck.done()
+        async with asyncio.timeout(5):
+            async with node.quiesced():
+                assert stuck.done()
 
 
 @pytest.mark.parametrize(
@@ -181,4 +175,4 @@ async def test_object_registry_and_legacy_keys(tmp_path: Path) -> None:
                 }
             )
     objects.delete(name)
-    assert throttle_groups.find_group(name) is None
+    assert objects.throttle_group(name) is None

@@ -19,7 +19,7 @@ from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
 from blockbackup.nbd.client import NbdClient, NbdConnectError
 from blockbackup.nbd.exports import ExportManager
-from blockbackup.nbd.server import NbdServer, parse_socket_address
+from blockbackup.nbd.server import NbdServer
 from nbd.nbd_kit import MiB, server_env
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -64,17 +64,6 @@ async def test_errors_before_and_after_start() -> None:
     assert exports.query() == []
     await graph.delete("n")
     os.rmdir(d)
-
-
-async def test_parse_socket_address() -> None:
-    assert parse_socket_address({"type": "inet", "host": "::1", "port": "10809"}) == {
-        "type": "inet",
-        "host": "::1",
-        "port": "10809",
-    }
-    assert parse_socket_address({"type": "inet", "data": {"port": "1"}})["host"] == "127.0.0.1"
-    with pytest.raises(BlockBackupError, match="does not accept value 'vsock'"):
-        parse_socket_address({"type": "vsock", "cid": "3"})
 
 
 async def test_delete_without_clients_emits_event() -> None:

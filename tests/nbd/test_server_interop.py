@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from blockbackup.block.node import BlockNode
 from blockbackup.nbd.exports import ExportBitmap
 from blockbackup.nbd.tls import TlsCredentials
 from nbd.nbd_kit import MiB, check_tool, need, run_tool, server_env
+from testkit.tls import make_certs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -131,39 +131,11 @@ async def test_fio_nbd_engine_verify() -> None:
         assert job["write"]["io_bytes"] == 8 * MiB
 
 
-def _make_certs(d: Path) -> bool:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        return False
-    import subprocess
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
-        "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=test ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
-        (d / f"{role}.ext").write_text(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage={usage}\n"
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        )
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}-key.pem",
-            "-out", f"{role}.csr", "-subj", f"/CN={role}")  # fmt: skip
-        run("x509", "-req", "-in", f"{role}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-            "-CAcreateserial", "-out", f"{role}-cert.pem", "-days", "2",
-            "-extfile", f"{role}.ext")  # fmt: skip
-    return True
-
-
 @need("qemu-img", "qemu-io", "openssl")
 async def test_tls_with_qemu_img(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
-    assert _make_certs(certs)
+    assert make_certs(certs)
     creds = TlsCredentials(certs, endpoint="server", verify_peer=True)
     async with server_env(tls_creds=creds) as env:
         obj = f"tls-creds-x509,id=tls0,dir={certs},endpoint=client"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockbackup._sockets import bind_unix
+from blockbackup._sockets import bind_unix, parse_socket_address
 from blockbackup.errors import BlockBackupError
 
 
@@ -56,3 +56,14 @@ def test_bind_failure_is_reported_and_cleaned_up(tmp_path: Path) -> None:
     with pytest.raises(BlockBackupError, match="Failed to bind socket to"):
         bind_unix(str(missing))
     assert os.listdir(tmp_path) == []
+
+
+def test_parse_socket_address() -> None:
+    assert parse_socket_address({"type": "inet", "host": "::1", "port": "10809"}) == {
+        "type": "inet",
+        "host": "::1",
+        "port": "10809",
+    }
+    assert parse_socket_address({"type": "inet", "data": {"port": "1"}})["host"] == "127.0.0.1"
+    with pytest.raises(BlockBackupError, match="does not accept value 'vsock'"):
+        parse_socket_address({"type": "vsock", "cid": "3"})

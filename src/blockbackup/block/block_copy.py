@@ -50,8 +50,8 @@ from blockbackup._aio import background_io, in_background, without_inline_yields
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.copy_range import SourceReadError
 from blockbackup.block.driver import Extent, Status, WriteFlags
+from blockbackup.block.ratelimit import RateLimit
 from blockbackup.block.reqlist import ReqList, Request
-from blockbackup.jobs.ratelimit import RateLimit
 
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode

@@ -15,6 +15,7 @@ from typing import Any
 from blockbackup.block import drivers as _drivers  # noqa: F401  (registers the drivers)
 from blockbackup.block.driver import DRIVERS
 from blockbackup.block.node import BlockNode, NodeConfig
+from blockbackup.block.objects import ObjectRegistry
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
 
@@ -22,10 +23,12 @@ _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")
 
 
 class Graph:
-    """All nodes of one daemon (or one library user), by node-name."""
+    """All nodes of one daemon (or one library user), by node-name, and the objects
+    (``object-add``) its nodes refer to by id."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, BlockNode] = {}
+        self.objects = ObjectRegistry()
         self._reserved: set[str] = set()
         self._auto_names = itertools.count()
 
@@ -164,3 +167,4 @@ class Graph:
                         pass
                 node.users.clear()
                 await self._close(node)
+        self.objects.close()

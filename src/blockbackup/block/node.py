@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
+from blockbackup._aio import run_blocking
+from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
@@ -608,8 +610,6 @@ class BlockNode:
         Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
         fall back to read + write. ``writeback``: start writing the copy back to storage.
         """
-        from blockbackup.block.copy_range import copy_file_range_all
-
         await self._copy_between_files(
             source, src_offset, offset, length, copy_file_range_all, writeback
         )
@@ -637,8 +637,6 @@ class BlockNode:
         ``writeback``: start writing the copy back to storage. ``holes_read_zero``: see
         :func:`~blockbackup.block.copy_range.copy_through_buffer`.
         """
-        from blockbackup.block.copy_range import copy_through_buffer
-
         return await self._copy_between_files(
             source,
             src_offset,
@@ -661,8 +659,6 @@ class BlockNode:
         copy: Callable[..., T],
         *args: object,
     ) -> T:
-        from blockbackup._aio import run_blocking
-
         source._check_range(src_offset, length)
         src = source.fd_map(src_offset)
         dst = self.fd_map(offset)

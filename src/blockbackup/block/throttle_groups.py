@@ -36,8 +36,6 @@ __all__ = [
     "ThrottleGroup",
     "ThrottleLimits",
     "create_group",
-    "delete_group",
-    "find_group",
 ]
 
 #: QEMU's THROTTLE_VALUE_MAX.
@@ -283,20 +281,10 @@ def _direction(is_write: bool) -> str:
     return "write" if is_write else "read"
 
 
-# -- the registry ---------------------------------------------------------------------------
-#
-# Groups are looked up by name from ``throttle`` nodes, which only see their options;
-# like TLS credentials, they live in a process-wide registry filled by ``object-add``.
-
-_GROUPS: dict[str, ThrottleGroup] = {}
-
-
 def create_group(name: str, props: Mapping[str, Any], clock: Clock | None = None) -> ThrottleGroup:
-    """``object-add qom-type=throttle-group``: ``limits`` and/or the legacy ``x-`` keys."""
-    if name in _GROUPS:
-        raise BlockBackupError(
-            f"attempt to add duplicate property '{name}' to object (type 'container')"
-        )
+    """A group from ``object-add qom-type=throttle-group`` properties: ``limits`` and/or
+    the legacy ``x-`` keys. The graph's :class:`~blockbackup.block.objects.ObjectRegistry`
+    keeps it by name, where ``throttle`` nodes find it."""
     flat: dict[str, int] = {}
     legacy = {k.removeprefix("x-"): v for k, v in props.items() if k != "limits"}
     for key, value in _known(legacy, "x-"):
@@ -307,21 +295,4 @@ def create_group(name: str, props: Mapping[str, Any], clock: Clock | None = None
             raise BlockBackupError("Invalid parameter type for 'limits', expected: object")
         for key, value in _known(given, "limits."):
             flat[key] = _integer(f"limits.{key}", value)
-    group = ThrottleGroup(name, ThrottleLimits.from_flat(flat), clock)
-    _GROUPS[name] = group
-    return group
-
-
-def find_group(name: str) -> ThrottleGroup | None:
-    return _GROUPS.get(name)
-
-
-def delete_group(name: str, *, force: bool = False) -> None:
-    """``object-del``: refused while a ``throttle`` node uses the group (unless ``force``:
-    the daemon is shutting down)."""
-    group = _GROUPS.get(name)
-    if group is None:
-        return
-    if group.members and not force:
-        raise BlockBackupError(f"object '{name}' is in use, can not be deleted")
-    del _GROUPS[name]
+    return ThrottleGroup(name, ThrottleLimits.from_flat(flat), clock)

@@ -92,7 +92,7 @@ def _create_target(req: BackupRequest, size: int) -> None:
     if os.path.exists(req.target_file):
         return
     if req.target_format == "qcow2":
-        from blockbackup.block.qcow2.create import create_qcow2_file
+        from blockbackup.block.qcow2.create import create_qcow2_file  # lazy: start-up cost
 
         backing = os.path.abspath(req.backing) if req.backing else None
         create_qcow2_file(

@@ -44,11 +44,13 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    # Lazy imports (here and for the daemon): start-up cost only. The CLI's QMP-client
+    # commands import no block/ module; the demos and the daemon pull in the whole engine.
     if args.library:
-        from blockbackup.demo import run_demo
+        from blockbackup.demo import run_demo  # lazy: start-up cost
 
         return asyncio.run(run_demo(args.size, args.dir, args.speed, args.keep))
-    from blockbackup.demo_e2e import run as run_e2e
+    from blockbackup.demo_e2e import run as run_e2e  # lazy: start-up cost
 
     return asyncio.run(run_e2e(args.size, args.speed, args.keep, args.dir))
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["daemon"]:
-        from blockbackup.daemon import main as daemon_main
+        from blockbackup.daemon import main as daemon_main  # lazy: start-up cost
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return daemon_main(argv[1:])

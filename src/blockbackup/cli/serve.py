@@ -93,7 +93,7 @@ async def serve(
     on_ready: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Run a daemon serving ``images`` until SIGINT/SIGTERM or ``quit``."""
-    from blockbackup.daemon import Daemon
+    from blockbackup.daemon import Daemon  # lazy: start-up cost of the other commands
     from blockbackup.daemon_options import parse_args
 
     for image in images:

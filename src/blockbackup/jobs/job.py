@@ -44,9 +44,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Coroutine
 from typing import Any, ClassVar, Literal
 
+from blockbackup.block.ratelimit import RateLimit
 from blockbackup.errors import BlockBackupError, DeviceNotActiveError
 from blockbackup.events import EventBus
-from blockbackup.jobs.ratelimit import RateLimit
 from blockbackup.jobs.status import (
     BlockdevOnError,
     ErrorAction,

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from blockbackup._sockets import parse_socket_address
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.proto import (
     CONTEXT_BASE_ALLOCATION,
@@ -61,12 +62,6 @@ class NbdConnectError(BlockBackupError):
     """Connecting or negotiating failed."""
 
 
-def _address(addr: Mapping[str, Any]) -> dict[str, str]:
-    from blockbackup.nbd.server import parse_socket_address
-
-    return parse_socket_address(addr)
-
-
 class NbdClient:
     """One negotiated NBD connection. Create with :meth:`connect`."""
 
@@ -106,7 +101,7 @@ class NbdClient:
 
         :raise NbdConnectError: with the reason (refused, TLS, unknown export, ...).
         """
-        parsed = _address(addr)
+        parsed = parse_socket_address(addr)
         try:
             async with asyncio.timeout(timeout):
                 if parsed["type"] == "unix":

@@ -36,10 +36,10 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from blockbackup._sockets import bind_unix
+from blockbackup._sockets import bind_unix, parse_socket_address
 from blockbackup.block.driver import Status, WriteFlags
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
@@ -99,9 +99,9 @@ from blockbackup.nbd.proto import (
 )
 from blockbackup.nbd.proto.wire import Buffer
 from blockbackup.nbd.receiver import TransmissionReceiver, take_over
-from blockbackup.nbd.tls import TlsCredentials, find_credentials
+from blockbackup.nbd.tls import TlsCredentials
 
-__all__ = ["NbdServer", "parse_socket_address"]
+__all__ = ["NbdServer"]
 
 log = logging.getLogger(__name__)
 
@@ -143,41 +143,11 @@ class _Close(Exception):
     """End this connection quietly (handshake abort, unknown EXPORT_NAME)."""
 
 
-def parse_socket_address(addr: Mapping[str, Any]) -> dict[str, str]:
-    """Normalise a QAPI ``SocketAddress`` or ``SocketAddressLegacy`` to a flat dict.
-
-    Accepts ``{"type": "unix", "path": P}``, ``{"type": "inet", "host": H, "port": N}`` and
-    the legacy forms with the fields under ``"data"``.
-    """
-    if not isinstance(addr, Mapping):
-        raise BlockBackupError("Invalid parameter type for 'addr', expected: object")
-    kind = addr.get("type")
-    fields: Mapping[str, Any] = addr
-    data = addr.get("data")
-    if isinstance(data, Mapping):
-        fields = data
-    if kind == "unix":
-        path = fields.get("path")
-        if not isinstance(path, str):
-            raise BlockBackupError("Parameter 'addr.path' is missing")
-        return {"type": "unix", "path": path}
-    if kind == "inet":
-        host = fields.get("host", "127.0.0.1")
-        port = fields.get("port")
-        if port is None:
-            raise BlockBackupError("Parameter 'addr.port' is missing")
-        return {"type": "inet", "host": str(host) or "127.0.0.1", "port": str(port)}
-    if kind is None:
-        raise BlockBackupError("Parameter 'addr.type' is missing")
-    raise BlockBackupError(f"Parameter 'addr.type' does not accept value '{kind}'")
-
-
 class NbdServer:
     """``nbd-server-start`` / ``nbd-server-stop``: one listener serving an ExportManager.
 
-    :param exports: the export registry (shared with ``block-export-*``).
-    :param credentials: finds ``tls-creds`` objects by id (default: the
-        :mod:`blockbackup.nbd.tls` registry).
+    :param exports: the export registry (shared with ``block-export-*``); ``tls-creds``
+        are looked up among the objects of its graph.
     :param max_in_flight: requests served concurrently per client.
     """
 
@@ -185,12 +155,10 @@ class NbdServer:
         self,
         exports: ExportManager,
         *,
-        credentials: Callable[[str, str], TlsCredentials] = find_credentials,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.exports = exports
-        self._credentials = credentials
         self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
         self._server: asyncio.AbstractServer | None = None
@@ -227,7 +195,7 @@ class NbdServer:
         parsed = parse_socket_address(addr)
         creds: TlsCredentials | None
         if isinstance(tls_creds, str):
-            creds = self._credentials(tls_creds, "server")
+            creds = self.exports.graph.objects.tls_credentials(tls_creds, "server")
         else:
             creds = tls_creds
             if creds is not None and creds.endpoint != "server":

@@ -2,8 +2,8 @@
 
 Why: QEMU names TLS credentials by object id (``tls-creds-x509,id=tls0,dir=...,
 endpoint=server``) and both ``nbd-server-start`` and the ``nbd`` block driver refer to them
-by that id. :class:`TlsCredentials` is that object; :func:`register_credentials` and
-:func:`find_credentials` are the id registry until the daemon's ``object-add`` owns one.
+by that id. :class:`TlsCredentials` is that object; the graph's object registry
+(:mod:`blockbackup.block.objects`) keeps it by id.
 
 Directory layout (QEMU's): ``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem`` for a
 server, ``client-cert.pem``, ``client-key.pem`` for a client (optional unless the server
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from blockbackup.errors import BlockBackupError
 
-__all__ = ["TlsCredentials", "find_credentials", "register_credentials", "unregister_credentials"]
+__all__ = ["TlsCredentials"]
 
 
 class TlsCredentials:
@@ -89,30 +89,3 @@ class TlsCredentials:
         if cert is not None and key is not None:
             ctx.load_cert_chain(cert, key)
         return ctx
-
-
-_REGISTRY: dict[str, TlsCredentials] = {}
-
-
-def register_credentials(id: str, creds: TlsCredentials) -> None:
-    """Make ``creds`` findable as ``tls-creds=id`` (``object-add``)."""
-    if id in _REGISTRY:
-        raise BlockBackupError(
-            f"attempt to add duplicate property '{id}' to object (type 'container')"
-        )
-    _REGISTRY[id] = creds
-
-
-def unregister_credentials(id: str) -> None:
-    """``object-del``."""
-    _REGISTRY.pop(id, None)
-
-
-def find_credentials(id: str, endpoint: str) -> TlsCredentials:
-    """The credentials called ``id``, checked for ``endpoint``; QEMU's error texts."""
-    creds = _REGISTRY.get(id)
-    if creds is None:
-        raise BlockBackupError(f"No TLS credentials with id '{id}'")
-    if creds.endpoint != endpoint:
-        raise BlockBackupError(f"Expecting TLS credentials with a {endpoint} endpoint")
-    return creds

@@ -15,7 +15,6 @@ from blockbackup.events import EventBus
 from blockbackup.jobs.job import JobManager
 from blockbackup.nbd.exports import ExportManager
 from blockbackup.nbd.server import NbdServer
-from blockbackup.qmp.objects import ObjectRegistry
 from blockbackup.qmp.registry import Registry
 
 __all__ = ["Context", "Services"]
@@ -30,7 +29,6 @@ class Services:
     jobs: JobManager
     exports: ExportManager
     nbd: NbdServer
-    objects: ObjectRegistry
     registry: Registry
     #: Ask the daemon to shut down (``quit``); returns at once.
     request_shutdown: Callable[[], None]

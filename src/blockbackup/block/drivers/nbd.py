@@ -29,7 +29,7 @@ from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.client import NbdClient, NbdConnectError
 from blockbackup.nbd.proto import AllocationState, TxFlag
-from blockbackup.nbd.tls import TlsCredentials, find_credentials
+from blockbackup.nbd.tls import TlsCredentials
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ class NbdDriver(BlockDriver):
         opts.int("open-timeout", 0)
         creds: TlsCredentials | None = None
         if creds_id is not None:
-            creds = find_credentials(creds_id, "client")
+            creds = opts.graph.objects.tls_credentials(creds_id, "client")
 
         async def connect() -> NbdClient:
             return await NbdClient.connect(server, export, tls=creds, tls_hostname=hostname)

@@ -46,6 +46,7 @@ from typing import ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
+from blockbackup.block.dirty_bitmap import find_bitmap
 from blockbackup.block.driver import (
     BlockDriver,
     Extent,
@@ -77,8 +78,6 @@ BitmapLookup = Callable[[BlockNode, str], DirtyRuns | None]
 
 def _default_bitmap_lookup(node: BlockNode, name: str) -> DirtyRuns | None:
     """The node's dirty bitmap called ``name``, from the dirty-bitmap registry."""
-    from blockbackup.block.dirty_bitmap import find_bitmap
-
     return find_bitmap(node, name)
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
-from blockbackup.block.throttle_groups import ThrottleGroup, find_group
+from blockbackup.block.throttle_groups import ThrottleGroup
 from blockbackup.errors import BlockBackupError
 
 
@@ -40,7 +40,7 @@ class ThrottleDriver(BlockDriver):
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> ThrottleDriver:
         name = opts.str("throttle-group")
-        group = find_group(name)
+        group = opts.graph.objects.throttle_group(name)
         if group is None:
             raise BlockBackupError(f"Throttle group '{name}' does not exist")
         child = await opts.child("file")

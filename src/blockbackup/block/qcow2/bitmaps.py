@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.driver import io_error
 from blockbackup.block.qcow2.fileio import ImageFile
 from blockbackup.block.qcow2.header import AUTOCLEAR_BITMAPS, BitmapsExt, Header
@@ -124,10 +125,8 @@ async def load_bitmap_bytes(file: ImageFile, hdr: Header, bm: StoredBitmap) -> b
     return bytes(out[:nbytes])
 
 
-async def load_bitmap(file: ImageFile, hdr: Header, bm: StoredBitmap) -> object:
+async def load_bitmap(file: ImageFile, hdr: Header, bm: StoredBitmap) -> Bitmap:
     """The bitmap as a :class:`blockbackup.block.bitmap.Bitmap`."""
-    from blockbackup.block.bitmap import Bitmap
-
     data = await load_bitmap_bytes(file, hdr, bm)
     return Bitmap.from_bytes(data, hdr.size, bm.granularity)
 

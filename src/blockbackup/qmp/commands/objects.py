@@ -65,9 +65,9 @@ OBJECT_OPTIONS = Struct(
 @command("object-add", args=OBJECT_OPTIONS)
 async def object_add(ctx: Context, args: Args) -> None:
     props = {k: v for k, v in args.items() if k not in ("qom-type", "id")}
-    ctx.services.objects.add(args["qom-type"], args["id"], props)
+    ctx.services.graph.objects.add(args["qom-type"], args["id"], props)
 
 
 @command("object-del", args=Struct("q_obj_object-del-arg", [Member("id", STR)]))
 async def object_del(ctx: Context, args: Args) -> None:
-    ctx.services.objects.delete(args["id"])
+    ctx.services.graph.objects.delete(args["id"])

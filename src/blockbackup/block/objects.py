@@ -1,9 +1,12 @@
-"""User-creatable objects (``object-add``/``--object``): secrets and TLS credentials.
+"""User-creatable objects (``object-add``/``--object``) of one graph: secrets, TLS
+credentials and throttle groups.
 
-Why a registry: other parts refer to objects by id (``tls-creds=tls0`` on the NBD server or
-the ``nbd`` block driver, ``password-secret=sec0``), so objects live here and are looked up
-by id and kind. TLS credentials are also published to :mod:`blockbackup.nbd.tls`, where
-the NBD code looks them up.
+Why the graph owns them: nodes refer to objects by id in their options
+(``throttle-group=tg0`` on a ``throttle`` node, ``tls-creds=tls0`` on an ``nbd`` node) and
+find them through ``opts.graph.objects``; the daemon's NBD server finds its ``tls-creds``
+in the same registry. Two graphs in one process (two daemons, or library users) each have
+their own objects, so the same id in both never conflicts and ``object-del`` in one never
+reaches the other.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-from blockbackup.block import throttle_groups
+from blockbackup.block.throttle_groups import ThrottleGroup, create_group
 from blockbackup.errors import BlockBackupError
-from blockbackup.nbd import tls
+from blockbackup.nbd.tls import TlsCredentials
 
 __all__ = ["ObjectRegistry", "Secret"]
 
@@ -42,28 +45,30 @@ class ObjectRegistry:
             raise BlockBackupError(f"No secret with id '{id}'")
         return obj
 
-    def tls_credentials(self, id: str, endpoint: str) -> tls.TlsCredentials:
+    def tls_credentials(self, id: str, endpoint: str) -> TlsCredentials:
         """The ``tls-creds-x509`` object ``id`` for ``endpoint`` (QEMU's texts)."""
         obj = self._objects.get(id)
-        if not isinstance(obj, tls.TlsCredentials):
+        if not isinstance(obj, TlsCredentials):
             raise BlockBackupError(f"No TLS credentials with id '{id}'")
         if obj.endpoint != endpoint:
             raise BlockBackupError(f"Expecting TLS credentials with a {endpoint} endpoint")
         return obj
 
+    def throttle_group(self, id: str) -> ThrottleGroup | None:
+        """The ``throttle-group`` object ``id``, if there is one."""
+        obj = self._objects.get(id)
+        return obj if isinstance(obj, ThrottleGroup) else None
+
     def add(self, qom_type: str, id: str, props: dict[str, Any]) -> object:
         """``object-add`` with validated properties."""
-        if id in self._objects:
-            raise BlockBackupError(
-                f"attempt to add duplicate property '{id}' to object (type 'container')"
-            )
+        self._check_new(id)
         obj: object
         if qom_type == "secret":
             obj = self._make_secret(id, props)
         elif qom_type == "throttle-group":
-            obj = throttle_groups.create_group(id, props)
+            obj = create_group(id, props)
         elif qom_type == "tls-creds-x509":
-            creds = tls.TlsCredentials(
+            creds = TlsCredentials(
                 props.get("dir", ""),
                 endpoint=props.get("endpoint", "client"),
                 verify_peer=props.get("verify-peer", True),
@@ -71,13 +76,22 @@ class ObjectRegistry:
             if "dir" not in props:
                 raise BlockBackupError("Unable to access credentials: no 'dir' given")
             creds.context()  # load now: bad files fail the command
-            tls.unregister_credentials(id)
-            tls.register_credentials(id, creds)
             obj = creds
         else:
             raise BlockBackupError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
         self._objects[id] = obj
         return obj
+
+    def insert(self, id: str, obj: Secret | TlsCredentials | ThrottleGroup) -> None:
+        """Add an object made by the caller (a throttle group with its own clock, say)."""
+        self._check_new(id)
+        self._objects[id] = obj
+
+    def _check_new(self, id: str) -> None:
+        if id in self._objects:
+            raise BlockBackupError(
+                f"attempt to add duplicate property '{id}' to object (type 'container')"
+            )
 
     @staticmethod
     def _make_secret(id: str, props: dict[str, Any]) -> Secret:
@@ -104,20 +118,14 @@ class ObjectRegistry:
         return Secret(id, raw)
 
     def delete(self, id: str) -> None:
-        """``object-del``."""
+        """``object-del``: refused for a throttle group that a ``throttle`` node uses."""
         obj = self._objects.get(id)
         if obj is None:
             raise BlockBackupError(f"object '{id}' not found")
-        if isinstance(obj, throttle_groups.ThrottleGroup):
-            throttle_groups.delete_group(id)  # refused while in use
+        if isinstance(obj, ThrottleGroup) and obj.members:
+            raise BlockBackupError(f"object '{id}' is in use, can not be deleted")
         del self._objects[id]
-        if isinstance(obj, tls.TlsCredentials):
-            tls.unregister_credentials(id)
 
     def close(self) -> None:
-        for id, obj in list(self._objects.items()):
-            if isinstance(obj, throttle_groups.ThrottleGroup):
-                throttle_groups.delete_group(id, force=True)
-                del self._objects[id]
-            else:
-                self.delete(id)
+        """Forget every object (the graph is closed: no node uses them any more)."""
+        self._objects.clear()

@@ -8,6 +8,9 @@ the next one wait about 4 s (progress moves in whole-chunk steps at low speeds, 
 QEMU), and the long-run rate equals ``speed`` whatever the chunk size.
 
 The clock is injectable (``clock=``) so tests drive time by hand and never sleep.
+
+Why in ``block/``: block-copy's background pass applies the limit and the job only sets
+its speed (``block-job-set-speed``); the block layer imports nothing from ``jobs/``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockbackup.jobs.ratelimit import RateLimit
+from blockbackup.block.ratelimit import RateLimit
 
 MIB = 1024 * 1024
 KIB = 1024
