@@ -141,9 +141,14 @@ class Graph:
         self.nodes.pop(node.name, None)
         from blockbackup.block.bitmap_store import node_closing
 
-        await node_closing(node)  # stores persistent dirty bitmaps (clean close)
-        await node.driver.close()
-        await self._release_children(node)
+        try:
+            await node_closing(node)  # stores persistent dirty bitmaps (clean close)
+            await node.driver.close()
+        finally:
+            # Whatever the driver's close raised, the node is gone: its children must not
+            # keep it as a parent (they could never be deleted, and the graph would look
+            # cyclic at shutdown).
+            await self._release_children(node)
 
     async def _release_children(self, node: BlockNode) -> None:
         for child in node.detach_children():
