@@ -60,7 +60,7 @@ async def dirty_extents(d: Path, export: str, bitmap: str) -> tuple[list[Any], l
     return nbdinfo, qemu_img
 
 
-async def start(tmp: Path) -> Any:
+def start(tmp: Path) -> Any:
     disk = tmp / "disk.img"
     disk.write_bytes(os.urandom(4 * MiB))
     subprocess.run(
@@ -91,7 +91,7 @@ async def dirty_b0(d: DaemonProcess, tmp: Path) -> None:
 
 
 async def test_pull_recipe_exports_the_disk_bitmap_through_the_overlay(tmp_path: Path) -> None:
-    async with await start(tmp_path) as d:
+    async with start(tmp_path) as d:
         await dirty_b0(d, tmp_path)
         await d.cmd(
             "blockdev-add",
@@ -127,7 +127,7 @@ async def test_pull_recipe_exports_the_disk_bitmap_through_the_overlay(tmp_path:
 
 
 async def test_bitmap_found_through_a_filter_not_through_a_format(tmp_path: Path) -> None:
-    async with await start(tmp_path) as d:
+    async with start(tmp_path) as d:
         await dirty_b0(d, tmp_path)
         await d.cmd("object-add", {"qom-type": "throttle-group", "id": "g", "limits": {}})
         await d.cmd(
@@ -141,7 +141,7 @@ async def test_bitmap_found_through_a_filter_not_through_a_format(tmp_path: Path
         assert await dirty_extents(tmp_path, "thr", "b0") == (DIRTY, DIRTY)
         # An enabled bitmap below, on a writable node: QEMU's refusal for a read-only export.
         await d.cmd("block-dirty-bitmap-add", {"node": "disk", "name": "b1"})
-        with pytest.raises(ExecuteError, match="^Enabled bitmap 'b1' incompatible with readonly"):
+        with pytest.raises(ExecuteError, match=r"^Enabled bitmap 'b1' incompatible with readonly"):
             await d.cmd(
                 "block-export-add",
                 {"type": "nbd", "id": "e1", "node-name": "thr", "name": "t1", "bitmaps": ["b1"]},
@@ -149,7 +149,7 @@ async def test_bitmap_found_through_a_filter_not_through_a_format(tmp_path: Path
         # raw is a format, not a filter: a bitmap of its file child is not looked for.
         await d.cmd("block-dirty-bitmap-add", {"node": "disk-file", "name": "f0"})
         await d.cmd("block-dirty-bitmap-disable", {"node": "disk-file", "name": "f0"})
-        with pytest.raises(ExecuteError, match="^Bitmap 'f0' is not found$"):
+        with pytest.raises(ExecuteError, match=r"^Bitmap 'f0' is not found$"):
             await d.cmd(
                 "block-export-add",
                 {"type": "nbd", "id": "e2", "node-name": "thr", "name": "t2", "bitmaps": ["f0"]},
