@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockbackup.block import drivers as _drivers  # noqa: F401  (registers the drivers)
+from blockbackup.block.bitmap_store import BitmapStores
+from blockbackup.block.dirty_bitmap import GraphBitmaps
 from blockbackup.block.driver import DRIVERS
 from blockbackup.block.node import BlockNode, NodeConfig
 from blockbackup.block.options import Options
@@ -28,6 +30,9 @@ class Graph:
         self.nodes: dict[str, BlockNode] = {}
         self._reserved: set[str] = set()
         self._auto_names = itertools.count()
+        #: The dirty-bitmap registries of this graph's nodes, and their persistence.
+        self.bitmaps = GraphBitmaps()
+        self.bitmap_stores = BitmapStores()
 
     def find(self, name: str) -> BlockNode | None:
         return self.nodes.get(name)
@@ -110,9 +115,7 @@ class Graph:
         finally:
             self._reserved.discard(name)
         self.nodes[name] = node
-        from blockbackup.block.bitmap_store import node_opened
-
-        await node_opened(node)  # persistent dirty bitmaps (never raises OSError)
+        await self.bitmap_stores.node_opened(node)  # persistent dirty bitmaps
         return node
 
     async def delete(self, name: str) -> None:
@@ -139,10 +142,8 @@ class Graph:
     async def _close(self, node: BlockNode) -> None:
         await node.wait_idle()
         self.nodes.pop(node.name, None)
-        from blockbackup.block.bitmap_store import node_closing
-
         try:
-            await node_closing(node)  # stores persistent dirty bitmaps (clean close)
+            await self.bitmap_stores.node_closing(node)  # stores them (clean close)
             await node.driver.close()
         finally:
             # Whatever the driver's close raised, the node is gone: its children must not

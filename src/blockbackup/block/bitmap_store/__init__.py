@@ -19,6 +19,11 @@ incremental) only by a *shrink*, which takes the new durable state from the in-m
 while the node is quiesced: no write is then between its hook and its dirty mark, so the
 in-memory bitmap covers every write that may still reach the image.
 
+Ownership: each graph has one :class:`BitmapStores` (its ``bitmap_stores``): the sidecar
+paths its nodes hold and the open/close hooks the graph calls; a node's :class:`NodeStore`
+is plugged into the node's bitmap registry. Nothing is module-global, so two graphs in one
+process never share a store.
+
 The argument and the formats are written up in ``docs/bitmap-sidecar.md``.
 """
 
@@ -28,7 +33,6 @@ import asyncio
 import errno
 import logging
 import os
-import weakref
 from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,12 +47,11 @@ from blockbackup.block.dirty_bitmap import BitmapRegistry, DirtyBitmap, bitmaps_
 from blockbackup.block.driver import io_error
 
 if TYPE_CHECKING:
-    from blockbackup.block.graph import Graph
     from blockbackup.block.node import BlockNode
     from blockbackup.block.qcow2.bitmaps import StoredBitmap
     from blockbackup.block.qcow2.driver import Qcow2Driver
 
-__all__ = ["NodeStore", "node_closing", "node_opened", "store_of"]
+__all__ = ["BitmapStores", "NodeStore", "store_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -60,13 +63,11 @@ _log = logging.getLogger(__name__)
 DURABLE_SPAN = 4 << 20
 _SPAN_SHIFT = DURABLE_SPAN.bit_length() - 1
 
-_STORES: weakref.WeakKeyDictionary[BlockNode, NodeStore] = weakref.WeakKeyDictionary()
-_CLAIMED: weakref.WeakKeyDictionary[Graph, set[str]] = weakref.WeakKeyDictionary()
-
 
 def store_of(node: BlockNode) -> NodeStore | None:
     """The persistence of ``node``'s bitmaps, if its image can hold them."""
-    return _STORES.get(node)
+    store = bitmaps_of(node).store
+    return store if isinstance(store, NodeStore) else None
 
 
 def _local_file(node: BlockNode) -> str | None:
@@ -142,7 +143,16 @@ def _recorder(registry: BitmapRegistry, lin: Lineage) -> DirtyBitmap | None:
 class NodeStore:
     """Where one node's persistent bitmaps live, and their write-ahead dirty log."""
 
-    def __init__(self, node: BlockNode, kind: str, path: str | None, *, writable: bool) -> None:
+    def __init__(
+        self,
+        stores: BitmapStores,
+        node: BlockNode,
+        kind: str,
+        path: str | None,
+        *,
+        writable: bool,
+    ) -> None:
+        self.stores = stores
         self.node = node
         #: "sidecar" (the sidecar holds the bitmaps) or "qcow2" (the image does; the
         #: sidecar is its journal while open).
@@ -179,19 +189,19 @@ class NodeStore:
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
-    async def attach(cls, node: BlockNode) -> NodeStore | None:
+    async def attach(cls, stores: BitmapStores, node: BlockNode) -> NodeStore | None:
         """Create the store of a newly opened node and load its bitmaps."""
         from blockbackup.block.qcow2.driver import Qcow2Driver
 
         driver = node.driver
         writable = not node.read_only
-        claimed = _CLAIMED.setdefault(node.graph, set())
+        claimed = stores.claimed
         if isinstance(driver, Qcow2Driver):
             image = _local_file(driver.file_node)
             path = sc.sidecar_path(image) if image is not None else None
             if path is not None and path in claimed:
                 path = None
-            store = cls(node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
+            store = cls(stores, node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
         else:
             if driver.driver_name == "raw":
                 if getattr(driver, "window", True):
@@ -207,10 +217,10 @@ class NodeStore:
             path = sc.sidecar_path(image)
             if path in claimed:
                 return None
-            store = cls(node, "sidecar", path, writable=writable)
+            store = cls(stores, node, "sidecar", path, writable=writable)
         if store.path is not None:
             claimed.add(store.path)
-        _STORES[node] = store
+        bitmaps_of(node).store = store
         if store.kind == "qcow2":
             assert isinstance(driver, Qcow2Driver)
             await store._load_qcow2(driver)
@@ -693,7 +703,7 @@ class NodeStore:
                 os.close(self._fd)
                 self._fd = -1
             if self.path is not None:
-                _CLAIMED.get(self.node.graph, set()).discard(self.path)
+                self.stores.claimed.discard(self.path)
 
     def _store_sidecar(self, img: sc.SidecarImage) -> None:
         assert self.path is not None
@@ -740,21 +750,30 @@ class NodeStore:
             await run_blocking(sc.remove_durably, self.path)
 
 
-async def node_opened(node: BlockNode) -> None:
-    """Graph hook: load the persistent bitmaps of a node that just opened."""
-    try:
-        await NodeStore.attach(node)
-    except OSError as err:
-        _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
+class BitmapStores:
+    """The persistence of one graph's bitmaps: the sidecar paths its nodes hold, and the
+    hooks the graph calls when a node opens and before it closes."""
 
+    def __init__(self) -> None:
+        #: Sidecar paths held by a node of this graph (one node per image file).
+        self.claimed: set[str] = set()
 
-async def node_closing(node: BlockNode) -> None:
-    """Graph hook: store the persistent bitmaps of a node about to close (clean close)."""
-    store = _STORES.pop(node, None)
-    if store is None:
-        return
-    try:
-        await store.close()
-    except OSError as err:
-        # The log (if any) stays: the next open recovers from it as from a crash.
-        _log.error("persistent bitmaps of %s could not be stored: %s", node.name, err)
+    async def node_opened(self, node: BlockNode) -> None:
+        """Load the persistent bitmaps of a node that just opened (never raises OSError)."""
+        try:
+            await NodeStore.attach(self, node)
+        except OSError as err:
+            _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
+
+    async def node_closing(self, node: BlockNode) -> None:
+        """Store the persistent bitmaps of a node about to close (clean close)."""
+        registry = bitmaps_of(node)
+        store = registry.store
+        registry.store = None
+        if not isinstance(store, NodeStore):
+            return
+        try:
+            await store.close()
+        except OSError as err:
+            # The log (if any) stays: the next open recovers from it as from a crash.
+            _log.error("persistent bitmaps of %s could not be stored: %s", node.name, err)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockbackup.block.bitmap import Bitmap
+from blockbackup.block.bitmap_store import store_of
 from blockbackup.block.dirty_bitmap import DirtyBitmap, bitmaps_of
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
@@ -89,8 +90,6 @@ class Action:
 
 async def _settle(nodes: tuple[BlockNode, ...]) -> None:
     """Wait until the persistent bitmaps of ``nodes`` are durable (log and image)."""
-    from blockbackup.block.bitmap_store import store_of
-
     for node in nodes:
         store = store_of(node)
         if store is not None:
