@@ -178,6 +178,8 @@ class NodeStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._hooked = False
         self._closed = False
+        #: The file child whose store this one took over (it gets it back if it outlives us).
+        self.taken_from: BlockNode | None = None
         self._safe = bitarray()
         self._forget_safe()
 
@@ -196,13 +198,18 @@ class NodeStore:
         driver = node.driver
         writable = not node.read_only
         claimed = stores.claimed
+        holder: BlockNode | None = None  # the file child whose store this node takes over
         if isinstance(driver, Qcow2Driver):
             image = _local_file(driver.file_node)
             path = sc.sidecar_path(image) if image is not None else None
             if path is not None and path in claimed:
-                path = None
+                if await stores.take_over(path, driver.file_node, node):
+                    holder = driver.file_node
+                else:
+                    path = None
             store = cls(stores, node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
         else:
+            child = None
             if driver.driver_name == "raw":
                 if getattr(driver, "window", True):
                     return None
@@ -216,8 +223,11 @@ class NodeStore:
                 return None
             path = sc.sidecar_path(image)
             if path in claimed:
-                return None
+                if child is None or not await stores.take_over(path, child, node):
+                    return None
+                holder = child
             store = cls(stores, node, "sidecar", path, writable=writable)
+        store.taken_from = holder
         if store.path is not None:
             claimed.add(store.path)
         bitmaps_of(node).store = store
@@ -766,14 +776,63 @@ class BitmapStores:
             _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
 
     async def node_closing(self, node: BlockNode) -> None:
-        """Store the persistent bitmaps of a node about to close (clean close)."""
+        """Store the persistent bitmaps of a node about to close (clean close).
+
+        If its sidecar was taken over from a file child that stays open, the child gets it
+        back (with the bitmaps), so that writes to the file keep being tracked. (Not for
+        qcow2: its bitmaps live in the image, which a file node cannot interpret; and its
+        close writes them through that child, which must not be quiesced then.)
+        """
         registry = bitmaps_of(node)
         store = registry.store
         registry.store = None
         if not isinstance(store, NodeStore):
             return
+        holder = store.taken_from
+        if (
+            holder is None
+            or store.kind != "sidecar"
+            or holder.graph.find(holder.name) is not holder
+        ):
+            await self._close_store(store)
+            return
+        async with holder.quiesced():
+            await self._close_store(store)
+            await self.node_opened(holder)
+
+    async def take_over(self, path: str, holder: BlockNode, owner: BlockNode) -> bool:
+        """Move the sidecar ``path`` from the file node ``holder`` to ``owner``, a whole-image
+        format node just opened over it; True when done.
+
+        Why: the sidecar belongs to the image, and the node users name is the format node
+        (``--blockdev driver=file,node-name=f,... --blockdev driver=raw,file=f``). Both cover
+        the same bytes, so the holder's persistent bitmaps are stored cleanly (exact) and
+        removed from it, and ``owner`` loads them next. Refused while one of them is in use
+        (a job, an export, a transaction) or the holder has users, or if ``owner`` is
+        read-only over a writable holder: then the holder keeps them.
+        """
+        store = store_of(holder)
+        if store is None or store.path != path or store._closed:
+            return False
+        if owner.read_only and not holder.read_only:
+            return False
+        registry = bitmaps_of(holder)
+        persistent = [bm for bm in registry if bm.persistent]
+        if holder.users or any(bm.busy for bm in persistent):
+            _log.warning("persistent bitmaps of %s stay on %s: in use", path, holder.name)
+            return False
+        async with holder.quiesced():  # no write between the store's close and the move
+            registry.store = None
+            await self._close_store(store)
+            for bm in persistent:
+                bm._stop_recording()
+                registry._remove(bm)
+        return path not in self.claimed
+
+    @staticmethod
+    async def _close_store(store: NodeStore) -> None:
         try:
             await store.close()
         except OSError as err:
             # The log (if any) stays: the next open recovers from it as from a crash.
-            _log.error("persistent bitmaps of %s could not be stored: %s", node.name, err)
+            _log.error("persistent bitmaps of %s could not be stored: %s", store.node.name, err)
