@@ -136,6 +136,19 @@ async def test_enospc_stop_pauses_then_cancel_leaves_nothing(
     await _assert_clean(daemon, target, empty_free)
 
 
+async def test_quit_while_paused_on_enospc_is_clean(tmpfs: Path, daemon: DaemonProcess) -> None:
+    """Shutting down with a job paused on a full disk: no traceback, exit 0, and every fd on
+    the tmpfs closed (the fixture unmounts it after the daemon is gone)."""
+    await _add_target(daemon, tmpfs)
+    await daemon.cmd(
+        "blockdev-backup",
+        {"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+         "on-target-error": "enospc"},
+    )  # fmt: skip
+    await daemon.event("BLOCK_JOB_ERROR", device="j")
+    await daemon.event("JOB_STATUS_CHANGE", id="j", status="paused")
+
+
 async def test_eio_from_blkdebug_leaves_nothing(tmpfs: Path, daemon: DaemonProcess) -> None:
     rule = {"event": "write_aio", "errno": 5, "once": False}
     target, empty_free = await _add_target(daemon, tmpfs, **{"inject-error": [rule]})
