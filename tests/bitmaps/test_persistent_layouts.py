@@ -127,3 +127,28 @@ async def test_a_windowed_raw_node_cannot_store_them(tmp_path: Path) -> None:
             await d.cmd("block-dirty-bitmap-add", {"node": "part", "name": "p", "persistent": True})
         await d.cmd("block-dirty-bitmap-add", {"node": "disk", "name": "b0", "persistent": True})
     assert d.exit_code == 0, d.stderr
+
+
+async def test_a_bitmap_in_use_stays_on_the_file_node(tmp_path: Path) -> None:
+    """The takeover is refused while the file node's bitmap is exported: the raw node
+    opened over it then cannot store persistent bitmaps, and nothing moves under the export."""
+    (tmp_path / "disk.raw").write_bytes(bytes(4 * MiB))
+    file_only = by_reference(tmp_path)[:2] + by_reference(tmp_path)[4:]
+    async with daemon_process(tmp_path, file_only) as d:
+        await d.cmd(
+            "block-dirty-bitmap-add", {"node": "disk-file", "name": "b0", "persistent": True}
+        )
+        await d.cmd("block-dirty-bitmap-disable", {"node": "disk-file", "name": "b0"})
+        await d.cmd(
+            "block-export-add",
+            {"type": "nbd", "id": "e", "node-name": "disk-file", "bitmaps": ["b0"]},
+        )
+        await d.cmd("blockdev-add", {"driver": "raw", "node-name": "disk", "file": "disk-file"})
+        found = await bitmaps(d)
+        assert [b["name"] for b in found["disk-file"]] == ["b0"]
+        assert found["disk"] == []
+        with pytest.raises(ExecuteError, match=r"^Can't store persistent bitmaps to disk: "):
+            await d.cmd(
+                "block-dirty-bitmap-add", {"node": "disk", "name": "b1", "persistent": True}
+            )
+    assert d.exit_code == 0, d.stderr
