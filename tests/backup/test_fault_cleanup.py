@@ -263,3 +263,29 @@ async def test_library_wait_raises_on_a_job_paused_by_enospc(tmp_path: Path, tmp
         await bb.graph.delete("tgt")
         target.unlink()
         assert free_bytes(tmpfs) == empty_free
+
+
+async def test_library_resume_after_freeing_space_completes(tmp_path: Path, tmpfs: Path) -> None:
+    """The point of ``stop``: the caller frees space, resumes, and the backup completes."""
+    size = 40 * MiB
+    src = tmp_path / "small.img"
+    src.write_bytes(os.urandom(size))
+    filler = tmpfs / "filler"
+    filler.write_bytes(bytes(40 * MiB))  # leaves less room than the backup needs
+    target = tmpfs / "tgt.img"
+    with open(target, "wb") as f:
+        f.truncate(size)
+    async with BlockBackup() as bb:
+        await bb.blockdev_add(_raw("src", src))
+        await bb.blockdev_add(_raw("tgt", target))
+        job = await bb.backup("src", "tgt", sync="full", on_target_error="enospc")
+        async with asyncio.timeout(60):
+            with pytest.raises(JobPausedOnError) as info:
+                await bb.wait(job)
+            assert info.value.io_status == "nospace"
+            filler.unlink()
+            job.resume()
+            assert not job.paused_on_error
+            await bb.wait(job)
+        assert job.error is None
+    assert target.read_bytes() == src.read_bytes()
