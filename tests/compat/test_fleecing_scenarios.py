@@ -327,6 +327,8 @@ async def test_pull_incremental_exports_bitmap_of_the_backing(tmp_path: Path) ->
         await r.cmd("block-export-add", fleece | {"bitmaps": ["b1"]})  # enabled, writable disk
         await r.cmd("block-export-add", fleece | {"bitmaps": ["b0"]})
         await r.cmd("query-block-exports")
+        again = {"type": "nbd", "id": "e2", "node-name": "ovl", "name": "again"}
+        await r.cmd("block-export-add", again | {"bitmaps": ["b0"]})  # busy: exported
         # A guest write after the point in time: copied to the overlay, not in the view.
         r.note(await tool("qemu-io", "-f", "raw", uri(r, "guest"), "-c", "write -P 0x77 1M 4k"))
         r.note(await tool("nbdinfo", "--map=qemu:dirty-bitmap:b0", uri(r, "fleece")))

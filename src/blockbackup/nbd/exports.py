@@ -222,6 +222,11 @@ class ExportManager:
                 if isinstance(ref, str):
                     raise BlockBackupError(f"Bitmap '{bm_name}' is not found")
                 raise BlockBackupError(f"Dirty bitmap '{bm_name}' not found")
+            # QEMU's bdrv_dirty_bitmap_check: not while busy (another export, a job) or
+            # inconsistent.
+            check_usable = getattr(bitmap, "check_usable", None)
+            if check_usable is not None:
+                check_usable()
             # QEMU 7.2 refuses an enabled bitmap only when named plainly; the {node, name}
             # form is accepted (and makes the bitmap busy) -- reference, correction 6.
             # Whether it can still change is a question about the node that holds it.
