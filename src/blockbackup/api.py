@@ -11,6 +11,10 @@ the daemon serves over QMP, driven from Python::
         job = await bb.backup("src", "tgt", sync="full")
         await bb.wait(job)          # raises BackupFailed if the job failed
 
+A job whose error policy is ``stop`` (or ``enospc`` on a full disk) pauses on the error
+instead of failing: :meth:`BlockBackup.wait` then raises :class:`JobPausedOnError`, and the
+caller fixes the cause and calls ``job.resume()`` (then waits again), or cancels the job.
+
 :func:`backup` is the one-shot form for nodes you already hold.
 """
 
@@ -33,6 +37,26 @@ _job_ids = itertools.count()
 
 class BackupFailed(BlockBackupError):
     """A job ended with an error or was cancelled; the message is the job's error text."""
+
+
+class JobPausedOnError(BlockBackupError):
+    """A job is paused by its error policy and waits for ``job.resume()`` or a cancel.
+
+    Why an exception and not a silent wait: nothing else would ever end the wait, and the
+    caller is the one who can free space or fix the device. The job is still alive (its
+    point in time and progress are kept); ``BLOCK_JOB_ERROR`` was sent on the event bus.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        #: QEMU's ``io-status``: "nospace" or "failed".
+        self.io_status = job.io_status.value
+        #: "read" (source) or "write" (target).
+        self.operation = job.stopped_operation
+        #: The I/O error the job stopped on.
+        self.error = job.stopped_error
+        reason = self.error.strerror if self.error is not None else self.io_status
+        super().__init__(f"job {job.id} paused on a {self.operation} error: {reason}")
 
 
 class BlockBackup:
@@ -96,8 +120,14 @@ class BlockBackup:
         return await start_backup(self.graph, self.jobs, opts, at_point_in_time=at_point_in_time)
 
     async def wait(self, job: Job) -> None:
-        """Wait until ``job`` concluded; raise :class:`BackupFailed` unless it succeeded."""
-        await self.jobs.wait_concluded(job)
+        """Wait until ``job`` concluded; raise :class:`BackupFailed` unless it succeeded.
+
+        Raises :class:`JobPausedOnError` as soon as the job is paused by its error policy
+        (``on_source_error``/``on_target_error`` ``stop`` or ``enospc``).
+        """
+        await self.jobs.wait_settled(job)
+        if job.paused_on_error:
+            raise JobPausedOnError(job)
         if job.error is not None:
             raise BackupFailed(job.error)
 

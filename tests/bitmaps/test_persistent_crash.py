@@ -1,6 +1,10 @@
 """Crash safety of persistent bitmaps: a child writes randomly (raw and qcow2) and is
 SIGKILLed at a random moment; after reopening, the bitmap is a superset of every write the
 child issued, and an incremental backup with it over the previous backup equals the image.
+
+Both layouts people write: the format node with its file child inline, and a file node
+added first and named by reference (``--blockdev driver=file,node-name=src-file,...
+--blockdev driver=raw,file=src-file``), where the format node takes the file node's sidecar.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 
 from blockbackup.api import BlockBackup
 from blockbackup.block.dirty_bitmap import bitmaps_of
+from blockbackup.block.node import BlockNode
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -28,12 +33,16 @@ CHILD = r"""
 import asyncio, os, random, sys
 from blockbackup.api import BlockBackup
 
-async def main(fmt, path, seed):
+async def main(fmt, path, seed, layout):
     rnd = random.Random(seed)
     out = sys.stdout
-    opts = {"driver": fmt, "node-name": "src", "file": {"driver": "file", "filename": path}}
     bb = BlockBackup()
-    node = await bb.blockdev_add(opts)
+    if layout == "ref":
+        await bb.blockdev_add({"driver": "file", "node-name": "src-file", "filename": path})
+        node = await bb.blockdev_add({"driver": fmt, "node-name": "src", "file": "src-file"})
+    else:
+        file = {"driver": "file", "filename": path}
+        node = await bb.blockdev_add({"driver": fmt, "node-name": "src", "file": file})
     out.write("ready\n"); out.flush()
     async def worker(w):
         while True:
@@ -43,7 +52,7 @@ async def main(fmt, path, seed):
             await node.write(off, os.urandom(n))
     await asyncio.gather(*(worker(w) for w in range(8)))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
 """
 
 
@@ -67,9 +76,18 @@ async def _read_all(bb: BlockBackup, name: str) -> bytes:
     return bytes(await node.read(0, node.size))
 
 
-def _run_child(fmt: str, path: Path, seed: int, rnd: random.Random) -> list[tuple[int, int, int]]:
+async def _add_src(bb: BlockBackup, fmt: str, path: Path, layout: str) -> BlockNode:
+    if layout == "ref":
+        await bb.blockdev_add({"driver": "file", "node-name": "src-file", "filename": str(path)})
+        return await bb.blockdev_add({"driver": fmt, "node-name": "src", "file": "src-file"})
+    return await bb.blockdev_add(_opts(fmt, "src", path))
+
+
+def _run_child(
+    fmt: str, path: Path, seed: int, rnd: random.Random, layout: str
+) -> list[tuple[int, int, int]]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, fmt, str(path), str(seed)],
+        [sys.executable, "-c", CHILD, fmt, str(path), str(seed), layout],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -88,8 +106,9 @@ def _run_child(fmt: str, path: Path, seed: int, rnd: random.Random) -> list[tupl
     return writes
 
 
+@pytest.mark.parametrize("layout", ["inline", "ref"])
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_sigkill_under_writes_keeps_a_superset(tmp_path: Path, fmt: str) -> None:
+def test_sigkill_under_writes_keeps_a_superset(tmp_path: Path, fmt: str, layout: str) -> None:
     seed = int(os.environ.get("BB_CRASH_SEED", "1234"))
     rnd = random.Random(seed)
     src = _image(tmp_path, fmt)
@@ -97,19 +116,19 @@ def test_sigkill_under_writes_keeps_a_superset(tmp_path: Path, fmt: str) -> None
 
     async def setup() -> None:
         async with BlockBackup() as bb:
-            await bb.blockdev_add(_opts(fmt, "src", src))
+            await _add_src(bb, fmt, src, layout)
             bitmaps_of(bb.graph.get("src")).create("b0", GRAN, persistent=True)
             backup.write_bytes(await _read_all(bb, "src"))  # the full backup at creation
 
     asyncio.run(setup())
     total = 0
     for round_ in range(3):
-        writes = _run_child(fmt, src, seed * 10 + round_, rnd)
+        writes = _run_child(fmt, src, seed * 10 + round_, rnd, layout)
         total += len(writes)
 
         async def check(round_: int, writes: list[tuple[int, int, int]]) -> None:
             async with BlockBackup() as bb:
-                node = await bb.blockdev_add(_opts(fmt, "src", src))
+                node = await _add_src(bb, fmt, src, layout)
                 bm = bitmaps_of(node).get("b0")
                 assert bm is not None
                 assert not bm.inconsistent

@@ -282,3 +282,68 @@ async def test_cbw_timeout_with_throttled_target(tmp_path: Path) -> None:
         await asyncio.sleep(2)  # let the timed-out copy finish before quitting
 
     await run(tmp_path, scenario)
+
+
+async def test_pull_incremental_exports_bitmap_of_the_backing(tmp_path: Path) -> None:
+    """libvirt's pull mode: the export is a qcow2 overlay of the disk, and a bitmap named
+    plainly in ``bitmaps`` is found on the overlay's backing (the disk), as QEMU walks
+    filtered and backing children (issue 12, fault 2)."""
+
+    async def scenario(r: Recorder) -> None:
+        await start_nbd(r)
+        await r.cmd("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
+        await r.cmd(
+            "block-export-add",
+            {"type": "nbd", "id": "eg", "node-name": "src", "name": "guest", "writable": True},
+        )
+        r.note(
+            await tool(
+                "qemu-io", "-f", "raw", uri(r, "guest"),
+                "-c", "write -P 0x55 1M 64k", "-c", "write -P 0x56 3M 128k",
+            )
+        )  # fmt: skip
+        await r.cmd(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "ovl",
+                "file": {"driver": "file", "filename": str(r.dir / "ovl.qcow2")},
+                "backing": "src",
+            },
+        )
+        actions = [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b1"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "src", "name": "b0"}},
+            {
+                "type": "blockdev-backup",
+                "data": {"job-id": "j0", "device": "src", "target": "ovl", "sync": "none"},
+            },
+        ]
+        await r.cmd("transaction", {"actions": actions})
+        fleece = {"type": "nbd", "id": "ef", "node-name": "ovl", "name": "fleece"}
+        await r.cmd("block-export-add", fleece | {"bitmaps": ["nob"]})
+        await r.cmd("block-export-add", fleece | {"bitmaps": [{"node": "ovl", "name": "b0"}]})
+        await r.cmd("block-export-add", fleece | {"bitmaps": [{"node": "nonode", "name": "b0"}]})
+        await r.cmd("block-export-add", fleece | {"bitmaps": ["b1"]})  # enabled, writable disk
+        await r.cmd("block-export-add", fleece | {"bitmaps": ["b0"]})
+        await r.cmd("query-block-exports")
+        again = {"type": "nbd", "id": "e2", "node-name": "ovl", "name": "again"}
+        await r.cmd("block-export-add", again | {"bitmaps": ["b0"]})  # busy: exported
+        # A guest write after the point in time: copied to the overlay, not in the view.
+        r.note(await tool("qemu-io", "-f", "raw", uri(r, "guest"), "-c", "write -P 0x77 1M 4k"))
+        r.note(await tool("nbdinfo", "--map=qemu:dirty-bitmap:b0", uri(r, "fleece")))
+        r.note(
+            await tool("qemu-io", "-r", "-f", "raw", uri(r, "fleece"), "-c", "read -P 0x55 1M 4k")
+        )
+        opts = (
+            f"driver=nbd,export=fleece,server.type=unix,server.path={r.dir / 'nbd.sock'},"
+            "x-dirty-bitmap=qemu:dirty-bitmap:b0"
+        )
+        r.note(await tool("qemu-img", "map", "--output=json", "--image-opts", opts))
+        await r.cmd("block-export-del", {"id": "ef"})
+        await r.wait_event("BLOCK_EXPORT_DELETED", id="ef")
+        await r.cmd("job-cancel", {"id": "j0"})
+        await r.wait_status("j0", "null")
+        await r.cmd("blockdev-del", {"node-name": "ovl"})
+
+    await run(tmp_path, scenario)

@@ -9,7 +9,7 @@ snapshot areas really punch holes), ``cbw`` (copy-before-write from src to tmp) 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +58,18 @@ async def fleece(
     cbw_opts: dict[str, Any] | None = None,
     tmp_node: dict[str, Any] | None = None,
     size: int = SIZE,
+    prepare_source: Callable[[BlockNode], None] | None = None,
 ) -> AsyncIterator[Fleece]:
-    """The modern recipe, in-process."""
+    """The modern recipe, in-process; ``prepare_source(src)`` runs before the filter is
+    added (to give the source a dirty bitmap, say)."""
     t0 = t0_data(size)
     src_path = make_image(directory / "src.img", size, [(0, t0)])
     tmp_path = make_image(directory / "tmp.img", size)
     async with BlockBackup() as bb:
         src = await bb.blockdev_add(raw_node("src", src_path))
         tmp = await bb.blockdev_add(tmp_node or raw_node("tmp", tmp_path, discard="unmap"))
+        if prepare_source is not None:
+            prepare_source(src)
         cbw = await bb.blockdev_add(
             {"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": tmp.name}
             | (cbw_opts or {})

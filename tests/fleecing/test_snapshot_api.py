@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from blockbackup.api import BlockBackup
-from blockbackup.block.bitmap import Bitmap
+from blockbackup.block.dirty_bitmap import bitmaps_of, find_bitmap
 from blockbackup.block.driver import Status
-from blockbackup.block.filters import copy_before_write
 from blockbackup.block.node import BlockNode
 from blockbackup.block.qcow2.create import create_qcow2_file
 from blockbackup.errors import BlockBackupError
@@ -135,35 +134,46 @@ async def test_discard_frees_temp_and_ends_cbw(tmp_path: Path) -> None:
 
 
 async def test_bitmap_limits_copy_and_view(tmp_path: Path) -> None:
-    bitmap = Bitmap(SIZE, CLUSTER)
-    bitmap.set(2 * CLUSTER, 2 * CLUSTER)
-    bitmap.set(MiB, 4096)  # rounds out to one cluster at cbw granularity
+    def dirty_b0(src: BlockNode) -> None:
+        b0 = bitmaps_of(src).create("b0", 4096, disabled=True)
+        b0.bitmap.set(2 * CLUSTER, 2 * CLUSTER)
+        b0.bitmap.set(MiB, 4096)  # rounds out to one cluster at cbw granularity
 
-    def lookup(node: BlockNode, name: str) -> Bitmap | None:
-        return bitmap if (node.name, name) == ("src", "b0") else None
+    cbw_opts = {"bitmap": {"node": "src", "name": "b0"}}
+    async with fleece(tmp_path, cbw_opts=cbw_opts, prepare_source=dirty_b0) as f:
+        await f.cbw.write(0, b"\x11" * (MiB + CLUSTER))
+        tmp = read_file(f.tmp_path)
+        assert tmp[2 * CLUSTER : 4 * CLUSTER] == f.t0[2 * CLUSTER : 4 * CLUSTER]
+        assert tmp[MiB : MiB + CLUSTER] == f.t0[MiB : MiB + CLUSTER]
+        assert tmp[:CLUSTER] == bytes(CLUSTER)  # outside the bitmap: not protected
+        assert bytes(await f.acc.read(2 * CLUSTER, 2 * CLUSTER)) == f.t0[2 * CLUSTER : 4 * CLUSTER]
+        for off in (0, 5 * CLUSTER, MiB + CLUSTER):
+            with pytest.raises(OSError, match="Permission denied") as exc:
+                await f.acc.read(off, 512)
+            assert exc.value.errno == errno.EACCES
+    with pytest.raises(BlockBackupError, match="Dirty bitmap 'nope' not found"):
+        async with fleece(tmp_path / "..", cbw_opts={"bitmap": {"node": "src", "name": "nope"}}):
+            pass
 
-    copy_before_write.set_bitmap_lookup(lookup)
-    try:
-        async with fleece(tmp_path, cbw_opts={"bitmap": {"node": "src", "name": "b0"}}) as f:
-            await f.cbw.write(0, b"\x11" * (MiB + CLUSTER))
-            tmp = read_file(f.tmp_path)
-            assert tmp[2 * CLUSTER : 4 * CLUSTER] == f.t0[2 * CLUSTER : 4 * CLUSTER]
-            assert tmp[MiB : MiB + CLUSTER] == f.t0[MiB : MiB + CLUSTER]
-            assert tmp[:CLUSTER] == bytes(CLUSTER)  # outside the bitmap: not protected
-            assert (
-                bytes(await f.acc.read(2 * CLUSTER, 2 * CLUSTER)) == f.t0[2 * CLUSTER : 4 * CLUSTER]
-            )
-            for off in (0, 5 * CLUSTER, MiB + CLUSTER):
-                with pytest.raises(OSError, match="Permission denied") as exc:
-                    await f.acc.read(off, 512)
-                assert exc.value.errno == errno.EACCES
-        with pytest.raises(BlockBackupError, match="Dirty bitmap 'nope' not found"):
-            async with fleece(
-                tmp_path / "..", cbw_opts={"bitmap": {"node": "src", "name": "nope"}}
-            ):
+
+async def test_bitmaps_belong_to_their_graph(tmp_path: Path) -> None:
+    """Two graphs in one process: a node of one never finds the bitmaps of the other."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def dirty_b0(src: BlockNode) -> None:
+        bitmaps_of(src).create("b0", 4096, disabled=True).bitmap.set(0, CLUSTER)
+
+    cbw_opts = {"bitmap": {"node": "src", "name": "b0"}}
+    async with fleece(tmp_path / "a", prepare_source=dirty_b0) as a:
+        assert find_bitmap(a.src, "b0") is not None
+        with pytest.raises(BlockBackupError, match="Dirty bitmap 'b0' not found"):
+            async with fleece(tmp_path / "b", cbw_opts=cbw_opts):
                 pass
-    finally:
-        copy_before_write.set_bitmap_lookup(None)
+        async with fleece(tmp_path / "b", cbw_opts=cbw_opts, prepare_source=dirty_b0) as b:
+            assert find_bitmap(b.src, "b0") is not find_bitmap(a.src, "b0")
+            assert a.bb.graph.bitmaps is not b.bb.graph.bitmaps
+            assert a.bb.graph.bitmap_stores is not b.bb.graph.bitmap_stores
 
 
 def _debug_tmp(path: Path) -> dict[str, object]:

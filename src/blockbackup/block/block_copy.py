@@ -802,7 +802,14 @@ class BlockCopy:
         await self._settle(self._tasks)
         await self._guests_idle.wait()  # copies that guest writes run themselves
         while self._buffers:
-            self._buffers.pop().close()
+            buffer = self._buffers.pop()
+            try:
+                buffer.close()
+            except BufferError:
+                # A view of it outlives its request (held by a failed request's traceback,
+                # say): the mapping goes when that view does. Closing must go on regardless,
+                # or the node (and its children's fds) could never be released.
+                log.debug("copy buffer still referenced at close; left to the collector")
 
 
 def _collect(task: asyncio.Task[None], failure: list[CopyError]) -> None:

@@ -81,6 +81,12 @@ def copy_file_range_all(
 
 
 def _pwrite_view(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view``.
+
+    Callers pass a view they release in a ``with`` block: a failed write's traceback keeps
+    this frame, and an unreleased view in it would pin the caller's reused buffer (which
+    then cannot be closed: ``BufferError``).
+    """
     written = 0
     while written < len(view):
         written += os.pwritev(fd, [view[written:]], offset + written)
@@ -137,11 +143,13 @@ def copy_through_buffer(
                     data_from = at if data_from is None else data_from
                     continue
                 if data_from is not None:
-                    _pwrite_view(dst_fd, view[data_from:at], dst_off + done + lead + data_from)
+                    with view[data_from:at] as part:
+                        _pwrite_view(dst_fd, part, dst_off + done + lead + data_from)
                     data_from = None
                 _extend(skipped, done + lead + at, min(grain, n - lead - at))
             if data_from is not None:
-                _pwrite_view(dst_fd, view[data_from:], dst_off + done + lead + data_from)
+                with view[data_from:] as part:
+                    _pwrite_view(dst_fd, part, dst_off + done + lead + data_from)
         done += n
     if writeback:
         start_writeback(dst_fd, dst_off, length)

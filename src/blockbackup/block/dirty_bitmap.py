@@ -24,8 +24,12 @@ order.
 
 Persistence: a ``persistent`` bitmap's storage (qcow2 extension or sidecar file, and the
 write-ahead dirty log that keeps it correct across a crash) is
-:mod:`blockbackup.block.bitmap_store`; this module tells it when bits or flags change
-outside the write path (:meth:`DirtyBitmap._persist`).
+:mod:`blockbackup.block.bitmap_store`, which sits above this module and plugs a
+:class:`BitmapPersistence` into a node's registry; this module tells it when bits or flags
+change outside the write path (:meth:`DirtyBitmap._persist`).
+
+Ownership: the registries belong to the node's graph (:class:`GraphBitmaps`, the graph's
+``bitmaps``), so two graphs in one process never see each other's bitmaps.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.errors import BlockBackupError
@@ -43,8 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_NAME_SIZE",
+    "BitmapPersistence",
     "BitmapRegistry",
     "DirtyBitmap",
+    "GraphBitmaps",
     "bitmaps_of",
     "default_granularity",
     "find_bitmap",
@@ -54,6 +60,22 @@ __all__ = [
 MAX_NAME_SIZE = 1023
 _MIN_GRANULARITY = 512
 _DEFAULT_GRANULARITY = 64 * 1024
+
+
+class BitmapPersistence(Protocol):
+    """Where a node's persistent bitmaps are stored (``bitmap_store.NodeStore``)."""
+
+    def can_store(self, granularity: int) -> str | None:
+        """Why a new persistent bitmap cannot be stored (None: it can)."""
+
+    def adopt(self, bm: DirtyBitmap) -> None:
+        """A new persistent bitmap."""
+
+    def forget(self, name: str) -> None:
+        """A persistent bitmap was removed."""
+
+    def changed(self, bm: DirtyBitmap, *, shrink: bool = False, flags: bool = False) -> None:
+        """Bits or flags changed outside the write path."""
 
 
 def default_granularity(node: BlockNode) -> int:
@@ -162,9 +184,7 @@ class DirtyBitmap:
         """Tell the bitmap store that a persistent bitmap changed outside the write path."""
         if not self.persistent or self.name is None:
             return
-        from blockbackup.block.bitmap_store import store_of
-
-        store = store_of(self.node)
+        store = bitmaps_of(self.node).store
         if store is not None:
             store.changed(self, shrink=shrink, flags=flags)
 
@@ -282,6 +302,8 @@ class BitmapRegistry:
     def __init__(self, node: BlockNode) -> None:
         self._node = weakref.ref(node)
         self._all: list[DirtyBitmap] = []
+        #: Where the persistent ones are stored (None: the node cannot store them).
+        self.store: BitmapPersistence | None = None
 
     def __iter__(self) -> Iterator[DirtyBitmap]:
         return iter(list(self._all))
@@ -320,9 +342,7 @@ class BitmapRegistry:
             raise BlockBackupError("Granularity must be power of 2 and at least 512")
         store = None
         if persistent:
-            from blockbackup.block.bitmap_store import store_of
-
-            store = store_of(node)
+            store = self.store
             why = "Operation not supported" if store is None else store.can_store(granularity)
             if why is not None:
                 raise BlockBackupError(f"Can't store persistent bitmaps to {node.name}: {why}")
@@ -341,27 +361,39 @@ class BitmapRegistry:
         bitmap leaves its storage too."""
         bm._stop_recording()
         self._remove(bm)
-        if bm.persistent and bm.name is not None:
-            from blockbackup.block.bitmap_store import store_of
-
-            node = self._node()
-            store = store_of(node) if node is not None else None
-            if store is not None:
-                store.forget(bm.name)
+        if bm.persistent and bm.name is not None and self.store is not None:
+            self.store.forget(bm.name)
 
 
-_REGISTRIES: weakref.WeakKeyDictionary[BlockNode, BitmapRegistry] = weakref.WeakKeyDictionary()
+class GraphBitmaps:
+    """The bitmap registries of one graph's nodes (the graph's ``bitmaps``).
+
+    Why per graph: the library and the tests run several graphs in one process; nodes of
+    one must never find bitmaps (or their persistence) of another.
+    """
+
+    def __init__(self) -> None:
+        self._registries: weakref.WeakKeyDictionary[BlockNode, BitmapRegistry] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def registry(self, node: BlockNode) -> BitmapRegistry:
+        """The node's registry (created empty on first use)."""
+        registry = self._registries.get(node)
+        if registry is None:
+            registry = self._registries[node] = BitmapRegistry(node)
+        return registry
+
+    def find(self, node: BlockNode, name: str) -> DirtyBitmap | None:
+        registry = self._registries.get(node)
+        return registry.get(name) if registry is not None else None
 
 
 def bitmaps_of(node: BlockNode) -> BitmapRegistry:
-    """The node's bitmap registry (created empty on first use)."""
-    registry = _REGISTRIES.get(node)
-    if registry is None:
-        registry = _REGISTRIES[node] = BitmapRegistry(node)
-    return registry
+    """The node's bitmap registry, kept by its graph (created empty on first use)."""
+    return node.graph.bitmaps.registry(node)
 
 
 def find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
     """The named bitmap of ``node`` (the ExportManager's ``bitmap_lookup``)."""
-    registry = _REGISTRIES.get(node)
-    return registry.get(name) if registry is not None else None
+    return node.graph.bitmaps.find(node, name)

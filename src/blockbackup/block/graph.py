@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockbackup.block import drivers as _drivers  # noqa: F401  (registers the drivers)
+from blockbackup.block.bitmap_store import BitmapStores
+from blockbackup.block.dirty_bitmap import GraphBitmaps
 from blockbackup.block.driver import DRIVERS
 from blockbackup.block.node import BlockNode, NodeConfig
 from blockbackup.block.objects import ObjectRegistry
@@ -31,6 +33,9 @@ class Graph:
         self.objects = ObjectRegistry()
         self._reserved: set[str] = set()
         self._auto_names = itertools.count()
+        #: The dirty-bitmap registries of this graph's nodes, and their persistence.
+        self.bitmaps = GraphBitmaps()
+        self.bitmap_stores = BitmapStores()
 
     def find(self, name: str) -> BlockNode | None:
         return self.nodes.get(name)
@@ -113,9 +118,7 @@ class Graph:
         finally:
             self._reserved.discard(name)
         self.nodes[name] = node
-        from blockbackup.block.bitmap_store import node_opened
-
-        await node_opened(node)  # persistent dirty bitmaps (never raises OSError)
+        await self.bitmap_stores.node_opened(node)  # persistent dirty bitmaps
         return node
 
     async def delete(self, name: str) -> None:
@@ -142,11 +145,14 @@ class Graph:
     async def _close(self, node: BlockNode) -> None:
         await node.wait_idle()
         self.nodes.pop(node.name, None)
-        from blockbackup.block.bitmap_store import node_closing
-
-        await node_closing(node)  # stores persistent dirty bitmaps (clean close)
-        await node.driver.close()
-        await self._release_children(node)
+        try:
+            await self.bitmap_stores.node_closing(node)  # stores them (clean close)
+            await node.driver.close()
+        finally:
+            # Whatever the driver's close raised, the node is gone: its children must not
+            # keep it as a parent (they could never be deleted, and the graph would look
+            # cyclic at shutdown).
+            await self._release_children(node)
 
     async def _release_children(self, node: BlockNode) -> None:
         for child in node.detach_children():

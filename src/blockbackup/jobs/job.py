@@ -150,6 +150,12 @@ class Job(ABC):
         self._run_task: asyncio.Task[None] | None = None
         self._run_done = asyncio.Event()
         self._concluded = asyncio.Event()
+        #: Set while the job needs its owner: concluded, or paused by an error policy.
+        self._settled = asyncio.Event()
+        #: The I/O error a ``stop`` policy paused the job on, and its operation ("read" or
+        #: "write"); None once resumed.
+        self.stopped_error: OSError | None = None
+        self.stopped_operation: str | None = None
 
     # -- subclass interface ---------------------------------------------------------------
 
@@ -219,6 +225,11 @@ class Job(ABC):
         """The error text once the job failed or was cancelled, else None."""
         return self._error
 
+    @property
+    def paused_on_error(self) -> bool:
+        """Paused by an error policy (``stop``, ``enospc``): it waits for resume or cancel."""
+        return self._status is JobStatus.PAUSED and self.io_status is not IoStatus.OK
+
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         self.manager.events.emit(name, data)
 
@@ -230,8 +241,15 @@ class Job(ABC):
             self._emit("JOB_STATUS_CHANGE", {"id": self._id, "status": new.value})
         if new in (JobStatus.CONCLUDED, JobStatus.NULL):
             self._concluded.set()
+        self._update_settled()
         if new is JobStatus.NULL:
             self.manager._forget(self)
+
+    def _update_settled(self) -> None:
+        if self._concluded.is_set() or self.paused_on_error:
+            self._settled.set()
+        else:
+            self._settled.clear()
 
     # -- pausing ------------------------------------------------------------------------------
 
@@ -263,6 +281,8 @@ class Job(ABC):
         check_verb(self._id, self._status, JobVerb.RESUME)
         self._user_paused = False
         self.io_status = IoStatus.OK
+        self.stopped_error = self.stopped_operation = None
+        self._update_settled()
         self._resume()
 
     async def wait_pause_requested(self) -> None:
@@ -317,6 +337,8 @@ class Job(ABC):
                 self._user_paused = True
                 self._pause()
             self.io_status = IoStatus.NOSPACE if code == errno.ENOSPC else IoStatus.FAILED
+            self.stopped_error = err
+            self.stopped_operation = "read" if is_read else "write"
         self._emit(
             "BLOCK_JOB_ERROR",
             {
@@ -371,6 +393,8 @@ class Job(ABC):
         if self._user_paused:
             self._user_paused = False
             self.io_status = IoStatus.OK
+            self.stopped_error = self.stopped_operation = None
+            self._update_settled()
             self._resume()
         self._cancelled = True
         if not self._started:
@@ -666,6 +690,11 @@ class JobManager:
     async def wait_concluded(self, job: Job) -> None:
         """Return once ``job`` is concluded (or null)."""
         await job._concluded.wait()
+
+    async def wait_settled(self, job: Job) -> None:
+        """Return once ``job`` is concluded (or null) or paused by an error policy: the
+        moments its owner must act (see :attr:`Job.paused_on_error`)."""
+        await job._settled.wait()
 
     async def cancel_all(self) -> None:
         """Cancel every job and wait until each is gone, sending the usual events.

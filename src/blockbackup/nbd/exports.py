@@ -217,14 +217,22 @@ class ExportManager:
         found: dict[str, ExportBitmap] = {}
         for ref in bitmaps or ():
             bm_node, bm_name = self._bitmap_ref(node, ref)
-            bitmap = self.bitmap_lookup(bm_node, bm_name) if self.bitmap_lookup else None
+            found_on, bitmap = self._find_bitmap(bm_node, bm_name, below=isinstance(ref, str))
             if bitmap is None:
-                raise BlockBackupError(f"Bitmap '{bm_name}' is not found")
+                if isinstance(ref, str):
+                    raise BlockBackupError(f"Bitmap '{bm_name}' is not found")
+                raise BlockBackupError(f"Dirty bitmap '{bm_name}' not found")
+            # QEMU's bdrv_dirty_bitmap_check: not while busy (another export, a job) or
+            # inconsistent.
+            check_usable = getattr(bitmap, "check_usable", None)
+            if check_usable is not None:
+                check_usable()
             # QEMU 7.2 refuses an enabled bitmap only when named plainly; the {node, name}
             # form is accepted (and makes the bitmap busy) -- reference, correction 6.
+            # Whether it can still change is a question about the node that holds it.
             plain = isinstance(ref, str)
             enabled = getattr(bitmap, "enabled", False)
-            if plain and not writable and enabled and not node.read_only:
+            if plain and not writable and enabled and not found_on.read_only:
                 raise BlockBackupError(
                     f"Enabled bitmap '{bm_name}' incompatible with readonly export"
                 )
@@ -246,10 +254,33 @@ class ExportManager:
         self._by_name[name] = export
         return export
 
+    def _find_bitmap(
+        self, node: BlockNode, name: str, *, below: bool
+    ) -> tuple[BlockNode, ExportBitmap | None]:
+        """The bitmap ``name`` on ``node`` or, when ``below``, the first one found going
+        down its filtered or backing children, and the node that holds it.
+
+        Why below: QEMU's ``nbd_export_create`` walks ``bdrv_filter_or_cow_bs`` for a bitmap
+        named plainly, and pull-mode backups depend on it: the export is a fleecing overlay
+        whose backing is the disk that holds the checkpoint bitmap.
+        """
+        at: BlockNode | None = node
+        while at is not None:
+            bitmap = self.bitmap_lookup(at, name) if self.bitmap_lookup else None
+            if bitmap is not None or not below:
+                return at, bitmap
+            driver = at.driver
+            role = driver.filtered_role if driver.is_filter else "backing"
+            at = at.children.get(role)
+        return node, None
+
     def _bitmap_ref(self, node: BlockNode, ref: str | Mapping[str, Any]) -> tuple[BlockNode, str]:
         if isinstance(ref, str):
             return node, ref
-        bm_node = self.graph.get(str(ref["node"]))
+        # QEMU's block_dirty_bitmap_lookup, with its texts.
+        bm_node = self.graph.find(str(ref["node"]))
+        if bm_node is None:
+            raise BlockBackupError(f"Node '{ref['node']}' not found")
         return bm_node, str(ref["name"])
 
     def delete(self, id: str, mode: str = "safe") -> None:

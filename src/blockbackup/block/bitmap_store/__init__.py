@@ -19,6 +19,11 @@ incremental) only by a *shrink*, which takes the new durable state from the in-m
 while the node is quiesced: no write is then between its hook and its dirty mark, so the
 in-memory bitmap covers every write that may still reach the image.
 
+Ownership: each graph has one :class:`BitmapStores` (its ``bitmap_stores``): the sidecar
+paths its nodes hold and the open/close hooks the graph calls; a node's :class:`NodeStore`
+is plugged into the node's bitmap registry. Nothing is module-global, so two graphs in one
+process never share a store.
+
 The argument and the formats are written up in ``docs/bitmap-sidecar.md``.
 """
 
@@ -28,7 +33,6 @@ import asyncio
 import errno
 import logging
 import os
-import weakref
 from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,12 +47,11 @@ from blockbackup.block.dirty_bitmap import BitmapRegistry, DirtyBitmap, bitmaps_
 from blockbackup.block.driver import io_error
 
 if TYPE_CHECKING:
-    from blockbackup.block.graph import Graph
     from blockbackup.block.node import BlockNode
     from blockbackup.block.qcow2.bitmaps import StoredBitmap
     from blockbackup.block.qcow2.driver import Qcow2Driver
 
-__all__ = ["NodeStore", "node_closing", "node_opened", "store_of"]
+__all__ = ["BitmapStores", "NodeStore", "store_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -60,13 +63,11 @@ _log = logging.getLogger(__name__)
 DURABLE_SPAN = 4 << 20
 _SPAN_SHIFT = DURABLE_SPAN.bit_length() - 1
 
-_STORES: weakref.WeakKeyDictionary[BlockNode, NodeStore] = weakref.WeakKeyDictionary()
-_CLAIMED: weakref.WeakKeyDictionary[Graph, set[str]] = weakref.WeakKeyDictionary()
-
 
 def store_of(node: BlockNode) -> NodeStore | None:
     """The persistence of ``node``'s bitmaps, if its image can hold them."""
-    return _STORES.get(node)
+    store = bitmaps_of(node).store
+    return store if isinstance(store, NodeStore) else None
 
 
 def _local_file(node: BlockNode) -> str | None:
@@ -142,7 +143,16 @@ def _recorder(registry: BitmapRegistry, lin: Lineage) -> DirtyBitmap | None:
 class NodeStore:
     """Where one node's persistent bitmaps live, and their write-ahead dirty log."""
 
-    def __init__(self, node: BlockNode, kind: str, path: str | None, *, writable: bool) -> None:
+    def __init__(
+        self,
+        stores: BitmapStores,
+        node: BlockNode,
+        kind: str,
+        path: str | None,
+        *,
+        writable: bool,
+    ) -> None:
+        self.stores = stores
         self.node = node
         #: "sidecar" (the sidecar holds the bitmaps) or "qcow2" (the image does; the
         #: sidecar is its journal while open).
@@ -168,6 +178,8 @@ class NodeStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._hooked = False
         self._closed = False
+        #: The file child whose store this one took over (it gets it back if it outlives us).
+        self.taken_from: BlockNode | None = None
         self._safe = bitarray()
         self._forget_safe()
 
@@ -179,20 +191,25 @@ class NodeStore:
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
-    async def attach(cls, node: BlockNode) -> NodeStore | None:
+    async def attach(cls, stores: BitmapStores, node: BlockNode) -> NodeStore | None:
         """Create the store of a newly opened node and load its bitmaps."""
         from blockbackup.block.qcow2.driver import Qcow2Driver
 
         driver = node.driver
         writable = not node.read_only
-        claimed = _CLAIMED.setdefault(node.graph, set())
+        claimed = stores.claimed
+        holder: BlockNode | None = None  # the file child whose store this node takes over
         if isinstance(driver, Qcow2Driver):
             image = _local_file(driver.file_node)
             path = sc.sidecar_path(image) if image is not None else None
             if path is not None and path in claimed:
-                path = None
-            store = cls(node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
+                if await stores.take_over(path, driver.file_node, node):
+                    holder = driver.file_node
+                else:
+                    path = None
+            store = cls(stores, node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
         else:
+            child = None
             if driver.driver_name == "raw":
                 if getattr(driver, "window", True):
                     return None
@@ -206,11 +223,14 @@ class NodeStore:
                 return None
             path = sc.sidecar_path(image)
             if path in claimed:
-                return None
-            store = cls(node, "sidecar", path, writable=writable)
+                if child is None or not await stores.take_over(path, child, node):
+                    return None
+                holder = child
+            store = cls(stores, node, "sidecar", path, writable=writable)
+        store.taken_from = holder
         if store.path is not None:
             claimed.add(store.path)
-        _STORES[node] = store
+        bitmaps_of(node).store = store
         if store.kind == "qcow2":
             assert isinstance(driver, Qcow2Driver)
             await store._load_qcow2(driver)
@@ -693,7 +713,7 @@ class NodeStore:
                 os.close(self._fd)
                 self._fd = -1
             if self.path is not None:
-                _CLAIMED.get(self.node.graph, set()).discard(self.path)
+                self.stores.claimed.discard(self.path)
 
     def _store_sidecar(self, img: sc.SidecarImage) -> None:
         assert self.path is not None
@@ -740,21 +760,79 @@ class NodeStore:
             await run_blocking(sc.remove_durably, self.path)
 
 
-async def node_opened(node: BlockNode) -> None:
-    """Graph hook: load the persistent bitmaps of a node that just opened."""
-    try:
-        await NodeStore.attach(node)
-    except OSError as err:
-        _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
+class BitmapStores:
+    """The persistence of one graph's bitmaps: the sidecar paths its nodes hold, and the
+    hooks the graph calls when a node opens and before it closes."""
 
+    def __init__(self) -> None:
+        #: Sidecar paths held by a node of this graph (one node per image file).
+        self.claimed: set[str] = set()
 
-async def node_closing(node: BlockNode) -> None:
-    """Graph hook: store the persistent bitmaps of a node about to close (clean close)."""
-    store = _STORES.pop(node, None)
-    if store is None:
-        return
-    try:
-        await store.close()
-    except OSError as err:
-        # The log (if any) stays: the next open recovers from it as from a crash.
-        _log.error("persistent bitmaps of %s could not be stored: %s", node.name, err)
+    async def node_opened(self, node: BlockNode) -> None:
+        """Load the persistent bitmaps of a node that just opened (never raises OSError)."""
+        try:
+            await NodeStore.attach(self, node)
+        except OSError as err:
+            _log.error("persistent bitmaps of %s could not be loaded: %s", node.name, err)
+
+    async def node_closing(self, node: BlockNode) -> None:
+        """Store the persistent bitmaps of a node about to close (clean close).
+
+        If its sidecar was taken over from a file child that stays open, the child gets it
+        back (with the bitmaps), so that writes to the file keep being tracked. (Not for
+        qcow2: its bitmaps live in the image, which a file node cannot interpret; and its
+        close writes them through that child, which must not be quiesced then.)
+        """
+        registry = bitmaps_of(node)
+        store = registry.store
+        registry.store = None
+        if not isinstance(store, NodeStore):
+            return
+        holder = store.taken_from
+        if (
+            holder is None
+            or store.kind != "sidecar"
+            or holder.graph.find(holder.name) is not holder
+        ):
+            await self._close_store(store)
+            return
+        async with holder.quiesced():
+            await self._close_store(store)
+            await self.node_opened(holder)
+
+    async def take_over(self, path: str, holder: BlockNode, owner: BlockNode) -> bool:
+        """Move the sidecar ``path`` from the file node ``holder`` to ``owner``, a whole-image
+        format node just opened over it; True when done.
+
+        Why: the sidecar belongs to the image, and the node users name is the format node
+        (``--blockdev driver=file,node-name=f,... --blockdev driver=raw,file=f``). Both cover
+        the same bytes, so the holder's persistent bitmaps are stored cleanly (exact) and
+        removed from it, and ``owner`` loads them next. Refused while one of them is in use
+        (a job, an export, a transaction) or the holder has users, or if ``owner`` is
+        read-only over a writable holder: then the holder keeps them.
+        """
+        store = store_of(holder)
+        if store is None or store.path != path or store._closed:
+            return False
+        if owner.read_only and not holder.read_only:
+            return False
+        registry = bitmaps_of(holder)
+        persistent = [bm for bm in registry if bm.persistent]
+        if holder.users or any(bm.busy for bm in persistent):
+            _log.warning("persistent bitmaps of %s stay on %s: in use", path, holder.name)
+            return False
+        async with holder.quiesced():  # no write between the store's close and the move
+            registry.store = None
+            await self._close_store(store)
+            for bm in persistent:
+                bm._stop_recording()
+                registry._remove(bm)
+        return path not in self.claimed
+
+    @staticmethod
+    async def _close_store(store: NodeStore) -> None:
+        try:
+            await store.close()
+        except OSError as err:
+            # The log (if any) stays: the next open recovers from it as from a crash.
+            _log.error("persistent bitmaps of %s could not be stored: %s", store.node.name, err)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
@@ -70,24 +70,6 @@ class DirtyRuns(Protocol):
     """What the ``bitmap`` option needs from a dirty bitmap: its dirty runs."""
 
     def runs(self, offset: int = 0, end: int | None = None) -> Iterable[tuple[int, int]]: ...
-
-
-#: ``lookup(node, name)`` -> that node's dirty bitmap called ``name``, or None.
-BitmapLookup = Callable[[BlockNode, str], DirtyRuns | None]
-
-
-def _default_bitmap_lookup(node: BlockNode, name: str) -> DirtyRuns | None:
-    """The node's dirty bitmap called ``name``, from the dirty-bitmap registry."""
-    return find_bitmap(node, name)
-
-
-_bitmap_lookup: BitmapLookup = _default_bitmap_lookup
-
-
-def set_bitmap_lookup(lookup: BitmapLookup | None) -> None:
-    """Point the ``bitmap`` option at the dirty-bitmap registry (None: the default)."""
-    global _bitmap_lookup
-    _bitmap_lookup = lookup or _default_bitmap_lookup
 
 
 def _warn(message: str) -> None:
@@ -175,7 +157,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         node = opts.graph.find(node_name)
         if node is None:
             raise BlockBackupError(f"Node '{node_name}' not found")
-        bitmap = _bitmap_lookup(node, name)
+        bitmap = find_bitmap(node, name)  # the graph's registry of that node
         if bitmap is None:
             raise BlockBackupError(f"Dirty bitmap '{name}' not found")
         return bitmap
