@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
+from blockbackup.block import permissions
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
+from blockbackup.block.permissions import ChildRole, Link
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
 
@@ -70,6 +72,8 @@ class NodeConfig:
     cache_direct: bool = False
     no_flush: bool = False
     detect_zeroes: str = "off"
+    #: ``force-share``: share every permission with other users (read-only nodes only).
+    force_share: bool = False
     options: dict[str, object] = field(default_factory=dict)
 
 
@@ -83,6 +87,8 @@ class BlockNode:
         self.implicit = implicit
         self._driver: BlockDriver | None = None
         self.children: dict[str, BlockNode] = {}
+        #: How this node uses each child (by role name), for :mod:`.permissions`.
+        self.child_links: dict[str, Link] = {}
         self.parents: list[BlockNode] = []
         #: Non-node users (exports, jobs), with a short description for error texts.
         self.users: dict[object, str] = {}
@@ -118,19 +124,36 @@ class BlockNode:
             raise RuntimeError(f"node {self.name} is not open")
         return self._driver
 
+    @property
+    def is_open(self) -> bool:
+        return self._driver is not None
+
     def set_driver(self, driver: BlockDriver) -> None:
         self._driver = driver
 
-    def add_child(self, role: str, child: BlockNode) -> None:
+    def add_child(
+        self, role: str, child: BlockNode, link: ChildRole | Link = ChildRole.FILTERED
+    ) -> None:
+        """Link ``child`` as ``role`` and take the permissions ``link`` implies on it.
+
+        Raises :class:`~blockbackup.errors.BlockBackupError` when they conflict with
+        another user's (QEMU's texts); the link then stays, so that the failed open of
+        this node releases the child as it releases the others.
+        """
         self.children[role] = child
+        self.child_links[role] = link if isinstance(link, Link) else Link(link)
         child.parents.append(self)
+        permissions.refresh(child)
 
     def detach_children(self) -> list[BlockNode]:
-        """Unlink every child; return them."""
+        """Unlink every child, dropping what this node took on it; return them."""
         children = list(self.children.values())
         for child in children:
             child.parents.remove(self)
         self.children.clear()
+        self.child_links.clear()
+        for child in children:
+            permissions.refresh(child)
         return children
 
     @property
@@ -171,10 +194,18 @@ class BlockNode:
             )
 
     def add_user(self, user: object, description: str) -> None:
+        """Add a non-node user; it takes what its ``use`` says (see :mod:`.permissions`),
+        or raises QEMU's error and is not added."""
         self.users[user] = description
+        try:
+            permissions.refresh(self)
+        except BaseException:
+            del self.users[user]
+            raise
 
     def remove_user(self, user: object) -> None:
-        self.users.pop(user, None)
+        if self.users.pop(user, None) is not None:
+            permissions.refresh(self)
 
     # -- interception ------------------------------------------------------------------------
 

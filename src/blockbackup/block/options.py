@@ -43,6 +43,8 @@ class Options:
         self._used: set[str] = set()
         #: Nested children inherit read-only from their parent unless they say otherwise.
         self.children_read_only = False
+        #: ... and ``force-share`` (QEMU's bdrv_inherited_options).
+        self.children_force_share = False
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -124,6 +126,8 @@ class Options:
         if isinstance(value, Mapping):
             if self.children_read_only and "read-only" not in value:
                 value = {**value, "read-only": True}
+            if self.children_force_share and "force-share" not in value:
+                value = {**value, "force-share": True}
             return await self.graph.add(value, prefix=f"{self._name(key)}.", implicit=True)
         raise self._type_error(key, "string or object")
 

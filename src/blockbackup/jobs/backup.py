@@ -307,6 +307,9 @@ class BackupJob(Job):
         self.bitmap_mode: str | None = None
         self._succeeded = False
         # The filter, as the source's parent, keeps the source in use; the target is ours.
+        # Using the filter makes it protect the source: from now on nobody else may
+        # write it (QEMU's copy-before-write permissions; may refuse, as QEMU does).
+        filter_node.add_user(self, "block job: backup")
         target.add_user(self, "block job: backup")
         self._update_progress()
 

@@ -1,0 +1,280 @@
+"""Who may do what to a node: QEMU's permission model, at the level blockbackup needs.
+
+Why: an image must have one writer of its metadata. QEMU keeps that promise across
+processes (QEMU, qemu-img, qemu-io, qemu-storage-daemon) by turning each node's
+permissions into lock bytes on the image file; blockbackup takes the same permissions and
+the same locks so that every one of these tools respects the others.
+
+The model, as in QEMU's ``block.c``:
+
+- every use of a node takes some permissions (:class:`Perm`: consistent read, write,
+  write unchanged, resize) and *shares* some with other users of the node (everything it
+  does not mind others doing);
+- a node's users are its parent nodes, each through a child link whose
+  :class:`ChildRole` says what the parent does with the child, and its non-node users
+  (exports, jobs), which state their :class:`Use` directly;
+- what a parent takes on its child follows from its role and from what the parent's own
+  users take (:func:`child_use`): a filter passes its users' needs through; a format that
+  owns metadata (qcow2) writes and resizes its file whenever it is writable and never
+  shares write or resize of it, because a second writer of its metadata would corrupt it;
+- a node's use is the union of what its users take and the intersection of what they
+  share (:func:`node_use`); :func:`refresh` hands it to the node's driver, which may
+  refuse it (the ``file`` driver: another process's lock bytes) -- all or nothing.
+
+Permissions are not checked per request (the request layer already refuses writes to a
+read-only node); they exist so that other users, in this process or others, are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from blockbackup.block.node import BlockNode
+
+
+class Perm(enum.IntFlag):
+    """QEMU's BLK_PERM_* bits (their values are the lock byte offsets' low part)."""
+
+    NONE = 0
+    CONSISTENT_READ = 0x01
+    WRITE = 0x02
+    WRITE_UNCHANGED = 0x04
+    RESIZE = 0x08
+
+
+#: Every permission (QEMU 7.2's BLK_PERM_ALL: graph-mod is gone since 7.0).
+ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
+#: What a filter passes through to its child (QEMU's DEFAULT_PERM_PASSTHROUGH: all of it).
+PASSTHROUGH = ALL
+
+#: The names QEMU's error messages use (``bdrv_perm_names``).
+_NAMES = {
+    Perm.CONSISTENT_READ: "consistent read",
+    Perm.WRITE: "write",
+    Perm.WRITE_UNCHANGED: "write unchanged",
+    Perm.RESIZE: "resize",
+}
+#: The names of QAPI's BlockPermission enum (blkdebug's take/unshare-child-perms).
+QAPI_NAMES = {
+    "consistent-read": Perm.CONSISTENT_READ,
+    "write": Perm.WRITE,
+    "write-unchanged": Perm.WRITE_UNCHANGED,
+    "resize": Perm.RESIZE,
+}
+
+
+def perm_bits(perm: Perm) -> Iterator[Perm]:
+    """The single bits of ``perm``, lowest first (QEMU's PERM_FOREACH order)."""
+    for bit in (Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE):
+        if perm & bit:
+            yield bit
+
+
+def perm_name(perm: Perm) -> str:
+    """``"write"``, or ``"write, resize"`` for several bits, as QEMU names them."""
+    return ", ".join(_NAMES[bit] for bit in perm_bits(perm))
+
+
+class ChildRole(enum.Flag):
+    """What a parent does with a child (QEMU's BdrvChildRole, the parts that matter).
+
+    Exactly one of ``FILTERED``, ``COW``, ``DATA``/``METADATA`` or one of the two
+    copy-before-write roles describes a link; ``PRIMARY`` marks the main child.
+    """
+
+    NONE = 0
+    #: The parent shows the child's data unchanged (raw, throttle, blkdebug).
+    FILTERED = enum.auto()
+    #: The child is a backing file: only read, for data the parent does not hold.
+    COW = enum.auto()
+    #: The parent stores guest data in the child.
+    DATA = enum.auto()
+    #: The parent stores its own metadata in the child (qcow2's file): one writer only.
+    METADATA = enum.auto()
+    PRIMARY = enum.auto()
+    #: A copy-before-write filter's source: while the filter is in use, nobody else may
+    #: change it, or writes would bypass the copy (QEMU's ``cbw_child_perm``).
+    SNAPSHOT_SOURCE = enum.auto()
+    #: A copy-before-write filter's target: written by the copy, never resized.
+    SNAPSHOT_TARGET = enum.auto()
+    #: The parent uses the child's own API, not its data (snapshot-access): takes nothing.
+    VIEW = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """What one user takes (``perm``) and what it lets others do (``shared``)."""
+
+    perm: Perm = Perm.NONE
+    shared: Perm = ALL
+
+    def __or__(self, other: Use) -> Use:
+        """Two users at once: both take theirs; only what both share is shared."""
+        return Use(self.perm | other.perm, self.shared & other.shared)
+
+
+#: A user that takes nothing and shares everything (a block job's hold on its target).
+NO_USE = Use()
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """How a parent uses one child: its role, plus what blkdebug's options add."""
+
+    role: ChildRole
+    #: Taken in addition to what the role implies (blkdebug ``take-child-perms``).
+    take: Perm = Perm.NONE
+    #: Not shared, whatever the role implies (blkdebug ``unshare-child-perms``).
+    unshare: Perm = Perm.NONE
+
+
+@runtime_checkable
+class PermissionUser(Protocol):
+    """A non-node user that takes permissions (an export). Others take :data:`NO_USE`."""
+
+    @property
+    def use(self) -> Use: ...
+
+
+def _filtered(parent: Use) -> Use:
+    return Use(parent.perm & PASSTHROUGH, parent.shared & PASSTHROUGH)
+
+
+def _cow(parent: Use) -> Use:
+    # A backing file is read, never written; others may change it only if the parent
+    # can live with changing data.
+    shared = Perm.WRITE | Perm.RESIZE if parent.shared & Perm.WRITE else Perm.NONE
+    return Use(
+        parent.perm & Perm.CONSISTENT_READ,
+        shared | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+    )
+
+
+def _storage(role: ChildRole, parent: Use, writable: bool) -> Use:
+    perm, shared = parent.perm & PASSTHROUGH, parent.shared & PASSTHROUGH
+    if role & ChildRole.METADATA:
+        # The format writes its metadata even if nobody writes through it, and two
+        # writers of metadata corrupt the image: nobody else writes or resizes the file.
+        if writable:
+            perm |= Perm.WRITE | Perm.RESIZE
+        perm |= Perm.CONSISTENT_READ
+        shared &= ~(Perm.WRITE | Perm.RESIZE)
+    if role & ChildRole.DATA:
+        shared &= ~Perm.RESIZE  # the format knows the size of its data
+        if role & ChildRole.METADATA:
+            # It may have to write what it would otherwise leave unchanged (allocation),
+            # and it grows its file as it allocates.
+            if perm & Perm.WRITE_UNCHANGED:
+                perm |= Perm.WRITE
+            if perm & Perm.WRITE:
+                perm |= Perm.RESIZE
+        # A format that only stores data (raw with offset/size) writes and resizes only
+        # for its users, as QEMU's raw_child_perm trims it.
+    return Use(perm, shared)
+
+
+def child_use(link: Link, parent: Use, *, writable: bool, in_use: bool) -> Use:
+    """What a parent whose users add up to ``parent`` takes on a child linked by ``link``.
+
+    ``writable``: the parent is not read-only. ``in_use``: the parent has users.
+    """
+    role = link.role
+    if role & ChildRole.FILTERED:
+        use = _filtered(parent)
+    elif role & ChildRole.COW:
+        use = _cow(parent)
+    elif role & (ChildRole.DATA | ChildRole.METADATA):
+        use = _storage(role, parent, writable)
+    elif role & ChildRole.SNAPSHOT_SOURCE:
+        use = _filtered(parent)
+        if in_use:
+            use = Use(use.perm | Perm.CONSISTENT_READ, use.shared & ~(Perm.WRITE | Perm.RESIZE))
+    elif role & ChildRole.SNAPSHOT_TARGET:
+        use = Use(Perm.WRITE, ALL & ~Perm.RESIZE)
+    elif role & ChildRole.VIEW:
+        use = NO_USE
+    else:  # pragma: no cover - every link states its role
+        raise ValueError(f"child role {role!r} describes no use")
+    return Use(use.perm | link.take, use.shared & ~link.unshare)
+
+
+def user_use(user: object) -> Use:
+    """What a non-node user (export, job) takes on the node it uses."""
+    return user.use if isinstance(user, PermissionUser) else NO_USE
+
+
+def node_use(node: BlockNode, memo: dict[BlockNode, Use] | None = None) -> Use:
+    """Everything taken on ``node`` by its parents and users, and what all of them share.
+
+    A child with ``force-share`` (read-only by construction) shares everything with its
+    parents, as QEMU's ``bdrv_child_perm`` makes it.
+    """
+    if memo is None:
+        memo = {}
+    found = memo.get(node)
+    if found is not None:
+        return found
+    use = NO_USE
+    for user in node.users:
+        use = use | user_use(user)
+    for parent in node.parents:
+        parent_use = node_use(parent, memo)
+        in_use = bool(parent.parents or parent.users)
+        for role, child in parent.children.items():
+            if child is not node:
+                continue
+            link = parent.child_links.get(role, Link(ChildRole.FILTERED | ChildRole.PRIMARY))
+            taken = child_use(link, parent_use, writable=not parent.read_only, in_use=in_use)
+            if node.config.force_share:
+                taken = Use(taken.perm, ALL)
+            use = use | taken
+    memo[node] = use
+    return use
+
+
+def _below(roots: Iterable[BlockNode]) -> list[BlockNode]:
+    """``roots`` and every node under them, each once, parents before children."""
+    order: list[BlockNode] = []
+    seen: set[BlockNode] = set()
+
+    def visit(node: BlockNode) -> None:
+        if node in seen:
+            return
+        seen.add(node)
+        for child in node.children.values():
+            visit(child)
+        order.append(node)
+
+    for root in roots:
+        visit(root)
+    order.reverse()
+    return order
+
+
+def refresh(*roots: BlockNode) -> None:
+    """Give ``roots`` and every node under them the use their parents and users make now.
+
+    All or nothing: every driver is first asked (``check_perm``, which may take new
+    locks and raise :class:`~blockbackup.errors.BlockBackupError`); if one refuses, those
+    asked before are told to go back (``abort_perm``) and the error propagates; else
+    each is told to settle (``set_perm``, which drops what is no longer needed).
+    Nodes still being opened (no driver yet) are skipped: their use is applied when
+    their own open ends.
+    """
+    memo: dict[BlockNode, Use] = {}
+    plan = [(n, node_use(n, memo)) for n in _below(roots) if n.is_open]
+    asked: list[BlockNode] = []
+    try:
+        for node, use in plan:
+            node.driver.check_perm(use.perm, use.shared)
+            asked.append(node)
+    except BaseException:
+        for node in asked:
+            node.driver.abort_perm()
+        raise
+    for node, use in plan:
+        node.driver.set_perm(use.perm, use.shared)
