@@ -92,7 +92,7 @@ class Graph:
         driver_cls = DRIVERS.get(driver_name)
         if driver_cls is None:
             raise BlockBackupError(
-                f"Parameter '{prefix}driver' does not accept value '{driver_name}'"
+                f"Parameter 'driver' does not accept value '{driver_name}'"  # QAPI: bare key
             )
         name = self._claim_name(opts, implicit)
         node: BlockNode | None = None

@@ -98,7 +98,8 @@ class Options:
     ) -> Any:
         value = self.str(key, default)
         if value is not default and value not in choices:
-            raise BlockBackupError(f"Parameter '{self._name(key)}' does not accept value '{value}'")
+            # QAPI names the bare key here, even nested ('locking', not 'file.locking').
+            raise BlockBackupError(f"Parameter '{key}' does not accept value '{value}'")
         return value
 
     def sub(self, key: builtins.str, default: Any = MISSING) -> Options | None:
