@@ -1,0 +1,82 @@
+"""What image locks a file carries, read from the kernel (``/proc/locks``), and holders.
+
+Why from the kernel: a test of image locking must not believe the code under test about
+which locks it holds; ``/proc/locks`` lists every byte-range lock on the machine with the
+file's device and inode, whoever holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+
+def lock_bytes(path: Path) -> set[int]:
+    """Every byte of ``path`` that some process holds an OFD or POSIX lock on."""
+    st = os.stat(path)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    held: set[int] = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields:  # a waiter, not a holder
+                continue
+            try:
+                at = fields.index(ident)
+            except ValueError:
+                continue
+            start, end = fields[at + 1], fields[at + 2]
+            stop = int(end) if end != "EOF" else int(start) + 1024
+            held.update(range(int(start), stop + 1))
+    return held
+
+
+def wait_for_locks(path: Path, present: bool = True, timeout: float = 15.0) -> None:
+    """Poll until ``path`` carries some lock (or, with ``present=False``, none)."""
+    deadline = time.monotonic() + timeout
+    while bool(lock_bytes(path)) != present:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"locks on {path} never became {'held' if present else 'free'}")
+        time.sleep(0.01)
+
+
+class QemuIoHolder:
+    """An interactive ``qemu-io`` that keeps an image open (and locked) until closed."""
+
+    def __init__(self, path: Path, fmt: str, *extra: str) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["qemu-io", "-f", fmt, *extra, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 15
+        while not lock_bytes(path):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"qemu-io exited: {err}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError("qemu-io never locked the image")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # end of input: qemu-io quits and closes the image
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> QemuIoHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
