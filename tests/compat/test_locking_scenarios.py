@@ -71,9 +71,18 @@ async def test_qcow2_one_writer(tmp_path: Path) -> None:
         await r.cmd("blockdev-add", qcow2("q5", disk, **{"force-share": True}))
         await r.cmd("blockdev-add", qcow2("q6", disk, file={"locking": "off"}))
         note_locks(r, "disk.qcow2")
+        sock = str(r.dir / "nbd.sock")
+        await r.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        await r.cmd(
+            "block-export-add", {"type": "nbd", "id": "e1", "node-name": "q1", "writable": True}
+        )
+        note_locks(r, "disk.qcow2")
         r.note(await tool("qemu-io", "-f", "qcow2", "-c", "write 0 4k", disk))
         r.note(await tool("qemu-io", "-r", "-f", "qcow2", "-c", "read 0 4k", disk))
         r.note(await tool("qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read 0 4k", disk))
+        await r.cmd("blockdev-del", {"node-name": "q1"})
+        await r.cmd("block-export-del", {"id": "e1"})
+        await r.wait_event("BLOCK_EXPORT_DELETED", id="e1")
         await r.cmd("blockdev-del", {"node-name": "q1"})
         await r.cmd("blockdev-del", {"node-name": "q6"})
         note_locks(r, "disk.qcow2")
@@ -146,6 +155,36 @@ async def test_raw_export_and_backup(tmp_path: Path) -> None:
         assert not lock_bytes(tmp_path / d / "src.img")
 
 
+async def test_backup_of_an_image_another_process_writes(tmp_path: Path) -> None:
+    """A backup must keep its source from other writers: refused while qemu-io writes
+    it (nothing of the backup left), accepted once it is gone."""
+
+    async def scenario(r: Recorder) -> None:
+        args = {"job-id": "j0", "device": "src", "target": "tgt", "sync": "none"}
+        holder = await asyncio.to_thread(QemuIoHolder, r.dir / "src.img", "raw")
+        try:
+            note_locks(r, "src.img", "tgt.img")
+            await r.cmd("blockdev-backup", args)
+            await r.wait_status("j0", "null")  # created, then refused: null
+            await r.cmd("query-jobs")
+            await r.cmd("query-named-block-nodes")
+        finally:
+            await asyncio.to_thread(holder.close)
+        note_locks(r, "src.img", "tgt.img")
+        await r.cmd("blockdev-backup", args)
+        note_locks(r, "src.img", "tgt.img")
+        await r.cmd("job-cancel", {"id": "j0"})
+        await r.wait_status("j0", "null")
+        note_locks(r, "src.img", "tgt.img")
+
+    ref, ours = await compare(tmp_path, scenario, setup=setup)
+    for t in (ref, ours):
+        for entry in t.replies:
+            if entry[0] == "query-named-block-nodes" and "return" in entry[1]:
+                entry[1] = {"return": sorted(n["node-name"] for n in entry[1]["return"])}
+    assert_same(ref, ours)
+
+
 async def compare_and_check(tmp_path: Path, scenario: Any) -> None:
     ref, ours = await compare(tmp_path, scenario, setup=setup)
     for t in (ref, ours):
@@ -167,14 +206,9 @@ async def test_daemon_start_refused(tmp_path: Path) -> None:
     argv = ["--blockdev", f"driver=qcow2,node-name=q,file.driver=file,file.filename={disk}"]
     with QemuIoHolder(disk, "qcow2"):
         before = lock_bytes(disk)
-        outs = [
-            subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=30, check=False)
-            for cmd in ([QSD], OURS)
-        ]
+        ref, ours = [await tool(*cmd, *argv) for cmd in ([QSD], OURS)]
         assert lock_bytes(disk) == before
-    ref, ours = outs
     hint = f"Is another process using the image [{disk}]?"
-    assert ref.returncode == ours.returncode == 1
     lock_error = 'Failed to get "write" lock'
-    assert ref.stderr == f"qemu-storage-daemon: --blockdev {argv[1]}: {lock_error}\n{hint}\n"
-    assert ours.stderr == f'blockbackup daemon: Failed to get "write" lock. {hint}\n'
+    assert ref == [1, f"qemu-storage-daemon: --blockdev {argv[1]}: {lock_error}\n{hint}\n"]
+    assert ours == [1, f"blockbackup daemon: {lock_error}. {hint}\n"]

@@ -192,7 +192,7 @@ def child_use(link: Link, parent: Use, *, writable: bool, in_use: bool) -> Use:
     elif role & ChildRole.SNAPSHOT_SOURCE:
         use = _filtered(parent)
         if in_use:
-            use = Use(use.perm | Perm.CONSISTENT_READ, use.shared & ~(Perm.WRITE | Perm.RESIZE))
+            use = Use(use.perm, use.shared & ~(Perm.WRITE | Perm.RESIZE))
     elif role & ChildRole.SNAPSHOT_TARGET:
         use = Use(Perm.WRITE, ALL & ~Perm.RESIZE)
     elif role & ChildRole.VIEW:

@@ -199,6 +199,7 @@ async def insert_backup(
     try:
         job = BackupJob(opts, jobs, graph, plan.source, plan.target, filter_node)
         jobs.register(job, txn)
+        job.use_filter()
         job.attach_bitmap(plan.bitmap, plan.bitmap_mode)
         job.move_users_to_filter()
     except BaseException:
@@ -307,11 +308,17 @@ class BackupJob(Job):
         self.bitmap_mode: str | None = None
         self._succeeded = False
         # The filter, as the source's parent, keeps the source in use; the target is ours.
-        # Using the filter makes it protect the source: from now on nobody else may
-        # write it (QEMU's copy-before-write permissions; may refuse, as QEMU does).
-        filter_node.add_user(self, "block job: backup")
         target.add_user(self, "block job: backup")
         self._update_progress()
+
+    def use_filter(self) -> None:
+        """Become a user of the filter, which then protects the source: nobody else may
+        write or resize it while the job runs (QEMU's copy-before-write permissions).
+
+        Done once the job exists (``created``), as in QEMU: another process writing the
+        source fails the job's creation with QEMU's lock error, and the job goes ``null``.
+        """
+        self.filter_node.add_user(self, "block job: backup")
 
     def attach_bitmap(self, bitmap: DirtyBitmap | None, mode: str | None) -> None:
         """Freeze ``bitmap`` at T0 (the source quiesced); for sync=bitmap it is the input.
