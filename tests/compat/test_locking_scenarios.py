@@ -185,6 +185,40 @@ async def test_backup_of_an_image_another_process_writes(tmp_path: Path) -> None
     assert_same(ref, ours)
 
 
+def graph_edges(graph: dict[str, Any]) -> list[list[Any]]:
+    """x-debug-query-block-graph's edges by the names of their ends, sorted."""
+    names = {n["id"]: f"{n['type']}:{n['name']}" for n in graph["nodes"]}
+    return sorted(
+        [names[e["parent"]], names[e["child"]], e["name"], e["perm"], e["shared-perm"]]
+        for e in graph["edges"]
+    )
+
+
+async def test_graph_shows_permissions(tmp_path: Path) -> None:
+    """x-debug-query-block-graph shows what each parent takes and shares, as QEMU does:
+    a qcow2 image and its export, then a backup's filter, source and target."""
+
+    async def scenario(r: Recorder) -> None:
+        sock = str(r.dir / "nbd.sock")
+        await r.cmd("blockdev-add", qcow2("q", r.dir / "disk.qcow2"))
+        await r.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        await r.cmd(
+            "block-export-add", {"type": "nbd", "id": "e0", "node-name": "q", "writable": True}
+        )
+        await r.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "src"})
+        r.note(graph_edges(await r.cmd("x-debug-query-block-graph")))
+        args = {"job-id": "j0", "device": "src", "target": "tgt", "sync": "none"}
+        await r.cmd("blockdev-backup", {**args, "filter-node-name": "cbw"})
+        r.note(graph_edges(await r.cmd("x-debug-query-block-graph")))
+        await r.cmd("job-cancel", {"id": "j0"})
+        await r.wait_status("j0", "null")
+
+    ref, ours = await compare(tmp_path, scenario, setup=setup)
+    for t in (ref, ours):
+        t.replies = [e for e in t.replies if e[0] != "x-debug-query-block-graph"]
+    assert_same(ref, ours)
+
+
 async def compare_and_check(tmp_path: Path, scenario: Any) -> None:
     ref, ours = await compare(tmp_path, scenario, setup=setup)
     for t in (ref, ours):

@@ -74,6 +74,11 @@ def perm_bits(perm: Perm) -> Iterator[Perm]:
             yield bit
 
 
+def qapi_names(perm: Perm) -> list[str]:
+    """``perm`` as QAPI BlockPermission names, highest bit first (as QEMU lists them)."""
+    return [name for name, bit in reversed(QAPI_NAMES.items()) if perm & bit]
+
+
 def perm_name(perm: Perm) -> str:
     """``"write"``, or ``"write, resize"`` for several bits, as QEMU names them."""
     return ", ".join(_NAMES[bit] for bit in perm_bits(perm))
@@ -222,18 +227,20 @@ def node_use(node: BlockNode, memo: dict[BlockNode, Use] | None = None) -> Use:
     for user in node.users:
         use = use | user_use(user)
     for parent in node.parents:
-        parent_use = node_use(parent, memo)
-        in_use = bool(parent.parents or parent.users)
         for role, child in parent.children.items():
-            if child is not node:
-                continue
-            link = parent.child_links.get(role, Link(ChildRole.FILTERED | ChildRole.PRIMARY))
-            taken = child_use(link, parent_use, writable=not parent.read_only, in_use=in_use)
-            if node.config.force_share:
-                taken = Use(taken.perm, ALL)
-            use = use | taken
+            if child is node:
+                use = use | link_use(parent, role, memo)
     memo[node] = use
     return use
+
+
+def link_use(parent: BlockNode, role: str, memo: dict[BlockNode, Use] | None = None) -> Use:
+    """What ``parent`` takes on its child ``role`` now (an edge of the block graph)."""
+    child = parent.children[role]
+    link = parent.child_links.get(role, Link(ChildRole.FILTERED | ChildRole.PRIMARY))
+    in_use = bool(parent.parents or parent.users)
+    use = child_use(link, node_use(parent, memo), writable=not parent.read_only, in_use=in_use)
+    return Use(use.perm, ALL) if child.config.force_share else use
 
 
 def _below(roots: Iterable[BlockNode]) -> list[BlockNode]:
