@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from compat.compat_kit import OURS, QSD, MiB, Recorder, assert_same, compare, env_ok, make_images
-from testkit.locks import QemuIoHolder, lock_bytes
+from testkit.locks import QemuIoHolder, lock_bytes, wait_for_locks
 
 pytestmark = [
     pytest.mark.qemu,
@@ -246,3 +246,33 @@ async def test_daemon_start_refused(tmp_path: Path) -> None:
     lock_error = 'Failed to get "write" lock'
     assert ref == [1, f"qemu-storage-daemon: --blockdev {argv[1]}: {lock_error}\n{hint}\n"]
     assert ours == [1, f"blockbackup daemon: {lock_error}. {hint}\n"]
+
+
+async def test_two_blockbackup_daemons(tmp_path: Path) -> None:
+    """A second blockbackup daemon on a qcow2 image the first serves writable exits at
+    start with QEMU's error on one line; once the first exits, the image is free."""
+    setup(tmp_path)
+    disk = tmp_path / "disk.qcow2"
+    blockdev = f"driver=qcow2,node-name=q,file.driver=file,file.filename={disk}"
+    first = await asyncio.create_subprocess_exec(
+        *OURS,
+        "--blockdev",
+        blockdev,
+        "--nbd-server",
+        f"addr.type=unix,addr.path={tmp_path}/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=q,writable=on",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.to_thread(wait_for_locks, disk, {100, 101, 103, 201, 203})
+        second = await tool(*OURS, "--blockdev", blockdev)
+        hint = f"Is another process using the image [{disk}]?"
+        assert second == [1, f'blockbackup daemon: Failed to get "write" lock. {hint}\n']
+        assert lock_bytes(disk) == {100, 101, 103, 201, 203}
+    finally:
+        first.terminate()
+        assert await first.wait() == 0
+    assert lock_bytes(disk) == set()
+    assert (await tool("qemu-io", "-f", "qcow2", "-c", "write 0 4k", disk))[0] == 0

@@ -33,28 +33,36 @@ def lock_bytes(path: Path) -> set[int]:
     return held
 
 
-def wait_for_locks(path: Path, present: bool = True, timeout: float = 15.0) -> None:
-    """Poll until ``path`` carries some lock (or, with ``present=False``, none)."""
+def wait_for_locks(path: Path, expect: set[int], timeout: float = 15.0) -> None:
+    """Poll until the locks on ``path`` are exactly ``expect`` (locks are taken one byte
+    at a time: seeing some is not seeing all)."""
     deadline = time.monotonic() + timeout
-    while bool(lock_bytes(path)) != present:
+    while (held := lock_bytes(path)) != expect:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"locks on {path} never became {'held' if present else 'free'}")
+            raise TimeoutError(f"locks on {path}: {sorted(held)}, never {sorted(expect)}")
         time.sleep(0.01)
 
 
-class QemuIoHolder:
-    """An interactive ``qemu-io`` that keeps an image open (and locked) until closed."""
+#: What qemu-io (read-write, no -U) holds on an image file, by format.
+QEMU_IO_LOCKS = {"qcow2": {100, 101, 103, 201, 203}, "raw": {100, 101}}
 
-    def __init__(self, path: Path, fmt: str, *extra: str) -> None:
+
+class QemuIoHolder:
+    """An interactive ``qemu-io`` that keeps an image open (and locked) until closed.
+
+    Read-write, no other options: it holds :data:`QEMU_IO_LOCKS` once open.
+    """
+
+    def __init__(self, path: Path, fmt: str) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            ["qemu-io", "-f", fmt, *extra, str(path)],
+            ["qemu-io", "-f", fmt, str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 15
-        while not lock_bytes(path):
+        while lock_bytes(path) != QEMU_IO_LOCKS[fmt]:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"qemu-io exited: {err}")
