@@ -185,6 +185,54 @@ async def test_backup_of_an_image_another_process_writes(tmp_path: Path) -> None
     assert_same(ref, ours)
 
 
+async def test_conflicts_within_one_daemon(tmp_path: Path) -> None:
+    """Users of one node in one daemon are checked against each other (one open file:
+    the locks cannot see it), with QEMU's texts: two qcow2 nodes on one file node, a
+    writer below a qcow2, a writable export below a blkdebug that unshares write, a
+    snapshot-access making a copy-before-write protect a source exported writable."""
+
+    async def scenario(r: Recorder) -> None:
+        disk = str(r.dir / "disk.qcow2")
+        add = {"driver": "file", "node-name": "f", "filename": disk}
+        await r.cmd("blockdev-add", add)
+        await r.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q1", "file": "f"})
+        await r.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q2", "file": "f"})
+        await r.cmd("blockdev-add", {"driver": "raw", "node-name": "r2", "file": "f"})
+        sock = str(r.dir / "nbd.sock")
+        await r.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        for i, node in enumerate(("r2", "f")):
+            export = {"type": "nbd", "id": f"e{i}", "node-name": node, "writable": True}
+            await r.cmd("block-export-add", export)
+        ro = {"driver": "qcow2", "node-name": "q3", "file": "f", "read-only": True}
+        await r.cmd("blockdev-add", ro)
+        await r.cmd(
+            "blockdev-add",
+            {
+                "driver": "blkdebug",
+                "node-name": "d1",
+                "image": "srcf",
+                "unshare-child-perms": ["write"],
+            },
+        )
+        await r.cmd(
+            "block-export-add", {"type": "nbd", "id": "e2", "node-name": "src", "writable": True}
+        )
+        await r.cmd("blockdev-del", {"node-name": "d1"})
+        await r.cmd(
+            "block-export-add", {"type": "nbd", "id": "e3", "node-name": "src", "writable": True}
+        )
+        cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "tgt"}
+        await r.cmd("blockdev-add", cbw)
+        await r.cmd(
+            "blockdev-add", {"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}
+        )
+        await r.cmd("query-block-exports")
+        note_locks(r, "disk.qcow2", "src.img", "tgt.img")
+
+    ref, ours = await compare(tmp_path, scenario, setup=setup)
+    assert_same(ref, ours)
+
+
 def graph_edges(graph: dict[str, Any]) -> list[list[Any]]:
     """x-debug-query-block-graph's edges by the names of their ends, sorted."""
     names = {n["id"]: f"{n['type']}:{n['name']}" for n in graph["nodes"]}

@@ -52,7 +52,10 @@ WriteGate = Callable[[int, int], Awaitable[None] | None]
 
 @runtime_checkable
 class MovableUser(Protocol):
-    """A user (an export) that can be moved onto a filter inserted above its node."""
+    """A user (an export) that can be moved onto a filter inserted above its node.
+
+    :meth:`BlockNode.move_users` moves it and then calls ``retarget`` with its new node.
+    """
 
     def retarget(self, node: BlockNode) -> None: ...
 
@@ -198,10 +201,37 @@ class BlockNode:
         or raises QEMU's error and is not added."""
         self.users[user] = description
         try:
-            permissions.refresh(self)
+            permissions.refresh(self, entering=user)
         except BaseException:
             del self.users[user]
+            permissions.refresh(self)  # back to the uses without it
             raise
+
+    def move_users(self, to: BlockNode) -> None:
+        """Move every :class:`MovableUser` onto ``to`` in one step (a filter inserted
+        above this node, or removed again), as QEMU's bdrv_replace_node moves parents:
+        no user is ever on both nodes or on neither, and permissions are checked once,
+        for the end state. On a conflict they all stay here and the error propagates.
+        """
+        moving: dict[object, str] = {
+            u: d for u, d in self.users.items() if isinstance(u, MovableUser)
+        }
+        if not moving:
+            return
+        for user in moving:
+            del self.users[user]
+        to.users.update(moving)
+        try:
+            permissions.refresh(to, self)
+        except BaseException:
+            for user in moving:
+                del to.users[user]
+            self.users.update(moving)
+            permissions.refresh(to, self)
+            raise
+        for user in moving:
+            assert isinstance(user, MovableUser)
+            user.retarget(to)
 
     def remove_user(self, user: object) -> None:
         if self.users.pop(user, None) is not None:

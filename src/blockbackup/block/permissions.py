@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from blockbackup.errors import BlockBackupError
+
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode
 
@@ -207,40 +209,86 @@ def child_use(link: Link, parent: Use, *, writable: bool, in_use: bool) -> Use:
     return Use(use.perm | link.take, use.shared & ~link.unshare)
 
 
-def user_use(user: object) -> Use:
+class _Pass:
+    """One computation of every use: the memo, and the user being added, if any.
+
+    A user being added is first checked as sharing everything, then as it is: QEMU
+    attaches an export's block device sharing all and only then unshares resize, so
+    its conflicts are found (and named) in that order.
+    """
+
+    def __init__(self, entering: object | None = None) -> None:
+        self.memo: dict[BlockNode, Use] = {}
+        self.entering = entering
+
+
+def user_use(user: object, state: _Pass | None = None) -> Use:
     """What a non-node user (export, job) takes on the node it uses."""
-    return user.use if isinstance(user, PermissionUser) else NO_USE
+    use = user.use if isinstance(user, PermissionUser) else NO_USE
+    if state is not None and user is state.entering:
+        use = Use(use.perm, ALL)
+    return use
 
 
-def node_use(node: BlockNode, memo: dict[BlockNode, Use] | None = None) -> Use:
-    """Everything taken on ``node`` by its parents and users, and what all of them share.
+def node_use(node: BlockNode, state: _Pass | None = None) -> Use:
+    """Everything taken on ``node`` by its parents and users, and what all of them share."""
+    state = state or _Pass()
+    found = state.memo.get(node)
+    if found is not None:
+        return found
+    use = NO_USE
+    for _, _, one in holders(node, state):
+        use = use | one
+    state.memo[node] = use
+    return use
+
+
+def link_use(parent: BlockNode, role: str, state: _Pass | None = None) -> Use:
+    """What ``parent`` takes on its child ``role`` now (an edge of the block graph).
 
     A child with ``force-share`` (read-only by construction) shares everything with its
     parents, as QEMU's ``bdrv_child_perm`` makes it.
     """
-    if memo is None:
-        memo = {}
-    found = memo.get(node)
-    if found is not None:
-        return found
-    use = NO_USE
-    for user in node.users:
-        use = use | user_use(user)
-    for parent in node.parents:
-        for role, child in parent.children.items():
-            if child is node:
-                use = use | link_use(parent, role, memo)
-    memo[node] = use
-    return use
-
-
-def link_use(parent: BlockNode, role: str, memo: dict[BlockNode, Use] | None = None) -> Use:
-    """What ``parent`` takes on its child ``role`` now (an edge of the block graph)."""
     child = parent.children[role]
     link = parent.child_links.get(role, Link(ChildRole.FILTERED | ChildRole.PRIMARY))
     in_use = bool(parent.parents or parent.users)
-    use = child_use(link, node_use(parent, memo), writable=not parent.read_only, in_use=in_use)
+    parent_use = node_use(parent, state)
+    use = child_use(link, parent_use, writable=not parent.read_only, in_use=in_use)
     return Use(use.perm, ALL) if child.config.force_share else use
+
+
+def holders(node: BlockNode, state: _Pass | None = None) -> list[tuple[str, str, Use]]:
+    """Who uses ``node`` and how: (who, as which child, use), newest first as QEMU lists
+    a node's parents (users, which come last, before the parent nodes)."""
+    state = state or _Pass()
+    out = [
+        ("an unnamed block device", "root", user_use(user, state))
+        for user in reversed(list(node.users))
+    ]
+    out += [
+        (f"node '{parent.name}'", role, link_use(parent, role, state))
+        for parent in reversed(node.parents)
+        for role, child in parent.children.items()
+        if child is node
+    ]
+    return out
+
+
+def _check_conflicts(node: BlockNode, state: _Pass) -> None:
+    """Refuse two users of one node where one takes what the other does not share
+    (QEMU's ``bdrv_parent_perms_conflict``, with its text): within one process there is
+    only one open file, so the file locks cannot see this conflict."""
+    found = holders(node, state)
+    for i, (a_who, a_role, a) in enumerate(found):  # the one that does not share
+        for j, (b_who, b_role, b) in enumerate(found):  # the one that takes
+            clash = b.perm & ~a.shared
+            if i != j and clash:
+                raise BlockBackupError(
+                    f"Permission conflict on node '{node.name}': permissions "
+                    f"'{perm_name(clash)}' are both required by {b_who} (uses node "
+                    f"'{node.name}' as '{b_role}' child) and unshared by {a_who} (uses "
+                    f"node '{node.name}' as '{a_role}' child)."
+                )
 
 
 def _below(roots: Iterable[BlockNode]) -> list[BlockNode]:
@@ -262,26 +310,30 @@ def _below(roots: Iterable[BlockNode]) -> list[BlockNode]:
     return order
 
 
-def refresh(*roots: BlockNode) -> None:
+def refresh(*roots: BlockNode, entering: object | None = None) -> None:
     """Give ``roots`` and every node under them the use their parents and users make now.
 
-    All or nothing: every driver is first asked (``check_perm``, which may take new
-    locks and raise :class:`~blockbackup.errors.BlockBackupError`); if one refuses, those
-    asked before are told to go back (``abort_perm``) and the error propagates; else
-    each is told to settle (``set_perm``, which drops what is no longer needed).
-    Nodes still being opened (no driver yet) are skipped: their use is applied when
-    their own open ends.
+    All or nothing: node by node, parents first, the users of each are checked against
+    each other and its driver is asked (``check_perm``, which may take new locks); on a
+    refusal, the drivers asked before go back (``abort_perm``) and QEMU's error
+    (:class:`~blockbackup.errors.BlockBackupError`) propagates; else each settles
+    (``set_perm``, which drops what is no longer needed). ``entering``: a user just
+    added (see :class:`_Pass`); if its second step fails, the first stays applied
+    until the caller, removing the user, refreshes again. Nodes still being opened
+    (no driver yet) are skipped: nobody uses them yet.
     """
-    memo: dict[BlockNode, Use] = {}
-    plan = [(n, node_use(n, memo)) for n in _below(roots) if n.is_open]
-    asked: list[BlockNode] = []
-    try:
+    steps = [_Pass(entering), _Pass()] if entering is not None else [_Pass()]
+    for state in steps:
+        plan = [(n, node_use(n, state)) for n in _below(roots) if n.is_open]
+        asked: list[BlockNode] = []
+        try:
+            for node, use in plan:
+                _check_conflicts(node, state)
+                node.driver.check_perm(use.perm, use.shared)
+                asked.append(node)
+        except BaseException:
+            for node in asked:
+                node.driver.abort_perm()
+            raise
         for node, use in plan:
-            node.driver.check_perm(use.perm, use.shared)
-            asked.append(node)
-    except BaseException:
-        for node in asked:
-            node.driver.abort_perm()
-        raise
-    for node, use in plan:
-        node.driver.set_perm(use.perm, use.shared)
+            node.driver.set_perm(use.perm, use.shared)

@@ -104,13 +104,8 @@ class NbdExport:
         return f"<NbdExport {self.id!r} name={self.name!r} node={self.node.name!r}>"
 
     def retarget(self, node: BlockNode) -> None:
-        """Serve ``node`` from now on (a filter inserted above ours, or removed again).
-
-        The new node is taken before the old one is let go, so that a permission
-        conflict leaves the export where it was.
-        """
-        node.add_user(self, "export")
-        self.node.remove_user(self)
+        """Serve ``node`` from now on (the graph moved us onto a filter inserted above
+        our node, or back: :meth:`BlockNode.move_users`)."""
         self.node = node
 
     @property
