@@ -229,3 +229,28 @@ async def test_writable_export_refused(tmp_path: Path, graphs: list[Graph]) -> N
     await blocker.aclose()
     await g.aclose()
     assert lock_bytes(path) == set()
+
+
+@pytest.mark.asyncio
+async def test_two_qcow2_nodes_on_one_file_node(tmp_path: Path, graphs: list[Graph]) -> None:
+    """Two formats writing one file node share its one open file, so no lock can object:
+    the graph refuses the second with QEMU's permission conflict, and a read-only one too
+    (it would not share the first one's writes)."""
+    disk = qcow2_image(tmp_path / "disk.qcow2")
+    g = new_graph(graphs)
+    await g.add({"driver": "file", "node-name": "f", "filename": str(disk)})
+    await g.add({"driver": "qcow2", "node-name": "q1", "file": "f"})
+    for extra in ({}, {"read-only": True}):
+        with pytest.raises(BlockBackupError) as info:
+            await g.add({"driver": "qcow2", "node-name": "q2", "file": "f", **extra})
+        assert str(info.value) == (
+            "Permission conflict on node 'f': permissions 'write, resize' are both required "
+            "by node 'q1' (uses node 'f' as 'file' child) and unshared by node 'q2' (uses "
+            "node 'f' as 'file' child)."
+        )
+        assert set(g.nodes) == {"f", "q1"}
+        assert g.nodes["f"].parents == [g.nodes["q1"]]
+    await g.delete("q1")
+    await g.add({"driver": "qcow2", "node-name": "q2", "file": "f", "read-only": True})
+    await g.add({"driver": "qcow2", "node-name": "q3", "file": "f", "read-only": True})
+    assert lock_bytes(disk) == {100, 201, 203}
