@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from compat.compat_kit import OURS, QSD, MiB, Recorder, assert_same, compare, env_ok, make_images
-from testkit.locks import QemuIoHolder, lock_bytes, wait_for_locks
+from testkit.locks import DaemonHolder, QemuIoHolder, lock_bytes, wait_for_locks
 
 pytestmark = [
     pytest.mark.qemu,
@@ -46,7 +46,13 @@ async def tool(*argv: str | Path) -> list[Any]:
     proc = await asyncio.create_subprocess_exec(
         *map(str, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    _, err = await proc.communicate()
+    try:
+        async with asyncio.timeout(30):  # a daemon that should have refused keeps running
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     return [proc.returncode, err.decode()]
 
 
@@ -228,6 +234,36 @@ async def test_conflicts_within_one_daemon(tmp_path: Path) -> None:
         )
         await r.cmd("query-block-exports")
         note_locks(r, "disk.qcow2", "src.img", "tgt.img")
+
+    ref, ours = await compare(tmp_path, scenario, setup=setup)
+    assert_same(ref, ours)
+
+
+async def test_export_refused_for_resize(tmp_path: Path) -> None:
+    """An export never lets its node be resized: while another process holds resize of
+    the file, even a read-only export is refused, after QEMU's two steps (attach sharing
+    everything, then unshare resize), leaving no lock; once it is gone, it works."""
+
+    async def scenario(r: Recorder) -> None:
+        src = r.dir / "src.img"
+        argv = [
+            str(QSD),
+            "--blockdev",
+            f"driver=file,node-name=f,filename={src}",
+            "--blockdev",
+            "driver=blkdebug,node-name=d,image=f,take-child-perms.0=resize",
+        ]
+        sock = str(r.dir / "nbd.sock")
+        await r.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+        holder = await asyncio.to_thread(DaemonHolder, argv, src, {103})
+        try:
+            await r.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src"})
+            await r.cmd("query-block-exports")
+            note_locks(r, "src.img")
+        finally:
+            await asyncio.to_thread(holder.close)
+        await r.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src"})
+        note_locks(r, "src.img")
 
     ref, ours = await compare(tmp_path, scenario, setup=setup)
     assert_same(ref, ours)

@@ -88,3 +88,27 @@ class QemuIoHolder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DaemonHolder:
+    """A process (qemu-storage-daemon) that keeps ``path`` locked with ``expect`` until
+    closed (SIGTERM)."""
+
+    def __init__(self, argv: list[str], path: Path, expect: set[int]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_locks(path, expect)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
