@@ -161,7 +161,7 @@ class Daemon:
                     _write_pidfile(pidfile)
                     pid_written = True
             except BlockBackupError as exc:
-                print(f"blockbackup daemon: {exc}", file=sys.stderr)
+                print(f"blockbackup daemon: {exc.for_people()}", file=sys.stderr)
                 return 1
             async with asyncio.TaskGroup() as tg:
                 tasks = [

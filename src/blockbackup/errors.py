@@ -28,12 +28,19 @@ class BlockBackupError(Exception):
     #: The QMP error class sent in ``{"error": {"class": ..., "desc": ...}}``.
     error_class: ClassVar[str] = "GenericError"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: A second sentence for people (QEMU's ``error_append_hint``): printed by the
+        #: command line, never sent over QMP (QEMU does not send hints either).
+        self.hint = hint
 
     def __str__(self) -> str:
         return self.message
+
+    def for_people(self) -> str:
+        """The message and its hint on one line, for a command line's error exit."""
+        return f"{self.message}. {self.hint}" if self.hint else self.message
 
 
 class DeviceNotActiveError(BlockBackupError):

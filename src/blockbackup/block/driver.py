@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode
     from blockbackup.block.options import Options
+    from blockbackup.block.permissions import Perm
 
 
 class WriteFlags(enum.IntFlag):
@@ -201,6 +202,20 @@ class BlockDriver(ABC):
     def can_compress(self) -> bool:
         """Whether ``WriteFlags.COMPRESSED`` writes are supported."""
         return False
+
+    # -- permissions (see blockbackup.block.permissions) ------------------------------------
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Get ready for the node to be used with ``perm`` taken and only ``shared``
+        shared, or raise :class:`~blockbackup.errors.BlockBackupError` having changed
+        nothing. :meth:`set_perm` or :meth:`abort_perm` follows. The default: nothing
+        outside this process can object (the ``file`` driver takes locks)."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Settle on the use last checked (drop what it no longer needs). Never raises."""
+
+    def abort_perm(self) -> None:
+        """Go back to the use before the last :meth:`check_perm`. Never raises."""
 
     async def close(self) -> None:
         """Release resources; the node's children are closed by the graph."""

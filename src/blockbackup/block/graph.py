@@ -70,7 +70,9 @@ class Graph:
     def _common_config(opts: Options, options: Mapping[str, Any]) -> NodeConfig:
         read_only = opts.bool("read-only", False)
         opts.bool("auto-read-only", False)
-        opts.bool("force-share", False)
+        force_share = opts.bool("force-share", False)
+        if force_share and not read_only:
+            raise BlockBackupError("force-share=on can only be used with read-only images")
         discard = opts.enum("discard", ("ignore", "unmap", "off", "on"), "ignore")
         detect_zeroes = opts.enum("detect-zeroes", ("off", "on", "unmap"), "off")
         cache = opts.sub("cache", None)
@@ -85,6 +87,7 @@ class Graph:
             cache_direct=direct,
             no_flush=no_flush,
             detect_zeroes=detect_zeroes,
+            force_share=force_share,
             options=dict(options),
         )
 
@@ -97,13 +100,14 @@ class Graph:
         driver_cls = DRIVERS.get(driver_name)
         if driver_cls is None:
             raise BlockBackupError(
-                f"Parameter '{prefix}driver' does not accept value '{driver_name}'"
+                f"Parameter 'driver' does not accept value '{driver_name}'"  # QAPI: bare key
             )
         name = self._claim_name(opts, implicit)
         node: BlockNode | None = None
         try:
             node = BlockNode(self, name, self._common_config(opts, options), implicit=implicit)
             opts.children_read_only = node.read_only
+            opts.children_force_share = node.config.force_share
             driver = await driver_cls.open(node, opts)
             node.set_driver(driver)
             try:

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from blockbackup._aio import run_blocking
+from blockbackup.block import permissions
 from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
+from blockbackup.block.permissions import ChildRole, Link
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
 
@@ -52,7 +54,10 @@ WriteGate = Callable[[int, int], Awaitable[None] | None]
 
 @runtime_checkable
 class MovableUser(Protocol):
-    """A user (an export) that can be moved onto a filter inserted above its node."""
+    """A user (an export) that can be moved onto a filter inserted above its node.
+
+    :meth:`BlockNode.move_users` moves it and then calls ``retarget`` with its new node.
+    """
 
     def retarget(self, node: BlockNode) -> None: ...
 
@@ -72,6 +77,8 @@ class NodeConfig:
     cache_direct: bool = False
     no_flush: bool = False
     detect_zeroes: str = "off"
+    #: ``force-share``: share every permission with other users (read-only nodes only).
+    force_share: bool = False
     options: dict[str, object] = field(default_factory=dict)
 
 
@@ -85,6 +92,8 @@ class BlockNode:
         self.implicit = implicit
         self._driver: BlockDriver | None = None
         self.children: dict[str, BlockNode] = {}
+        #: How this node uses each child (by role name), for :mod:`.permissions`.
+        self.child_links: dict[str, Link] = {}
         self.parents: list[BlockNode] = []
         #: Non-node users (exports, jobs), with a short description for error texts.
         self.users: dict[object, str] = {}
@@ -120,19 +129,36 @@ class BlockNode:
             raise RuntimeError(f"node {self.name} is not open")
         return self._driver
 
+    @property
+    def is_open(self) -> bool:
+        return self._driver is not None
+
     def set_driver(self, driver: BlockDriver) -> None:
         self._driver = driver
 
-    def add_child(self, role: str, child: BlockNode) -> None:
+    def add_child(
+        self, role: str, child: BlockNode, link: ChildRole | Link = ChildRole.FILTERED
+    ) -> None:
+        """Link ``child`` as ``role`` and take the permissions ``link`` implies on it.
+
+        Raises :class:`~blockbackup.errors.BlockBackupError` when they conflict with
+        another user's (QEMU's texts); the link then stays, so that the failed open of
+        this node releases the child as it releases the others.
+        """
         self.children[role] = child
+        self.child_links[role] = link if isinstance(link, Link) else Link(link)
         child.parents.append(self)
+        permissions.refresh(child)
 
     def detach_children(self) -> list[BlockNode]:
-        """Unlink every child; return them."""
+        """Unlink every child, dropping what this node took on it; return them."""
         children = list(self.children.values())
         for child in children:
             child.parents.remove(self)
         self.children.clear()
+        self.child_links.clear()
+        for child in children:
+            permissions.refresh(child)
         return children
 
     @property
@@ -173,10 +199,45 @@ class BlockNode:
             )
 
     def add_user(self, user: object, description: str) -> None:
+        """Add a non-node user; it takes what its ``use`` says (see :mod:`.permissions`),
+        or raises QEMU's error and is not added."""
         self.users[user] = description
+        try:
+            permissions.refresh(self, entering=user)
+        except BaseException:
+            del self.users[user]
+            permissions.refresh(self)  # back to the uses without it
+            raise
+
+    def move_users(self, to: BlockNode) -> None:
+        """Move every :class:`MovableUser` onto ``to`` in one step (a filter inserted
+        above this node, or removed again), as QEMU's bdrv_replace_node moves parents:
+        no user is ever on both nodes or on neither, and permissions are checked once,
+        for the end state. On a conflict they all stay here and the error propagates.
+        """
+        moving: dict[object, str] = {
+            u: d for u, d in self.users.items() if isinstance(u, MovableUser)
+        }
+        if not moving:
+            return
+        for user in moving:
+            del self.users[user]
+        to.users.update(moving)
+        try:
+            permissions.refresh(to, self)
+        except BaseException:
+            for user in moving:
+                del to.users[user]
+            self.users.update(moving)
+            permissions.refresh(to, self)
+            raise
+        for user in moving:
+            assert isinstance(user, MovableUser)
+            user.retarget(to)
 
     def remove_user(self, user: object) -> None:
-        self.users.pop(user, None)
+        if self.users.pop(user, None) is not None:
+            permissions.refresh(self)
 
     # -- interception ------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class Options:
         self._used: set[str] = set()
         #: Nested children inherit read-only from their parent unless they say otherwise.
         self.children_read_only = False
+        #: ... and ``force-share`` (QEMU's bdrv_inherited_options).
+        self.children_force_share = False
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -96,7 +98,8 @@ class Options:
     ) -> Any:
         value = self.str(key, default)
         if value is not default and value not in choices:
-            raise BlockBackupError(f"Parameter '{self._name(key)}' does not accept value '{value}'")
+            # QAPI names the bare key here, even nested ('locking', not 'file.locking').
+            raise BlockBackupError(f"Parameter '{key}' does not accept value '{value}'")
         return value
 
     def sub(self, key: builtins.str, default: Any = MISSING) -> Options | None:
@@ -124,6 +127,8 @@ class Options:
         if isinstance(value, Mapping):
             if self.children_read_only and "read-only" not in value:
                 value = {**value, "read-only": True}
+            if self.children_force_share and "force-share" not in value:
+                value = {**value, "force-share": True}
             return await self.graph.add(value, prefix=f"{self._name(key)}.", implicit=True)
         raise self._type_error(key, "string or object")
 

@@ -33,7 +33,7 @@ from blockbackup.block.block_copy import BackgroundSettings, BlockCopy, CopyErro
 from blockbackup.block.dirty_bitmap import DirtyBitmap, find_bitmap
 from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR, CopyBeforeWriteDriver
 from blockbackup.block.graph import Graph
-from blockbackup.block.node import BlockNode, MovableUser
+from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.job import Job, JobManager, JobTxn
 from blockbackup.jobs.status import BlockdevOnError, ErrorAction, JobStatus
@@ -198,9 +198,12 @@ async def insert_backup(
     job: BackupJob | None = None
     try:
         job = BackupJob(opts, jobs, graph, plan.source, plan.target, filter_node)
-        jobs.register(job, txn)
-        job.attach_bitmap(plan.bitmap, plan.bitmap_mode)
+        # As QEMU's bdrv_cbw_append: the source's users move onto the filter before the
+        # job exists (the filter protects the source from the moment it has users).
         job.move_users_to_filter()
+        jobs.register(job, txn)
+        job.use_filter()
+        job.attach_bitmap(plan.bitmap, plan.bitmap_mode)
     except BaseException:
         await _undo_insert(graph, jobs, plan, filter_node, job)
         raise
@@ -219,10 +222,9 @@ async def _undo_insert(
         if job.status is JobStatus.CREATED:
             jobs.discard(job)
         plan.target.remove_user(job)
+        filter_node.remove_user(job)
         job.release_bitmap(success=False)
-    for user in list(filter_node.users):
-        if isinstance(user, MovableUser):
-            user.retarget(plan.source)
+    filter_node.move_users(plan.source)
     await graph.drop(filter_node)
 
 
@@ -309,6 +311,15 @@ class BackupJob(Job):
         # The filter, as the source's parent, keeps the source in use; the target is ours.
         target.add_user(self, "block job: backup")
         self._update_progress()
+
+    def use_filter(self) -> None:
+        """Become a user of the filter, which then protects the source: nobody else may
+        write or resize it while the job runs (QEMU's copy-before-write permissions).
+
+        Done once the job exists (``created``), as in QEMU: another process writing the
+        source fails the job's creation with QEMU's lock error, and the job goes ``null``.
+        """
+        self.filter_node.add_user(self, "block job: backup")
 
     def attach_bitmap(self, bitmap: DirtyBitmap | None, mode: str | None) -> None:
         """Freeze ``bitmap`` at T0 (the source quiesced); for sync=bitmap it is the input.
@@ -417,9 +428,7 @@ class BackupJob(Job):
 
     def move_users_to_filter(self) -> None:
         """Exports of the source now serve the filter node, as QEMU moves parents above it."""
-        for user in list(self.source.users):
-            if isinstance(user, MovableUser):
-                user.retarget(self.filter_node)
+        self.source.move_users(self.filter_node)
 
     async def commit(self) -> None:
         self._succeeded = True
@@ -427,9 +436,10 @@ class BackupJob(Job):
     async def clean(self) -> None:
         try:
             self.target.remove_user(self)
-            for user in list(self.filter_node.users):
-                if isinstance(user, MovableUser):
-                    user.retarget(self.source)
+            # The job lets go of the filter first: a filter nobody uses no longer keeps
+            # others from writing the source, so the exports can move back onto it.
+            self.filter_node.remove_user(self)
+            self.filter_node.move_users(self.source)
             await self.graph.drop(self.filter_node)  # waits for every copy in flight
         finally:
             self.release_bitmap(success=self._succeeded)

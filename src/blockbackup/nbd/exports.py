@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from blockbackup.block.permissions import ALL, Perm, Use
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.proto import (
     CONTEXT_BASE_ALLOCATION,
@@ -103,10 +104,16 @@ class NbdExport:
         return f"<NbdExport {self.id!r} name={self.name!r} node={self.node.name!r}>"
 
     def retarget(self, node: BlockNode) -> None:
-        """Serve ``node`` from now on (a filter inserted above ours, or removed again)."""
-        self.node.remove_user(self)
+        """Serve ``node`` from now on (the graph moved us onto a filter inserted above
+        our node, or back: :meth:`BlockNode.move_users`)."""
         self.node = node
-        node.add_user(self, "export")
+
+    @property
+    def use(self) -> Use:
+        """What the export takes on its node, as QEMU's NBD export does: consistent
+        reads, writes if writable, and nobody may resize the node under its clients."""
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm.NONE)
+        return Use(perm, ALL & ~Perm.RESIZE)
 
     @property
     def size(self) -> int:
@@ -237,9 +244,6 @@ class ExportManager:
                     f"Enabled bitmap '{bm_name}' incompatible with readonly export"
                 )
             found[bm_name] = bitmap
-        for bitmap in found.values():
-            if hasattr(bitmap, "busy_flag"):
-                bitmap.busy_flag = True
         export = NbdExport(
             id=id,
             node=node,
@@ -249,7 +253,10 @@ class ExportManager:
             bitmaps=found,
             allocation_depth=allocation_depth,
         )
-        node.add_user(export, "export")
+        node.add_user(export, "export")  # may refuse: another user's permissions
+        for bitmap in found.values():
+            if hasattr(bitmap, "busy_flag"):
+                bitmap.busy_flag = True
         self._by_id[id] = export
         self._by_name[name] = export
         return export

@@ -64,6 +64,7 @@ from blockbackup.block.driver import (
 )
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import QAPI_NAMES, ChildRole, Link, Perm
 from blockbackup.errors import BlockBackupError
 
 SECTOR_SIZE = 512
@@ -124,8 +125,6 @@ EVENT_IOTYPES: dict[str, frozenset[IOType]] = {
 }
 
 EVENTS: tuple[str, ...] = (*QEMU_EVENTS, "preadv", "pdiscard")
-
-_PERMISSIONS = ("consistent-read", "write", "write-unchanged", "resize")
 
 
 def _overlaps(start: int | None, length: int | None, offset: int, nbytes: int) -> bool:
@@ -241,10 +240,13 @@ class BlkdebugDriver(BlockDriver):
             )
         rules = [_parse_inject_error(opts, i, v) for i, v in enumerate(opts.list("inject-error"))]
         set_state = [_parse_set_state(opts, i, v) for i, v in enumerate(opts.list("set-state"))]
+        child_perms = {}
         for key in ("take-child-perms", "unshare-child-perms"):
+            child_perms[key] = Perm.NONE
             for i, perm in enumerate(opts.list(key)):
-                if perm not in _PERMISSIONS:
+                if perm not in QAPI_NAMES:
                     raise BlockBackupError(f"Parameter '{key}[{i}]' does not accept value '{perm}'")
+                child_perms[key] |= QAPI_NAMES[perm]
         align = opts.int("align", 0)
         max_transfer = opts.int("max-transfer", 0)
         sizes = {
@@ -253,7 +255,12 @@ class BlkdebugDriver(BlockDriver):
         }
 
         child = await opts.child("image")
-        node.add_child("image", child)
+        link = Link(
+            ChildRole.FILTERED | ChildRole.PRIMARY,
+            take=child_perms["take-child-perms"],
+            unshare=child_perms["unshare-child-perms"],
+        )
+        node.add_child("image", child, link)
 
         if align < 0 or align >= _INT_MAX or (align and align & (align - 1)):
             raise BlockBackupError(f"Cannot meet constraints with align {align}")

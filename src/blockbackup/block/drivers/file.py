@@ -20,7 +20,9 @@
   falling back to writing zero buffers;
 - discard: punch hole, only with ``discard=unmap`` (QEMU's default ignores discards);
 - flush: ``fdatasync``;
-- truncate: ``ftruncate`` (block devices: any size up to the device's, never past it).
+- truncate: ``ftruncate`` (block devices: any size up to the device's, never past it);
+- locking: the node's permissions as QEMU's lock bytes on the file (:mod:`.file_lock`),
+  option ``locking`` (``auto``: where OFD locks work, ``on``, ``off``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -49,9 +52,13 @@ from blockbackup.block.driver import (
     io_error,
     register,
 )
+from blockbackup.block.drivers.file_lock import ImageLocks, ofd_locks_work
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import Perm
 from blockbackup.errors import BlockBackupError
+
+log = logging.getLogger(__name__)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -188,9 +195,12 @@ class FileDriver(BlockDriver):
         filename: str,
         direct: bool,
         device_size: int | None = None,
+        locks: ImageLocks | None = None,
     ) -> None:
         super().__init__(node)
         self.fd = fd
+        #: The lock bytes held for the node's permissions (None: ``locking=off``).
+        self.locks = locks
         self.filename = filename
         self._size = size
         #: Size of the block device under the node (None: a regular file, which can grow).
@@ -211,7 +221,7 @@ class FileDriver(BlockDriver):
     async def open(cls, node: BlockNode, opts: Options) -> FileDriver:
         filename = opts.str("filename")
         opts.enum("aio", ("threads", "native", "io_uring"), "threads")
-        opts.enum("locking", ("auto", "on", "off"), "auto")
+        locking = opts.enum("locking", ("auto", "on", "off"), "auto")
         opts.int("aio-max-batch", 0)
         opts.bool("drop-cache", True)
         opts.bool("x-check-cache-dropped", False)
@@ -230,7 +240,17 @@ class FileDriver(BlockDriver):
             os.close(fd)
             raise BlockBackupError(f"Could not open '{filename}': {err.strerror}") from err
         device_size = size if is_device else None
-        return cls(node, fd, size, filename, node.config.cache_direct, device_size)
+        locks = None
+        if locking == "on" or (locking == "auto" and ofd_locks_work()):
+            ofd = ofd_locks_work()
+            if not ofd:
+                log.warning(
+                    "File lock requested but OFD locking syscall is unavailable, "
+                    "falling back to POSIX file locks. Due to the implementation, "
+                    "locks can be lost unexpectedly."
+                )
+            locks = ImageLocks(fd, filename, ofd=ofd)
+        return cls(node, fd, size, filename, node.config.cache_direct, device_size, locks)
 
     @property
     def size(self) -> int:
@@ -400,8 +420,21 @@ class FileDriver(BlockDriver):
     def fd_map(self, offset: int) -> tuple[int, int] | None:
         return None if self._direct else (self.fd, offset)
 
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.locks is not None:
+            self.locks.check(perm, shared)
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.locks is not None:
+            self.locks.commit(perm, shared)
+
+    def abort_perm(self) -> None:
+        if self.locks is not None:
+            self.locks.abort()
+
     async def close(self) -> None:
-        os.close(self.fd)
+        os.close(self.fd)  # drops every lock this open file holds
+        self.locks = None
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:

@@ -18,6 +18,7 @@ from blockbackup.block.driver import (
 )
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import ChildRole
 from blockbackup.errors import BlockBackupError
 
 
@@ -42,10 +43,13 @@ class RawDriver(BlockDriver):
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RawDriver:
         child = await opts.child("file")
-        node.add_child("file", child)
         offset = opts.int("offset", 0)
         size = opts.int("size", None)
         window = offset != 0 or size is not None
+        # As in QEMU: the whole file is shown unchanged (its users' permissions pass
+        # through, write shared as they share it); a window stores data in part of it.
+        role = ChildRole.DATA if window else ChildRole.FILTERED
+        node.add_child("file", child, role | ChildRole.PRIMARY)
         if offset < 0:
             raise BlockBackupError("offset cannot be negative")
         if size is None:

@@ -58,6 +58,7 @@ from blockbackup.block.driver import (
 )
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import ChildRole
 from blockbackup.block.reqlist import ReqList
 from blockbackup.errors import BlockBackupError
 
@@ -141,8 +142,8 @@ class CopyBeforeWriteDriver(BlockDriver):
             raise BlockBackupError("x-cluster-size must be a power of 2 and at least 512")
         if source.size != target.size:
             raise BlockBackupError("Source and target image have different sizes")
-        node.add_child("file", source)
-        node.add_child("target", target)
+        node.add_child("file", source, ChildRole.SNAPSHOT_SOURCE | ChildRole.PRIMARY)
+        node.add_child("target", target, ChildRole.SNAPSHOT_TARGET)
         cluster = exact_cluster or backup_cluster_size(target, min_cluster, _warn)
         return cls(node, source, target, cluster, on_cbw_error, timeout or None, bitmap)
 

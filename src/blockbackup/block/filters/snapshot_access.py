@@ -20,6 +20,7 @@ from blockbackup.block.driver import BlockDriver, Extent, WriteFlags, io_error, 
 from blockbackup.block.filters.copy_before_write import CopyBeforeWriteDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import ChildRole
 
 
 @register
@@ -35,7 +36,7 @@ class SnapshotAccessDriver(BlockDriver):
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> SnapshotAccessDriver:
         child = await opts.child("file")
-        node.add_child("file", child)
+        node.add_child("file", child, ChildRole.VIEW | ChildRole.PRIMARY)
         return cls(node, child)
 
     def _cbw(self) -> CopyBeforeWriteDriver:

@@ -17,6 +17,7 @@ from typing import ClassVar
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import ChildRole
 from blockbackup.block.throttle_groups import ThrottleGroup
 from blockbackup.errors import BlockBackupError
 
@@ -44,7 +45,7 @@ class ThrottleDriver(BlockDriver):
         if group is None:
             raise BlockBackupError(f"Throttle group '{name}' does not exist")
         child = await opts.child("file")
-        node.add_child("file", child)
+        node.add_child("file", child, ChildRole.FILTERED | ChildRole.PRIMARY)
         return cls(node, child, group)
 
     def _quiesced(self) -> bool:

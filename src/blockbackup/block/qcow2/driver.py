@@ -45,6 +45,7 @@ from blockbackup.block.driver import (
 )
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
+from blockbackup.block.permissions import ChildRole
 from blockbackup.block.qcow2.compress import compress, decompress
 from blockbackup.block.qcow2.fileio import Buffer, ImageFile
 from blockbackup.block.qcow2.header import (
@@ -164,7 +165,9 @@ class Qcow2Driver(BlockDriver):
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> Qcow2Driver:
         file_node = await opts.child("file")
-        node.add_child("file", file_node)
+        # Before anything is read: qcow2 owns metadata in its file, so it never shares
+        # write or resize of it (another writer is refused here, QEMU's lock error).
+        node.add_child("file", file_node, ChildRole.DATA | ChildRole.METADATA | ChildRole.PRIMARY)
         opts.bool("lazy-refcounts", False)
         cache_size = opts.int("cache-size", None)
         l2_cache_size = opts.int("l2-cache-size", None)
@@ -256,7 +259,7 @@ class Qcow2Driver(BlockDriver):
             child = await self._open_implicit_backing()
         if child is not None:
             self._check_chain(child)
-            self.node.add_child("backing", child)
+            self.node.add_child("backing", child, ChildRole.COW)
             self.backing_node = child
 
     def _check_chain(self, child: BlockNode) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from blockbackup.block.dirty_bitmap import bitmaps_of
 from blockbackup.block.driver import DRIVERS
 from blockbackup.block.node import BlockNode
+from blockbackup.block.permissions import link_use, qapi_names, user_use
 from blockbackup.jobs.job import Job
 from blockbackup.qmp.context import Context
 from blockbackup.qmp.registry import Args, command
@@ -118,9 +119,6 @@ async def query_named_block_nodes(ctx: Context, args: Args) -> list[dict[str, An
     return [node_info(n) for n in reversed(list(ctx.services.graph.nodes.values()))]
 
 
-_ALL_PERMS = ["resize", "write-unchanged", "write", "consistent-read"]
-
-
 @command(
     "x-debug-query-block-graph",
     returns=Struct("XDbgBlockGraph", open=True),
@@ -144,13 +142,14 @@ async def x_debug_query_block_graph(ctx: Context, args: Args) -> dict[str, Any]:
         ident(node, "block-driver", node.name)
     for node in reversed(graph_nodes):
         for role, child in node.children.items():
+            use = link_use(node, role)
             edges.append(
                 {
                     "parent": ids[id(node)],
                     "child": ident(child, "block-driver", child.name),
                     "name": role,
-                    "perm": [],
-                    "shared-perm": list(_ALL_PERMS),
+                    "perm": qapi_names(use.perm),
+                    "shared-perm": qapi_names(use.shared),
                 }
             )
         for user in node.users:
@@ -160,13 +159,14 @@ async def x_debug_query_block_graph(ctx: Context, args: Args) -> dict[str, Any]:
             else:
                 parent = ident(user, "block-backend", "")
                 role = "root"
+            use = user_use(user)
             edges.append(
                 {
                     "parent": parent,
                     "child": ids[id(node)],
                     "name": role,
-                    "perm": [],
-                    "shared-perm": list(_ALL_PERMS),
+                    "perm": qapi_names(use.perm),
+                    "shared-perm": qapi_names(use.shared),
                 }
             )
     return {"nodes": nodes, "edges": edges}
