@@ -29,6 +29,7 @@ BLOCK_LAYERS: dict[str, int] = {
     "ratelimit": 1,
     "throttle_groups": 1,
     "objects": 1,
+    "permissions": 1,
     # features built on nodes
     "dirty_bitmap": 2,
     "bitmap_store": 2,

@@ -198,6 +198,12 @@ async def test_nbd_client_vanishing_mid_write_leaves_nothing(
     """Guest writes through an export, each copying before it writes to a target that is
     full; the client goes away with writes in flight and one cut in half."""
     target, empty_free = await _add_target(daemon, tmpfs)
+    # The export first: once the backup's filter sits on the source, it shares no write on
+    # it with a new user (as in QEMU), and the export moves onto the filter instead.
+    await daemon.cmd(
+        "block-export-add",
+        {"type": "nbd", "id": "e", "node-name": "src", "name": "src", "writable": True},
+    )
     await daemon.cmd(
         "blockdev-backup",
         {
@@ -208,10 +214,6 @@ async def test_nbd_client_vanishing_mid_write_leaves_nothing(
             "speed": 1,
             "on-target-error": "stop",
         },
-    )
-    await daemon.cmd(
-        "block-export-add",
-        {"type": "nbd", "id": "e", "node-name": "src", "name": "src", "writable": True},
     )
     _reader, writer = await _nbd_client(tmp_path / "nbd.sock", b"src")
     chunk = 4 * MiB
