@@ -138,6 +138,10 @@ class BackgroundSettings:
     max_chunk: int = 0  # 0: no cap beyond the method's own chunk size
 
 
+#: Guest copies use the default chunk size (no ``x-perf`` knobs).
+_GUEST_SETTINGS = BackgroundSettings()
+
+
 class BlockCopy:
     """Copies clusters of ``source`` to the same offsets of ``target``, each exactly once."""
 
@@ -330,9 +334,15 @@ class BlockCopy:
         ``own_task``: run each copy in a task of its own, which goes on if the caller stops
         waiting (a timeout). Without a timeout the caller runs it, one loop iteration
         sooner: a cancelled caller leaves its claim dirty again (see :meth:`_copy_claimed`).
+
+        Each copy is at most one chunk (:meth:`_chunk_limit`, QEMU's copy size), as in the
+        background: a target that paces requests (a ``throttle`` node) then paces a large
+        guest write's copy too, and ``cbw-timeout`` bounds it. One request of the whole
+        write would pass a leaky bucket that is not yet full at once, whatever its size.
         """
+        chunk = self._chunk_limit(_GUEST_SETTINGS)
         while True:
-            area = self.copy_bitmap.next_dirty_area(start, end, end - start)
+            area = self.copy_bitmap.next_dirty_area(start, end, chunk)
             if area is not None:
                 offset, length = area
                 req = self._claim(offset, length)

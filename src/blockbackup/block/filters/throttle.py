@@ -34,6 +34,10 @@ class ThrottleDriver(BlockDriver):
         self.group = group
         group.members += 1
         self._closed = False
+        #: Bytes this node admitted and passed on, reads and writes (write-zeroes and
+        #: discards count as writes): what went through the limits, for tests and stats.
+        self.admitted_read = 0
+        self.admitted_write = 0
         limits = child.limits
         self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
 
@@ -53,6 +57,10 @@ class ThrottleDriver(BlockDriver):
 
     async def _admit(self, is_write: bool, size: int) -> None:
         await self.group.wait(is_write, size, self._quiesced)
+        if is_write:
+            self.admitted_write += size
+        else:
+            self.admitted_read += size
 
     @property
     def size(self) -> int:
