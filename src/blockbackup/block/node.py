@@ -247,6 +247,12 @@ class BlockNode:
                 self._unquiesced.set()
 
     @property
+    def is_quiesced(self) -> bool:
+        """Whether someone holds the node quiesced now (a filter stops waiting for its
+        limits then, so that the quiescer is never held up by them)."""
+        return bool(self._quiesce_depth)
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

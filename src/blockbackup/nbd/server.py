@@ -611,7 +611,8 @@ class _Client:
 
         Why: as for WRITEs, the task and its loop iteration cost more than the copy.
         Only nodes whose driver chain can read at once (``BlockNode.read_now``: raw over
-        file) come here, never filters such as copy-before-write or snapshot-access.
+        file, and filters that do not change reads) come here, never snapshot-access or a
+        filter that must wait or check (a throttle with limits, blkdebug).
         A READ the task path would answer with holes (structured, at least
         ``SPARSE_READ_MIN``, no DF) is served here only when its data has no zero run as
         long as a file-system hole, where that path's block status finds one data extent

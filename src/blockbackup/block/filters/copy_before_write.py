@@ -46,15 +46,8 @@ from typing import ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
-from blockbackup.block.driver import (
-    BlockDriver,
-    Extent,
-    Limits,
-    Status,
-    WriteFlags,
-    io_error,
-    register,
-)
+from blockbackup.block.driver import Extent, Status, io_error, register
+from blockbackup.block.filters.forwarding import FilterDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.reqlist import ReqList
@@ -100,11 +93,15 @@ def _access_denied() -> OSError:
 
 
 @register
-class CopyBeforeWriteDriver(BlockDriver):
-    """Filter above a source: copies old data to the target before the source changes."""
+class CopyBeforeWriteDriver(FilterDriver):
+    """Filter above a source: copies old data to the target before the source changes.
+
+    Its own I/O is the source's, forwarded (:class:`FilterDriver`), inline twins
+    included: the interception is not here but on the source node (its before-write
+    hook), which every write to the source passes, from whatever parent.
+    """
 
     driver_name: ClassVar[str] = "copy-before-write"
-    is_filter: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -116,7 +113,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         timeout: float | None,
         bitmap: DirtyRuns | None = None,
     ) -> None:
-        super().__init__(node)
+        super().__init__(node, source)
         self.source = source
         self.target = target
         self.on_cbw_error = on_cbw_error
@@ -138,8 +135,6 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.block_copy.on_copied = self.done.set
         self._source_readers = ReqList()
         self._target_readers = ReqList()
-        limits = source.limits
-        self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
         source.add_before_write(self._before_write, pass_now=self._pass_now)
         target.write_blocker = (node.name, "target")
 
@@ -297,38 +292,11 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.done.reset(start, end - start)
         await self.target.discard(start, end - start)
 
-    # -- pass-through ------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return self.source.size
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self.source.read(offset, length)
-
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> None:
-        await self.source.write(offset, data, flags)
-
-    def write_now(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> bool:
-        # The source's own write_now asks this filter's hook whether the write needs it.
-        return self.source.write_now(offset, data, flags)
-
-    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
-        await self.source.write_zeroes(offset, length, flags)
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.source.discard(offset, length)
+    # -- what the filter changes of the forwarded I/O ----------------------------------------
 
     async def flush(self) -> None:
         await self.source.flush()
         await self.target.flush()
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self.source.block_status(offset, length)
 
     async def close(self) -> None:
         self.source.remove_before_write(self._before_write)
