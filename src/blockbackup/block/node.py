@@ -38,9 +38,13 @@ if TYPE_CHECKING:
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
 
-#: A before-write hook: awaited with (offset, length) before a modification of that range
-#: reaches the driver. Raising ``OSError`` fails the modification.
-BeforeWriteHook = Callable[[int, int], Awaitable[None]]
+#: A before-write hook: the admission of a modification of (offset, length), before it
+#: reaches the driver. One function for both paths: it returns ``None`` when the
+#: modification may go ahead at once (nothing to do for that range, or done just now),
+#: else a coroutine the modification awaits first (raising ``OSError`` fails it). The
+#: coroutine must hold nothing until it runs: an inline admission closes it unrun and
+#: calls the hook again on the awaited path. (An ``async def`` hook always waits.)
+BeforeWriteHook = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
 #: A write gate: called synchronously with (offset, length) once a modification is counted
 #: in flight; returns ``None`` to let it through at once, or an awaitable the modification
@@ -92,8 +96,7 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
-        #: For hooks and gates that can tell at once whether a write needs them at all.
-        self._hook_pass_now: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
+        #: For write gates that can tell at once whether a write needs them at all.
         self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
@@ -179,30 +182,20 @@ class BlockNode:
 
     # -- interception ------------------------------------------------------------------------
 
-    def add_before_write(
-        self, hook: BeforeWriteHook, *, pass_now: Callable[[int, int], bool] | None = None
-    ) -> None:
-        """Await ``hook`` before every modification reaches the driver.
-
-        ``pass_now(offset, length)``, if given, is the hook without awaiting: it returns
-        True when the write may go ahead at once (nothing to do for that range, or done
-        just now), or False having done nothing that the hook would not redo. With it,
-        :meth:`write` skips the awaiting admission and :meth:`write_now` can still write
-        at once (a copy-before-write of cached data costs no task and no loop iteration).
-        """
+    def add_before_write(self, hook: BeforeWriteHook) -> None:
+        """Call ``hook`` (see :data:`BeforeWriteHook`) before every modification reaches
+        the driver."""
         self._before_write.append(hook)
-        if pass_now is not None:
-            self._hook_pass_now[hook] = pass_now
 
     def remove_before_write(self, hook: BeforeWriteHook) -> None:
         self._before_write.remove(hook)
-        self._hook_pass_now.pop(hook, None)
 
     def _hooks_pass_now(self, offset: int, length: int) -> bool:
         """Whether every before-write hook lets a write of this range go ahead at once."""
         for hook in self._before_write:
-            pass_now = self._hook_pass_now.get(hook)
-            if pass_now is None or not pass_now(offset, length):
+            pending = hook(offset, length)
+            if pending is not None:
+                pending.close()  # holds nothing until run: the awaited path calls it again
                 return False
         return True
 
@@ -311,7 +304,9 @@ class BlockNode:
         self._check_range(offset, length)  # a truncate may have shrunk the node meanwhile
         with self._counted_change():
             for hook in tuple(self._before_write):
-                await hook(offset, length)
+                pending = hook(offset, length)
+                if pending is not None:
+                    await pending
             if self._write_gates:
                 await self._pass_write_gates(offset, length)
             for tracker in self.dirty_trackers:

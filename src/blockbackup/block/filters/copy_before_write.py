@@ -41,8 +41,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Iterable
-from typing import ClassVar, Protocol
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
@@ -135,7 +135,7 @@ class CopyBeforeWriteDriver(FilterDriver):
         self.block_copy.on_copied = self.done.set
         self._source_readers = ReqList()
         self._target_readers = ReqList()
-        source.add_before_write(self._before_write, pass_now=self._pass_now)
+        source.add_before_write(self._admit_write)
         target.write_blocker = (node.name, "target")
 
     @classmethod
@@ -182,11 +182,33 @@ class CopyBeforeWriteDriver(FilterDriver):
         cs = self.cluster_size
         return offset - offset % cs, min(-(-(offset + length) // cs) * cs, self.source.size)
 
-    async def _before_write(self, offset: int, length: int) -> None:
+    def _admit_write(self, offset: int, length: int) -> Coroutine[Any, Any, None] | None:
+        """The source's before-write hook: None when the write may go ahead now, else the
+        coroutine it awaits first (holding nothing until it runs).
+
+        The write may go ahead when the snapshot is broken (no more copies), or when every
+        cluster it touches is copied (already, or inline now) and no snapshot read from the
+        source overlaps them. The awaited path copies first and waits for the readers
+        after; neither changes the other, so here the readers are looked at first and an
+        inline copy is tried only if none is in the way.
+        """
         if self.snapshot_error is not None:
+            return None
+        start, end = self._cluster_range(offset, length)
+        if self._source_readers.find_conflict(start, end - start) is None:
+            copy = self.block_copy.admit_write(offset, length, self.timeout)
+            if copy is None:
+                return None
+            copy.close()  # holds nothing until run: the awaited path admits it again
+        return self._before_write(offset, length)
+
+    async def _before_write(self, offset: int, length: int) -> None:
+        if self.snapshot_error is not None:  # broke since the write was admitted
             return
+        copy = self.block_copy.admit_write(offset, length, self.timeout)
         try:
-            await self.block_copy.copy_before_write(offset, length, self.timeout)
+            if copy is not None:
+                await copy
         except CopyError as err:
             self._copy_failed(err.err)
             return
@@ -197,20 +219,6 @@ class CopyBeforeWriteDriver(FilterDriver):
         # the source changes under them.
         start, end = self._cluster_range(offset, length)
         await self._source_readers.wait_conflicts(start, end - start)
-
-    def _pass_now(self, offset: int, length: int) -> bool:
-        """:meth:`_before_write` without awaiting: True when the write may go ahead now.
-
-        The copy comes first there and the wait for snapshot readers after; neither
-        changes the other, so here the readers are looked at first and the copy is tried
-        only if none is in the way.
-        """
-        if self.snapshot_error is not None:
-            return True
-        start, end = self._cluster_range(offset, length)
-        if self._source_readers.find_conflict(start, end - start) is not None:
-            return False
-        return self.block_copy.copy_before_write_now(offset, length)
 
     def _copy_failed(self, err: OSError) -> None:
         if self.on_cbw_error == "break-guest-write":
@@ -299,6 +307,6 @@ class CopyBeforeWriteDriver(FilterDriver):
         await self.target.flush()
 
     async def close(self) -> None:
-        self.source.remove_before_write(self._before_write)
+        self.source.remove_before_write(self._admit_write)
         self.target.write_blocker = None
         await self.block_copy.aclose()
