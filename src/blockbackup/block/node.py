@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from blockbackup.block.graph import Graph
 
 Buffer = bytes | bytearray | memoryview
+#: For ``isinstance``: a tuple, not the union (which is built anew at every evaluation).
+BUFFER_TYPES = (bytes, bytearray, memoryview)
 T = TypeVar("T")
 
 #: A before-write hook: the admission of a modification of (offset, length), before it
@@ -352,21 +354,25 @@ class BlockNode:
         if offset < 0 or length <= 0 or offset + length > self.size:
             self._check_range(offset, length)
             return b""
-        if not self._quiesce_depth:
-            limits = self.limits
-            align = limits.request_alignment
-            if (align == 1 or not (offset % align or length % align)) and (
-                not limits.max_transfer or length <= limits.max_transfer
-            ):
-                data = self.driver.read_now(offset, length, into)
-                if data is not None:
-                    return data
-        return self._read_awaited(offset, length)
+        data = self._read_inline(offset, length, into)
+        return self._read_awaited(offset, length) if data is None else data
+
+    def _read_inline(self, offset: int, length: int, into: memoryview | None) -> Buffer | None:
+        """The inline part of :meth:`submit_read` (the range is checked): data or None."""
+        if self._quiesce_depth:
+            return None
+        limits = self.limits
+        align = limits.request_alignment
+        if (align != 1 and (offset % align or length % align)) or (
+            limits.max_transfer and length > limits.max_transfer
+        ):
+            return None
+        return self.driver.read_now(offset, length, into)
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Read ``length`` bytes at ``offset`` (:meth:`submit_read`, awaited)."""
         data = self.submit_read(offset, length)
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, BUFFER_TYPES):
             # Done inline: yield once, as a pool call would, so that a caller looping on
             # reads cannot starve the loop.
             if not inline_may_skip_yield():
@@ -380,11 +386,7 @@ class BlockNode:
         and for a request :meth:`read` refuses (so that the caller's ``read`` raises it)."""
         if offset < 0 or length <= 0 or offset + length > self.size:
             return None
-        data = self.submit_read(offset, length, into)
-        if isinstance(data, bytes | bytearray | memoryview):
-            return data
-        data.close()  # holds nothing until run: see above
-        return None
+        return self._read_inline(offset, length, into)
 
     async def _read_awaited(self, offset: int, length: int) -> Buffer:
         # Plain attribute checks and counter updates instead of context managers: this is
@@ -439,24 +441,30 @@ class BlockNode:
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
         view = memoryview(data).cast("B")
-        if self._quiesce_depth or (self._before_write and not self._hooks_pass_now(offset, length)):
-            return self._write_changed(offset, view, flags)
-        limits = self.limits
-        if limits.request_alignment == 1 and (
-            not limits.max_transfer or length <= limits.max_transfer
-        ):
-            for gate in self._write_gates:
-                pass_now = self._gate_pass_now.get(gate)
-                # A gate that passed before one that refuses leaves its record of this
-                # write, which the awaited write repeats.
-                if pass_now is None or not pass_now(offset, length):
-                    break
-            else:
-                for tracker in self.dirty_trackers:
-                    tracker.mark_dirty(offset, length)
-                if self.driver.write_now(offset, view, flags):
-                    return None
+        if self._write_inline(offset, view, flags):
+            return None
         return self._write_awaited(offset, view, flags)
+
+    def _write_inline(self, offset: int, view: memoryview, flags: WriteFlags) -> bool:
+        """The inline part of :meth:`submit_write` (checks done): True when written.
+
+        False having done nothing visible but dirty marks, which the awaited write repeats.
+        """
+        length = len(view)
+        if self._quiesce_depth or (self._before_write and not self._hooks_pass_now(offset, length)):
+            return False
+        limits = self.limits
+        if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
+            return False
+        for gate in self._write_gates:
+            pass_now = self._gate_pass_now.get(gate)
+            # A gate that passed before one that refuses leaves its record of this write,
+            # which the awaited write repeats.
+            if pass_now is None or not pass_now(offset, length):
+                return False
+        for tracker in self.dirty_trackers:
+            tracker.mark_dirty(offset, length)
+        return self.driver.write_now(offset, view, flags)
 
     async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
         """Write ``data`` at ``offset`` (:meth:`submit_write`, awaited)."""
@@ -472,11 +480,7 @@ class BlockNode:
         request :meth:`write` refuses (so that the caller's ``write`` raises it)."""
         if not data or self.config.read_only or offset < 0 or offset + len(data) > self.size:
             return False
-        pending = self.submit_write(offset, data, flags)
-        if pending is None:
-            return True
-        pending.close()  # holds nothing until run: see above
-        return False
+        return self._write_inline(offset, memoryview(data).cast("B"), flags)
 
     async def _write_changed(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
         """A write whose hooks must be awaited (or that waits for a quiesce to end)."""

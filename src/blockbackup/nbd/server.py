@@ -43,6 +43,7 @@ from typing import Any
 
 from blockbackup._sockets import bind_unix
 from blockbackup.block.driver import Status, WriteFlags
+from blockbackup.block.node import BUFFER_TYPES
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
 from blockbackup.nbd.proto import (
@@ -638,7 +639,7 @@ class _Client:
         """
         sparse = req.length >= SPARSE_READ_MIN and self._structured() and not int(req.flags) & _DF
         data = export.node.submit_read(req.offset, req.length)
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, BUFFER_TYPES):
             if sparse:
                 data.close()  # holds nothing until run: the sparse path reads by extents
                 return self._sparse_or_plain_read(export, req)
