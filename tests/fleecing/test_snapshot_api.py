@@ -45,15 +45,17 @@ async def test_snapshot_reads_point_in_time(tmp_path: Path) -> None:
         assert tmp[8 * CLUSTER : 9 * CLUSTER] == bytes(CLUSTER)  # never copied
 
 
-async def test_fleecing_nodes_are_never_read_at_once(tmp_path: Path) -> None:
-    """``read_now`` (the NBD server's task-free READ) stops at cbw and snapshot-access:
-    reading them at once would bypass the point in time (tmp's copies, the snapshot's
-    holes and errors)."""
+async def test_snapshot_is_never_read_at_once(tmp_path: Path) -> None:
+    """``read_now`` (the NBD server's task-free READ) stops at snapshot-access: reading
+    it at once would bypass the point in time (tmp's copies, the snapshot's holes and
+    errors). The cbw node's own reads are the source's, changed in nothing: forwarded."""
     async with fleece(tmp_path) as f:
         await f.src.read(0, CLUSTER)  # cached: the raw/file source alone would answer
         assert f.src.read_now(0, CLUSTER) == f.t0[:CLUSTER]
-        assert f.cbw.read_now(0, CLUSTER) is None
         assert f.acc.read_now(0, CLUSTER) is None
+        await f.cbw.write(0, b"\x01" * 4096)  # copied to tmp: the view and the source differ
+        assert f.acc.read_now(0, CLUSTER) is None
+        assert bytes(f.cbw.read_now(0, 4096) or b"") == b"\x01" * 4096
 
 
 async def test_snapshot_block_status(tmp_path: Path) -> None:

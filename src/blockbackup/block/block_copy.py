@@ -14,7 +14,7 @@ State (all owned by the event loop):
   every one, and for the copies guest writes run themselves, so no copy is in flight after
   the owner is done with the engine.
 
-Guest writes come first. A copy-before-write (:meth:`copy_before_write`) claims and copies
+Guest writes come first. A copy-before-write (:meth:`admit_write`) claims and copies
 only the clusters its write covers, immediately, ignoring the rate limit and the memory
 budget; while any is active, the background loop keeps at most ``BACKOFF_WORKERS`` chunks
 in flight (not zero: under a constant guest load the backup must still finish). The background loop
@@ -42,9 +42,9 @@ import errno
 import logging
 import mmap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockbackup._aio import background_io, in_background, without_inline_yields
 from blockbackup.block.bitmap import Bitmap
@@ -136,6 +136,10 @@ class BackgroundSettings:
 
     max_workers: int = MAX_WORKERS
     max_chunk: int = 0  # 0: no cap beyond the method's own chunk size
+
+
+#: Guest copies use the default chunk size (no ``x-perf`` knobs).
+_GUEST_SETTINGS = BackgroundSettings()
 
 
 class BlockCopy:
@@ -245,14 +249,23 @@ class BlockCopy:
 
     # -- the guest path ----------------------------------------------------------------------
 
-    async def copy_before_write(
+    def admit_write(
         self, offset: int, length: int, timeout: float | None = None
-    ) -> None:
-        """Make sure every cluster that ``[offset, offset+length)`` touches has been copied.
+    ) -> Coroutine[Any, Any, None] | None:
+        """The copy-before-write of a guest write of ``[offset, offset+length)``, admitted.
 
-        Returns when all of them are on the target; raises ``CopyError`` if a copy failed,
-        ``TimeoutError`` if ``timeout`` (seconds) passed first (the copies go on).
+        None when every cluster the write touches is copied: already, or just now from
+        the page cache (:meth:`_copy_now`), with no task and no loop iteration for the
+        guest. Otherwise the coroutine that copies the rest: it returns when all of them
+        are on the target and raises ``CopyError`` if a copy failed, ``TimeoutError`` if
+        ``timeout`` (seconds) passed first (the copies go on). It holds nothing until it
+        runs (the clusters not copied are still dirty), so it may be closed unrun.
         """
+        if self._copied_now(offset, length):
+            return None
+        return self._copy_before_write(offset, length, timeout)
+
+    async def _copy_before_write(self, offset: int, length: int, timeout: float | None) -> None:
         if not self.needs_copy(offset, length):
             return  # copied already, nothing in flight: most guest writes during a backup
         start, end = self._cluster_range(offset, length)
@@ -271,14 +284,12 @@ class BlockCopy:
             if self._guest_copies == 0:
                 self._guests_idle.set()
 
-    def copy_before_write_now(self, offset: int, length: int) -> bool:
-        """:meth:`copy_before_write` without awaiting; False: the awaiting call is needed.
+    def _copied_now(self, offset: int, length: int) -> bool:
+        """Whether every cluster the write touches is copied, trying the copies inline.
 
-        True when every cluster the write touches is copied: already, or just now from
-        the page cache (:meth:`_copy_now`), with no task and no loop iteration for the
-        guest. False, with the clusters not copied still dirty, when one is in flight or
-        cannot be copied at once (not cached, a target that must wait, zeroes, a block
-        status or a source discard to do).
+        False, with the clusters not copied still dirty, when one is in flight or cannot
+        be copied at once (not cached, a target that must wait, zeroes, a block status or
+        a source discard to do).
         """
         if not self.needs_copy(offset, length):
             return True
@@ -310,7 +321,7 @@ class BlockCopy:
         return True
 
     def needs_copy(self, offset: int, length: int) -> bool:
-        """Whether a guest write of this range must wait for :meth:`copy_before_write`.
+        """Whether a guest write of this range must wait for a copy (:meth:`admit_write`).
 
         False when every cluster it touches is copied and none is in flight: the write may
         go ahead without awaiting anything. Counts as a guest write either way.
@@ -330,9 +341,15 @@ class BlockCopy:
         ``own_task``: run each copy in a task of its own, which goes on if the caller stops
         waiting (a timeout). Without a timeout the caller runs it, one loop iteration
         sooner: a cancelled caller leaves its claim dirty again (see :meth:`_copy_claimed`).
+
+        Each copy is at most one chunk (:meth:`_chunk_limit`, QEMU's copy size), as in the
+        background: a target that paces requests (a ``throttle`` node) then paces a large
+        guest write's copy too, and ``cbw-timeout`` bounds it. One request of the whole
+        write would pass a leaky bucket that is not yet full at once, whatever its size.
         """
+        chunk = self._chunk_limit(_GUEST_SETTINGS)
         while True:
-            area = self.copy_bitmap.next_dirty_area(start, end, end - start)
+            area = self.copy_bitmap.next_dirty_area(start, end, chunk)
             if area is not None:
                 offset, length = area
                 req = self._claim(offset, length)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from blockbackup._aio import run_blocking
+from blockbackup._aio import inline_may_skip_yield, run_blocking
 from blockbackup.block import permissions
 from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer
 from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
@@ -39,11 +39,17 @@ if TYPE_CHECKING:
     from blockbackup.block.graph import Graph
 
 Buffer = bytes | bytearray | memoryview
+#: For ``isinstance``: a tuple, not the union (which is built anew at every evaluation).
+BUFFER_TYPES = (bytes, bytearray, memoryview)
 T = TypeVar("T")
 
-#: A before-write hook: awaited with (offset, length) before a modification of that range
-#: reaches the driver. Raising ``OSError`` fails the modification.
-BeforeWriteHook = Callable[[int, int], Awaitable[None]]
+#: A before-write hook: the admission of a modification of (offset, length), before it
+#: reaches the driver. One function for both paths: it returns ``None`` when the
+#: modification may go ahead at once (nothing to do for that range, or done just now),
+#: else a coroutine the modification awaits first (raising ``OSError`` fails it). The
+#: coroutine must hold nothing until it runs: an inline admission closes it unrun and
+#: calls the hook again on the awaited path. (An ``async def`` hook always waits.)
+BeforeWriteHook = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
 #: A write gate: called synchronously with (offset, length) once a modification is counted
 #: in flight; returns ``None`` to let it through at once, or an awaitable the modification
@@ -102,8 +108,7 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
-        #: For hooks and gates that can tell at once whether a write needs them at all.
-        self._hook_pass_now: dict[BeforeWriteHook, Callable[[int, int], bool]] = {}
+        #: For write gates that can tell at once whether a write needs them at all.
         self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
@@ -241,30 +246,20 @@ class BlockNode:
 
     # -- interception ------------------------------------------------------------------------
 
-    def add_before_write(
-        self, hook: BeforeWriteHook, *, pass_now: Callable[[int, int], bool] | None = None
-    ) -> None:
-        """Await ``hook`` before every modification reaches the driver.
-
-        ``pass_now(offset, length)``, if given, is the hook without awaiting: it returns
-        True when the write may go ahead at once (nothing to do for that range, or done
-        just now), or False having done nothing that the hook would not redo. With it,
-        :meth:`write` skips the awaiting admission and :meth:`write_now` can still write
-        at once (a copy-before-write of cached data costs no task and no loop iteration).
-        """
+    def add_before_write(self, hook: BeforeWriteHook) -> None:
+        """Call ``hook`` (see :data:`BeforeWriteHook`) before every modification reaches
+        the driver."""
         self._before_write.append(hook)
-        if pass_now is not None:
-            self._hook_pass_now[hook] = pass_now
 
     def remove_before_write(self, hook: BeforeWriteHook) -> None:
         self._before_write.remove(hook)
-        self._hook_pass_now.pop(hook, None)
 
     def _hooks_pass_now(self, offset: int, length: int) -> bool:
         """Whether every before-write hook lets a write of this range go ahead at once."""
         for hook in self._before_write:
-            pass_now = self._hook_pass_now.get(hook)
-            if pass_now is None or not pass_now(offset, length):
+            pending = hook(offset, length)
+            if pending is not None:
+                pending.close()  # holds nothing until run: the awaited path calls it again
                 return False
         return True
 
@@ -308,6 +303,12 @@ class BlockNode:
             self._quiesce_depth -= 1
             if self._quiesce_depth == 0:
                 self._unquiesced.set()
+
+    @property
+    def is_quiesced(self) -> bool:
+        """Whether someone holds the node quiesced now (a filter stops waiting for its
+        limits then, so that the quiescer is never held up by them)."""
+        return bool(self._quiesce_depth)
 
     @property
     def in_flight(self) -> int:
@@ -367,7 +368,9 @@ class BlockNode:
         self._check_range(offset, length)  # a truncate may have shrunk the node meanwhile
         with self._counted_change():
             for hook in tuple(self._before_write):
-                await hook(offset, length)
+                pending = hook(offset, length)
+                if pending is not None:
+                    await pending
             if self._write_gates:
                 await self._pass_write_gates(offset, length)
             for tracker in self.dirty_trackers:
@@ -387,13 +390,71 @@ class BlockNode:
         for o in range(offset, end, step):
             yield o, min(step, end - o)
 
-    async def read(self, offset: int, length: int) -> Buffer:
-        """Read ``length`` bytes at ``offset``."""
-        # Plain attribute checks and counter updates instead of context managers: this is
-        # the guest hot path (see docs/performance.md, "In-process request path").
+    # Each request kind that can complete without awaiting (read, write) has one admission
+    # function, ``submit_*``: it completes the request inline when every check, hook,
+    # gate and the driver can do it at once, or returns the awaitable that completes it.
+    # The NBD server's inline path, the awaited ``read`` / ``write`` and copy-before-write
+    # all go through it, so what a request must pass is decided in one place.
+    #
+    # The awaitable holds nothing until it runs (no count, no claim): it does the whole
+    # admission again from the start then, so a caller may run it later (in a task) or
+    # close it unawaited. The inline part is all or nothing: None / data means done; an
+    # awaitable means nothing visible was done (at most dirty marks the awaitable repeats).
+
+    def submit_read(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> Buffer | Coroutine[Any, Any, Buffer]:
+        """Read ``length`` bytes at ``offset``: the data now, or the awaitable giving it.
+
+        Inline only when no split or padding is needed, the node is not quiesced (reads
+        are not held there, but whoever quiesces may be changing the node underneath,
+        e.g. a truncate) and the driver can read at once (a page-cache copy); ``into``,
+        a writable buffer of ``length`` bytes, then receives the data. Out-of-range
+        requests raise ``OSError`` here. Nothing awaits inline, so no in-flight count is
+        needed: no quiesce can start meanwhile.
+        """
         if offset < 0 or length <= 0 or offset + length > self.size:
             self._check_range(offset, length)
             return b""
+        data = self._read_inline(offset, length, into)
+        return self._read_awaited(offset, length) if data is None else data
+
+    def _read_inline(self, offset: int, length: int, into: memoryview | None) -> Buffer | None:
+        """The inline part of :meth:`submit_read` (the range is checked): data or None."""
+        if self._quiesce_depth:
+            return None
+        limits = self.limits
+        align = limits.request_alignment
+        if (align != 1 and (offset % align or length % align)) or (
+            limits.max_transfer and length > limits.max_transfer
+        ):
+            return None
+        return self.driver.read_now(offset, length, into)
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Read ``length`` bytes at ``offset`` (:meth:`submit_read`, awaited)."""
+        data = self.submit_read(offset, length)
+        if isinstance(data, BUFFER_TYPES):
+            # Done inline: yield once, as a pool call would, so that a caller looping on
+            # reads cannot starve the loop.
+            if not inline_may_skip_yield():
+                await asyncio.sleep(0)
+            return data
+        return await data
+
+    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
+        """:meth:`submit_read` for a caller that can only take the data at once (a
+        driver's ``read_now``, a copy through a reused buffer): None when it would wait,
+        and for a request :meth:`read` refuses (so that the caller's ``read`` raises it)."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return None
+        return self._read_inline(offset, length, into)
+
+    async def _read_awaited(self, offset: int, length: int) -> Buffer:
+        # Plain attribute checks and counter updates instead of context managers: this is
+        # the guest hot path (see docs/performance.md, "In-process request path").
+        if offset + length > self.size:  # a truncate since the request was submitted
+            self._check_range(offset, length)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -413,25 +474,6 @@ class BlockNode:
             if not self._in_flight:
                 self._idle.set()
 
-    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
-        """:meth:`read` without awaiting, when no split or padding is needed and the
-        driver can read at once (a page-cache copy); else None, having done nothing.
-
-        Also None while quiesced (reads are not held there, but whoever quiesces may be
-        changing the node underneath, e.g. a truncate) and for anything :meth:`read`
-        would refuse, so the caller's :meth:`read` raises it. Nothing awaits, so no
-        in-flight count is needed: no quiesce can start while this runs.
-        """
-        if offset < 0 or length <= 0 or offset + length > self.size or self._quiesce_depth:
-            return None
-        limits = self.limits
-        align = limits.request_alignment
-        if (align != 1 and (offset % align or length % align)) or (
-            limits.max_transfer and length > limits.max_transfer
-        ):
-            return None
-        return self.driver.read_now(offset, length, into)
-
     async def _read_split(self, offset: int, length: int) -> Buffer:
         chunks = list(self._chunks(offset, length))
         if len(chunks) == 1:
@@ -441,26 +483,86 @@ class BlockNode:
             out[o - offset : o - offset + n] = await self.driver.read(o, n)
         return out
 
-    async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
-        """Write ``data`` at ``offset``."""
+    def submit_write(
+        self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE
+    ) -> Coroutine[Any, Any, None] | None:
+        """Write ``data`` at ``offset``: None when written now, else the awaitable that writes.
+
+        Inline when the node is not quiesced, every before-write hook and write gate lets
+        the write through at once (see :meth:`add_before_write`, :meth:`add_write_gate`),
+        no split or alignment is needed and the driver can write at once (a page-cache
+        copy). Checks that fail (read-only, out of range) raise ``OSError`` here; so do
+        errors of an inline write.
+        """
         length = len(data)
         if length == 0:
             self._check_range(offset, 0)
-            return
-        view = memoryview(data).cast("B")
-        self._check_writable()
+            return None
+        if self.config.read_only:
+            self._check_writable()
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)
+        view = memoryview(data).cast("B")
+        if self._write_inline(offset, view, flags):
+            return None
+        return self._write_awaited(offset, view, flags)
+
+    def _write_inline(self, offset: int, view: memoryview, flags: WriteFlags) -> bool:
+        """The inline part of :meth:`submit_write` (checks done): True when written.
+
+        False having done nothing visible but dirty marks, which the awaited write repeats.
+        """
+        length = len(view)
         if self._quiesce_depth or (self._before_write and not self._hooks_pass_now(offset, length)):
-            async with self._change(offset, length):
-                await self._write_aligned(offset, view, flags)
+            return False
+        limits = self.limits
+        if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
+            return False
+        for gate in self._write_gates:
+            pass_now = self._gate_pass_now.get(gate)
+            # A gate that passed before one that refuses leaves its record of this write,
+            # which the awaited write repeats.
+            if pass_now is None or not pass_now(offset, length):
+                return False
+        for tracker in self.dirty_trackers:
+            tracker.mark_dirty(offset, length)
+        return self.driver.write_now(offset, view, flags)
+
+    async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
+        """Write ``data`` at ``offset`` (:meth:`submit_write`, awaited)."""
+        pending = self.submit_write(offset, data, flags)
+        if pending is not None:
+            await pending
+        elif not inline_may_skip_yield():
+            await asyncio.sleep(0)  # done inline: yield once, as a pool call would
+
+    def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
+        """:meth:`submit_write` for a caller that can only write at once (a driver's
+        ``write_now``): False when it would wait, having written nothing, and for a
+        request :meth:`write` refuses (so that the caller's ``write`` raises it)."""
+        if not data or self.config.read_only or offset < 0 or offset + len(data) > self.size:
+            return False
+        return self._write_inline(offset, memoryview(data).cast("B"), flags)
+
+    async def _write_changed(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        """A write whose hooks must be awaited (or that waits for a quiesce to end)."""
+        async with self._change(offset, len(view)):
+            await self._write_aligned(offset, view, flags)
+
+    async def _write_awaited(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        """The awaited write, its admission done again from the start (see above)."""
+        length = len(view)
+        if offset + length > self.size:  # a truncate since the request was submitted
+            self._check_range(offset, length)
+        if self._quiesce_depth or (self._before_write and not self._hooks_pass_now(offset, length)):
+            await self._write_changed(offset, view, flags)
             return
-        # Fast path: not quiesced and every hook passed at once (none, nothing to do for
-        # this range, or done just now: most guest writes during a backup), so admission
-        # needs no await. What :meth:`_change` does, inline and in the same order: checks,
-        # hooks, in-flight counts (taken before any await, so a quiesce that starts now
-        # waits for this write), dirty marks. A hook added later is added inside a
-        # quiesced section, which waits for this write to finish first.
+        # Not quiesced and every hook passed at once (none, nothing to do for this range,
+        # or done just now: most guest writes during a backup), so admission needs no
+        # await. What :meth:`_change` does, inline and in the same order: checks, hooks,
+        # in-flight counts (taken before any await, so a quiesce that starts now waits
+        # for this write), dirty marks. A hook added later is added inside a quiesced
+        # section, which waits for this write to finish first.
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
         self._in_flight_changes += 1
@@ -484,39 +586,6 @@ class BlockNode:
             self._in_flight_changes -= 1
             if not self._in_flight_changes:
                 self._changes_idle.set()
-
-    def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
-        """:meth:`write` without awaiting, when the fast path and the driver allow it.
-
-        Returns False having done nothing visible (at most a dirty mark that the
-        :meth:`write` the caller then makes repeats): quiesced, a hook or gate this write
-        needs (see :meth:`add_before_write`, :meth:`add_write_gate`), a request
-        the driver must split or align, a check that fails (``write`` raises it), or a
-        driver that cannot write at once. No await happens in between, so no quiesce or
-        hook can start while it runs and no in-flight count is needed.
-        """
-        length = len(data)
-        if (
-            not length
-            or self._quiesce_depth
-            or self.config.read_only
-            or offset < 0
-            or offset + length > self.size
-            or (self._before_write and not self._hooks_pass_now(offset, length))
-        ):
-            return False
-        limits = self.limits
-        if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
-            return False
-        for gate in self._write_gates:
-            pass_now = self._gate_pass_now.get(gate)
-            # A gate that passed before one that refuses leaves its record of this write,
-            # which the awaiting write the caller then makes repeats.
-            if pass_now is None or not pass_now(offset, length):
-                return False
-        for tracker in self.dirty_trackers:
-            tracker.mark_dirty(offset, length)
-        return self.driver.write_now(offset, memoryview(data).cast("B"), flags)
 
     async def _write_aligned(self, offset: int, data: memoryview, flags: WriteFlags) -> None:
         length = len(data)

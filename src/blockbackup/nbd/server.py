@@ -7,8 +7,9 @@ accept loop, and one :class:`_Client` per connection that
 * runs the option haggling against the :class:`~blockbackup.nbd.exports.ExportManager`
   (LIST, INFO/GO, meta contexts, STARTTLS through ``StreamWriter.start_tls``);
 * in transmission, receives through :mod:`~blockbackup.nbd.receiver` (without TLS) and
-  serves each request in its own task, so replies may leave out of order; a WRITE the
-  block layer can finish at once (``BlockNode.write_now``) is answered without a task. At
+  serves each request in its own task, so replies may leave out of order; a WRITE or
+  READ the block layer completes at once (its one admission function,
+  ``BlockNode.submit_write`` / ``submit_read``) is answered without a task. At
   most ``max_in_flight`` tasks run per client; when they do, the reader stops reading
   (backpressure onto the client's socket);
 * queues every reply synchronously right after ``send()`` (so the protocol state and the
@@ -32,15 +33,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any
 
 from blockbackup._sockets import bind_unix, parse_socket_address
 from blockbackup.block.driver import Status, WriteFlags
+from blockbackup.block.node import BUFFER_TYPES
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
 from blockbackup.nbd.proto import (
@@ -141,6 +144,11 @@ _DF = int(CmdFlag.DF)
 
 class _Close(Exception):
     """End this connection quietly (handshake abort, unknown EXPORT_NAME)."""
+
+
+def _close_unrun(coro: Coroutine[Any, Any, None], _task: object) -> None:
+    """Close a request's coroutine whose task ended (a no-op if it ran)."""
+    coro.close()
 
 
 class NbdServer:
@@ -528,16 +536,21 @@ class _Client:
         async with asyncio.TaskGroup() as tasks:
             while not self._dead:
                 event = await self._next_request()
-                if type(event) is Write:
-                    done = self._write_now(export, event)
-                elif type(event) is Read:
-                    done = self._read_now(export, event)
-                    inline_bytes += event.length if done else 0
-                else:
-                    done = False
-                if done:
+                kind = type(event)
+                if kind is Write or kind is Read:
+                    assert isinstance(event, Write | Read)
+                    pending = self._admit(export, event)
+                    if pending is not None:
+                        await self._slots.acquire()
+                        task = tasks.create_task(self._serve(export, event, pending))
+                        # Holds nothing until it runs; closed unawaited if the task
+                        # never starts (an aborted connection), without a warning.
+                        task.add_done_callback(functools.partial(_close_unrun, pending))
+                        continue
                     # Served without a task; keep the loop and the socket flowing.
                     inline += 1
+                    if kind is Read:
+                        inline_bytes += event.length
                     if transport.get_write_buffer_size() > FLUSH_BYTES:
                         await self._drain()  # need not suspend: not counted as a yield
                     if inline >= INLINE_YIELD or inline_bytes >= INLINE_YIELD_BYTES:
@@ -546,7 +559,7 @@ class _Client:
                     continue
                 if isinstance(event, Request) and not isinstance(event, Disconnect):
                     await self._slots.acquire()
-                    tasks.create_task(self._serve(export, event))
+                    tasks.create_task(self._serve(export, event, None))
                 elif isinstance(event, InvalidRequest):
                     log.debug("refusing NBD request: %s", event.reason)
                     try:
@@ -556,49 +569,63 @@ class _Client:
                 else:  # Disconnect, EOF or a broken stream: finish what is in flight, close
                     break
 
-    def _write_now(self, export: NbdExport, req: Write) -> bool:
-        """Serve a WRITE the block layer can finish without awaiting; False: not done.
+    def _admit(self, export: NbdExport, req: Write | Read) -> Coroutine[Any, Any, None] | None:
+        """Admit a WRITE or READ through the node's one admission function
+        (``BlockNode.submit_write`` / ``submit_read``): None when it completed at once
+        and its reply is queued, else the coroutine that serves it (in a task).
 
-        Why: a page-cache write takes a few µs; a task, its loop iteration and the
-        driver's yield cost more than that. The reply is queued at once, like a task's.
+        Why inline at all: a page-cache write or read takes a few µs; a task, its loop
+        iteration and the driver's yield cost more than that. The reply is queued at
+        once, like a task's. Errors found at admission are replied here too.
         """
-        fua = WriteFlags.FUA if int(req.flags) & _FUA else WriteFlags.NONE
         try:
-            if not export.node.write_now(req.offset, req.data, fua):
-                return False
+            if type(req) is Write:
+                fua = WriteFlags.FUA if int(req.flags) & _FUA else WriteFlags.NONE
+                pending = export.node.submit_write(req.offset, req.data, fua)
+                if pending is not None:
+                    return self._finish_write(req, pending)
+                self._write(self.conn.send_ok(req.cookie))
+                return None
+            assert isinstance(req, Read)
+            return self._admit_read(export, req)
         except OSError as exc:
             code = exc.errno if exc.errno is not None else errno.EIO
             message = (exc.strerror or "")[:4096]
             self._write(self.conn.send_error(req.cookie, NbdErrno.from_host(code), message))
-            return True
-        self._write(self.conn.send_ok(req.cookie))
-        return True
+            return None
 
-    def _read_now(self, export: NbdExport, req: Read) -> bool:
-        """Answer a READ whose data is in the page cache at once; False: not done.
+    def _admit_read(self, export: NbdExport, req: Read) -> Coroutine[Any, Any, None] | None:
+        """A READ answered at once when its data is in the page cache (nodes whose driver
+        chain reads at once: raw over file, filters that do not change reads; never
+        snapshot-access or a filter that must wait or check), else the coroutine serving it.
 
-        Why: as for WRITEs, the task and its loop iteration cost more than the copy.
-        Only nodes whose driver chain can read at once (``BlockNode.read_now``: raw over
-        file) come here, never filters such as copy-before-write or snapshot-access.
-        A READ the task path would answer with holes (structured, at least
-        ``SPARSE_READ_MIN``, no DF) is served here only when its data has no zero run as
-        long as a file-system hole, where that path's block status finds one data extent
-        and sends the same single chunk. (A hole overlapping the range by less than
-        ``_ZERO_RUN``, possible only with an unaligned raw ``offset``, is sent as data:
-        valid, only less compact.) Errors and uncached data go to the task path.
+        A READ to be answered with holes (structured, at least ``SPARSE_READ_MIN``, no DF)
+        is served inline only when its data has no zero run as long as a file-system hole,
+        where the sparse path's block status finds one data extent and sends the same
+        single chunk. (A hole overlapping the range by less than ``_ZERO_RUN``, possible
+        only with an unaligned raw ``offset``, is sent as data: valid, only less compact.)
         """
-        data = export.node.read_now(req.offset, req.length)
-        if data is None:
-            return False
-        if (
-            req.length >= SPARSE_READ_MIN
-            and self._structured()
-            and not int(req.flags) & _DF
-            and (not isinstance(data, bytes | bytearray) or data.find(_ZERO_RUN) >= 0)
-        ):
-            return False
+        sparse = req.length >= SPARSE_READ_MIN and self._structured() and not int(req.flags) & _DF
+        data = export.node.submit_read(req.offset, req.length)
+        if not isinstance(data, BUFFER_TYPES):
+            if sparse:
+                data.close()  # holds nothing until run: the sparse path reads by extents
+                return self._sparse_or_plain_read(export, req)
+            return self._finish_read(req, data)
+        if sparse and (not isinstance(data, bytes | bytearray) or data.find(_ZERO_RUN) >= 0):
+            return self._sparse_or_plain_read(export, req)
         self._write(self.conn.send_read(req.cookie, req.offset, data))
-        return True
+        return None
+
+    async def _finish_write(self, req: Write, pending: Awaitable[None]) -> None:
+        await pending
+        self._write(self.conn.send_ok(req.cookie))
+        await self.writer.drain()
+
+    async def _finish_read(self, req: Read, pending: Awaitable[Buffer]) -> None:
+        data = await pending
+        self._write(self.conn.send_read(req.cookie, req.offset, data))
+        await self.writer.drain()
 
     async def _drain(self) -> None:
         try:
@@ -619,11 +646,19 @@ class _Client:
         self._write(self.conn.send_error(cookie, error, message[:4096]))
         await self.writer.drain()
 
-    async def _serve(self, export: NbdExport, req: Request) -> None:
-        """Run one request and reply; errors end up in the reply, never in the TaskGroup."""
+    async def _serve(
+        self, export: NbdExport, req: Request, pending: Awaitable[None] | None
+    ) -> None:
+        """Run one request and reply; errors end up in the reply, never in the TaskGroup.
+
+        ``pending``: what :meth:`_admit` left to await for a READ or WRITE (it replies).
+        """
         try:
             try:
-                await self._dispatch(export, req)
+                if pending is not None:
+                    await pending
+                else:
+                    await self._dispatch(export, req)
             except OSError as exc:
                 code = exc.errno if exc.errno is not None else errno.EIO
                 await self._reply_error(req.cookie, NbdErrno.from_host(code), exc.strerror or "")
@@ -643,15 +678,10 @@ class _Client:
         self.writer.transport.abort()
 
     async def _dispatch(self, export: NbdExport, req: Request) -> None:
+        """Serve a request other than READ and WRITE (those go through :meth:`_admit`)."""
         node = export.node
         conn = self.conn
-        if isinstance(req, Read):
-            await self._read(export, req)
-            return
-        if isinstance(req, Write):
-            fua = WriteFlags.FUA if int(req.flags) & _FUA else WriteFlags.NONE
-            await node.write(req.offset, req.data, fua)
-        elif isinstance(req, WriteZeroes):
+        if isinstance(req, WriteZeroes):
             flags = WriteFlags.NONE
             if req.flags & CmdFlag.FUA:
                 flags |= WriteFlags.FUA
@@ -676,14 +706,14 @@ class _Client:
         self._write(conn.send_ok(req.cookie))
         await self.writer.drain()
 
-    async def _read(self, export: NbdExport, req: Read) -> None:
+    async def _sparse_or_plain_read(self, export: NbdExport, req: Read) -> None:
+        """A READ that may be answered with holes: block status first, then the data."""
         node = export.node
         conn = self.conn
-        if req.length >= SPARSE_READ_MIN and self._structured() and not int(req.flags) & _DF:
-            pieces = await self._read_map(export, req.offset, req.length)
-            if len(pieces) > 1 or pieces[0][2]:
-                await self._sparse_read(export, req, pieces)
-                return
+        pieces = await self._read_map(export, req.offset, req.length)
+        if len(pieces) > 1 or pieces[0][2]:
+            await self._sparse_read(export, req, pieces)
+            return
         data = await node.read(req.offset, req.length)
         self._write(conn.send_read(req.cookie, req.offset, data))
         await self.writer.drain()

@@ -54,14 +54,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from blockbackup.block.driver import (
-    BlockDriver,
-    Extent,
-    Limits,
-    WriteFlags,
-    io_error,
-    register,
-)
+from blockbackup.block.driver import Extent, Limits, WriteFlags, io_error, register
+from blockbackup.block.filters.forwarding import FilterDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.permissions import QAPI_NAMES, ChildRole, Link, Perm
@@ -212,17 +206,19 @@ def _ops_of(op: IOType | str | Iterable[IOType | str]) -> frozenset[IOType]:
 
 
 @register
-class BlkdebugDriver(BlockDriver):
-    """A filter that forwards everything to its ``image`` child, failing what rules say."""
+class BlkdebugDriver(FilterDriver):
+    """A filter that forwards everything to its ``image`` child, failing what rules say.
+
+    The checked operations are overridden; the rest (truncate, cache hints) is forwarded
+    unchecked by :class:`FilterDriver`, which also keeps inline requests and copy offload
+    from passing by the rules (QEMU's blkdebug has no fast path around its checks).
+    """
 
     driver_name: ClassVar[str] = "blkdebug"
-    is_filter: ClassVar[bool] = True
     filtered_role: ClassVar[str] = "image"
 
     def __init__(self, node: BlockNode, child: BlockNode, limits: Limits) -> None:
-        super().__init__(node)
-        self.child = child
-        self.limits = limits
+        super().__init__(node, child, limits)
         self.rules: list[Rule] = []
         self.set_state_rules: list[SetStateRule] = []
         self.breakpoints: list[Breakpoint] = []
@@ -357,10 +353,6 @@ class BlkdebugDriver(BlockDriver):
 
     # -- data path: a filter over ``image`` --------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return self.child.size
-
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         await self._check(IOType.READ, offset, length)
         return await self.child.read(offset, length)
@@ -387,16 +379,6 @@ class BlkdebugDriver(BlockDriver):
         await self._check(IOType.BLOCK_STATUS, offset, length)
         extent = await self.child.block_status(offset, length)
         return Extent(offset, extent.length, extent.status)
-
-    async def drop_cache(self, offset: int, length: int) -> None:
-        await self.child.drop_cache(offset, length)  # a hint: nothing to inject
-
-    def early_writeback(self) -> bool:
-        return self.child.early_writeback()
-
-    def fd_map(self, offset: int) -> tuple[int, int] | None:
-        # Never let copy offload bypass the fault injection.
-        return None
 
 
 def _item(opts: Options, key: str, index: int, value: Any) -> Options:

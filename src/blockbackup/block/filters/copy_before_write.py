@@ -41,21 +41,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Iterable
-from typing import ClassVar, Protocol
+from collections.abc import Coroutine, Iterable
+from typing import Any, ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import BlockCopy, CopyError, backup_cluster_size
 from blockbackup.block.dirty_bitmap import find_bitmap
-from blockbackup.block.driver import (
-    BlockDriver,
-    Extent,
-    Limits,
-    Status,
-    WriteFlags,
-    io_error,
-    register,
-)
+from blockbackup.block.driver import Extent, Status, io_error, register
+from blockbackup.block.filters.forwarding import FilterDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.permissions import ChildRole
@@ -82,11 +75,15 @@ def _access_denied() -> OSError:
 
 
 @register
-class CopyBeforeWriteDriver(BlockDriver):
-    """Filter above a source: copies old data to the target before the source changes."""
+class CopyBeforeWriteDriver(FilterDriver):
+    """Filter above a source: copies old data to the target before the source changes.
+
+    Its own I/O is the source's, forwarded (:class:`FilterDriver`), inline twins
+    included: the interception is not here but on the source node (its before-write
+    hook), which every write to the source passes, from whatever parent.
+    """
 
     driver_name: ClassVar[str] = "copy-before-write"
-    is_filter: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -98,7 +95,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         timeout: float | None,
         bitmap: DirtyRuns | None = None,
     ) -> None:
-        super().__init__(node)
+        super().__init__(node, source)
         self.source = source
         self.target = target
         self.on_cbw_error = on_cbw_error
@@ -120,9 +117,7 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.block_copy.on_copied = self.done.set
         self._source_readers = ReqList()
         self._target_readers = ReqList()
-        limits = source.limits
-        self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
-        source.add_before_write(self._before_write, pass_now=self._pass_now)
+        source.add_before_write(self._admit_write)
         target.write_blocker = (node.name, "target")
 
     @classmethod
@@ -169,11 +164,33 @@ class CopyBeforeWriteDriver(BlockDriver):
         cs = self.cluster_size
         return offset - offset % cs, min(-(-(offset + length) // cs) * cs, self.source.size)
 
-    async def _before_write(self, offset: int, length: int) -> None:
+    def _admit_write(self, offset: int, length: int) -> Coroutine[Any, Any, None] | None:
+        """The source's before-write hook: None when the write may go ahead now, else the
+        coroutine it awaits first (holding nothing until it runs).
+
+        The write may go ahead when the snapshot is broken (no more copies), or when every
+        cluster it touches is copied (already, or inline now) and no snapshot read from the
+        source overlaps them. The awaited path copies first and waits for the readers
+        after; neither changes the other, so here the readers are looked at first and an
+        inline copy is tried only if none is in the way.
+        """
         if self.snapshot_error is not None:
+            return None
+        start, end = self._cluster_range(offset, length)
+        if self._source_readers.find_conflict(start, end - start) is None:
+            copy = self.block_copy.admit_write(offset, length, self.timeout)
+            if copy is None:
+                return None
+            copy.close()  # holds nothing until run: the awaited path admits it again
+        return self._before_write(offset, length)
+
+    async def _before_write(self, offset: int, length: int) -> None:
+        if self.snapshot_error is not None:  # broke since the write was admitted
             return
+        copy = self.block_copy.admit_write(offset, length, self.timeout)
         try:
-            await self.block_copy.copy_before_write(offset, length, self.timeout)
+            if copy is not None:
+                await copy
         except CopyError as err:
             self._copy_failed(err.err)
             return
@@ -184,20 +201,6 @@ class CopyBeforeWriteDriver(BlockDriver):
         # the source changes under them.
         start, end = self._cluster_range(offset, length)
         await self._source_readers.wait_conflicts(start, end - start)
-
-    def _pass_now(self, offset: int, length: int) -> bool:
-        """:meth:`_before_write` without awaiting: True when the write may go ahead now.
-
-        The copy comes first there and the wait for snapshot readers after; neither
-        changes the other, so here the readers are looked at first and the copy is tried
-        only if none is in the way.
-        """
-        if self.snapshot_error is not None:
-            return True
-        start, end = self._cluster_range(offset, length)
-        if self._source_readers.find_conflict(start, end - start) is not None:
-            return False
-        return self.block_copy.copy_before_write_now(offset, length)
 
     def _copy_failed(self, err: OSError) -> None:
         if self.on_cbw_error == "break-guest-write":
@@ -279,40 +282,13 @@ class CopyBeforeWriteDriver(BlockDriver):
         self.done.reset(start, end - start)
         await self.target.discard(start, end - start)
 
-    # -- pass-through ------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return self.source.size
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self.source.read(offset, length)
-
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> None:
-        await self.source.write(offset, data, flags)
-
-    def write_now(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> bool:
-        # The source's own write_now asks this filter's hook whether the write needs it.
-        return self.source.write_now(offset, data, flags)
-
-    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
-        await self.source.write_zeroes(offset, length, flags)
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.source.discard(offset, length)
+    # -- what the filter changes of the forwarded I/O ----------------------------------------
 
     async def flush(self) -> None:
         await self.source.flush()
         await self.target.flush()
 
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self.source.block_status(offset, length)
-
     async def close(self) -> None:
-        self.source.remove_before_write(self._before_write)
+        self.source.remove_before_write(self._admit_write)
         self.target.write_blocker = None
         await self.block_copy.aclose()

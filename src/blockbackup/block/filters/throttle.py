@@ -4,7 +4,8 @@ Why so thin: the policy (leaky buckets, bursts, fairness, the clock) belongs to 
 ``throttle-group`` object in :mod:`blockbackup.block.throttle_groups`, shared by every
 member node. The filter only asks the group when a request may start, then forwards it
 to ``file``. Reads count as reads; writes, write-zeroes and discards count as writes (as
-in QEMU); flush and block-status are not throttled.
+in QEMU); everything else (flush, block status, truncate, cache hints) is forwarded by
+:class:`~blockbackup.block.filters.forwarding.FilterDriver` unthrottled.
 
 A quiesced node does not wait for its limits (QEMU disables throttling while draining), so
 a tiny limit can never hold a backup's point in time, or a graph change, for long.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, register
+from blockbackup.block.driver import WriteFlags, register
+from blockbackup.block.filters.forwarding import Buffer, FilterDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.permissions import ChildRole
@@ -23,20 +25,25 @@ from blockbackup.errors import BlockBackupError
 
 
 @register
-class ThrottleDriver(BlockDriver):
-    """Waits for the group's go-ahead, then forwards to ``file``."""
+class ThrottleDriver(FilterDriver):
+    """Waits for the group's go-ahead, then forwards to ``file``; forwards the rest as is.
+
+    Requests completed inline (``read_now`` / ``write_now``) would not wait: with limits
+    the node declines them (the request takes the awaited path and waits here); without
+    any limit it forwards them, as it has nothing to wait for.
+    """
 
     driver_name: ClassVar[str] = "throttle"
-    is_filter: ClassVar[bool] = True
 
     def __init__(self, node: BlockNode, child: BlockNode, group: ThrottleGroup) -> None:
-        super().__init__(node)
-        self.child = child
+        super().__init__(node, child)
         self.group = group
         group.members += 1
         self._closed = False
-        limits = child.limits
-        self.limits = Limits(limits.request_alignment, limits.max_transfer, limits.cluster_size)
+        #: Bytes this node admitted and passed on, reads and writes (write-zeroes and
+        #: discards count as writes): what went through the limits, for tests and stats.
+        self.admitted_read = 0
+        self.admitted_write = 0
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> ThrottleDriver:
@@ -49,25 +56,37 @@ class ThrottleDriver(BlockDriver):
         return cls(node, child, group)
 
     def _quiesced(self) -> bool:
-        # The request layer keeps the quiesce depth; a quiesced node is being drained.
-        return bool(getattr(self.node, "_quiesce_depth", 0))
+        # A quiesced node is being drained: its requests must not wait for the limits.
+        return self.node.is_quiesced
 
     async def _admit(self, is_write: bool, size: int) -> None:
         await self.group.wait(is_write, size, self._quiesced)
+        if is_write:
+            self.admitted_write += size
+        else:
+            self.admitted_read += size
 
-    @property
-    def size(self) -> int:
-        return self.child.size
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+    async def read(self, offset: int, length: int) -> Buffer:
         await self._admit(False, length)
         return await self.child.read(offset, length)
 
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> None:
+    async def write(self, offset: int, data: Buffer, flags: WriteFlags) -> None:
         await self._admit(True, len(data))
         await self.child.write(offset, data, flags)
+
+    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
+        if self.group.enabled:
+            return None
+        data = self.child.read_now(offset, length, into)
+        if data is not None:
+            self.admitted_read += length
+        return data
+
+    def write_now(self, offset: int, data: Buffer, flags: WriteFlags) -> bool:
+        if self.group.enabled or not self.child.write_now(offset, data, flags):
+            return False
+        self.admitted_write += len(data)
+        return True
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self._admit(True, length)
@@ -76,12 +95,6 @@ class ThrottleDriver(BlockDriver):
     async def discard(self, offset: int, length: int) -> None:
         await self._admit(True, length)
         await self.child.discard(offset, length)
-
-    async def flush(self) -> None:
-        await self.child.flush()
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self.child.block_status(offset, length)
 
     async def close(self) -> None:
         if not self._closed:
