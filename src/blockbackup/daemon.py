@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockbackup.block.dirty_bitmap import find_bitmap
-from blockbackup.block.graph import Graph
+from blockbackup.block.graph import CloseError, Graph
 from blockbackup.daemon_options import DaemonOption, OptionsError
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
@@ -172,10 +172,10 @@ class Daemon:
                 if on_ready is not None:
                     on_ready()
                 await self._shutdown.wait()
-                await self._close_state()
+                status = await self._close_state()
                 for task in tasks:
                     task.cancel()
-            return 0
+            return status
         finally:
             await self._close_state()
             for monitor in self.monitors:
@@ -186,15 +186,25 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(pidfile)
 
-    async def _close_state(self) -> None:
-        """Cancel jobs, remove exports, stop NBD, flush and close every image."""
+    async def _close_state(self) -> int:
+        """Cancel jobs, remove exports, stop NBD, flush and close every image.
+
+        Returns the exit status: 1 when an image's final flush failed (its data may not
+        be on disk, which whoever runs the daemon must learn), else 0.
+        """
         await self.jobs.aclose()
         if self.nbd.running:
             await self.nbd.stop()
         else:
             self.exports.close_all()
-        await self.graph.aclose()
+        status = 0
+        try:
+            await self.graph.aclose()
+        except CloseError as exc:
+            print(f"blockbackup daemon: {exc}", file=sys.stderr)
+            status = 1
         self.objects.close()
+        return status
 
 
 def _write_pidfile(path: str) -> None:
