@@ -155,6 +155,9 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_shutdown)
         pid_written = False
+        # Nothing is served before the whole command line is processed (a client that
+        # connects early waits in the listen backlog): monitors start below, NBD is held.
+        self.nbd.hold()
         try:
             try:
                 for opt in options:
@@ -165,6 +168,7 @@ class Daemon:
             except BlockBackupError as exc:
                 print(f"blockbackup daemon: {exc}", file=sys.stderr)
                 return 1
+            await self.nbd.release()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(m.serve(), name=f"monitor {m.chardev.id}") for m in self.monitors
