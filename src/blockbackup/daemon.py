@@ -31,7 +31,7 @@ from blockbackup.qmp import commands as _commands  # noqa: F401  (declares the c
 from blockbackup.qmp.commands.exports import NBD_SERVER_OPTIONS, nbd_server_start
 from blockbackup.qmp.context import Context, Services
 from blockbackup.qmp.objects import ObjectRegistry
-from blockbackup.qmp.registry import REGISTRY
+from blockbackup.qmp.registry import REGISTRY, Request, dispatch
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 from blockbackup.qmp.session import ChardevSocket, Monitor
 
@@ -92,12 +92,16 @@ class Daemon:
         self._shutdown.set()
 
     async def execute(self, name: str, args: dict[str, Any], *, keyval: bool = False) -> Any:
-        """Run QMP command ``name`` as the command line does (validated the same way)."""
-        cmd = REGISTRY.get(name)
-        assert cmd is not None, name
-        checked = cmd.args.check(args, "", keyval=keyval)
+        """Run QMP command ``name`` through the registry's dispatch, as a monitor does
+        (same lookup, validation and serialisation); the command line uses it too."""
+        ctx = Context(self.services)
         async with self.services.lock:
-            return await cmd.handler(Context(self.services), checked)
+            result = await dispatch(
+                self.services.registry, ctx, Request(name, args, oob=False), keyval=keyval
+            )
+        for hook in ctx.after_reply:
+            hook()
+        return result
 
     async def process_option(self, opt: DaemonOption) -> None:
         """One command-line option, as qemu-storage-daemon processes it."""

@@ -20,7 +20,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from blockbackup.daemon_options import OptionsError, parse_args, parse_keyval
 from blockbackup.errors import BlockBackupError
 from blockbackup.qmp.jsonstream import JsonParseError, JsonStreamer
-from blockbackup.qmp.registry import REGISTRY
+from blockbackup.qmp.registry import REGISTRY, CommandNotFoundError
 from testkit.monitor import Raw, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -289,3 +289,21 @@ def test_blockdev_backup_accepts_newer_members() -> None:
         BLOCKDEV_BACKUP.check(
             {"device": "s", "target": "t", "sync": "full", "on-cbw-error": "x"}, ""
         )
+
+
+@pytest.mark.asyncio
+async def test_daemon_execute_is_the_registry_dispatch(tmp_path: Path) -> None:
+    """The command line and the library-style ``Daemon.execute`` run commands exactly as
+    a monitor does: the same lookup and error, validation and ``{}`` for no result."""
+    async with running_daemon(tmp_path) as (daemon, _):
+        with pytest.raises(CommandNotFoundError, match=r"^The command nosuch has not been found$"):
+            await daemon.execute("nosuch", {})
+        added = {"driver": "null-co", "node-name": "n0", "size": 4096}
+        assert await daemon.execute("blockdev-add", added) == {}
+        assert daemon.graph.get("n0").size == 4096
+        speed = {"device": "nosuch", "speed": "10"}
+        with pytest.raises(BlockBackupError, match=r"^Invalid parameter type for 'speed'"):
+            await daemon.execute("block-job-set-speed", speed)
+        with pytest.raises(BlockBackupError) as keyval:  # converted, then looked up
+            await daemon.execute("block-job-set-speed", speed, keyval=True)
+        assert "nosuch" in str(keyval.value)
