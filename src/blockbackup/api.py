@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from blockbackup.block.graph import Graph
+from blockbackup.block.graph import CloseError, Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
@@ -52,10 +52,18 @@ class BlockBackup:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        except CloseError:
+            if exc is None:
+                raise
+            # Logged with its nodes by the graph; the caller sees the error in flight.
 
     async def aclose(self) -> None:
-        """Cancel running jobs, then flush and close every node."""
+        """Cancel running jobs, then flush and close every node.
+
+        :raise CloseError: a node's final flush failed (every node is closed anyway).
+        """
         await self.jobs.aclose()
         await self.graph.aclose()
 
