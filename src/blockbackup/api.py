@@ -19,13 +19,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from blockbackup.block.graph import CloseError, Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
-from blockbackup.jobs.backup import BackupJob, BackupOptions, BackupPerf, start_backup
+from blockbackup.jobs.backup import BackupJob, BackupOptions, BackupPerf, SyncMode, start_backup
 from blockbackup.jobs.job import Job, JobManager
 
 _job_ids = itertools.count()
@@ -76,7 +76,7 @@ class BlockBackup:
         device: str,
         target: str,
         *,
-        sync: str = "full",
+        sync: SyncMode | str = SyncMode.FULL,
         job_id: str | None = None,
         perf: BackupPerf | None = None,
         at_point_in_time: Callable[[], Awaitable[None]] | None = None,
@@ -86,7 +86,7 @@ class BlockBackup:
         opts = BackupOptions(
             device=device,
             target=target,
-            sync=sync,
+            sync=cast("SyncMode", sync),  # a plain string is checked by BackupOptions
             job_id=job_id if job_id is not None else f"backup{next(_job_ids)}",
             x_perf=perf if perf is not None else BackupPerf(),
             **options,
@@ -101,7 +101,7 @@ class BlockBackup:
 
 
 async def backup(
-    source: BlockNode, target: BlockNode, *, sync: str = "full", **options: Any
+    source: BlockNode, target: BlockNode, *, sync: SyncMode | str = SyncMode.FULL, **options: Any
 ) -> None:
     """Back up ``source`` to ``target`` (nodes of one graph) and wait for the result."""
     if source.graph is not target.graph:
