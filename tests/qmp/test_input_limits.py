@@ -17,12 +17,15 @@ What "not hurting anyone else" means is checked without clocks:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blockbackup.qmp.jsonstream import MAX_TOKEN_SIZE, JsonParseError, JsonStreamer
 from testkit.monitor import Raw, running_daemon
@@ -83,6 +86,52 @@ def test_tokens_split_anywhere_give_the_same_messages() -> None:
         for i in range(0, len(data), step):
             out += s.feed(data[i : i + step])
         assert out == whole, step
+
+
+def _feed_split(data: bytes, cuts: list[int]) -> list[object]:
+    s = JsonStreamer()
+    out: list[object] = []
+    start = 0
+    for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+        out += s.feed(data[start:cut])
+        start = max(start, cut)
+    return out
+
+
+_ALPHABET = b"{}[],:\"'\\u09afe.E+-ntrl \xc3\xa9"
+_JSON_BYTES = st.binary(max_size=200).map(lambda b: bytes(_ALPHABET[x % len(_ALPHABET)] for x in b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_BYTES, st.lists(st.integers(min_value=0), max_size=8))
+def test_any_input_split_anywhere_gives_the_same_messages(data: bytes, cuts: list[int]) -> None:
+    assert _feed_split(data, cuts) == JsonStreamer().feed(data)
+
+
+def _char_ok(c: str) -> bool:
+    cp = ord(c)
+    return not (0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE)
+
+
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters().filter(_char_ok), max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(st.characters().filter(_char_ok), max_size=5), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES, st.booleans(), st.lists(st.integers(min_value=0), max_size=8))
+def test_valid_json_reads_back(value: object, ascii_only: bool, cuts: list[int]) -> None:
+    data = json.dumps([value], ensure_ascii=ascii_only).encode()
+    assert _feed_split(data, cuts) == [[value]]
 
 
 def test_limits_have_qemu_texts() -> None:
