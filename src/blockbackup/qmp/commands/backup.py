@@ -73,10 +73,12 @@ def backup_options(args: Args) -> BackupOptions:
     """The core's options for validated ``blockdev-backup`` arguments (the enum values
     were checked by the schema; the conversion to members cannot fail)."""
     perf_args = args.get("x-perf", {})
-    perf = BackupPerf(
-        use_copy_range=perf_args.get("use-copy-range", False),
-        max_workers=perf_args.get("max-workers", 64),
-        max_chunk=perf_args.get("max-chunk", 0),
+    perf = BackupPerf(  # members left out keep BackupPerf's defaults (the only ones)
+        **{
+            name.replace("-", "_"): perf_args[name]
+            for name in ("use-copy-range", "max-workers", "max-chunk")
+            if name in perf_args
+        }
     )
     return BackupOptions(
         device=args["device"],
