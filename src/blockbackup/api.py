@@ -23,13 +23,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from blockbackup.block.graph import Graph
+from blockbackup.block.graph import CloseError, Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
-from blockbackup.jobs.backup import BackupJob, BackupOptions, BackupPerf, start_backup
+from blockbackup.jobs.backup import BackupJob, BackupOptions, BackupPerf, SyncMode, start_backup
 from blockbackup.jobs.job import Job, JobManager
 
 _job_ids = itertools.count()
@@ -76,10 +76,18 @@ class BlockBackup:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        except CloseError:
+            if exc is None:
+                raise
+            # Logged with its nodes by the graph; the caller sees the error in flight.
 
     async def aclose(self) -> None:
-        """Cancel running jobs, then flush and close every node."""
+        """Cancel running jobs, then flush and close every node.
+
+        :raise CloseError: a node's final flush failed (every node is closed anyway).
+        """
         await self.jobs.aclose()
         await self.graph.aclose()
 
@@ -102,7 +110,7 @@ class BlockBackup:
         device: str,
         target: str,
         *,
-        sync: str = "full",
+        sync: SyncMode | str = SyncMode.FULL,
         job_id: str | None = None,
         perf: BackupPerf | None = None,
         at_point_in_time: Callable[[], Awaitable[None]] | None = None,
@@ -112,7 +120,7 @@ class BlockBackup:
         opts = BackupOptions(
             device=device,
             target=target,
-            sync=sync,
+            sync=cast("SyncMode", sync),  # a plain string is checked by BackupOptions
             job_id=job_id if job_id is not None else f"backup{next(_job_ids)}",
             x_perf=perf if perf is not None else BackupPerf(),
             **options,
@@ -133,7 +141,7 @@ class BlockBackup:
 
 
 async def backup(
-    source: BlockNode, target: BlockNode, *, sync: str = "full", **options: Any
+    source: BlockNode, target: BlockNode, *, sync: SyncMode | str = SyncMode.FULL, **options: Any
 ) -> None:
     """Back up ``source`` to ``target`` (nodes of one graph) and wait for the result."""
     if source.graph is not target.graph:

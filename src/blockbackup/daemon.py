@@ -21,7 +21,7 @@ from typing import Any
 
 from blockbackup import __version__
 from blockbackup.block.dirty_bitmap import find_bitmap
-from blockbackup.block.graph import Graph
+from blockbackup.block.graph import CloseError, Graph
 from blockbackup.daemon_options import USAGE, DaemonOption, OptionsError, parse_args
 from blockbackup.errors import BlockBackupError
 from blockbackup.events import EventBus
@@ -31,7 +31,7 @@ from blockbackup.nbd.server import NbdServer
 from blockbackup.qmp import commands as _commands  # noqa: F401  (declares the commands)
 from blockbackup.qmp.commands.exports import NBD_SERVER_OPTIONS, nbd_server_start
 from blockbackup.qmp.context import Context, Services
-from blockbackup.qmp.registry import REGISTRY
+from blockbackup.qmp.registry import REGISTRY, Request, dispatch
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 from blockbackup.qmp.session import ChardevSocket, Monitor
 
@@ -90,12 +90,16 @@ class Daemon:
         self._shutdown.set()
 
     async def execute(self, name: str, args: dict[str, Any], *, keyval: bool = False) -> Any:
-        """Run QMP command ``name`` as the command line does (validated the same way)."""
-        cmd = REGISTRY.get(name)
-        assert cmd is not None, name
-        checked = cmd.args.check(args, "", keyval=keyval)
+        """Run QMP command ``name`` through the registry's dispatch, as a monitor does
+        (same lookup, validation and serialisation); the command line uses it too."""
+        ctx = Context(self.services)
         async with self.services.lock:
-            return await cmd.handler(Context(self.services), checked)
+            result = await dispatch(
+                self.services.registry, ctx, Request(name, args, oob=False), keyval=keyval
+            )
+        for hook in ctx.after_reply:
+            hook()
+        return result
 
     async def process_option(self, opt: DaemonOption) -> None:
         """One command-line option, as qemu-storage-daemon processes it."""
@@ -153,6 +157,9 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_shutdown)
         pid_written = False
+        # Nothing is served before the whole command line is processed (a client that
+        # connects early waits in the listen backlog): monitors start below, NBD is held.
+        self.nbd.hold()
         try:
             try:
                 for opt in options:
@@ -163,6 +170,7 @@ class Daemon:
             except BlockBackupError as exc:
                 print(f"blockbackup daemon: {exc.for_people()}", file=sys.stderr)
                 return 1
+            await self.nbd.release()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(m.serve(), name=f"monitor {m.chardev.id}") for m in self.monitors
@@ -170,10 +178,10 @@ class Daemon:
                 if on_ready is not None:
                     on_ready()
                 await self._shutdown.wait()
-                await self._close_state()
+                status = await self._close_state()
                 for task in tasks:
                     task.cancel()
-            return 0
+            return status
         finally:
             await self._close_state()
             for monitor in self.monitors:
@@ -184,14 +192,24 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(pidfile)
 
-    async def _close_state(self) -> None:
-        """Cancel jobs, remove exports, stop NBD, flush and close every image."""
+    async def _close_state(self) -> int:
+        """Cancel jobs, remove exports, stop NBD, flush and close every image.
+
+        Returns the exit status: 1 when an image's final flush failed (its data may not
+        be on disk, which whoever runs the daemon must learn), else 0.
+        """
         await self.jobs.aclose()
         if self.nbd.running:
             await self.nbd.stop()
         else:
             self.exports.close_all()
-        await self.graph.aclose()
+        status = 0
+        try:
+            await self.graph.aclose()
+        except CloseError as exc:
+            print(f"blockbackup daemon: {exc}", file=sys.stderr)
+            status = 1
+        return status
 
 
 def _write_pidfile(path: str) -> None:

@@ -19,7 +19,10 @@ Exception tree::
 
 from __future__ import annotations
 
-from typing import ClassVar
+from enum import Enum
+from typing import ClassVar, TypeVar
+
+_E = TypeVar("_E", bound=Enum)
 
 
 class BlockBackupError(Exception):
@@ -47,3 +50,15 @@ class DeviceNotActiveError(BlockBackupError):
     """A legacy ``block-job-*`` command named a job that does not exist."""
 
     error_class: ClassVar[str] = "DeviceNotActive"
+
+
+def enum_value(kind: type[_E], name: str, value: object) -> _E:
+    """``value`` as a member of the option enum ``kind``, checked once where it enters.
+
+    A bad value gets QEMU's text for a bad enum value of parameter ``name`` (the same
+    text the QMP schema gives), so the library API and QMP refuse it alike.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        raise BlockBackupError(f"Parameter '{name}' does not accept value '{value}'") from None

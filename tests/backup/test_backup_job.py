@@ -18,6 +18,7 @@ import pytest
 from blockbackup.api import BackupFailed, BlockBackup
 from blockbackup.block import block_copy
 from blockbackup.block.drivers.blkdebug import IOType
+from blockbackup.block.graph import CloseError
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.backup import BackupJob, BackupPerf
 from blockbackup.jobs.status import IoStatus, JobStatus
@@ -317,6 +318,8 @@ async def test_flush_failure_fails_the_job(env: Env) -> None:
     job = await env.bb.backup("src", "tgt")
     with pytest.raises(BackupFailed, match="Input/output error"):
         await env.bb.wait(job)
+    with pytest.raises(CloseError, match=r"^Failed to flush 'tgt' "):
+        await env.bb.aclose()  # the rule still fires at close: reported, not swallowed
 
 
 # -- copy-before-write failures -------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from block.driver_conformance import check_block_driver
 from blockbackup.block.driver import Status, WriteFlags
 from blockbackup.block.drivers.blkdebug import BlkdebugDriver, IOType
-from blockbackup.block.graph import Graph
+from blockbackup.block.graph import CloseError, Graph
 from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from testkit.images import cached_bytes, page_cache_drops
@@ -654,6 +654,8 @@ async def test_blkdebug_qemu_options(tmp_path: Path) -> None:
         await _expect_errno(errno.EOPNOTSUPP, node.write_zeroes(0, 4096))
         await _expect_errno(errno.EPERM, node.discard(0, 4096))
         await node.block_status(0, 4096)
+        with pytest.raises(CloseError, match=r"^Failed to flush 'd' \(Read-only file system\)"):
+            await graph.aclose()  # the flush rule still fires: the final flush is reported
     finally:
         await graph.aclose()
 

@@ -7,92 +7,23 @@ and talks to it with raw sockets and with ``qemu.qmp``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from blockbackup.daemon import Daemon
 from blockbackup.daemon_options import OptionsError, parse_args, parse_keyval
 from blockbackup.errors import BlockBackupError
 from blockbackup.qmp.jsonstream import JsonParseError, JsonStreamer
-from blockbackup.qmp.registry import REGISTRY
+from blockbackup.qmp.registry import REGISTRY, CommandNotFoundError
+from testkit.monitor import Raw, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(tmp: Path, *extra: str) -> AsyncIterator[tuple[Daemon, Path]]:
-    (tmp / "src.img").write_bytes(bytes(1 << 20))
-    sock = tmp / "qmp.sock"
-    argv = [
-        "--blockdev",
-        f"driver=file,node-name=srcf,filename={tmp}/src.img",
-        "--blockdev",
-        "driver=raw,node-name=src,file=srcf",
-        "--chardev",
-        f"socket,id=m0,path={sock},server=on,wait=off",
-        "--monitor",
-        "chardev=m0",
-        *extra,
-    ]
-    daemon = Daemon()
-    ready = asyncio.Event()
-    task = asyncio.create_task(daemon.run(parse_args(argv).options, on_ready=ready.set))
-    waiter = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task.done():
-        raise RuntimeError(f"daemon exited with {task.result()}")
-    try:
-        yield daemon, sock
-    finally:
-        daemon.request_shutdown()
-        assert await task == 0
-
-
-class Raw:
-    """A raw monitor connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, path: Path, negotiate: bool = True) -> Raw:
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        raw = cls(reader, writer)
-        greeting = await raw.recv()
-        assert greeting["QMP"]["version"]["qemu"] == {"micro": 22, "minor": 2, "major": 7}
-        assert greeting["QMP"]["capabilities"] == ["oob"]
-        if negotiate:
-            await raw.send(b'{"execute": "qmp_capabilities"}')
-            assert await raw.recv() == {"return": {}}
-        return raw
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self) -> Any:
-        line = await asyncio.wait_for(self.reader.readline(), 10)
-        assert line.endswith(b"\r\n"), line
-        return json.loads(line)
-
-    async def error(self, data: bytes) -> str:
-        await self.send(data)
-        reply = await self.recv()
-        return str(reply["error"]["desc"])
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # -- the streaming reader (sans-IO) ---------------------------------------------------------
@@ -358,3 +289,21 @@ def test_blockdev_backup_accepts_newer_members() -> None:
         BLOCKDEV_BACKUP.check(
             {"device": "s", "target": "t", "sync": "full", "on-cbw-error": "x"}, ""
         )
+
+
+@pytest.mark.asyncio
+async def test_daemon_execute_is_the_registry_dispatch(tmp_path: Path) -> None:
+    """The command line and the library-style ``Daemon.execute`` run commands exactly as
+    a monitor does: the same lookup and error, validation and ``{}`` for no result."""
+    async with running_daemon(tmp_path) as (daemon, _):
+        with pytest.raises(CommandNotFoundError, match=r"^The command nosuch has not been found$"):
+            await daemon.execute("nosuch", {})
+        added = {"driver": "null-co", "node-name": "n0", "size": 4096}
+        assert await daemon.execute("blockdev-add", added) == {}
+        assert daemon.graph.get("n0").size == 4096
+        speed = {"device": "nosuch", "speed": "10"}
+        with pytest.raises(BlockBackupError, match=r"^Invalid parameter type for 'speed'"):
+            await daemon.execute("block-job-set-speed", speed)
+        with pytest.raises(BlockBackupError) as keyval:  # converted, then looked up
+            await daemon.execute("block-job-set-speed", speed, keyval=True)
+        assert "nosuch" in str(keyval.value)

@@ -8,6 +8,7 @@ errors it raises carry qemu-storage-daemon's texts.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +22,13 @@ from blockbackup.block.objects import ObjectRegistry
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
 
+log = logging.getLogger(__name__)
+
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")
+
+
+class CloseError(BlockBackupError):
+    """Closing the graph lost data: a node's final flush failed (the nodes are closed)."""
 
 
 class Graph:
@@ -164,7 +171,14 @@ class Graph:
                 await self._close(child)
 
     async def aclose(self) -> None:
-        """Flush and close every node, parents before children."""
+        """Flush and close every node, parents before children.
+
+        A failed final flush means data the node acknowledged may not be on stable
+        storage, so it is never swallowed: it is logged with the node's name, the other
+        nodes are still flushed and closed, and :class:`CloseError` names every node
+        that failed once all are closed (the daemon then exits non-zero).
+        """
+        failed: list[str] = []
         while self.nodes:
             roots = [n for n in self.nodes.values() if not n.parents]
             if not roots:  # pragma: no cover - the graph is acyclic by construction
@@ -173,8 +187,12 @@ class Graph:
                 if not node.read_only:
                     try:
                         await node.flush()
-                    except OSError:
-                        pass
+                    except OSError as exc:
+                        reason = exc.strerror or str(exc)
+                        log.error("Failed to flush node '%s' at close: %s", node.name, reason)
+                        failed.append(f"'{node.name}' ({reason})")
                 node.users.clear()
                 await self._close(node)
         self.objects.close()
+        if failed:
+            raise CloseError(f"Failed to flush {', '.join(failed)} at close")

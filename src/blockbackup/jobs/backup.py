@@ -27,20 +27,45 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from blockbackup.block.block_copy import BackgroundSettings, BlockCopy, CopyError
 from blockbackup.block.dirty_bitmap import DirtyBitmap, find_bitmap
-from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR, CopyBeforeWriteDriver
+from blockbackup.block.filters.copy_before_write import (
+    ON_CBW_ERROR_DEFAULT,
+    CopyBeforeWriteDriver,
+    OnCbwError,
+)
 from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode
-from blockbackup.errors import BlockBackupError
+from blockbackup.errors import BlockBackupError, enum_value
 from blockbackup.jobs.job import Job, JobManager, JobTxn
 from blockbackup.jobs.status import BlockdevOnError, ErrorAction, JobStatus
 
-SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
-BITMAP_MODES = ("on-success", "never", "always")
 INT_MAX = 2147483647
+
+
+class SyncMode(StrEnum):
+    """``sync``: what the background copy copies (QEMU's ``MirrorSyncMode``, its order)."""
+
+    TOP = "top"
+    FULL = "full"
+    NONE = "none"
+    INCREMENTAL = "incremental"
+    BITMAP = "bitmap"
+
+
+class BitmapSyncMode(StrEnum):
+    """``bitmap-mode``: what becomes of the user's bitmap when the job ends."""
+
+    ON_SUCCESS = "on-success"
+    NEVER = "never"
+    ALWAYS = "always"
+
+
+#: The one default of ``on-source-error`` and ``on-target-error``.
+ON_ERROR_DEFAULT = BlockdevOnError.REPORT
 
 
 @dataclass(slots=True)
@@ -61,20 +86,30 @@ class BackupOptions:
 
     device: str
     target: str
-    sync: str
+    sync: SyncMode
     job_id: str | None = None
     speed: int = 0
     bitmap: str | None = None
-    bitmap_mode: str | None = None
+    bitmap_mode: BitmapSyncMode | None = None
     compress: bool = False
-    on_source_error: str = "report"
-    on_target_error: str = "report"
+    on_source_error: BlockdevOnError = ON_ERROR_DEFAULT
+    on_target_error: BlockdevOnError = ON_ERROR_DEFAULT
     auto_finalize: bool = True
     auto_dismiss: bool = True
     filter_node_name: str | None = None
     discard_source: bool = False
-    on_cbw_error: str = "break-guest-write"
+    on_cbw_error: OnCbwError = ON_CBW_ERROR_DEFAULT
     x_perf: BackupPerf = field(default_factory=BackupPerf)
+
+    def __post_init__(self) -> None:
+        """Check the enum options once, where they enter (in QEMU's order): a library
+        caller may pass plain strings; everything below sees members only."""
+        self.sync = enum_value(SyncMode, "sync", self.sync)
+        self.on_source_error = enum_value(BlockdevOnError, "on-source-error", self.on_source_error)
+        self.on_target_error = enum_value(BlockdevOnError, "on-target-error", self.on_target_error)
+        if self.bitmap_mode is not None:
+            self.bitmap_mode = enum_value(BitmapSyncMode, "bitmap-mode", self.bitmap_mode)
+        self.on_cbw_error = enum_value(OnCbwError, "on-cbw-error", self.on_cbw_error)
 
 
 def _busy_job(node: BlockNode) -> str | None:
@@ -86,17 +121,17 @@ def _busy_job(node: BlockNode) -> str | None:
 
 def _check_bitmap_arguments(
     opts: BackupOptions, source: BlockNode
-) -> tuple[DirtyBitmap | None, str | None]:
+) -> tuple[DirtyBitmap | None, BitmapSyncMode | None]:
     """QEMU's bitmap argument rules, in QEMU's order: (the bitmap, the effective mode)."""
     sync, mode = opts.sync, opts.bitmap_mode
-    if sync in ("incremental", "bitmap") and opts.bitmap is None:
+    if sync in (SyncMode.INCREMENTAL, SyncMode.BITMAP) and opts.bitmap is None:
         raise BlockBackupError(f"must provide a valid bitmap name for '{sync}' sync mode")
-    if sync == "incremental":
-        if mode is not None and mode != "on-success":
+    if sync is SyncMode.INCREMENTAL:
+        if mode is not None and mode is not BitmapSyncMode.ON_SUCCESS:
             raise BlockBackupError(
                 "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
             )
-        sync, mode = "bitmap", "on-success"
+        sync, mode = SyncMode.BITMAP, BitmapSyncMode.ON_SUCCESS
     if opts.bitmap is None:
         if mode is not None:
             raise BlockBackupError("Cannot specify bitmap sync mode without a bitmap")
@@ -107,9 +142,9 @@ def _check_bitmap_arguments(
     if mode is None:
         raise BlockBackupError("Bitmap sync mode must be given when providing a bitmap")
     bitmap.check_usable()
-    if sync == "none":
+    if sync is SyncMode.NONE:
         raise BlockBackupError("sync mode 'none' does not produce meaningful bitmap outputs")
-    if mode == "never" and sync != "bitmap":
+    if mode is BitmapSyncMode.NEVER and sync is not SyncMode.BITMAP:
         raise BlockBackupError(
             f"Bitmap sync mode 'never' has no meaningful effect when combined with "
             f"sync mode '{sync}'"
@@ -125,28 +160,14 @@ class BackupPlan:
     source: BlockNode
     target: BlockNode
     bitmap: DirtyBitmap | None
-    bitmap_mode: str | None
+    bitmap_mode: BitmapSyncMode | None
     filter_options: dict[str, Any]
 
 
 def plan_backup(graph: Graph, jobs: JobManager, opts: BackupOptions) -> BackupPlan:
-    """Check every argument (QEMU's texts and order); change nothing."""
-    if opts.sync not in SYNC_MODES:
-        raise BlockBackupError(f"Parameter 'sync' does not accept value '{opts.sync}'")
-    for name, value in (
-        ("on-source-error", opts.on_source_error),
-        ("on-target-error", opts.on_target_error),
-    ):
-        if value not in {p.value for p in BlockdevOnError}:
-            raise BlockBackupError(f"Parameter '{name}' does not accept value '{value}'")
-    if opts.bitmap_mode is not None and opts.bitmap_mode not in BITMAP_MODES:
-        raise BlockBackupError(
-            f"Parameter 'bitmap-mode' does not accept value '{opts.bitmap_mode}'"
-        )
-    if opts.on_cbw_error not in ON_CBW_ERROR:
-        raise BlockBackupError(
-            f"Parameter 'on-cbw-error' does not accept value '{opts.on_cbw_error}'"
-        )
+    """Check every argument (QEMU's texts and order); change nothing.
+
+    The enum options were checked when ``opts`` was made (:class:`BackupOptions`)."""
     source = graph.get(opts.device)
     target = graph.get(opts.target)
     bitmap, bitmap_mode = _check_bitmap_arguments(opts, source)
@@ -173,7 +194,7 @@ def plan_backup(graph: Graph, jobs: JobManager, opts: BackupOptions) -> BackupPl
         "driver": "copy-before-write",
         "file": source.name,
         "target": target.name,
-        "on-cbw-error": opts.on_cbw_error,
+        "on-cbw-error": opts.on_cbw_error.value,
     }
     if perf.min_cluster_size:
         filter_options["min-cluster-size"] = perf.min_cluster_size
@@ -297,16 +318,16 @@ class BackupJob(Job):
         bcs.use_copy_range = perf.use_copy_range
         bcs.compress = opts.compress
         bcs.discard_source = opts.discard_source
-        bcs.skip_unallocated = opts.sync == "top"  # incremental/bitmap: seeded at T0
+        bcs.skip_unallocated = opts.sync is SyncMode.TOP  # incremental/bitmap: seeded at T0
         bcs.on_progress = self._update_progress
-        if opts.sync == "none":
+        if opts.sync is SyncMode.NONE:
             bcs.copy_bitmap.fill()  # every first write is copied; nothing else
         self.settings = BackgroundSettings(max_workers=perf.max_workers, max_chunk=perf.max_chunk)
-        self.on_source_error = BlockdevOnError(opts.on_source_error)
-        self.on_target_error = BlockdevOnError(opts.on_target_error)
+        self.on_source_error = opts.on_source_error
+        self.on_target_error = opts.on_target_error
         #: The user's bitmap (frozen while the job runs) and what to do with it at the end.
         self.sync_bitmap: DirtyBitmap | None = None
-        self.bitmap_mode: str | None = None
+        self.bitmap_mode: BitmapSyncMode | None = None
         self._succeeded = False
         # The filter, as the source's parent, keeps the source in use; the target is ours.
         target.add_user(self, "block job: backup")
@@ -321,7 +342,7 @@ class BackupJob(Job):
         """
         self.filter_node.add_user(self, "block job: backup")
 
-    def attach_bitmap(self, bitmap: DirtyBitmap | None, mode: str | None) -> None:
+    def attach_bitmap(self, bitmap: DirtyBitmap | None, mode: BitmapSyncMode | None) -> None:
         """Freeze ``bitmap`` at T0 (the source quiesced); for sync=bitmap it is the input.
 
         Writes from now on are recorded by the bitmap's successor, whatever the outcome.
@@ -332,7 +353,7 @@ class BackupJob(Job):
         bitmap.create_successor()
         self.sync_bitmap = bitmap
         self.bitmap_mode = mode
-        if self.options.sync in ("bitmap", "incremental"):
+        if self.options.sync in (SyncMode.BITMAP, SyncMode.INCREMENTAL):
             copy_bitmap = self.block_copy.copy_bitmap
             copy_bitmap.clear()
             copy_bitmap.merge(bitmap.bitmap)  # rounded outward to the backup cluster size
@@ -350,11 +371,11 @@ class BackupJob(Job):
         if bitmap is None or bitmap.successor is None:
             return
         self.sync_bitmap = None
-        if (success or mode == "always") and mode != "never":
+        if (success or mode is BitmapSyncMode.ALWAYS) and mode is not BitmapSyncMode.NEVER:
             result = bitmap.abdicate()
         else:
             result = bitmap.reclaim()
-        if not success and mode == "always":
+        if not success and mode is BitmapSyncMode.ALWAYS:
             result.bitmap.merge(self.block_copy.copy_bitmap)
             for req in self.block_copy.reqs:  # none expected: the copies have settled
                 result.bitmap.set(req.offset, req.length)
@@ -362,7 +383,7 @@ class BackupJob(Job):
     def _update_progress(self) -> None:
         bcs = self.block_copy
         self.progress_current = bcs.bytes_done
-        if self.options.sync == "none":
+        if self.options.sync is SyncMode.NONE:
             self.progress_total = self.source.size
         else:
             self.progress_total = bcs.bytes_done + bcs.bytes_remaining
@@ -375,7 +396,7 @@ class BackupJob(Job):
             raise self.filter.snapshot_error
 
     async def run(self) -> None:
-        if self.options.sync == "none":
+        if self.options.sync is SyncMode.NONE:
             await self._serve_until_cancelled()
             return
         while True:

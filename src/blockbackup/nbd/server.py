@@ -175,10 +175,28 @@ class NbdServer:
         self.tls: TlsCredentials | None = None
         self.max_connections = 0
         self.address: dict[str, str] | None = None
+        self._held = False
 
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    def hold(self) -> None:
+        """Answer nobody until :meth:`release`: a listener started meanwhile only listens.
+
+        Why: the daemon processes its whole command line before it serves anyone, as
+        qemu-storage-daemon does. A client that connects as soon as the socket exists
+        (``--nbd-server`` comes before the ``--export`` it wants) is queued by the kernel
+        and answered once every option has been processed, or sees the connection
+        closed if the daemon exits with an error instead.
+        """
+        self._held = True
+
+    async def release(self) -> None:
+        """Start answering clients (those queued while held first)."""
+        self._held = False
+        if self._server is not None and not self._server.is_serving():
+            await self._server.start_serving()
 
     async def start(
         self,
@@ -213,7 +231,9 @@ class NbdServer:
         if parsed["type"] == "unix":
             sock = bind_unix(parsed["path"])
             try:
-                server = await asyncio.start_unix_server(self._accept, sock=sock, limit=MAX_FEED)
+                server = await asyncio.start_unix_server(
+                    self._accept, sock=sock, limit=MAX_FEED, start_serving=not self._held
+                )
             except BaseException:
                 sock.close()
                 raise
@@ -227,9 +247,12 @@ class NbdServer:
                     int(parsed["port"]),
                     limit=MAX_FEED,
                     reuse_address=True,
+                    start_serving=not self._held,
                 )
             except (OSError, ValueError) as exc:
                 raise BlockBackupError(f"Failed to bind socket: {exc}") from exc
+            if self._held:
+                _listen(server)
             host, port = server.sockets[0].getsockname()[:2]
             self.address = {"type": "inet", "host": str(host), "port": str(port)}
         self._server = server
@@ -280,6 +303,15 @@ class NbdServer:
             await client.run()
         finally:
             del self._clients[client]
+
+
+def _listen(server: asyncio.Server) -> None:
+    """Make a server that does not serve yet listen already (asyncio listens only when
+    it starts serving): early clients then wait in the backlog instead of being refused.
+    ``listen`` acts on the socket, so a duplicate of its descriptor can call it."""
+    for ts in server.sockets:
+        with socket.fromfd(ts.fileno(), ts.family, ts.type) as dup:
+            dup.listen(socket.SOMAXCONN)
 
 
 class _Client:

@@ -31,7 +31,9 @@ __all__ = [
     "EventSpec",
     "Handler",
     "Registry",
+    "Request",
     "command",
+    "dispatch",
     "event",
 ]
 
@@ -178,13 +180,18 @@ def check_request(msg: Any, *, oob_enabled: bool) -> Request:
     return Request(name, dict(msg.get("arguments", {})), has_oob)
 
 
-async def dispatch(registry: Registry, ctx: Context, req: Request) -> Any:
-    """Find, validate and run one command; return its JSON result."""
+async def dispatch(registry: Registry, ctx: Context, req: Request, *, keyval: bool = False) -> Any:
+    """Find, validate and run one command; return its JSON result.
+
+    The one way a command runs, from a monitor or from the daemon's command line
+    (``keyval``: the arguments are key=value strings, converted as QEMU's keyval
+    input visitor does).
+    """
     cmd = registry.get(req.name)
     if cmd is None:
         raise CommandNotFoundError(f"The command {req.name} has not been found")
     if req.oob and not cmd.allow_oob:
         raise BlockBackupError(f"The command {req.name} does not support OOB")
-    args = cmd.args.check(req.arguments, "")
+    args = cmd.args.check(req.arguments, "", keyval=keyval)
     result = await cmd.handler(ctx, args)
     return {} if result is None else result

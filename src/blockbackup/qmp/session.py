@@ -39,6 +39,10 @@ __all__ = ["ChardevSocket", "Monitor", "Session", "SessionMode"]
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+#: Input is parsed this many bytes at a time, with a turn of the event loop after each
+#: slice: a client that floods its monitor delays NBD requests and other monitors by at
+#: most one slice's parsing (the streamer's work is proportional to its input).
+INPUT_SLICE = 4096
 
 
 class SessionMode(Enum):
@@ -121,10 +125,13 @@ class Session:
                     data = await self.reader.read(READ_SIZE)
                     if not data:
                         break
-                    for msg in self.streamer.feed(data):
-                        await self._handle(msg)
-                        if pump is None and self._events is not None:
-                            pump = tg.create_task(self._pump_events(self._events))
+                    view = memoryview(data)
+                    for start in range(0, len(data), INPUT_SLICE):
+                        for msg in self.streamer.feed(view[start : start + INPUT_SLICE]):
+                            await self._handle(msg)
+                            if pump is None and self._events is not None:
+                                pump = tg.create_task(self._pump_events(self._events))
+                        await asyncio.sleep(0)  # let the data path run (see INPUT_SLICE)
                 if pump is not None:
                     pump.cancel()
         except* ConnectionError:

@@ -42,6 +42,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Coroutine, Iterable
+from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from blockbackup.block.bitmap import Bitmap
@@ -57,7 +58,16 @@ from blockbackup.errors import BlockBackupError
 
 log = logging.getLogger(__name__)
 
-ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
+
+class OnCbwError(StrEnum):
+    """``on-cbw-error``: what a failed copy-before-write does (QEMU's ``OnCbwError``)."""
+
+    BREAK_GUEST_WRITE = "break-guest-write"
+    BREAK_SNAPSHOT = "break-snapshot"
+
+
+#: The one default of ``on-cbw-error`` (the filter, ``blockdev-backup``, the library).
+ON_CBW_ERROR_DEFAULT = OnCbwError.BREAK_GUEST_WRITE
 
 
 class DirtyRuns(Protocol):
@@ -91,7 +101,7 @@ class CopyBeforeWriteDriver(FilterDriver):
         source: BlockNode,
         target: BlockNode,
         cluster_size: int,
-        on_cbw_error: str,
+        on_cbw_error: OnCbwError,
         timeout: float | None,
         bitmap: DirtyRuns | None = None,
     ) -> None:
@@ -125,7 +135,9 @@ class CopyBeforeWriteDriver(FilterDriver):
         source = await opts.child("file")
         target = await opts.child("target")
         bitmap = cls._bitmap_option(opts)
-        on_cbw_error = opts.enum("on-cbw-error", ON_CBW_ERROR, "break-guest-write")
+        on_cbw_error = OnCbwError(
+            opts.enum("on-cbw-error", tuple(OnCbwError), ON_CBW_ERROR_DEFAULT.value)
+        )
         timeout = opts.int("cbw-timeout", 0)
         if not 0 <= timeout <= 0xFFFFFFFF:
             raise BlockBackupError("Parameter 'cbw-timeout' expects uint32_t")

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockbackup.jobs.backup import BackupOptions, BackupPerf, start_backup
+from blockbackup.block.filters.copy_before_write import ON_CBW_ERROR_DEFAULT, OnCbwError
+from blockbackup.jobs.backup import (
+    ON_ERROR_DEFAULT,
+    BackupOptions,
+    BackupPerf,
+    BitmapSyncMode,
+    SyncMode,
+    start_backup,
+)
+from blockbackup.jobs.status import BlockdevOnError
 from blockbackup.qmp.context import Context
 from blockbackup.qmp.registry import Args, command
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
@@ -24,10 +33,11 @@ class LeafEnum(Enum):
         return super().check(value, path.rsplit(".", 1)[-1], keyval=keyval)
 
 
-SYNC_MODE = LeafEnum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
-BITMAP_SYNC_MODE = LeafEnum("BitmapSyncMode", ("on-success", "never", "always"))
-ON_ERROR = LeafEnum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
-ON_CBW_ERROR = LeafEnum("OnCbwError", ("break-guest-write", "break-snapshot"))
+# The QMP types of the option enums: their values (and order) are the Python enums'.
+SYNC_MODE = LeafEnum("MirrorSyncMode", tuple(m.value for m in SyncMode))
+BITMAP_SYNC_MODE = LeafEnum("BitmapSyncMode", tuple(m.value for m in BitmapSyncMode))
+ON_ERROR = LeafEnum("BlockdevOnError", tuple(m.value for m in BlockdevOnError))
+ON_CBW_ERROR = LeafEnum("OnCbwError", tuple(m.value for m in OnCbwError))
 BACKUP_PERF = Struct(
     "BackupPerf",
     [
@@ -46,43 +56,46 @@ BLOCKDEV_BACKUP = Struct(
         Member("bitmap", STR, optional=True),
         Member("bitmap-mode", BITMAP_SYNC_MODE, optional=True),
         Member("compress", BOOL, default=False),
-        Member("on-source-error", ON_ERROR, default="report"),
-        Member("on-target-error", ON_ERROR, default="report"),
+        Member("on-source-error", ON_ERROR, default=ON_ERROR_DEFAULT.value),
+        Member("on-target-error", ON_ERROR, default=ON_ERROR_DEFAULT.value),
         Member("auto-finalize", BOOL, default=True),
         Member("auto-dismiss", BOOL, default=True),
         Member("filter-node-name", STR, optional=True),
         Member("x-perf", BACKUP_PERF, optional=True, features=("unstable",)),
         Member("target", STR),
         Member("discard-source", BOOL, default=False),
-        Member("on-cbw-error", ON_CBW_ERROR, default="break-guest-write"),
+        Member("on-cbw-error", ON_CBW_ERROR, default=ON_CBW_ERROR_DEFAULT.value),
     ],
 )
 
 
 def backup_options(args: Args) -> BackupOptions:
-    """The core's options for validated ``blockdev-backup`` arguments."""
+    """The core's options for validated ``blockdev-backup`` arguments (the enum values
+    were checked by the schema; the conversion to members cannot fail)."""
     perf_args = args.get("x-perf", {})
-    perf = BackupPerf(
-        use_copy_range=perf_args.get("use-copy-range", False),
-        max_workers=perf_args.get("max-workers", 64),
-        max_chunk=perf_args.get("max-chunk", 0),
+    perf = BackupPerf(  # members left out keep BackupPerf's defaults (the only ones)
+        **{
+            name.replace("-", "_"): perf_args[name]
+            for name in ("use-copy-range", "max-workers", "max-chunk")
+            if name in perf_args
+        }
     )
     return BackupOptions(
         device=args["device"],
         target=args["target"],
-        sync=args["sync"],
+        sync=SyncMode(args["sync"]),
         job_id=args.get("job-id"),
         speed=args["speed"],
         bitmap=args.get("bitmap"),
-        bitmap_mode=args.get("bitmap-mode"),
+        bitmap_mode=None if "bitmap-mode" not in args else BitmapSyncMode(args["bitmap-mode"]),
         compress=args["compress"],
-        on_source_error=args["on-source-error"],
-        on_target_error=args["on-target-error"],
+        on_source_error=BlockdevOnError(args["on-source-error"]),
+        on_target_error=BlockdevOnError(args["on-target-error"]),
         auto_finalize=args["auto-finalize"],
         auto_dismiss=args["auto-dismiss"],
         filter_node_name=args.get("filter-node-name"),
         discard_source=args["discard-source"],
-        on_cbw_error=args["on-cbw-error"],
+        on_cbw_error=OnCbwError(args["on-cbw-error"]),
         x_perf=perf,
     )
 
