@@ -77,6 +77,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         images = [_checked_image(i) for i in args.images]
+        _refuse_duplicates(images)
         nbd_addr = _listen_address(args.listen) if args.listen else None
         formats = [choose_format(i, args.format, args.read_only) for i in images]
     except ServeError as exc:
@@ -116,6 +117,16 @@ def _checked_image(image: str) -> str:
     if not os.path.isfile(path) and not Path(path).is_block_device():
         raise ServeError(f"not a file or block device: {image}")
     return path
+
+
+def _refuse_duplicates(images: list[str]) -> None:
+    """The same file twice (by device and inode, whatever the names) would be two writers."""
+    seen: dict[tuple[int, int], str] = {}
+    for image in images:
+        st = os.stat(image)
+        first = seen.setdefault((st.st_dev, st.st_ino), image)
+        if first != image:
+            raise ServeError(f"{image} is the same file as {first}: serve each image once")
 
 
 @dataclass(frozen=True, slots=True)
