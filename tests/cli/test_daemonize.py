@@ -79,10 +79,12 @@ def test_an_error_before_ready_is_the_commands_error(tmp_path: Path) -> None:
         )  # fmt: skip
         assert "is in use by another blockbackup serve" in one_line_error(busy)
         assert not pidfile.exists()
-        # an error of the daemon itself (not a qcow2 image)
+        # an error of the daemon itself: a qcow2 header it cannot open
+        broken = tmp_path / "broken.qcow2"
+        broken.write_bytes(b"QFI\xfb\0\0\0\x63" + bytes(MiB))
         bad = bb(
-            "serve", str(image), "--dir", str(tmp_path / "run3"), "--daemonize",
-            "--format", "qcow2", "--pidfile", str(pidfile), check=False,
+            "serve", str(broken), "--dir", str(tmp_path / "run3"), "--daemonize",
+            "--pidfile", str(pidfile), check=False,
         )  # fmt: skip
         assert bad.returncode != 0
         assert bad.stderr.strip()

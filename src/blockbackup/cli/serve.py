@@ -185,6 +185,8 @@ def choose_format(image: str, forced: str | None, read_only: bool) -> str:
             why += " (--read-only serves it without writing)"
         raise ServeError(f"cannot open {image}: {why}") from exc
     found = probe(header)
+    if forced == "qcow2" and found != "qcow2":
+        raise ServeError(f"{image} is not a qcow2 image ({found or 'no image header'})")
     if forced is not None:
         return forced
     if found is None:
