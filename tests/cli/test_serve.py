@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,40 @@ def test_no_permission(tmp_path: Path) -> None:
 
 def bb_argv(*args: str) -> list[str]:
     return [*BB, *args]
+
+
+@pytest.fixture
+def read_only_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding disk.img, remounted read-only."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        raw_image(mnt / "disk.img")
+        run("mount", "-o", "remount,ro", str(mnt))
+        yield mnt
+    finally:
+        run("umount", str(mnt))
+
+
+def test_a_read_only_file_system(read_only_fs: Path, tmp_path: Path) -> None:
+    image = read_only_fs / "disk.img"
+    refused = bb("serve", str(image), "--dir", str(tmp_path / "run"), check=False)
+    assert one_line_error(refused) == (
+        f"blockbackup serve: cannot open {image}: Read-only file system"
+        " (--read-only serves it without writing)"
+    )
+    with serving(str(image), "--read-only", "--dir", str(tmp_path / "run")) as served:
+        assert served.info["exports"][0]["format"] == "raw"
+
+
+def test_a_directory_that_cannot_be_made(tmp_path: Path) -> None:
+    image = raw_image(tmp_path / "disk.img")
+    refused = bb("serve", str(image), "--dir", str(image / "run"), check=False)
+    assert one_line_error(refused) == (
+        f"blockbackup serve: cannot use directory {image / 'run'}: Not a directory"
+    )
 
 
 @pytest.mark.parametrize("listen", ["foo", "127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:x"])
