@@ -74,10 +74,32 @@ def test_qcow2_is_served_as_its_virtual_disk(tmp_path: Path) -> None:
 def test_qcow2_reads_through_its_backing_file(tmp_path: Path) -> None:
     base = raw_image(tmp_path / "base.img")
     overlay = qcow2_image(tmp_path / "top.qcow2", "8M", "-b", str(base), "-F", "raw")
-    with serving(str(overlay), "--dir", str(tmp_path / "run"), "--read-only") as served:
+    probed = bb("serve", str(overlay), "--dir", str(tmp_path / "run"), check=False)
+    assert one_line_error(probed) == (
+        f"blockbackup serve: {overlay} is a qcow2 image with backing file {str(base)!r}:"
+        " serve opens other files only when told the format (--format qcow2)"
+    )
+    args = ("--format", "qcow2", "--read-only", "--dir", str(tmp_path / "run"))
+    with serving(str(overlay), *args) as served:
         copy = tmp_path / "copy.img"
         run("nbdcopy", served.uri(), str(copy))
     assert copy.read_bytes() == base.read_bytes()
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_a_client_cannot_make_its_raw_disk_open_host_files(tmp_path: Path) -> None:
+    """A client writes a qcow2 header naming a host file as backing file into its raw
+    disk; serve started again must not probe it as qcow2 and serve the host file."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret " * 1000)
+    header = qcow2_image(tmp_path / "evil.qcow2", "1M", "-b", str(secret), "-F", "raw")
+    image = raw_image(tmp_path / "disk.img")
+    with serving(str(image), "--dir", str(tmp_path / "run")) as served:
+        run("qemu-io", "-f", "raw", "-c", f"write -s {header} 0 64k", served.uri())
+    assert image.read_bytes()[:4] == b"QFI\xfb"
+    again = bb("serve", str(image), "--dir", str(tmp_path / "run"), check=False)
+    assert "serve opens other files only when told the format" in one_line_error(again)
 
 
 @pytest.mark.qemu

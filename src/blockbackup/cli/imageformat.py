@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import struct
 
-__all__ = ["HEADER_BYTES", "SERVABLE", "probe", "read_header"]
+__all__ = ["HEADER_BYTES", "SERVABLE", "probe", "qcow2_other_files", "read_header"]
 
 #: Formats ``serve`` can serve as their virtual disk.
 SERVABLE = ("raw", "qcow2")
-#: Bytes read for probing (QEMU reads 2 KiB; every magic below lies in the first 512).
-HEADER_BYTES = 512
+#: Bytes read for probing (as QEMU; every magic below lies in the first 512) and for the
+#: names a qcow2 header points at (qemu-img puts them in the first 4 KiB).
+HEADER_BYTES = 4096
 
 _QCOW_MAGIC = b"QFI\xfb"
+#: qcow2 incompatible feature bit: the guest data lives in another file.
+_QCOW2_EXTERNAL_DATA_FILE = 1 << 2
 _VDI_SIGNATURE = struct.pack("<I", 0xBEDA107F)  # at offset 0x40
 _CLOOP_MAGIC = (
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
@@ -52,6 +55,31 @@ def probe(header: bytes) -> str | None:
     if header[0x40:0x44] == _VDI_SIGNATURE:
         return "vdi"
     return None
+
+
+def qcow2_other_files(header: bytes) -> list[str]:
+    """What files other than itself a qcow2 header makes its reader open: its backing
+    file and an external data file, described for a message (empty: none).
+
+    Why ``serve`` asks: a client of a *raw* image can write any header into it. If that
+    header were probed as qcow2 at the next start and named ``/etc/shadow`` as its
+    backing file, the client would read the host's files. QEMU guards a probed raw
+    image's first sector instead; ``serve`` opens other files only when the user named
+    the format."""
+    found: list[str] = []
+    if len(header) < 20:
+        return found  # too short to be opened at all: the daemon says why
+    backing_offset, backing_size = struct.unpack_from(">QI", header, 8)
+    if backing_offset:
+        name = header[backing_offset : backing_offset + backing_size]
+        shown = name.decode(errors="replace") if len(name) == backing_size else "..."
+        found.append(f"backing file {shown!r}")
+    (version,) = struct.unpack_from(">I", header, 4)
+    if version >= 3 and len(header) >= 80:
+        (incompatible,) = struct.unpack_from(">Q", header, 72)
+        if incompatible & _QCOW2_EXTERNAL_DATA_FILE:
+            found.append("an external data file")
+    return found
 
 
 def read_header(path: str, *, writable: bool) -> bytes:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from blockbackup.cli.daemonize import Daemonized, daemonize
-from blockbackup.cli.imageformat import SERVABLE, probe, read_header
+from blockbackup.cli.imageformat import SERVABLE, probe, qcow2_other_files, read_header
 from blockbackup.cli.imagelock import ImageLock
 from blockbackup.cli.pidfile import PidFile
 from blockbackup.cli.qmpclient import EXIT_FAILED
@@ -192,6 +192,12 @@ def choose_format(image: str, forced: str | None, read_only: bool) -> str:
     if found is None:
         return "raw"
     if found == "qcow2":
+        others = qcow2_other_files(header)
+        if others:
+            raise ServeError(
+                f"{image} is a qcow2 image with {' and '.join(others)}: serve opens other"
+                " files only when told the format (--format qcow2)"
+            )
         return "qcow2"
     if not read_only:
         raise ServeError(
