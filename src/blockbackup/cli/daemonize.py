@@ -51,8 +51,11 @@ def daemonize() -> Daemonized | int:
         os.setsid()
         return Daemonized(write_end)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        ready = pipe.read(1) == _READY
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read(1) == _READY
+    except KeyboardInterrupt:  # the daemon, in its own session, goes on starting
+        return 130
     if ready:
         return 0
     _, status = os.waitpid(pid, 0)

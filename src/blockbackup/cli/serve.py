@@ -27,7 +27,7 @@ from blockbackup.cli.daemonize import Daemonized, daemonize
 from blockbackup.cli.imageformat import SERVABLE, probe, qcow2_other_files, read_header
 from blockbackup.cli.imagelock import ImageLock
 from blockbackup.cli.pidfile import PidFile
-from blockbackup.cli.qmpclient import EXIT_FAILED
+from blockbackup.cli.qmpclient import EXIT_FAILED, EXIT_INTERRUPTED
 from blockbackup.cli.rundir import RunDir
 from blockbackup.cli.serveerror import ServeError
 
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ServeError as exc:
         return _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C before the daemon's own handler was installed
+        return EXIT_INTERRUPTED
 
 
 def _fail(exc: ServeError) -> int:
