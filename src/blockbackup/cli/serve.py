@@ -39,20 +39,25 @@ def add_parser(sub: Any) -> None:
         "serve",
         help="export images over NBD, with a QMP monitor",
         description="Export disk images over NBD, with a QMP monitor for backup, jobs and "
-        "bitmaps. Stops on Ctrl-C, SIGTERM or the QMP command quit.",
+        "bitmaps. Stops on Ctrl-C, SIGTERM, SIGHUP or the QMP command quit.",
     )
-    serve.add_argument("images", nargs="+", metavar="IMAGE")
+    serve.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="an image file or block device, exported under its name without extension",
+    )
     serve.add_argument(
         "--format",
         choices=SERVABLE,
         help="the images' format (default: probed: qcow2 if the file has a qcow2 header, "
-        "else raw; a writable raw export of a file with another image header needs "
-        "--format raw)",
+        "else raw; a qcow2 image with a backing file needs --format qcow2, and a writable "
+        "raw export of a file with another image header needs --format raw)",
     )
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help=f"NBD over TCP (port default {DEFAULT_NBD_PORT}; default: a unix socket)",
+        help=f"NBD over TCP (e.g. 127.0.0.1:{DEFAULT_NBD_PORT}; default: a unix socket)",
     )
     serve.add_argument(
         "--dir",
