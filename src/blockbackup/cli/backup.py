@@ -1,52 +1,141 @@
-"""``blockbackup backup --connect QMP NODE TARGET``: a live backup of a served node to a file."""
+"""``blockbackup backup --connect QMP NODE TARGET``: a live backup of a served node to a file.
+
+One run, step by step (each step is undone, in reverse, if a later one fails or a signal
+comes: nothing is left behind but the backup, or nothing at all):
+
+1. the options are checked before connecting: options that cannot work, or would do
+   nothing, are refused as such;
+2. the daemon's nodes give the source's size, the files the daemon has open (none of them
+   may be the target) and the bitmaps; leftovers of earlier runs that died are cleaned;
+3. a new *partial* file is created next to the target, and a target node over it, named
+   after this run (:mod:`blockbackup.cli.runs`);
+4. one transaction starts the job and the bitmap that ``--start-bitmap`` names: one point
+   in time for both;
+5. the job is followed to ``pending`` (auto-finalize is off): its data is all in the file
+   and flushed;
+6. the file is fsynced, renamed to its final name and the directory fsynced; only then is
+   the job finalized, which is when a bitmap forgets what this backup copied. A run killed
+   before the rename leaves the bitmap holding every change; a run killed after it leaves
+   a complete backup. The job is dismissed and the target node deleted.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from blockbackup.cli import runs
+from blockbackup.cli.progress import BackupProgress
 from blockbackup.cli.qmpclient import (
     EXIT_FAILED,
-    ExecuteErrorLike,
-    qmp,
-    run_interruptible,
-    suppress_execute_error,
+    CliError,
+    DaemonGone,
+    Monitor,
+    Stopped,
+    StopSignals,
+    UsageError,
+    add_connect_argument,
+    run_command,
 )
-from blockbackup.cli.sizes import parse_size
+from blockbackup.cli.runs import RunTag
+from blockbackup.cli.sizes import format_rate, format_size, parse_size
+from blockbackup.cli.targets import (
+    OpenImage,
+    allocated,
+    check_backing,
+    check_target,
+    commit,
+    create_partial,
+)
+
+#: Seconds between two looks at the job.
+POLL = 0.2
+
+_DESCRIPTION = """\
+Back up NODE of a running daemon (`blockbackup serve`, `blockbackup daemon` or
+qemu-storage-daemon) to TARGET, a new file, while the disk stays in use: the backup is the
+disk as it was when the backup started. The file appears under its name only once it is
+complete and on disk; Ctrl-C (or SIGTERM, SIGHUP) cancels the job and leaves nothing.
+"""
+
+_EPILOG = """\
+NODE is the node name of the disk in the daemon: `blockbackup serve disk.img` names it
+`disk` (it prints `disk: nbd+unix:///disk?...`); `blockbackup bitmaps --connect Q list`
+and QMP's query-named-block-nodes list them.
+
+Incrementals: a full backup with --start-bitmap NAME starts tracking changes at its point in
+time; each later backup with --incremental NAME --format qcow2 --backing PREVIOUS copies only
+what changed since the last good one, into a qcow2 image that reads through to PREVIOUS.
+"""
 
 
 def add_parser(sub: Any) -> None:
-    backup = sub.add_parser("backup", help="back up a node of a running daemon to a file")
-    backup.add_argument("--connect", required=True, metavar="QMP_SOCKET")
-    backup.add_argument("node", metavar="NODE")
-    backup.add_argument("target", metavar="TARGET_FILE")
-    backup.add_argument("--speed", type=parse_size, default=0, help="bytes/s (default: no limit)")
-    backup.add_argument("--sync", choices=("full", "top", "none"), default="full")
-    backup.add_argument("--job-id", default="backup0")
-    backup.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="target format")
-    backup.add_argument("--backing", metavar="FILE", help="qcow2 target: the previous backup")
-    backup.add_argument("--incremental", metavar="BITMAP", help="copy only what BITMAP marks")
-    backup.add_argument(
-        "--start-bitmap", metavar="BITMAP", help="start BITMAP at this backup's point in time"
+    backup = sub.add_parser(
+        "backup",
+        help="back up a node of a running daemon to a file",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    backup.add_argument("--persistent", action="store_true", help="with --start-bitmap")
+    add_connect_argument(backup)
+    backup.add_argument("node", metavar="NODE", help="the node to back up (see below)")
+    backup.add_argument("target", metavar="TARGET", help="the backup file to create")
+    backup.add_argument(
+        "--format", choices=("raw", "qcow2"), default="raw", help="target format (default: raw)"
+    )
+    backup.add_argument(
+        "--sync",
+        choices=("full", "top", "none"),
+        default="full",
+        help="full: the whole disk (default); top: only what the source's top layer "
+        "allocates (a qcow2 overlay; the same as full for a raw image). For only what "
+        "changed, see --incremental. 'none' is refused: it copies nothing by itself",
+    )
+    backup.add_argument(
+        "--speed", type=parse_size, default=0, metavar="SIZE", help="per second (default: no limit)"
+    )
+    backup.add_argument(
+        "--force", action="store_true", help="replace an existing TARGET (whole, never reused)"
+    )
+    backup.add_argument(
+        "--job-id", metavar="ID", help="the job's id (default: a new one per run, bb-PID-XXXXXX)"
+    )
+    backup.add_argument(
+        "--backing", metavar="FILE", help="with --incremental: the previous backup in the chain"
+    )
+    backup.add_argument(
+        "--incremental", metavar="BITMAP", help="copy only what BITMAP marks (needs --backing)"
+    )
+    backup.add_argument(
+        "--start-bitmap",
+        metavar="BITMAP",
+        help="start (or restart) BITMAP at this backup's point in time, for incrementals; "
+        "it is persistent (survives a restart of the daemon) where the node can store it",
+    )
+    persistence = backup.add_mutually_exclusive_group()
+    persistence.add_argument(
+        "--persistent",
+        dest="persistent",
+        action="store_const",
+        const=True,
+        help="with --start-bitmap: fail if the bitmap cannot be persistent",
+    )
+    persistence.add_argument(
+        "--no-persistent",
+        dest="persistent",
+        action="store_const",
+        const=False,
+        help="with --start-bitmap: a bitmap in memory only (lost when the daemon stops)",
+    )
     backup.add_argument("--json", action="store_true", help="print the result as JSON")
     backup.set_defaults(run=run)
 
@@ -54,22 +143,24 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     request = BackupRequest(
         node=args.node,
-        target_file=args.target,
-        speed=args.speed,
+        target=args.target,
+        fmt=args.format,
         sync=args.sync,
+        speed=args.speed,
+        force=args.force,
         job_id=args.job_id,
-        target_format=args.format,
         backing=args.backing,
         incremental=args.incremental,
         start_bitmap=args.start_bitmap,
         persistent=args.persistent,
     )
-    return run_interruptible(backup_command(args.connect, request, as_json=args.json))
+    monitor = Monitor(args.connect, args.timeout)
 
+    async def body(stop: StopSignals) -> int:
+        request.check()
+        return await backup(monitor, request, stop, Output(as_json=args.json))
 
-async def _job_info(socket: str, job_id: str) -> dict[str, Any] | None:
-    (jobs,) = await qmp(socket, ("query-jobs", None))
-    return next((dict(j) for j in jobs if j.get("id") == job_id), None)
+    return run_command("backup", body, verbose=args.verbose)
 
 
 @dataclass(frozen=True)
@@ -77,152 +168,353 @@ class BackupRequest:
     """What ``blockbackup backup`` was asked for."""
 
     node: str
-    target_file: str
-    speed: int = 0
+    target: str
+    fmt: str = "raw"
     sync: str = "full"
-    job_id: str = "backup0"
-    target_format: str = "raw"
-    backing: str | None = None  # qcow2 targets: the previous backup in the chain
+    speed: int = 0
+    force: bool = False
+    job_id: str | None = None  # None: the run's own tag
+    backing: str | None = None  # qcow2 targets of incrementals: the previous backup
     incremental: str | None = None  # a bitmap: back up only what it marks
-    start_bitmap: str | None = None  # create this bitmap at the backup's point in time
-    persistent: bool = False
+    start_bitmap: str | None = None  # (re)start this bitmap at the backup's point in time
+    persistent: bool | None = None  # None: persistent where the node can store bitmaps
+
+    def check(self) -> None:
+        """Refuse options that cannot work together or would do nothing."""
+        if self.sync == "none":
+            raise UsageError(
+                "--sync none copies nothing by itself (only what is overwritten while the "
+                "job runs, for an NBD reader of the point-in-time view): it never finishes "
+                "as a backup. Use --sync full, or --incremental for only what changed"
+            )
+        if self.backing is not None and self.fmt != "qcow2":
+            raise UsageError("--backing needs --format qcow2: a raw file has no backing file")
+        if self.backing is not None and self.incremental is None:
+            raise UsageError(
+                "--backing only makes sense with --incremental: a full backup writes every "
+                "cluster itself"
+            )
+        if self.incremental is not None and self.backing is None:
+            raise UsageError(
+                "--incremental needs --format qcow2 --backing PREVIOUS_BACKUP: on its own, "
+                "the target would read as zeroes wherever nothing changed"
+            )
+        if self.incremental is not None and self.start_bitmap is not None:
+            raise UsageError(
+                "--incremental BITMAP already restarts BITMAP at this backup's point in "
+                "time; --start-bitmap is for full backups"
+            )
+        if self.persistent is not None and self.start_bitmap is None:
+            flag = "--persistent" if self.persistent else "--no-persistent"
+            raise UsageError(f"{flag} only applies to the bitmap --start-bitmap creates")
 
 
-def _create_target(req: BackupRequest, size: int) -> None:
-    if os.path.exists(req.target_file):
-        return
-    if req.target_format == "qcow2":
-        from blockbackup.block.qcow2.create import create_qcow2_file
+class Output:
+    """Where results go: a summary (or JSON) on stdout, problems as lines on stderr."""
 
-        backing = os.path.abspath(req.backing) if req.backing else None
-        create_qcow2_file(
-            req.target_file, size, backing_file=backing, backing_fmt="qcow2" if backing else None
+    def __init__(self, *, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = Console(stderr=as_json)
+
+    def note(self, message: str) -> None:
+        print(f"blockbackup backup: {message}", file=sys.stderr, flush=True)
+
+    def result(self, result: dict[str, Any], node: str, target: str) -> None:
+        if self.as_json:
+            print(json.dumps(result), flush=True)
+        status = result["status"]
+        if status == "completed":
+            if not self.as_json:
+                seconds = max(result["seconds"], 1e-9)
+                print(
+                    f"backup of {node} done: {target}: {format_size(result['disk-size'])} disk, "
+                    f"{format_size(result['written'])} written in {result['seconds']:.1f} s "
+                    f"({format_rate(result['written'] / seconds)})",
+                    flush=True,
+                )
+        elif status == "cancelled":
+            self.note(f"cancelled ({result['error']}): no backup was written to {target}")
+        else:
+            self.note(f"backup failed: {result['error']}")
+
+
+@dataclass
+class _Run:
+    """What one run made in the daemon and on disk, so that it can be undone."""
+
+    monitor: Monitor
+    tag: RunTag
+    job_id: str
+    partial: Path | None = None
+    node_added: bool = False
+    job_started: bool = False
+    job_settled: bool = False
+    bitmap_added: str | None = None  # a bitmap this run created (removed if it fails)
+    committed: bool = False
+    bitmap_node: str = ""
+    daemon_gone: bool = False  # nothing is left in a daemon that went away
+    problems: list[str] = field(default_factory=list)
+
+    async def undo(self) -> None:
+        """Take back what this run made (never interrupted: signals only set a flag)."""
+        if self.job_started and not self.job_settled:
+            await self._step("the job", self._settle_job())
+        if self.bitmap_added is not None:
+            args = {"node": self.bitmap_node, "name": self.bitmap_added}
+            await self._step(
+                f"bitmap {self.bitmap_added}",
+                self.monitor.execute("block-dirty-bitmap-remove", args),
+            )
+        if self.node_added:
+            await self._step(
+                f"node {self.tag.target_node}",
+                self.monitor.execute("blockdev-del", {"node-name": self.tag.target_node}),
+            )
+        if self.partial is not None and not self.committed:
+            try:
+                self.partial.unlink(missing_ok=True)
+            except OSError as err:
+                self.problems.append(f"file {self.partial}: {err.strerror}")
+
+    async def _settle_job(self) -> None:
+        info = await runs.job_info(self.monitor, self.job_id)
+        if info is not None:
+            await runs.settle_job(self.monitor, info)
+        self.job_settled = True
+
+    async def _step(self, what: str, aw: Coroutine[Any, Any, Any]) -> None:
+        if self.daemon_gone:
+            aw.close()
+            return
+        try:
+            await aw
+        except DaemonGone:
+            self.daemon_gone = True
+        except (ExecuteError, CliError) as err:
+            self.problems.append(f"{what}: {err}")
+
+
+async def backup(monitor: Monitor, req: BackupRequest, stop: StopSignals, out: Output) -> int:
+    """Run one backup (see the module docstring); the exit code."""
+    await runs.clean_dead_runs(monitor, out.note)
+    nodes = await monitor.execute("query-named-block-nodes")
+    source = _find_node(nodes, req.node)
+    size = int(source["image"]["virtual-size"])
+    open_images = [OpenImage(str(n["node-name"]), str(n["file"])) for n in nodes if n.get("file")]
+    final = check_target(req.target, force=req.force, open_images=open_images, source=req.node)
+    backing = check_backing(req.backing, final) if req.backing else None
+    start_bitmap_exists = _check_start_bitmap(source, req)
+    stop.check()
+
+    tag = RunTag.new()
+    run = _Run(monitor, tag, req.job_id or tag.name, bitmap_node=req.node)
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "job-id": run.job_id,
+        "node": req.node,
+        "target": str(final),
+        "format": req.fmt,
+        "disk-size": size,
+    }
+    try:
+        run.partial = create_partial(final, tag, size=size, fmt=req.fmt, backing=backing)
+        stop.check()
+        await _add_target_node(run, req.fmt)
+        stop.check()
+        await _start_job(run, req, start_bitmap_exists, out)
+        info = await _follow(run, req, stop, out)
+        if info["status"] == "pending":
+            commit(run.partial, final)
+            run.committed = True
+            await monitor.execute("job-finalize", {"id": run.job_id})
+            info = await runs.wait_concluded(monitor, run.job_id) or info
+        error = info.get("error")
+        if error is not None:
+            raise _JobFailed(str(error))
+        await monitor.execute("job-dismiss", {"id": run.job_id})
+        run.job_settled = True
+        run.bitmap_added = None  # it is the bitmap the user asked for now
+        await run.undo()  # the target node; the file is committed
+    except Stopped as stopped:
+        await run.undo()
+        result.update(status="cancelled", error=str(stopped))
+        return _finish(out, result, run=run, started=started, code=stopped.exit_code)
+    except _JobFailed as failed:
+        if run.committed:  # the job failed after its data was in: do not keep a doubtful file
+            final.unlink(missing_ok=True)
+            run.committed = False
+        await run.undo()
+        result.update(status="failed", error=str(failed))
+        return _finish(out, result, run=run, started=started, code=EXIT_FAILED)
+    except DaemonGone as err:
+        run.daemon_gone = True
+        await run.undo()
+        raise DaemonGone(f"lost the connection to the daemon at {monitor.socket}") from err
+    except BaseException:
+        await run.undo()
+        _report_problems(out, run)
+        raise
+    result.update(
+        status="completed",
+        error=None,
+        len=info.get("total-progress"),
+        offset=info.get("current-progress"),
+        written=allocated(final),
+    )
+    return _finish(out, result, run=run, started=started, code=0)
+
+
+class _JobFailed(Exception):
+    """The job concluded with an error (its text)."""
+
+
+def _finish(
+    out: Output,
+    result: dict[str, Any],
+    *,
+    run: _Run,
+    started: float,
+    code: int,
+) -> int:
+    result.setdefault("len", None)
+    result.setdefault("offset", None)
+    result.setdefault("written", 0)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    out.result(result, result["node"], str(Path(result["target"]).name))
+    _report_problems(out, run)
+    return code
+
+
+def _report_problems(out: Output, run: _Run) -> None:
+    if run.problems:
+        out.note(
+            "could not clean up everything: "
+            + "; ".join(run.problems)
+            + " (`blockbackup jobs --connect QMP clean` retries)"
         )
-    else:
-        with open(req.target_file, "wb") as f:
-            f.truncate(size)
 
 
-def _backup_actions(req: BackupRequest, target_node: str) -> list[dict[str, Any]]:
-    """The transaction that starts the backup (and its bitmap, at the same point in time)."""
+def _find_node(nodes: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for node in nodes:
+        if node.get("node-name") == name:
+            return node
+    raise CliError(
+        f"Cannot find device='{name}' nor node-name='{name}' "
+        "(`blockbackup bitmaps --connect QMP list` or query-named-block-nodes list the nodes)"
+    )
+
+
+def _check_start_bitmap(source: dict[str, Any], req: BackupRequest) -> bool:
+    """Whether the --start-bitmap bitmap exists already (and fits the persistence asked)."""
+    if req.start_bitmap is None:
+        return False
+    existing = next(
+        (b for b in source.get("dirty-bitmaps", []) if b.get("name") == req.start_bitmap), None
+    )
+    if existing is None:
+        return False
+    if req.persistent is not None and bool(existing.get("persistent")) != req.persistent:
+        kind = "persistent" if existing.get("persistent") else "not persistent"
+        raise UsageError(
+            f"bitmap '{req.start_bitmap}' exists and is {kind}: remove it first "
+            "(`blockbackup bitmaps remove`) to create it anew"
+        )
+    return True
+
+
+async def _add_target_node(run: _Run, fmt: str) -> None:
+    assert run.partial is not None
+    options = {
+        "driver": fmt,
+        "node-name": run.tag.target_node,
+        "file": {"driver": "file", "filename": str(run.partial)},
+    }
+    try:
+        await run.monitor.execute("blockdev-add", options)
+    except ExecuteError as err:
+        raise CliError(f"the daemon cannot open the new target file: {err}") from None
+    run.node_added = True
+
+
+def _actions(
+    req: BackupRequest, run: _Run, *, add_bitmap: bool, persistent: bool
+) -> list[dict[str, Any]]:
+    """The transaction: the job, and the bitmap it starts, at one point in time.
+
+    ``--start-bitmap`` is the job's bitmap with ``bitmap-mode=on-success`` on a full copy:
+    if the backup succeeds, the bitmap keeps only the writes made since its point in time
+    (it restarts there); if it fails, the bitmap keeps everything it had, plus those writes.
+    """
     backup: dict[str, Any] = {
-        "job-id": req.job_id,
+        "job-id": run.job_id,
         "device": req.node,
-        "target": target_node,
-        "sync": "incremental" if req.incremental else req.sync,
+        "target": run.tag.target_node,
+        "sync": req.sync,
         "speed": req.speed,
+        "auto-finalize": False,  # the file gets its name before the bitmap is applied
         "auto-dismiss": False,  # so that the outcome can be read after it happened
     }
-    if req.incremental:
-        backup["bitmap"] = req.incremental
     actions: list[dict[str, Any]] = []
-    if req.start_bitmap:
-        add = {"node": req.node, "name": req.start_bitmap, "persistent": req.persistent}
-        actions.append({"type": "block-dirty-bitmap-add", "data": add})
+    if req.incremental:
+        backup.update(sync="incremental", bitmap=req.incremental)
+    elif req.start_bitmap:
+        backup.update(bitmap=req.start_bitmap, **{"bitmap-mode": "on-success"})
+        if add_bitmap:
+            add = {"node": req.node, "name": req.start_bitmap, "persistent": persistent}
+            actions.append({"type": "block-dirty-bitmap-add", "data": add})
     actions.append({"type": "blockdev-backup", "data": backup})
     return actions
 
 
-async def _run_backup(socket: str, req: BackupRequest, *, as_json: bool, console: Console) -> int:
-    node, target_file, job_id = req.node, req.target_file, req.job_id
-    (nodes,) = await qmp(socket, ("query-named-block-nodes", None))
-    sizes = {n.get("node-name"): n["image"]["virtual-size"] for n in nodes}
-    if node not in sizes:
-        raise ExecuteErrorLike(f"Cannot find device='{node}' nor node-name='{node}'")
-    _create_target(req, int(sizes[node]))
-    target_node = f"{job_id}-target"
-    target = {"driver": "file", "filename": os.path.abspath(target_file)}
-    await qmp(
-        socket,
-        ("blockdev-add", {"driver": req.target_format, "node-name": target_node, "file": target}),
-    )
-    started = time.monotonic()
+async def _start_job(run: _Run, req: BackupRequest, bitmap_exists: bool, out: Output) -> None:
+    add_bitmap = req.start_bitmap is not None and not bitmap_exists
+    persistent = req.persistent is not False
     try:
-        await qmp(socket, ("transaction", {"actions": _backup_actions(req, target_node)}))
-        try:
-            info = await _follow(socket, job_id, console, show=not as_json)
-        except asyncio.CancelledError:
-            await _cancel(socket, job_id)
-            raise
-    finally:
-        await asyncio.shield(_remove_node(socket, target_node))
-    seconds = time.monotonic() - started
-    result = {
-        "job-id": job_id,
-        "status": "completed" if info.get("error") is None else "failed",
-        "len": info.get("total-progress"),
-        "offset": info.get("current-progress"),
-        "seconds": round(seconds, 3),
-        "error": info.get("error"),
-        "target": os.path.abspath(target_file),
-    }
-    if as_json:
-        print(json.dumps(result))
-    elif result["error"]:
-        console.print(f"[red]backup failed:[/red] {result['error']}")
-    else:
-        rate = int(info.get("total-progress") or 0) / max(seconds, 1e-9) / (1 << 20)
-        console.print(f"backup of {node} done: {target_file} ({rate:.0f} MiB/s, {seconds:.1f} s)")
-    return 0 if result["error"] is None else EXIT_FAILED
+        await _transaction(run, req, add_bitmap=add_bitmap, persistent=persistent)
+    except ExecuteError as err:
+        cannot_store = "Can't store persistent bitmaps" in str(err)
+        if not (add_bitmap and persistent and cannot_store and req.persistent is None):
+            raise _explain_start_error(err, run) from None
+        out.note(
+            f"warning: {err}; bitmap '{req.start_bitmap}' is kept in memory only and will "
+            "not survive a restart of the daemon"
+        )
+        await _transaction(run, req, add_bitmap=True, persistent=False)
+    if add_bitmap:
+        run.bitmap_added = req.start_bitmap
 
 
-async def _follow(socket: str, job_id: str, console: Console, *, show: bool) -> dict[str, Any]:
-    """Poll the job until it concluded; dismiss it; its last query-jobs entry."""
-    columns = (
-        TextColumn(f"backup {job_id}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not show) as progress:
-        task = progress.add_task("backup", total=None)
+async def _transaction(
+    run: _Run, req: BackupRequest, *, add_bitmap: bool, persistent: bool
+) -> None:
+    actions = _actions(req, run, add_bitmap=add_bitmap, persistent=persistent)
+    await run.monitor.execute("transaction", {"actions": actions})
+    run.job_started = True
+
+
+def _explain_start_error(err: ExecuteError, run: _Run) -> CliError:
+    text = str(err)
+    if "already in use" in text and run.job_id in text:
+        text += (
+            " (`blockbackup jobs --connect QMP` lists the jobs; `jobs clean` removes ended ones)"
+        )
+    return CliError(text)
+
+
+async def _follow(run: _Run, req: BackupRequest, stop: StopSignals, out: Output) -> dict[str, Any]:
+    """Poll the job until it is pending (data complete) or concluded; its last entry."""
+    assert run.partial is not None
+    with BackupProgress(f"backup {req.node}", out.console, show=not out.as_json) as bar:
         while True:
-            info = await _job_info(socket, job_id)
+            info = await runs.job_info(run.monitor, run.job_id)
             if info is None:
-                raise ExecuteErrorLike(f"job {job_id} disappeared")
-            progress.update(task, completed=info["current-progress"], total=info["total-progress"])
-            if info["status"] == "concluded":
-                await qmp(socket, ("job-dismiss", {"id": job_id}))
+                run.job_settled = True
+                raise CliError(f"job {run.job_id} disappeared (another client dismissed it)")
+            bar.update(
+                int(info.get("current-progress") or 0),
+                int(info.get("total-progress") or 0),
+                allocated(run.partial),
+            )
+            if info["status"] in ("pending", "concluded"):
                 return info
-            await asyncio.sleep(0.2)
-
-
-async def _cancel(socket: str, job_id: str) -> None:
-    async def cancel() -> None:
-        with suppress_execute_error():
-            await qmp(socket, ("job-cancel", {"id": job_id}))
-        while (info := await _job_info(socket, job_id)) is not None:
-            if info["status"] == "concluded":
-                await qmp(socket, ("job-dismiss", {"id": job_id}))
-                return
-            await asyncio.sleep(0.05)
-
-    await asyncio.shield(cancel())
-
-
-async def _remove_node(socket: str, node: str) -> None:
-    with suppress_execute_error():
-        await qmp(socket, ("blockdev-del", {"node-name": node}))
-
-
-class _suppress_execute_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, ExecuteError | ConnectionError | EOFError)
-
-
-async def backup_command(socket: str, req: BackupRequest, *, as_json: bool) -> int:
-    console = Console(stderr=as_json)
-    try:
-        await qmp(socket)  # fail early, with a clear text, if nobody listens there
-    except Exception as exc:  # the connect error text is what the user needs
-        print(f"blockbackup backup: cannot connect to {socket}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        return await _run_backup(socket, req, as_json=as_json, console=console)
-    except (ExecuteError, ExecuteErrorLike) as exc:
-        print(f"blockbackup backup: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+            await stop.wait(POLL)
