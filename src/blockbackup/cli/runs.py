@@ -174,7 +174,10 @@ async def settle_job(monitor: Monitor, job: dict[str, Any], *, finalize: bool = 
     """Bring a job to an end and dismiss it: finalize it when ``finalize`` and it waits in
     ``pending``, cancel it otherwise, then wait until it concluded."""
     job_id = job["id"]
-    status = job["status"]
+    current = await job_info(monitor, job_id)  # ``job`` may be an older look at it
+    if current is None:
+        return
+    status = current["status"]
     if status == "pending" and finalize:
         await monitor.execute("job-finalize", {"id": job_id})
     elif status not in ("concluded", "aborting", "null"):
