@@ -105,8 +105,13 @@ async def _list(monitor: Monitor, node: str | None, *, as_json: bool) -> int:
     table = Table("node", "name", "granularity", "dirty", "recording", "persistent", "busy")
     for r in rows:
         table.add_row(
-            r["node"], r["name"], format_size(r["granularity"]), format_size(r["count"]),
-            str(r["recording"]), str(r["persistent"]), str(r["busy"]),
-        )  # fmt: skip
+            r["node"],
+            r.get("name", "(successor)"),
+            format_size(r["granularity"]),
+            format_size(r["count"]),
+            str(r.get("recording", "")),
+            str(r.get("persistent", "")),
+            str(r.get("busy", "")),
+        )
     Console().print(table)
     return 0
