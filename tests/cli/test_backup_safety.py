@@ -150,3 +150,21 @@ def test_a_killed_daemon_leaves_no_backup_and_no_traceback(tmp_path: Path) -> No
     run = bb("jobs", "--connect", s.qmp, check=False)  # and after: one line, no traceback
     assert run.returncode == 1
     assert "connection refused" in one_line(run.stderr)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+def test_next_weeks_full_backup_restarts_the_bitmap(served: Served, tmp_path: Path) -> None:
+    def dirty() -> list[int]:
+        rows = json.loads(bb("bitmaps", "--connect", served.qmp, "list", "--json").stdout)
+        return [r["count"] for r in rows if r.get("name") == "nightly"]
+
+    bb("backup", "--connect", served.qmp, "disk", str(tmp_path / "week1.img"),
+       "--start-bitmap", "nightly")  # fmt: skip
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k", served.uri],
+                   check=True, capture_output=True)  # fmt: skip
+    assert dirty() == [65536]
+    bb("backup", "--connect", served.qmp, "disk", str(tmp_path / "week2.img"),
+       "--start-bitmap", "nightly")  # fmt: skip
+    assert dirty() == [0]
+    assert_clean(served.qmp, tmp_path)
