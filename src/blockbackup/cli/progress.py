@@ -1,4 +1,4 @@
-"""The backup's progress bar: the job's progress, and the data actually written, in MiB.
+"""What a backup shows: its progress bar, then its summary (or JSON) and its problems.
 
 Why two numbers: a job's progress counts the holes and zeroes it skips, so on a sparse disk
 it races through hundreds of GiB while writing a few MiB. The bar shows how far the job is
@@ -8,8 +8,11 @@ the summary prints.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -23,7 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from blockbackup.cli.sizes import format_rate
+from blockbackup.cli.sizes import format_rate, format_size
 
 
 class _WriteRateColumn(ProgressColumn):
@@ -66,3 +69,32 @@ class BackupProgress:
         seconds = time.monotonic() - self._started
         rate = written / seconds if seconds > 0 else None
         self._progress.update(self._task, completed=current, total=total, rate=rate)
+
+
+class Output:
+    """Where results go: a summary (or JSON) on stdout, problems as lines on stderr."""
+
+    def __init__(self, *, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = Console(stderr=as_json)
+
+    def note(self, message: str) -> None:
+        print(f"blockbackup backup: {message}", file=sys.stderr, flush=True)
+
+    def result(self, result: dict[str, Any], node: str, target: str) -> None:
+        if self.as_json:
+            print(json.dumps(result), flush=True)
+        status = result["status"]
+        if status == "completed":
+            if not self.as_json:
+                seconds = max(result["seconds"], 1e-9)
+                print(
+                    f"backup of {node} done: {target}: {format_size(result['disk-size'])} disk, "
+                    f"{format_size(result['written'])} written in {result['seconds']:.1f} s "
+                    f"({format_rate(result['written'] / seconds)})",
+                    flush=True,
+                )
+        elif status == "cancelled":
+            self.note(f"cancelled ({result['error']}): no backup was written to {target}")
+        else:
+            self.note(f"backup failed: {result['error']}")
