@@ -138,6 +138,33 @@ def test_a_monitor_held_by_another_client(served: Served, tmp_path: Path) -> Non
     assert_clean(served.qmp, tmp_path)
 
 
+def test_a_full_monitor_backlog_is_a_busy_monitor_too(served: Served) -> None:
+    """Clients beyond the monitor's backlog get EAGAIN (asyncio: EINVAL on the first read):
+    the command waits for its turn like any client of a busy monitor."""
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(served.qmp)
+    assert holder.recv(4096).startswith(b'{"QMP"')
+    waiting: list[socket.socket] = []
+    try:
+        while True:  # fill the backlog
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            try:
+                sock.connect(served.qmp)
+            except BlockingIOError:
+                sock.close()
+                break
+            waiting.append(sock)
+        run = bb("jobs", "--connect", served.qmp, "--timeout", "1", check=False)
+        assert "another client holds the monitor" in one_line(run.stderr)
+        proc = start("jobs", "--connect", served.qmp, "--timeout", "60")
+    finally:
+        for sock in [holder, *waiting]:
+            sock.close()
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (0, "no jobs\n", "")
+
+
 # -- point 11: options that would do nothing are errors ------------------------------------
 
 

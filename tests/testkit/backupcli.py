@@ -8,6 +8,7 @@ state afterwards is read with QEMU's own QMP client (``query-jobs``,
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 #: The console script installed next to the interpreter running the tests.
 BLOCKBACKUP = str(Path(sys.executable).with_name("blockbackup"))
@@ -110,7 +111,8 @@ def serving(
 
 
 def qmp(socket: str, command: str, args: dict[str, Any] | None = None) -> Any:
-    """One QMP command on its own connection."""
+    """One QMP command on its own connection (retried while the monitor's backlog is full:
+    asyncio then reports EINVAL, see ``blockbackup.cli.qmpclient.connect``)."""
 
     async def go() -> Any:
         client = QMPClient("test")
@@ -120,7 +122,15 @@ def qmp(socket: str, command: str, args: dict[str, Any] | None = None) -> Any:
         finally:
             await client.disconnect()
 
-    return asyncio.run(go())
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return asyncio.run(go())
+        except ConnectError as err:
+            busy = isinstance(err.exc, OSError) and err.exc.errno in (errno.EAGAIN, errno.EINVAL)
+            if not busy or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def jobs(socket: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ instead and undoes what it created, with every connection closed in order.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -32,6 +33,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: Seconds to wait for a monitor's greeting (another client may hold the monitor).
 DEFAULT_TIMEOUT = 10.0
+#: Seconds between two tries to get into a monitor's full backlog.
+BUSY_RETRY = 0.05
 #: The signals that stop a command: Ctrl-C, ``kill``, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -204,18 +207,39 @@ def run_command(
 
 
 async def connect(socket: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
-    """A connected client (the caller disconnects it); errors as :class:`CliError`."""
-    client = QMPClient("blockbackup")
-    try:
-        await asyncio.wait_for(client.connect(socket), timeout)
-    except TimeoutError:
-        raise CliError(
-            f"{socket}: another client holds the monitor (no greeting within {timeout:g} s); "
-            "try again when it is done"
-        ) from None
-    except ConnectError as err:
-        raise DaemonGone(f"cannot connect to {socket}: {_connect_reason(err)}") from None
-    return client
+    """A connected client (the caller disconnects it); errors as :class:`CliError`.
+
+    A monitor listens with a backlog of one: while it serves a client, one more waits in
+    the backlog and the next connect fails with EAGAIN, which asyncio reports as a
+    connection made (the first read then fails with EINVAL). Both mean "busy": try again
+    until ``timeout``, as for a greeting that does not come.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        client = QMPClient("blockbackup")
+        try:
+            await asyncio.wait_for(client.connect(socket), max(deadline - loop.time(), 0))
+            return client
+        except TimeoutError:
+            raise _held(socket, timeout) from None
+        except ConnectError as err:
+            if not _busy(err):
+                raise DaemonGone(f"cannot connect to {socket}: {_connect_reason(err)}") from None
+            if loop.time() >= deadline:
+                raise _held(socket, timeout) from None
+        await asyncio.sleep(BUSY_RETRY)
+
+
+def _held(socket: str, timeout: float) -> CliError:
+    return CliError(
+        f"{socket}: another client holds the monitor (no greeting within {timeout:g} s); "
+        "try again when it is done"
+    )
+
+
+def _busy(err: ConnectError) -> bool:
+    return isinstance(err.exc, OSError) and err.exc.errno in (errno.EAGAIN, errno.EINVAL)
 
 
 async def qmp(socket: str, *commands: tuple[str, dict[str, Any] | None]) -> list[Any]:
