@@ -53,6 +53,13 @@ def test_a_missing_target_directory(served: Served, tmp_path: Path) -> None:
              check=False)  # fmt: skip
     assert run.returncode == 1
     assert one_line(run.stderr) == f"blockbackup backup: no such directory: {tmp_path}/no/such"
+    run = bb("backup", "--connect", served.qmp, "disk", str(tmp_path / "no/such/b.img"),
+             "--json", check=False)  # fmt: skip
+    result = json.loads(run.stdout)  # scripts get a result for every failure
+    assert (result["status"], result["error"]) == (
+        "failed",
+        f"no such directory: {tmp_path}/no/such",
+    )
     assert_clean(served.qmp, tmp_path)
 
 

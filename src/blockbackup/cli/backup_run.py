@@ -21,6 +21,7 @@ comes: nothing is left behind but the backup, or nothing at all):
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class _Run:
     committed: bool = False
     bitmap_node: str = ""
     daemon_gone: bool = False  # nothing is left in a daemon that went away
+    connected: bool = False  # the daemon answered once
     problems: list[str] = field(default_factory=list)
 
     async def undo(self) -> None:
@@ -157,74 +159,109 @@ class _Run:
 
 
 async def backup(monitor: Monitor, req: BackupRequest, stop: StopSignals, out: Output) -> int:
-    """Run one backup (see the module docstring); the exit code."""
-    await runs.clean_dead_runs(monitor, out.note)
-    nodes = await monitor.execute("query-named-block-nodes")
-    source = _find_node(nodes, req.node)
-    size = int(source["image"]["virtual-size"])
-    open_images = [OpenImage(str(n["node-name"]), str(n["file"])) for n in nodes if n.get("file")]
-    final = check_target(req.target, force=req.force, open_images=open_images, source=req.node)
-    backing = check_backing(req.backing, final) if req.backing else None
-    start_bitmap_exists = _check_start_bitmap(source, req)
-    stop.check()
+    """Run one backup (see the module docstring); the exit code.
 
+    Whatever ends it, what it made is undone first; then the outcome is reported: the
+    summary, ``cancelled`` (exit 128 + the signal), ``backup failed`` (exit 1), or the
+    error that stopped it (one line; with ``--json`` also a ``failed`` result).
+    """
     tag = RunTag.new()
     run = _Run(monitor, tag, req.job_id or tag.name, bitmap_node=req.node)
-    started = time.monotonic()
     result: dict[str, Any] = {
         "job-id": run.job_id,
         "node": req.node,
-        "target": str(final),
+        "target": os.path.abspath(req.target),
         "format": req.fmt,
-        "disk-size": size,
+        "disk-size": None,
     }
+    started = time.monotonic()
     try:
-        run.partial = create_partial(final, tag, size=size, fmt=req.fmt, backing=backing)
-        stop.check()
-        await _add_target_node(run, req.fmt)
-        stop.check()
-        await _start_job(run, req, start_bitmap_exists, out)
-        info = await _follow(run, req, stop, out)
-        if info["status"] == "pending":
-            stop.check()  # the last moment a signal still cancels the backup
-            commit(run.partial, final)
-            run.committed = True
-            await monitor.execute("job-finalize", {"id": run.job_id})
-            info = await runs.wait_concluded(monitor, run.job_id) or info
-        error = info.get("error")
-        if error is not None:
-            raise _JobFailed(str(error))
-        await monitor.execute("job-dismiss", {"id": run.job_id})
-        run.job_settled = True
-        run.bitmap_added = None  # it is the bitmap the user asked for now
-        await run.undo()  # the target node; the file is committed
+        info = await _make_backup(run, req, stop, out, result)
     except Stopped as stopped:
         await run.undo()
         result.update(status="cancelled", error=str(stopped))
         return _finish(out, result, run=run, started=started, code=stopped.exit_code)
     except _JobFailed as failed:
-        if run.committed:  # the job failed after its data was in: do not keep a doubtful file
-            final.unlink(missing_ok=True)
-            run.committed = False
         await run.undo()
         result.update(status="failed", error=str(failed))
         return _finish(out, result, run=run, started=started, code=EXIT_FAILED)
-    except DaemonGone as err:
+    except DaemonGone as gone:
         run.daemon_gone = True
         await run.undo()
-        raise DaemonGone(f"lost the connection to the daemon at {monitor.socket}") from err
+        error = gone
+        if run.connected:  # it was there: say that it went away (reported once, by the caller)
+            error = DaemonGone(f"lost the connection to the daemon at {monitor.socket}")
+        _report_failure(out, result, run, started, str(error))
+        raise error from None
+    except (CliError, ExecuteError) as err:
+        await run.undo()
+        _report_failure(out, result, run, started, str(err))
+        raise
     except BaseException:
         await run.undo()
-        _report_problems(out, run)
         raise
     result.update(
         status="completed",
         error=None,
         len=info.get("total-progress"),
         offset=info.get("current-progress"),
-        written=allocated(final),
+        written=allocated(Path(result["target"])),
     )
     return _finish(out, result, run=run, started=started, code=0)
+
+
+async def _make_backup(
+    run: _Run, req: BackupRequest, stop: StopSignals, out: Output, result: dict[str, Any]
+) -> dict[str, Any]:
+    """The steps (see the module docstring); the job's last entry once it concluded."""
+    monitor = run.monitor
+    await runs.clean_dead_runs(monitor, out.note)
+    nodes = await monitor.execute("query-named-block-nodes")
+    run.connected = True
+    source = _find_node(nodes, req.node)
+    size = int(source["image"]["virtual-size"])
+    result["disk-size"] = size
+    open_images = [OpenImage(str(n["node-name"]), str(n["file"])) for n in nodes if n.get("file")]
+    final = check_target(req.target, force=req.force, open_images=open_images, source=req.node)
+    backing = check_backing(req.backing, final) if req.backing else None
+    start_bitmap_exists = _check_start_bitmap(source, req)
+    stop.check()
+    run.partial = create_partial(final, run.tag, size=size, fmt=req.fmt, backing=backing)
+    stop.check()
+    await _add_target_node(run, req.fmt)
+    stop.check()
+    await _start_job(run, req, start_bitmap_exists, out)
+    info = await _follow(run, req, stop, out)
+    if info["status"] == "pending":
+        stop.check()  # the last moment a signal still cancels the backup
+        commit(run.partial, final)
+        run.committed = True
+        await monitor.execute("job-finalize", {"id": run.job_id})
+        info = await runs.wait_concluded(monitor, run.job_id) or info
+    error = info.get("error")
+    if error is not None:
+        if run.committed:  # it failed after its data was in: do not keep a doubtful file
+            final.unlink(missing_ok=True)
+        raise _JobFailed(str(error))
+    await monitor.execute("job-dismiss", {"id": run.job_id})
+    run.job_settled = True
+    run.bitmap_added = None  # it is the bitmap the user asked for now
+    await run.undo()  # the target node; the file is committed
+    return info
+
+
+def _report_failure(
+    out: Output, result: dict[str, Any], run: _Run, started: float, error: str
+) -> None:
+    """With ``--json``, a ``failed`` result for an error the caller reports as a line."""
+    if out.as_json:
+        result.update(status="failed", error=error)
+        result.setdefault("len", None)
+        result.setdefault("offset", None)
+        result.setdefault("written", 0)
+        result["seconds"] = round(time.monotonic() - started, 3)
+        out.emit_json(result)
+    _report_problems(out, run)
 
 
 class _JobFailed(Exception):

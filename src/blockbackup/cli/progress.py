@@ -81,9 +81,12 @@ class Output:
     def note(self, message: str) -> None:
         print(f"blockbackup backup: {message}", file=sys.stderr, flush=True)
 
+    def emit_json(self, result: dict[str, Any]) -> None:
+        print(json.dumps(result), flush=True)
+
     def result(self, result: dict[str, Any], node: str, target: str) -> None:
         if self.as_json:
-            print(json.dumps(result), flush=True)
+            self.emit_json(result)
         status = result["status"]
         if status == "completed":
             if not self.as_json:
