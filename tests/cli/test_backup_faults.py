@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ from testkit.backupcli import (
     serving,
     start,
     wait_until,
+)
+from testkit.backupcli import (
+    qmp as qmp_command,
 )
 
 
@@ -181,3 +185,47 @@ def test_a_full_disk_leaves_no_node_behind(
              check=False)  # fmt: skip
     assert "backup failed: No space left on device" in one_line(run.stderr)
     assert_clean(big_served.qmp, full_disk)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+@pytest.mark.parametrize("renamed", [True, False])
+def test_a_run_that_died_at_pending_keeps_the_bitmap_right(
+    served: Served, tmp_path: Path, renamed: bool
+) -> None:
+    """A run killed after its job reached 'pending': if the backup already has its name it
+    is complete, so the job is finalized (the bitmap forgets what it copied); if not, the
+    job is cancelled and the bitmap keeps every change for the next backup."""
+    qmp = served.qmp
+    bb("bitmaps", "--connect", qmp, "add", "disk", "nightly")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 3 0 64k", served.uri],
+                   check=True, capture_output=True)  # fmt: skip
+    tag = f"bb-{_dead_pid()}-abcdef"  # what the dead run named its job, node and file
+    final = tmp_path / "b.img"
+    partial = tmp_path / f".b.img.partial-{tag}"
+    with open(partial, "wb") as f:
+        f.truncate(16 * MiB)
+    file = {"driver": "file", "filename": str(partial)}
+    qmp_command(qmp, "blockdev-add", {"driver": "raw", "node-name": f"{tag}-target", "file": file})
+    qmp_command(qmp, "blockdev-backup", {
+        "job-id": tag, "device": "disk", "target": f"{tag}-target", "sync": "full",
+        "bitmap": "nightly", "bitmap-mode": "on-success",
+        "auto-finalize": False, "auto-dismiss": False,
+    })  # fmt: skip
+    wait_until(lambda: [j["status"] for j in jobs(qmp)] == ["pending"], "the job to be pending")
+    if renamed:
+        partial.rename(final)
+    run = bb("jobs", "--connect", qmp, "clean")
+    assert f"cleaned: job {tag} (pending), node {tag}-target" in run.stdout
+    rows = json.loads(bb("bitmaps", "--connect", qmp, "list", "--json").stdout)
+    assert [r["count"] for r in rows] == [0 if renamed else 65536]
+    assert final.exists() == renamed
+    if renamed:
+        assert final.read_bytes() == (tmp_path / "disk.img").read_bytes()
+    assert_clean(qmp, tmp_path)
