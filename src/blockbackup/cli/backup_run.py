@@ -120,20 +120,22 @@ class _Run:
     problems: list[str] = field(default_factory=list)
 
     async def undo(self) -> None:
-        """Take back what this run made (never interrupted: signals only set a flag)."""
+        """Take back what this run made and has not taken back yet (never interrupted:
+        signals only set a flag)."""
         if self.job_started and not self.job_settled:
             await self._step("the job", self._settle_job())
         if self.bitmap_added is not None:
             args = {"node": self.bitmap_node, "name": self.bitmap_added}
-            await self._step(
+            if await self._step(
                 f"bitmap {self.bitmap_added}",
                 self.monitor.execute("block-dirty-bitmap-remove", args),
-            )
-        if self.node_added:
-            await self._step(
-                f"node {self.tag.target_node}",
-                self.monitor.execute("blockdev-del", {"node-name": self.tag.target_node}),
-            )
+            ):
+                self.bitmap_added = None
+        if self.node_added and await self._step(
+            f"node {self.tag.target_node}",
+            self.monitor.execute("blockdev-del", {"node-name": self.tag.target_node}),
+        ):
+            self.node_added = False
         if self.partial is not None and not self.committed:
             try:
                 self.partial.unlink(missing_ok=True)
@@ -146,16 +148,19 @@ class _Run:
             await runs.settle_job(self.monitor, info)
         self.job_settled = True
 
-    async def _step(self, what: str, aw: Coroutine[Any, Any, Any]) -> None:
+    async def _step(self, what: str, aw: Coroutine[Any, Any, Any]) -> bool:
+        """Await one undo step; whether it is done (a daemon that is gone took it along)."""
         if self.daemon_gone:
             aw.close()
-            return
+            return True
         try:
             await aw
         except DaemonGone:
             self.daemon_gone = True
         except (ExecuteError, CliError) as err:
             self.problems.append(f"{what}: {err}")
+            return False
+        return True
 
 
 async def backup(monitor: Monitor, req: BackupRequest, stop: StopSignals, out: Output) -> int:
