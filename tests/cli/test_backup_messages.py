@@ -172,6 +172,28 @@ def test_a_full_monitor_backlog_is_a_busy_monitor_too(served: Served) -> None:
     assert (proc.returncode, out, err) == (0, "no jobs\n", "")
 
 
+@pytest.mark.parametrize("command", [["jobs"], ["bitmaps", "list"], ["backup", "disk", "b.img"]])
+def test_ctrl_c_while_waiting_for_the_monitor(tmp_path: Path, command: list[str]) -> None:
+    """A monitor that accepts but never greets (held by another client): Ctrl-C ends the
+    wait at once, rather than after --timeout."""
+    path = str(tmp_path / "qmp.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        proc = start(command[0], "--connect", path, "--timeout", "300", *command[1:])
+        try:
+            conn, _ = listener.accept()  # the command is waiting for its greeting now
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130
+    assert "(SIGINT)" in one_line(err)
+    assert not (tmp_path / "b.img").exists()
+
+
 # -- point 11: options that would do nothing are errors ------------------------------------
 
 

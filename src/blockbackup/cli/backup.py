@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         start_bitmap=args.start_bitmap,
         persistent=args.persistent,
     )
-    monitor = Monitor(args.connect, args.timeout)
 
     async def body(stop: StopSignals) -> int:
+        monitor = Monitor(args.connect, args.timeout, stop)
         request.check()
         return await backup(monitor, request, stop, Output(as_json=args.json))
 

@@ -42,9 +42,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    monitor = Monitor(args.connect, args.timeout)
-
     async def body(stop: StopSignals) -> int:
+        monitor = Monitor(args.connect, args.timeout, stop)
         return await bitmaps_command(
             monitor,
             args.action,

@@ -47,9 +47,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    monitor = Monitor(args.connect, args.timeout)
-
     async def body(stop: StopSignals) -> int:
+        monitor = Monitor(args.connect, args.timeout, stop)
         if args.action in ("cancel", "dismiss") and args.id is None:
             raise UsageError(f"jobs {args.action} needs the job's ID")
         if args.action in ("list", "clean") and args.id is not None:

@@ -25,9 +25,11 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -93,11 +95,13 @@ class Monitor:
 
     socket: str
     timeout: float = DEFAULT_TIMEOUT
+    #: Signals that may interrupt waiting for the monitor (nothing was asked of it yet).
+    stop: StopSignals | None = None
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[QMPClient]:
         """One connection, closed on the way out whatever happens inside."""
-        client = await connect(self.socket, self.timeout)
+        client = await connect(self.socket, self.timeout, self.stop)
         try:
             yield client
         finally:
@@ -177,6 +181,27 @@ class StopSignals:
             return
         self.check()
 
+    async def interrupt(self, aw: Awaitable[T]) -> T:
+        """Await ``aw``, cancelled if a signal comes first (then raise :class:`Stopped`).
+
+        Only for awaits with no effect to undo (waiting for a monitor); once a signal was
+        received, ``aw`` is awaited plainly: what runs then is the undoing itself.
+        """
+        if self.signum is not None:
+            return await aw
+        task = asyncio.ensure_future(aw)
+        signalled = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.wait({task, signalled})
+        if task.cancelled():
+            self.check()
+        return task.result()
+
 
 def run_command(
     name: str, body: Callable[[StopSignals], Awaitable[int]], *, verbose: bool = False
@@ -206,20 +231,24 @@ def run_command(
         return EXIT_FAILED
 
 
-async def connect(socket: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
+async def connect(
+    socket: str, timeout: float = DEFAULT_TIMEOUT, stop: StopSignals | None = None
+) -> QMPClient:
     """A connected client (the caller disconnects it); errors as :class:`CliError`.
 
     A monitor listens with a backlog of one: while it serves a client, one more waits in
     the backlog and the next connect fails with EAGAIN, which asyncio reports as a
     connection made (the first read then fails with EINVAL). Both mean "busy": try again
-    until ``timeout``, as for a greeting that does not come.
+    until ``timeout``, as for a greeting that does not come. A signal in ``stop`` ends the
+    wait (:class:`Stopped`).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         client = QMPClient("blockbackup")
         try:
-            await asyncio.wait_for(client.connect(socket), max(deadline - loop.time(), 0))
+            attempt = asyncio.wait_for(client.connect(socket), max(deadline - loop.time(), 0))
+            await (stop.interrupt(attempt) if stop is not None else attempt)
             return client
         except TimeoutError:
             raise _held(socket, timeout) from None
@@ -228,7 +257,7 @@ async def connect(socket: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
                 raise DaemonGone(f"cannot connect to {socket}: {_connect_reason(err)}") from None
             if loop.time() >= deadline:
                 raise _held(socket, timeout) from None
-        await asyncio.sleep(BUSY_RETRY)
+        await (stop.wait(BUSY_RETRY) if stop is not None else asyncio.sleep(BUSY_RETRY))
 
 
 def _held(socket: str, timeout: float) -> CliError:
