@@ -54,9 +54,9 @@ def test_a_signal_cancels_the_backup_and_leaves_nothing(
     rng = random.Random(f"{sig.name}")
     for run in range(3):
         target = tmp_path / f"backup-{run}.img"
-        point = rng.uniform(0.0, 0.8)  # how far the copy got when the signal comes
+        point = rng.uniform(0.0, 0.6)  # how far the copy got when the signal comes
         proc = start("backup", "--connect", served.qmp, "disk", str(target),
-                     "--speed", "8M", "--json")  # fmt: skip
+                     "--speed", "4M", "--json")  # fmt: skip
         try:
             wait_until(lambda p=point: running_job(served.qmp, p), f"{point:.0%} of a backup")
             proc.send_signal(sig)
