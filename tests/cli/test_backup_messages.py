@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from testkit.backupcli import (
     MiB,
     Served,
     assert_clean,
+    assert_no_noise,
     bb,
     one_line,
     partials,
@@ -192,6 +194,26 @@ def test_ctrl_c_while_waiting_for_the_monitor(tmp_path: Path, command: list[str]
     assert proc.returncode == 130
     assert "(SIGINT)" in one_line(err)
     assert not (tmp_path / "b.img").exists()
+
+
+def test_ctrl_c_while_the_command_starts(tmp_path: Path) -> None:
+    """Ctrl-C at any moment of start-up, even while the modules load: exit 130 (or the
+    signal itself, before Python handles any), never a traceback."""
+    path = str(tmp_path / "qmp.sock")
+    with socket.socket(socket.AF_UNIX) as listener:  # a monitor that never greets
+        listener.bind(path)
+        listener.listen(8)
+        for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6):
+            proc = start("jobs", "--connect", path, "--timeout", "300")
+            time.sleep(delay)  # not a wait for something: where in start-up the signal lands
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.returncode in (130, -signal.SIGINT), err
+            assert_no_noise(err)
 
 
 # -- point 11: options that would do nothing are errors ------------------------------------
