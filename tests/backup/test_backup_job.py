@@ -510,11 +510,25 @@ async def test_source_in_use_while_backing_up(env: Env) -> None:
     await env.bb.graph.delete("src")
 
 
-async def test_cluster_size_warning_for_raw_target(
+async def test_no_cluster_size_warning_for_a_raw_file_target(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A file answers "no clusters" (QEMU's file-posix does): qemu-storage-daemon 7.2
+    prints no block-size warning for a raw target over a file, and neither do we."""
     with caplog.at_level(logging.WARNING):
         job = await env.bb.backup("src", "tgt")
+    assert "block size" not in caplog.text
+    assert job.block_copy.cluster_size == 65536
+    await env.bb.wait(job)
+
+
+async def test_cluster_size_warning_for_a_target_without_cluster_information(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """null-co has no cluster information at all: QEMU 7.2 warns, with this text."""
+    await env.bb.blockdev_add({"driver": "null-co", "node-name": "null", "size": SIZE})
+    with caplog.at_level(logging.WARNING):
+        job = await env.bb.backup("src", "null")
     assert "The default block size of 65536 bytes is used" in caplog.text
     assert job.block_copy.cluster_size == 65536
     await env.bb.wait(job)

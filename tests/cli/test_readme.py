@@ -147,7 +147,6 @@ def test_simple_way_in(tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img and qemu-io")
-@pytest.mark.xfail(strict=True, reason="needs #12.4 and cli --start-bitmap persistent")
 def test_nightly_routine_survives_a_restart_of_serve(tmp_path: Path) -> None:
     """ "A nightly routine", with serve stopped (SIGTERM) and started again after the full
     backup, as a reboot or an upgrade would: each incremental, read through its backing

@@ -3,35 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 from typing import Any
 
-from qemu.qmp import ExecuteError
 from rich.console import Console
 from rich.table import Table
 
-from blockbackup.cli.qmpclient import EXIT_FAILED, ExecuteErrorLike, qmp
-from blockbackup.cli.sizes import parse_size
+from blockbackup.cli.qmpclient import (
+    Monitor,
+    StopSignals,
+    UsageError,
+    add_connect_argument,
+    run_command,
+)
+from blockbackup.cli.sizes import format_size, parse_size
 
 
 def add_parser(sub: Any) -> None:
-    bitmaps = sub.add_parser("bitmaps", help="list, add or remove dirty bitmaps")
-    bitmaps.add_argument("--connect", required=True, metavar="QMP_SOCKET")
+    bitmaps = sub.add_parser(
+        "bitmaps",
+        help="list, add or remove dirty bitmaps",
+        description="Dirty bitmaps: what changed on a node since a point in time, for "
+        "incremental backups (`blockbackup backup --start-bitmap` starts one at a backup's "
+        "point in time). list [NODE]: the bitmaps (of NODE). add NODE NAME, remove NODE NAME.",
+    )
+    add_connect_argument(bitmaps)
     bitmaps.add_argument("action", choices=("list", "add", "remove"))
-    bitmaps.add_argument("node", nargs="?", metavar="NODE")
-    bitmaps.add_argument("name", nargs="?", metavar="NAME")
-    bitmaps.add_argument("--persistent", action="store_true")
-    bitmaps.add_argument("--granularity", type=parse_size)
+    bitmaps.add_argument("node", nargs="?", metavar="NODE", help="the node (see `backup -h`)")
+    bitmaps.add_argument("name", nargs="?", metavar="NAME", help="the bitmap's name")
+    bitmaps.add_argument(
+        "--persistent", action="store_true", help="add: keep it across daemon restarts"
+    )
+    bitmaps.add_argument(
+        "--granularity", type=parse_size, metavar="SIZE", help="add: bytes per bit"
+    )
     bitmaps.add_argument("--json", action="store_true", help="print JSON")
     bitmaps.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(
-        bitmaps_command(
-            args.connect,
+    async def body(stop: StopSignals) -> int:
+        monitor = Monitor(args.connect, args.timeout, stop)
+        return await bitmaps_command(
+            monitor,
             args.action,
             args.node,
             args.name,
@@ -39,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             as_json=args.json,
         )
-    )
+
+    return run_command("bitmaps", body, verbose=args.verbose)
 
 
 async def bitmaps_command(
-    socket: str,
+    monitor: Monitor,
     action: str,
     node: str | None,
     name: str | None,
@@ -53,41 +68,49 @@ async def bitmaps_command(
     as_json: bool = False,
 ) -> int:
     """``blockbackup bitmaps list|add|remove``."""
-    try:
-        if action == "list":
-            (nodes,) = await qmp(socket, ("query-named-block-nodes", None))
-            rows = [
-                {"node": n["node-name"], **bm}
-                for n in nodes
-                if node in (None, n["node-name"])
-                for bm in n.get("dirty-bitmaps", [])
-            ]
-            if as_json:
-                print(json.dumps(rows))
-                return 0
-            table = Table("node", "name", "granularity", "dirty", "recording", "persistent", "busy")
-            for r in rows:
-                table.add_row(
-                    r["node"], r["name"], str(r["granularity"]), str(r["count"]),
-                    str(r["recording"]), str(r["persistent"]), str(r["busy"]),
-                )  # fmt: skip
-            Console().print(table)
-            return 0
-        if node is None or name is None:
-            print(f"blockbackup bitmaps {action}: NODE and NAME are required", file=sys.stderr)
-            return EXIT_FAILED
-        args: dict[str, Any] = {"node": node, "name": name}
-        if action == "add":
-            args["persistent"] = persistent
-            if granularity is not None:
-                args["granularity"] = granularity
-        await qmp(socket, (f"block-dirty-bitmap-{action}", args))
-        if as_json:
-            print(json.dumps({"return": {}}))
+    if action != "add" and (persistent or granularity is not None):
+        raise UsageError("--persistent and --granularity only apply to `bitmaps add`")
+    if action == "list":
+        if name is not None:
+            raise UsageError("bitmaps list takes at most a NODE")
+        return await _list(monitor, node, as_json=as_json)
+    if node is None or name is None:
+        raise UsageError(f"bitmaps {action} needs NODE and NAME")
+    args: dict[str, Any] = {"node": node, "name": name}
+    if action == "add":
+        args["persistent"] = persistent
+        if granularity is not None:
+            args["granularity"] = granularity
+    await monitor.execute(f"block-dirty-bitmap-{action}", args)
+    if as_json:
+        print(json.dumps({"return": {}}))
+    return 0
+
+
+async def _list(monitor: Monitor, node: str | None, *, as_json: bool) -> int:
+    nodes = await monitor.execute("query-named-block-nodes")
+    rows = [
+        {"node": n["node-name"], **bm}
+        for n in nodes
+        if node in (None, n["node-name"])
+        for bm in n.get("dirty-bitmaps", [])
+    ]
+    if as_json:
+        print(json.dumps(rows))
         return 0
-    except (ExecuteError, ExecuteErrorLike) as exc:
-        print(f"blockbackup bitmaps: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:
-        print(f"blockbackup bitmaps: cannot connect to {socket}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    if not rows:
+        print(f"no bitmaps on {node}" if node else "no bitmaps")
+        return 0
+    table = Table("node", "name", "granularity", "dirty", "recording", "persistent", "busy")
+    for r in rows:
+        table.add_row(
+            r["node"],
+            r.get("name", "(successor)"),
+            format_size(r["granularity"]),
+            format_size(r["count"]),
+            str(r.get("recording", "")),
+            str(r.get("persistent", "")),
+            str(r.get("busy", "")),
+        )
+    Console().print(table)
+    return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from blockbackup.cli.exitcodes import EXIT_INTERRUPTED
+
 __all__ = ["Daemonized", "daemonize"]
 
 _READY = b"\0"
@@ -55,7 +57,7 @@ def daemonize() -> Daemonized | int:
         with os.fdopen(read_end, "rb") as pipe:
             ready = pipe.read(1) == _READY
     except KeyboardInterrupt:  # the daemon, in its own session, goes on starting
-        return 130
+        return EXIT_INTERRUPTED
     if ready:
         return 0
     _, status = os.waitpid(pid, 0)

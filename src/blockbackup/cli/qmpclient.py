@@ -1,60 +1,276 @@
-"""What every QMP-client subcommand shares: short connections, error reporting, Ctrl-C.
+"""What every QMP-client subcommand shares: short connections, one-line errors, signals.
 
 The commands are plain QMP clients (QEMU's own ``qemu.qmp``): they work against blockbackup
 and against qemu-storage-daemon alike.
+
+Why short connections with a timeout: a monitor serves one client at a time (like a QEMU
+chardev socket), and a second client is accepted only when the first hangs up. So the
+commands never hold the monitor longer than a query (``jobs`` keeps working while a backup
+runs), and a monitor that another client holds shows up as a greeting that never comes:
+after ``timeout`` seconds the command says so instead of hanging without a word.
+
+Why signals only set a flag (:class:`StopSignals`): cancelling a task in the middle of a
+``qemu.qmp`` call leaves the library's reader and writer tasks half torn down (``Task was
+destroyed but it is pending!``). A command polls :meth:`StopSignals.wait` between calls
+instead and undoes what it created, with every connection closed in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import signal
-from typing import Any
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+from blockbackup.cli.exitcodes import EXIT_FAILED, EXIT_USAGE
+
+T = TypeVar("T")
+
+#: Seconds to wait for a monitor's greeting (another client may hold the monitor).
+DEFAULT_TIMEOUT = 10.0
+#: Seconds between two tries to get into a monitor's full backlog.
+BUSY_RETRY = 0.05
+#: The signals that stop a command: Ctrl-C, ``kill``, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def connect(socket: str) -> QMPClient:
-    client = QMPClient("blockbackup")
-    await client.connect(socket)
-    return client
+class CliError(Exception):
+    """A failure reported as one line on stderr, after the command's name."""
+
+    exit_code = EXIT_FAILED
 
 
-class ExecuteErrorLike(Exception):
-    """A failure before or around a QMP command, reported like the command's own error."""
+class DaemonGone(CliError):
+    """The daemon cannot be reached (no socket, refused, hung up): whatever it held went
+    with it, so there is nothing left there to clean up."""
+
+
+class UsageError(CliError):
+    """Options that cannot work together, or do nothing (exit 2, like argparse)."""
+
+    exit_code = EXIT_USAGE
+
+
+class Stopped(Exception):
+    """A signal asked the command to stop (raised at a point where that is safe)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def add_connect_argument(parser: Any) -> None:
+    """``--connect`` and ``--timeout``, worded the same for every command."""
+    parser.add_argument(
+        "--connect",
+        required=True,
+        metavar="QMP_SOCKET",
+        help="the daemon's QMP monitor socket: the path `blockbackup serve` prints as "
+        "'QMP monitor' (or a qemu-storage-daemon --chardev socket path)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the monitor when another client holds it "
+        f"(default: {DEFAULT_TIMEOUT:g})",
+    )
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """A daemon's QMP monitor: where it listens and how long to wait for it."""
+
+    socket: str
+    timeout: float = DEFAULT_TIMEOUT
+    #: Signals that may interrupt waiting for the monitor (nothing was asked of it yet).
+    stop: StopSignals | None = None
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[QMPClient]:
+        """One connection, closed on the way out whatever happens inside."""
+        client = await connect(self.socket, self.timeout, self.stop)
+        try:
+            yield client
+        finally:
+            await _disconnect(client)
+
+    async def run(self, *commands: tuple[str, dict[str, Any] | None]) -> list[Any]:
+        """Run ``commands`` in order on one short connection; their return values."""
+        async with self.session() as client:
+            try:
+                return [await client.execute(name, args) for name, args in commands]
+            except (ExecInterruptedError, StateError, EOFError, OSError) as err:
+                raise DaemonGone(f"lost the connection to the daemon at {self.socket}") from err
+
+    async def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        (result,) = await self.run((name, args))
+        return result
+
+
+def _connect_reason(err: ConnectError) -> str:
+    cause = err.exc
+    if isinstance(cause, FileNotFoundError):
+        return "no such socket (is the daemon running? `blockbackup serve` prints the path)"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused (the daemon that made this socket is gone)"
+    if isinstance(cause, ConnectionResetError | BrokenPipeError):
+        return "the daemon hung up (it is gone, or shutting down)"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    if isinstance(cause, EOFError):
+        return "the daemon hung up before its greeting"
+    return str(cause) or type(cause).__name__
+
+
+async def _disconnect(client: QMPClient) -> None:
+    """Hang up. ``disconnect`` re-raises whatever ended the connection's reader or writer
+    (the daemon went away, a protocol error): that was reported by the call that saw it, or
+    does not matter once the answers are in."""
+    try:
+        await client.disconnect()
+    except Exception:  # see the docstring; CancelledError is not caught
+        pass
+
+
+def quiet_library_logs(verbose: bool) -> None:
+    """``qemu.qmp`` logs every connect failure itself: the command says it once, itself."""
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP while a command runs: the first one is remembered, and
+    the command stops at its next :meth:`check` or :meth:`wait`. Later ones change nothing:
+    the command is already undoing what it made."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._event = asyncio.Event()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self._event.set()
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+    async def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a signal comes: then raise :class:`Stopped`."""
+        try:
+            await asyncio.wait_for(self._event.wait(), seconds)
+        except TimeoutError:
+            return
+        self.check()
+
+    async def interrupt(self, aw: Awaitable[T]) -> T:
+        """Await ``aw``, cancelled if a signal comes first (then raise :class:`Stopped`).
+
+        Only for awaits with no effect to undo (waiting for a monitor); once a signal was
+        received, ``aw`` is awaited plainly: what runs then is the undoing itself.
+        """
+        if self.signum is not None:
+            return await aw
+        task = asyncio.ensure_future(aw)
+        signalled = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.wait({task, signalled})
+        if task.cancelled():
+            self.check()
+        return task.result()
+
+
+def run_command(
+    name: str, body: Callable[[StopSignals], Awaitable[int]], *, verbose: bool = False
+) -> int:
+    """Run a command's ``body``; every failure becomes one line on stderr and an exit code.
+
+    ``body`` gets the :class:`StopSignals`; a :class:`Stopped` that escapes it exits with
+    128 + the signal's number (130 for Ctrl-C).
+    """
+    quiet_library_logs(verbose)
+
+    async def main() -> int:
+        stop = StopSignals()
+        stop.install()
+        return await body(stop)
+
+    try:
+        return asyncio.run(main())
+    except Stopped as stopped:
+        print(f"blockbackup {name}: interrupted ({stopped})", file=sys.stderr)
+        return stopped.exit_code
+    except CliError as err:
+        print(f"blockbackup {name}: {err}", file=sys.stderr)
+        return err.exit_code
+    except ExecuteError as err:
+        print(f"blockbackup {name}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+async def connect(
+    socket: str, timeout: float = DEFAULT_TIMEOUT, stop: StopSignals | None = None
+) -> QMPClient:
+    """A connected client (the caller disconnects it); errors as :class:`CliError`.
+
+    A monitor listens with a backlog of one: while it serves a client, one more waits in
+    the backlog and the next connect fails with EAGAIN, which asyncio reports as a
+    connection made (the first read then fails with EINVAL). Both mean "busy": try again
+    until ``timeout``, as for a greeting that does not come. A signal in ``stop`` ends the
+    wait (:class:`Stopped`).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        client = QMPClient("blockbackup")
+        try:
+            attempt = asyncio.wait_for(client.connect(socket), max(deadline - loop.time(), 0))
+            await (stop.interrupt(attempt) if stop is not None else attempt)
+            return client
+        except TimeoutError:
+            raise _held(socket, timeout) from None
+        except ConnectError as err:
+            if not _busy(err):
+                raise DaemonGone(f"cannot connect to {socket}: {_connect_reason(err)}") from None
+            if loop.time() >= deadline:
+                raise _held(socket, timeout) from None
+        await (stop.wait(BUSY_RETRY) if stop is not None else asyncio.sleep(BUSY_RETRY))
+
+
+def _held(socket: str, timeout: float) -> CliError:
+    return CliError(
+        f"{socket}: another client holds the monitor (no greeting within {timeout:g} s); "
+        "try again when it is done"
+    )
+
+
+def _busy(err: ConnectError) -> bool:
+    return isinstance(err.exc, OSError) and err.exc.errno in (errno.EAGAIN, errno.EINVAL)
 
 
 async def qmp(socket: str, *commands: tuple[str, dict[str, Any] | None]) -> list[Any]:
-    """Run commands on a short connection: a monitor serves one client at a time, so the
-    backup command never holds it longer than a query (``jobs`` keeps working meanwhile)."""
-    client = await connect(socket)
-    try:
-        return [await client.execute(name, args) for name, args in commands]
-    finally:
-        await client.disconnect()
-
-
-class suppress_execute_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, ExecuteError | ConnectionError | EOFError)
-
-
-def run_interruptible(coro: Any) -> int:
-    """Run ``coro``; Ctrl-C cancels it (the backup then cancels its job) and exits 130."""
-
-    async def main() -> int:
-        task = asyncio.ensure_future(coro)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, task.cancel)
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            return int(await task)
-        except asyncio.CancelledError:
-            return EXIT_INTERRUPTED
-
-    return asyncio.run(main())
+    """Run ``commands`` on one short connection (see :meth:`Monitor.run`)."""
+    return await Monitor(socket).run(*commands)

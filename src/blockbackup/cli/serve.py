@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from blockbackup.cli.daemonize import Daemonized, daemonize
+from blockbackup.cli.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED
 from blockbackup.cli.imageformat import SERVABLE, probe, qcow2_other_files, read_header
 from blockbackup.cli.imagelock import ImageLock
 from blockbackup.cli.pidfile import PidFile
-from blockbackup.cli.qmpclient import EXIT_FAILED, EXIT_INTERRUPTED
 from blockbackup.cli.rundir import RunDir
 from blockbackup.cli.serveerror import ServeError
 

@@ -209,7 +209,9 @@ class FileDriver(BlockDriver):
         self._no_flush = node.config.no_flush
         self._can_punch = True
         self._can_zero_range = True
-        self.limits = Limits(request_alignment=DIRECT_ALIGNMENT if direct else 1)
+        # cluster_size=0: a file has no clusters and says so (QEMU's file-posix answers
+        # bdrv_get_info), so a raw backup target gets no "block size" warning, as in QEMU.
+        self.limits = Limits(request_alignment=DIRECT_ALIGNMENT if direct else 1, cluster_size=0)
         #: Small buffered writes may run on the loop thread (see the module docstring).
         self._inline_writes = not direct
         #: ``time.monotonic()`` before which writes go to the pool (after a slow one).
