@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ class _Run:
     async def undo(self) -> None:
         """Take back what this run made and has not taken back yet (never interrupted:
         signals only set a flag)."""
+        self.monitor = replace(self.monitor, stop=None)  # undoing is never interrupted
         if self.job_started and not self.job_settled:
             await self._step("the job", self._settle_job())
         if self.bitmap_added is not None:

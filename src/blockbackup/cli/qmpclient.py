@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import signal
 import sys
@@ -184,11 +185,14 @@ class StopSignals:
     async def interrupt(self, aw: Awaitable[T]) -> T:
         """Await ``aw``, cancelled if a signal comes first (then raise :class:`Stopped`).
 
-        Only for awaits with no effect to undo (waiting for a monitor); once a signal was
-        received, ``aw`` is awaited plainly: what runs then is the undoing itself.
+        Only for awaits with no effect to undo (waiting for a monitor). A signal that came
+        before the call stops it at once; undoing is never interrupted because it runs
+        with no :class:`StopSignals` at all (see ``Monitor.stop``).
         """
         if self.signum is not None:
-            return await aw
+            if inspect.iscoroutine(aw):
+                aw.close()
+            self.check()
         task = asyncio.ensure_future(aw)
         signalled = asyncio.ensure_future(self._event.wait())
         try:
