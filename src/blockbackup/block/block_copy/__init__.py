@@ -42,63 +42,59 @@ import errno
 import logging
 import mmap
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockbackup._aio import background_io, in_background, without_inline_yields
 from blockbackup.block.bitmap import Bitmap
+from blockbackup.block.block_copy import tunables
+from blockbackup.block.block_copy.state import (
+    NO_CLUSTER_INFO_WARNING,
+    CopyState,
+    backup_cluster_size,
+)
+from blockbackup.block.block_copy.tunables import (
+    BACKOFF_WORKERS,
+    COPY_PIECE,
+    DROP_BEHIND,
+    GUEST_RECENT,
+    MAX_BUFFER,
+    MAX_COPY_RANGE,
+    MAX_MEMORY,
+    MAX_WORKERS,
+    MIN_CLUSTER_SIZE,
+)
 from blockbackup.block.copy_range import SourceReadError
 from blockbackup.block.driver import Extent, Status, WriteFlags
 from blockbackup.block.ratelimit import RateLimit
-from blockbackup.block.reqlist import ReqList, Request
+from blockbackup.block.reqlist import Request
 
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode
 
+__all__ = [
+    "BACKOFF_WORKERS",
+    "COPY_PIECE",
+    "DROP_BEHIND",
+    "GUEST_RECENT",
+    "MAX_BUFFER",
+    "MAX_COPY_RANGE",
+    "MAX_MEMORY",
+    "MAX_WORKERS",
+    "MIN_CLUSTER_SIZE",
+    "NO_CLUSTER_INFO_WARNING",
+    "BackgroundSettings",
+    "BlockCopy",
+    "CopyError",
+    "backup_cluster_size",
+]
+
 log = logging.getLogger(__name__)
 
-MIN_CLUSTER_SIZE = 64 * 1024
-MAX_WORKERS = 64
-MAX_MEMORY = 128 * 1024 * 1024
-MAX_BUFFER = 1024 * 1024
-MAX_COPY_RANGE = 16 * 1024 * 1024
-#: Read + write between local files go through a buffer this size, a piece at a time: it
-#: stays in the CPU cache between the read and the write, and each write holds the target
-#: file's lock briefly, so a guest's copy-before-write to the same file never waits long.
-COPY_PIECE = 128 * 1024
-#: Background chunks allowed in flight while guest copy-before-writes are active: enough to
-#: keep the backup moving under a constant guest load, few enough not to crowd the guest.
-BACKOFF_WORKERS = 1
-#: Seconds after a guest's copy-before-write during which the background stays backed off.
-GUEST_RECENT = 0.05
-#: Data copied to the target between two drop-behinds (see :meth:`BlockCopy._drop_behind`).
-DROP_BEHIND = 64 * 1024 * 1024
 
-_DATA = Status.ALLOCATED | Status.DATA
-
-NO_CLUSTER_INFO_WARNING = (
-    "warning: The target block device doesn't provide information about the block size and "
-    "it doesn't have a backing file. The default block size of 65536 bytes is used. If the "
-    "actual block size of the target exceeds this default, the backup may be unusable"
-)
-
-
-def backup_cluster_size(
-    target: BlockNode, min_cluster_size: int = 0, warn: Callable[[str], None] | None = None
-) -> int:
-    """QEMU's rule: the largest of 64 KiB, ``min_cluster_size`` and the target's cluster size.
-
-    A target with no cluster information and no backing file gets a warning (it might have
-    a larger block size that a partial-cluster copy would corrupt).
-    """
-    minimum = max(MIN_CLUSTER_SIZE, min_cluster_size)
-    cluster = target.cluster_size
-    if cluster is None:
-        if target.backing() is None and warn is not None:
-            warn(NO_CLUSTER_INFO_WARNING)
-        return minimum
-    return max(minimum, cluster)
+#: The status of an area read as data, with no block-status call.
+DATA_STATUS = Status.ALLOCATED | Status.DATA
 
 
 class CopyError(Exception):
@@ -134,15 +130,11 @@ class _ByteBudget:
 class BackgroundSettings:
     """Knobs of one background pass (QEMU's ``x-perf``)."""
 
-    max_workers: int = MAX_WORKERS
+    max_workers: int = tunables.MAX_WORKERS
     max_chunk: int = 0  # 0: no cap beyond the method's own chunk size
 
 
-#: Guest copies use the default chunk size (no ``x-perf`` knobs).
-_GUEST_SETTINGS = BackgroundSettings()
-
-
-class BlockCopy:
+class BlockCopy(CopyState):
     """Copies clusters of ``source`` to the same offsets of ``target``, each exactly once."""
 
     def __init__(
@@ -155,42 +147,16 @@ class BlockCopy:
         use_copy_range: bool = False,
         compress: bool = False,
         skip_unallocated: bool = False,
-        memory_limit: int = MAX_MEMORY,
+        memory_limit: int = tunables.MAX_MEMORY,
     ) -> None:
-        self.source = source
-        self.target = target
-        self.cluster_size = cluster_size
-        if to_copy is None:
-            to_copy = Bitmap(source.size, cluster_size)
-            to_copy.fill()
-        elif to_copy.granularity != cluster_size:
-            converted = Bitmap(source.size, cluster_size)
-            converted.merge(to_copy)
-            to_copy = converted
-        self.copy_bitmap = to_copy
-        self.reqs = ReqList()
+        super().__init__(source, target, cluster_size, to_copy=to_copy)
         self.use_copy_range = use_copy_range
         self.compress = compress
         self.skip_unallocated = skip_unallocated
         #: Discard each range of the source once it is copied (QEMU's ``discard-source``).
         self.discard_source = False
-        self.bytes_done = 0
-        self.bytes_skipped = 0
-        #: Bytes of data (not zeroes) written to the target, and that count at the last
-        #: drop-behind.
-        self.data_copied = 0
-        self._dropped_at = 0
-        self._dropping: asyncio.Task[None] | None = None
         self._budget = _ByteBudget(memory_limit)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._guest_copies = 0
-        self._guests_idle = asyncio.Event()
-        self._guests_idle.set()
-        #: ``time.monotonic()`` when a guest write last needed a copy, and last came by.
-        self._last_guest_copy = -GUEST_RECENT
-        self._last_guest_write = -GUEST_RECENT
-        self._kick = asyncio.Event()
-        self._zeroes = bytes(max(MAX_BUFFER, cluster_size))
+        self._zeroes = bytes(max(tunables.MAX_BUFFER, cluster_size))
         #: Copy between local files in one blocking call through reused buffers: both
         #: sides are plain files (until a copy says otherwise).
         self._between_files = source.fd_map(0) is not None and target.fd_map(0) is not None
@@ -198,319 +164,32 @@ class BlockCopy:
         #: told to spare the storage (``cache.no-flush``), nor without a page cache.
         self._early_writeback = target.early_writeback()
         self._buffers: list[mmap.mmap] = []
+        self._buffers_kept = max(1, memory_limit // tunables.COPY_PIECE)
+        #: ``data_copied`` at the last drop-behind, and the drop in flight.
+        self._dropped_at = 0
+        self._dropping: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
         #: The source's status over the last extent the background looked up (see
         #: :meth:`_widen_over_zeroes`).
         self._known_status: Extent | None = None
-        self._buffers_kept = max(1, memory_limit // COPY_PIECE)
-        #: Called whenever a region is done or skipped (progress reporting).
-        self.on_progress: Callable[[], None] | None = None
-        #: Called with (offset, length) when a region's T0 content is on the target, before
-        #: its claim is released (so whoever waited for the claim sees it done).
-        self.on_copied: Callable[[int, int], None] | None = None
 
-    # -- progress ----------------------------------------------------------------------------
+    # -- what the methods can do -------------------------------------------------------------
 
-    @property
-    def bytes_remaining(self) -> int:
-        """Bytes still to copy: dirty in the bitmap or in flight."""
-        return self.copy_bitmap.dirty_bytes() + self.reqs.bytes_in_flight
-
-    @property
-    def guest_copies_active(self) -> int:
-        return self._guest_copies
-
-    def kick(self) -> None:
-        """Wake a background pass sleeping on the rate limit (the speed changed)."""
-        self._kick.set()
-
-    # -- claiming ----------------------------------------------------------------------------
-
-    def _claim(self, offset: int, length: int) -> Request:
-        self.copy_bitmap.reset(offset, length)
-        return self.reqs.add(offset, length)
-
-    async def reset(self, offset: int, length: int) -> None:
-        """Never copy the clusters of ``[offset, offset+length)`` (cluster-aligned).
-
-        Returns when none of them is dirty or in flight (an in-flight copy may fail and
-        set its bits again: they are cleared again once it is over).
-        """
-        while True:
-            self.copy_bitmap.reset(offset, length)
-            conflict = self.reqs.find_conflict(offset, length)
-            if conflict is None:
-                return
-            await conflict.wait()
-
-    def _cluster_range(self, offset: int, length: int) -> tuple[int, int]:
-        start = offset - offset % self.cluster_size
-        end = min(-(-(offset + length) // self.cluster_size) * self.cluster_size, self.source.size)
-        return start, end
-
-    # -- the guest path ----------------------------------------------------------------------
-
-    def admit_write(
-        self, offset: int, length: int, timeout: float | None = None
-    ) -> Coroutine[Any, Any, None] | None:
-        """The copy-before-write of a guest write of ``[offset, offset+length)``, admitted.
-
-        None when every cluster the write touches is copied: already, or just now from
-        the page cache (:meth:`_copy_now`), with no task and no loop iteration for the
-        guest. Otherwise the coroutine that copies the rest: it returns when all of them
-        are on the target and raises ``CopyError`` if a copy failed, ``TimeoutError`` if
-        ``timeout`` (seconds) passed first (the copies go on). It holds nothing until it
-        runs (the clusters not copied are still dirty), so it may be closed unrun.
-        """
-        if self._copied_now(offset, length):
-            return None
-        return self._copy_before_write(offset, length, timeout)
-
-    async def _copy_before_write(self, offset: int, length: int, timeout: float | None) -> None:
-        if not self.needs_copy(offset, length):
-            return  # copied already, nothing in flight: most guest writes during a backup
-        start, end = self._cluster_range(offset, length)
-        self._guest_copies += 1
-        self._guests_idle.clear()
-        self._last_guest_copy = time.monotonic()
-        try:
-            if timeout is None:
-                with without_inline_yields():  # the guest write yields soon anyway
-                    await self._copy_all(start, end, own_task=False)
-            else:
-                async with asyncio.timeout(timeout):
-                    await self._copy_all(start, end, own_task=True)
-        finally:
-            self._guest_copies -= 1
-            if self._guest_copies == 0:
-                self._guests_idle.set()
-
-    def _copied_now(self, offset: int, length: int) -> bool:
-        """Whether every cluster the write touches is copied, trying the copies inline.
-
-        False, with the clusters not copied still dirty, when one is in flight or cannot
-        be copied at once (not cached, a target that must wait, zeroes, a block status or
-        a source discard to do).
-        """
-        if not self.needs_copy(offset, length):
-            return True
-        start, end = self._cluster_range(offset, length)
-        if (
-            self.skip_unallocated
-            or self.discard_source
-            or self.reqs.find_conflict(start, end - start) is not None
-        ):
-            return False
-        self._last_guest_copy = time.monotonic()
-        while (area := self.copy_bitmap.next_dirty_area(start, end, end - start)) is not None:
-            # Claimed by clearing the bits alone: nothing awaits before they are final.
-            area_offset, area_length = area
-            self.copy_bitmap.reset(area_offset, area_length)
-            try:
-                copied = self._copy_now(area_offset, area_length)
-            except CopyError:
-                copied = False  # the awaiting call tries again and reports it
-            if not copied:
-                self.copy_bitmap.set(area_offset, area_length)
-                return False
-            self.bytes_done += area_length
-            self.data_copied += area_length
-            if self.on_copied is not None:
-                self.on_copied(area_offset, area_length)
-            if self.on_progress is not None:
-                self.on_progress()
-        return True
-
-    def needs_copy(self, offset: int, length: int) -> bool:
-        """Whether a guest write of this range must wait for a copy (:meth:`admit_write`).
-
-        False when every cluster it touches is copied and none is in flight: the write may
-        go ahead without awaiting anything. Counts as a guest write either way.
-        """
-        self._last_guest_write = time.monotonic()
-        start, end = self._cluster_range(offset, length)
-        if start >= end:
-            return False
-        return (
-            self.copy_bitmap.next_dirty_area(start, end, end - start) is not None
-            or self.reqs.find_conflict(start, end - start) is not None
-        )
-
-    async def _copy_all(self, start: int, end: int, *, own_task: bool) -> None:
-        """Copy the dirty clusters of ``[start, end)`` and wait for those in flight.
-
-        ``own_task``: run each copy in a task of its own, which goes on if the caller stops
-        waiting (a timeout). Without a timeout the caller runs it, one loop iteration
-        sooner: a cancelled caller leaves its claim dirty again (see :meth:`_copy_claimed`).
-
-        Each copy is at most one chunk (:meth:`_chunk_limit`, QEMU's copy size), as in the
-        background: a target that paces requests (a ``throttle`` node) then paces a large
-        guest write's copy too, and ``cbw-timeout`` bounds it. One request of the whole
-        write would pass a leaky bucket that is not yet full at once, whatever its size.
-        """
-        chunk = self._chunk_limit(_GUEST_SETTINGS)
-        while True:
-            area = self.copy_bitmap.next_dirty_area(start, end, chunk)
-            if area is not None:
-                offset, length = area
-                req = self._claim(offset, length)
-                # A guest waits on this copy: no block-status round trip to the pool unless
-                # allocation decides what to copy. Read as data, zero clusters are still
-                # found by the zero check and stay holes on the target.
-                status = None if self.skip_unallocated else Extent(offset, length, _DATA)
-                copy = self._copy_claimed(req, offset, length, budget=False, status=status)
-                if own_task:
-                    await asyncio.shield(self._spawn(copy))
-                else:
-                    await copy
-                continue
-            conflict = self.reqs.find_conflict(start, end - start)
-            if conflict is None:
-                return
-            await conflict.wait()  # then look again: that copy may have failed
-
-    # -- the background path -----------------------------------------------------------------
-
-    def _chunk_limit(self, settings: BackgroundSettings) -> int:
+    def _chunk_limit(self, max_chunk: int) -> int:
+        """The largest chunk to copy in one call; ``max_chunk`` caps it (0: no cap)."""
         cluster = self.cluster_size
         if self.compress:
             chunk = cluster
         elif self.use_copy_range:
-            chunk = max(cluster, MAX_COPY_RANGE)
+            chunk = max(cluster, tunables.MAX_COPY_RANGE)
         else:
-            chunk = max(cluster, MAX_BUFFER)
+            chunk = max(cluster, tunables.MAX_BUFFER)
         for limit in (self.source.limits.max_transfer, self.target.limits.max_transfer):
             if limit:
                 chunk = min(chunk, max(cluster, limit - limit % cluster))
-        if settings.max_chunk:
-            chunk = min(chunk, max(cluster, settings.max_chunk - settings.max_chunk % cluster))
+        if max_chunk:
+            chunk = min(chunk, max(cluster, max_chunk - max_chunk % cluster))
         return chunk
-
-    async def run_background(
-        self, settings: BackgroundSettings, rate: RateLimit | None = None
-    ) -> None:
-        """One pass over every dirty cluster, ``max_workers`` chunks in parallel.
-
-        Returns when nothing is left to copy (nothing dirty, nothing in flight); raises
-        ``CopyError`` for the first failed chunk, after the chunks already running have
-        finished, with the failed range dirty again. Cancelling stops launching chunks and
-        waits for the running ones, so the bitmap is exact whenever this returns or raises.
-        """
-        chunk = self._chunk_limit(settings)
-        running: set[asyncio.Task[None]] = set()
-        failure: list[CopyError] = []
-        slots = asyncio.Semaphore(settings.max_workers)
-
-        def finished(task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            slots.release()
-            _collect(task, failure)
-
-        position = 0
-        try:
-            with background_io():
-                while not failure:
-                    if len(running) >= BACKOFF_WORKERS and self._guests_copying():
-                        await self._wait_guests_or_chunk(running)  # guest writes first
-                        continue
-                    await slots.acquire()
-                    self._drop_behind()
-                    area = self.copy_bitmap.next_dirty_area(position, self.source.size, chunk)
-                    if area is None and position:
-                        position = 0
-                        area = self.copy_bitmap.next_dirty_area(0, self.source.size, chunk)
-                    if area is None:
-                        slots.release()
-                        if not await self._wait_for_any(running):
-                            break
-                        continue
-                    looked = await self._widen_over_zeroes(area)
-                    if looked is None or failure:  # a chunk failed meanwhile: launch no more
-                        slots.release()
-                        continue
-                    (offset, length), extent = looked
-                    delay = rate.delay_for(length) if rate is not None else 0.0
-                    if delay > 0:
-                        slots.release()  # wait, then look again: the area may be gone
-                        await self.throttled_sleep(delay)
-                        continue
-                    if rate is not None:
-                        rate.charge(length)
-                    req = self._claim(offset, length)
-                    position = offset + length
-                    copy = self._copy_claimed(req, offset, length, budget=True, status=extent)
-                    task = self._spawn(copy)
-                    running.add(task)
-                    task.add_done_callback(finished)
-        finally:
-            await self._settle(running)
-        if failure:
-            raise failure[0]
-
-    def _drop_behind(self) -> None:
-        """Every ``DROP_BEHIND`` bytes of data copied, let the target write back and evict
-        its page cache, in a background-pool call of its own.
-
-        Why: nobody reads a backup back soon. Left cached, a whole disk's copy evicts what
-        the host does read, and every page of it is fresh memory. On a VM that hands freed
-        memory back to its host (measured here), touching fresh memory costs about 10 us a
-        page once the warm free memory is used up: a guest's 64 KiB copy-before-write went
-        from 20 to 150 us. Dropping behind keeps reusing the same warm pages.
-        """
-        if not self._early_writeback or self.data_copied - self._dropped_at < DROP_BEHIND:
-            return
-        if self._dropping is not None and not self._dropping.done():
-            return
-        self._dropped_at = self.data_copied
-        self._dropping = self._spawn(self.target.drop_cache())
-
-    async def _widen_over_zeroes(
-        self, area: tuple[int, int]
-    ) -> tuple[tuple[int, int], Extent | None] | None:
-        """Let one chunk cover a whole zero (or skipped) extent, however long.
-
-        Writing zeroes, or nothing, costs the same for 64 KiB as for 1 TiB, so a sparse disk
-        takes a few chunks, not one per MiB: the cost follows the data. Returns the area to
-        claim and the status read for it, which the chunk reuses (``None``: the area changed
-        while we looked; look again). Clusters still dirty after the await were not claimed
-        meanwhile, so their content, and the status read here, is still that of T0.
-
-        For the same reason the last extent read stays true for every cluster of it that is
-        still dirty, so the next chunks inside it cost no block-status round trip: a disk
-        of data is one extent, looked up once, not once per chunk.
-        """
-        offset, length = area
-        known = self._known_status
-        if known is not None and known.offset <= offset < known.end:
-            extent: Extent | None = Extent(offset, known.end - offset, known.status)
-        else:
-            try:
-                extent = await self.source.block_status(offset, self.source.size - offset)
-            except OSError:
-                extent = None  # the chunk's own block-status call will report it
-            # A guest write may have claimed part of the area while we waited: look again.
-            if self.copy_bitmap.next_clear(offset, offset + length) is not None:
-                return None
-            self._known_status = extent
-        if extent is None:
-            return area, None
-        skippable = self.skip_unallocated and not extent.is_allocated
-        if extent.length < length and self._mixed_chunks():
-            # More extents before the chunk ends: copy the whole chunk in one call that
-            # reads holes as zeroes and leaves zero clusters unwritten, rather than one
-            # chunk (and block-status calls) per extent. A disk of small scattered extents
-            # costs chunks, not extents.
-            return area, Extent(offset, length, _DATA)
-        if not (extent.is_zero or skippable) or extent.length <= length:
-            return area, extent
-        span = extent.length
-        if extent.end != self.source.size:
-            span -= span % self.cluster_size
-        if span <= length:
-            return area, extent
-        widened = self.copy_bitmap.next_dirty_area(offset, offset + span, span)
-        if widened is None or widened[0] != offset:
-            return None
-        return widened, extent
 
     def _mixed_chunks(self) -> bool:
         """Whether a chunk may span data and holes: a copy between local files that
@@ -521,17 +200,8 @@ class BlockCopy:
             and not self.use_copy_range
             and not self.compress
             and not self.skip_unallocated
-            and self.cluster_size <= COPY_PIECE
+            and self.cluster_size <= tunables.COPY_PIECE
         )
-
-    def _guests_copying(self) -> bool:
-        """Whether guest writes need copies now or did a moment ago.
-
-        A guest's copy is over in well under a millisecond, so "one is active right now"
-        would let the background flood in between two of them; guests writing to uncopied
-        clusters keep the background backed off for ``GUEST_RECENT`` after each copy.
-        """
-        return bool(self._guest_copies) or (time.monotonic() - self._last_guest_copy < GUEST_RECENT)
 
     def _writeback_now(self) -> bool:
         """Whether a chunk starts writeback of what it wrote: the target wants it, and no
@@ -545,51 +215,9 @@ class BlockCopy:
         """
         if not self._early_writeback:
             return False
-        return time.monotonic() - self._last_guest_write >= GUEST_RECENT
-
-    async def _wait_guests_or_chunk(self, running: set[asyncio.Task[None]]) -> None:
-        """Wait for a running chunk to finish, or for the guests to stop needing copies."""
-        quiet = GUEST_RECENT - (time.monotonic() - self._last_guest_copy)
-        await asyncio.wait(
-            set(running), timeout=max(quiet, 0.001), return_when=asyncio.FIRST_COMPLETED
-        )
-
-    async def _wait_for_any(self, running: set[asyncio.Task[None]]) -> bool:
-        """Nothing dirty: wait for a running chunk or a guest copy. False when all is done."""
-        if running:
-            await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
-            return True
-        in_flight = next(iter(self.reqs), None)
-        if in_flight is None:
-            return False
-        await in_flight.wait()
-        return True
-
-    async def _settle(self, tasks: set[asyncio.Task[None]]) -> None:
-        """Wait for ``tasks`` even if we are being cancelled; re-raise the cancellation after."""
-        cancelled = False
-        while tasks:
-            try:
-                await asyncio.wait(set(tasks))
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-
-    async def throttled_sleep(self, delay: float) -> None:
-        """Sleep for the rate limit; :meth:`kick` cuts it short."""
-        self._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self._kick.wait()
+        return time.monotonic() - self._last_guest_write >= tunables.GUEST_RECENT
 
     # -- one claimed region ------------------------------------------------------------------
-
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _copy_claimed(
         self, req: Request, offset: int, length: int, *, budget: bool, status: Extent | None = None
@@ -745,9 +373,9 @@ class BlockCopy:
         having written nothing, and the awaiting path does it. Not in background jobs
         (their copies go through the thread pool) and not when compressing.
         """
-        if in_background() or self.compress or length > COPY_PIECE:
+        if in_background() or self.compress or length > tunables.COPY_PIECE:
             return False
-        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, COPY_PIECE)
+        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, tunables.COPY_PIECE)
         try:
             with memoryview(buffer) as whole, whole[:length] as view:
                 data = self.source.read_now(offset, length, view)
@@ -772,7 +400,8 @@ class BlockCopy:
         A fresh buffer per chunk costs its page faults and its unmapping on every chunk;
         this path costs neither. False (nothing done) when either side is not a local file.
         """
-        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, COPY_PIECE)
+        piece = tunables.COPY_PIECE
+        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, piece)
         reuse = True
         try:
             zero_runs = await self.target.copy_through_buffer_from(
@@ -783,7 +412,7 @@ class BlockCopy:
                 buffer,
                 self._zeroes,
                 writeback=self._writeback_now(),
-                grain=self.cluster_size if self.cluster_size <= COPY_PIECE else 0,
+                grain=self.cluster_size if self.cluster_size <= piece else 0,
                 # Plain local files have no backing, and the target is ours alone.
                 holes_read_zero=True,
             )
@@ -814,10 +443,8 @@ class BlockCopy:
         step = len(zeroes)
         return all(zeroes.startswith(view[o : o + step]) for o in range(0, len(view), step))
 
-    async def aclose(self) -> None:
-        """Wait until no copy is in flight, then free the copy buffers."""
-        await self._settle(self._tasks)
-        await self._guests_idle.wait()  # copies that guest writes run themselves
+    def _free_buffers(self) -> None:
+        """Free the copy buffers (no copy may be in flight)."""
         while self._buffers:
             buffer = self._buffers.pop()
             try:
@@ -827,6 +454,283 @@ class BlockCopy:
                 # say): the mapping goes when that view does. Closing must go on regardless,
                 # or the node (and its children's fds) could never be released.
                 log.debug("copy buffer still referenced at close; left to the collector")
+
+    def kick(self) -> None:
+        """Wake a background pass sleeping on the rate limit (the speed changed)."""
+        self._kick.set()
+
+    async def run_background(
+        self, settings: BackgroundSettings, rate: RateLimit | None = None
+    ) -> None:
+        """One pass over every dirty cluster, ``max_workers`` chunks in parallel.
+
+        Returns when nothing is left to copy (nothing dirty, nothing in flight); raises
+        ``CopyError`` for the first failed chunk, after the chunks already running have
+        finished, with the failed range dirty again. Cancelling stops launching chunks and
+        waits for the running ones, so the bitmap is exact whenever this returns or raises.
+        """
+        chunk = self._chunk_limit(settings.max_chunk)
+        running: set[asyncio.Task[None]] = set()
+        failure: list[CopyError] = []
+        slots = asyncio.Semaphore(settings.max_workers)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+            _collect(task, failure)
+
+        position = 0
+        try:
+            with background_io():
+                while not failure:
+                    if len(running) >= tunables.BACKOFF_WORKERS and self._guests_copying():
+                        await self._wait_guests_or_chunk(running)  # guest writes first
+                        continue
+                    await slots.acquire()
+                    self._drop_behind()
+                    area = self.copy_bitmap.next_dirty_area(position, self.source.size, chunk)
+                    if area is None and position:
+                        position = 0
+                        area = self.copy_bitmap.next_dirty_area(0, self.source.size, chunk)
+                    if area is None:
+                        slots.release()
+                        if not await self._wait_for_any(running):
+                            break
+                        continue
+                    looked = await self._widen_over_zeroes(area)
+                    if looked is None or failure:  # a chunk failed meanwhile: launch no more
+                        slots.release()
+                        continue
+                    (offset, length), extent = looked
+                    delay = rate.delay_for(length) if rate is not None else 0.0
+                    if delay > 0:
+                        slots.release()  # wait, then look again: the area may be gone
+                        await self.throttled_sleep(delay)
+                        continue
+                    if rate is not None:
+                        rate.charge(length)
+                    req = self._claim(offset, length)
+                    position = offset + length
+                    copy = self._copy_claimed(req, offset, length, budget=True, status=extent)
+                    task = self._spawn(copy)
+                    running.add(task)
+                    task.add_done_callback(finished)
+        finally:
+            await self._settle(running)
+        if failure:
+            raise failure[0]
+
+    def _drop_behind(self) -> None:
+        """Every ``DROP_BEHIND`` bytes of data copied, let the target write back and evict
+        its page cache, in a background-pool call of its own.
+
+        Why: nobody reads a backup back soon. Left cached, a whole disk's copy evicts what
+        the host does read, and every page of it is fresh memory. On a VM that hands freed
+        memory back to its host (measured here), touching fresh memory costs about 10 us a
+        page once the warm free memory is used up: a guest's 64 KiB copy-before-write went
+        from 20 to 150 us. Dropping behind keeps reusing the same warm pages.
+        """
+        if not self._early_writeback or self.data_copied - self._dropped_at < tunables.DROP_BEHIND:
+            return
+        if self._dropping is not None and not self._dropping.done():
+            return
+        self._dropped_at = self.data_copied
+        self._dropping = self._spawn(self.target.drop_cache())
+
+    async def _widen_over_zeroes(
+        self, area: tuple[int, int]
+    ) -> tuple[tuple[int, int], Extent | None] | None:
+        """Let one chunk cover a whole zero (or skipped) extent, however long.
+
+        Writing zeroes, or nothing, costs the same for 64 KiB as for 1 TiB, so a sparse disk
+        takes a few chunks, not one per MiB: the cost follows the data. Returns the area to
+        claim and the status read for it, which the chunk reuses (``None``: the area changed
+        while we looked; look again). Clusters still dirty after the await were not claimed
+        meanwhile, so their content, and the status read here, is still that of T0.
+
+        For the same reason the last extent read stays true for every cluster of it that is
+        still dirty, so the next chunks inside it cost no block-status round trip: a disk
+        of data is one extent, looked up once, not once per chunk.
+        """
+        offset, length = area
+        known = self._known_status
+        if known is not None and known.offset <= offset < known.end:
+            extent: Extent | None = Extent(offset, known.end - offset, known.status)
+        else:
+            try:
+                extent = await self.source.block_status(offset, self.source.size - offset)
+            except OSError:
+                extent = None  # the chunk's own block-status call will report it
+            # A guest write may have claimed part of the area while we waited: look again.
+            if self.copy_bitmap.next_clear(offset, offset + length) is not None:
+                return None
+            self._known_status = extent
+        if extent is None:
+            return area, None
+        skippable = self.skip_unallocated and not extent.is_allocated
+        if extent.length < length and self._mixed_chunks():
+            # More extents before the chunk ends: copy the whole chunk in one call that
+            # reads holes as zeroes and leaves zero clusters unwritten, rather than one
+            # chunk (and block-status calls) per extent. A disk of small scattered extents
+            # costs chunks, not extents.
+            return area, Extent(offset, length, DATA_STATUS)
+        if not (extent.is_zero or skippable) or extent.length <= length:
+            return area, extent
+        span = extent.length
+        if extent.end != self.source.size:
+            span -= span % self.cluster_size
+        if span <= length:
+            return area, extent
+        widened = self.copy_bitmap.next_dirty_area(offset, offset + span, span)
+        if widened is None or widened[0] != offset:
+            return None
+        return widened, extent
+
+    def _guests_copying(self) -> bool:
+        """Whether guest writes need copies now or did a moment ago.
+
+        A guest's copy is over in well under a millisecond, so "one is active right now"
+        would let the background flood in between two of them; guests writing to uncopied
+        clusters keep the background backed off for ``GUEST_RECENT`` after each copy.
+        """
+        return bool(self._guest_copies) or (
+            time.monotonic() - self._last_guest_copy < tunables.GUEST_RECENT
+        )
+
+    async def _wait_guests_or_chunk(self, running: set[asyncio.Task[None]]) -> None:
+        """Wait for a running chunk to finish, or for the guests to stop needing copies."""
+        quiet = tunables.GUEST_RECENT - (time.monotonic() - self._last_guest_copy)
+        await asyncio.wait(
+            set(running), timeout=max(quiet, 0.001), return_when=asyncio.FIRST_COMPLETED
+        )
+
+    async def _wait_for_any(self, running: set[asyncio.Task[None]]) -> bool:
+        """Nothing dirty: wait for a running chunk or a guest copy. False when all is done."""
+        if running:
+            await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
+            return True
+        in_flight = next(iter(self.reqs), None)
+        if in_flight is None:
+            return False
+        await in_flight.wait()
+        return True
+
+    async def throttled_sleep(self, delay: float) -> None:
+        """Sleep for the rate limit; :meth:`kick` cuts it short."""
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._kick.wait()
+
+    def admit_write(
+        self, offset: int, length: int, timeout: float | None = None
+    ) -> Coroutine[Any, Any, None] | None:
+        """The copy-before-write of a guest write of ``[offset, offset+length)``, admitted.
+
+        None when every cluster the write touches is copied: already, or just now from
+        the page cache (:meth:`_copy_now`), with no task and no loop iteration for the
+        guest. Otherwise the coroutine that copies the rest: it returns when all of them
+        are on the target and raises ``CopyError`` if a copy failed, ``TimeoutError`` if
+        ``timeout`` (seconds) passed first (the copies go on). It holds nothing until it
+        runs (the clusters not copied are still dirty), so it may be closed unrun.
+        """
+        if self._copied_now(offset, length):
+            return None
+        return self._copy_before_write(offset, length, timeout)
+
+    async def _copy_before_write(self, offset: int, length: int, timeout: float | None) -> None:
+        if not self.needs_copy(offset, length):
+            return  # copied already, nothing in flight: most guest writes during a backup
+        start, end = self._cluster_range(offset, length)
+        self._guest_copies += 1
+        self._guests_idle.clear()
+        self._last_guest_copy = time.monotonic()
+        try:
+            if timeout is None:
+                with without_inline_yields():  # the guest write yields soon anyway
+                    await self._copy_all(start, end, own_task=False)
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._copy_all(start, end, own_task=True)
+        finally:
+            self._guest_copies -= 1
+            if self._guest_copies == 0:
+                self._guests_idle.set()
+
+    def _copied_now(self, offset: int, length: int) -> bool:
+        """Whether every cluster the write touches is copied, trying the copies inline.
+
+        False, with the clusters not copied still dirty, when one is in flight or cannot
+        be copied at once (not cached, a target that must wait, zeroes, a block status or
+        a source discard to do).
+        """
+        if not self.needs_copy(offset, length):
+            return True
+        start, end = self._cluster_range(offset, length)
+        if (
+            self.skip_unallocated
+            or self.discard_source
+            or self.reqs.find_conflict(start, end - start) is not None
+        ):
+            return False
+        self._last_guest_copy = time.monotonic()
+        while (area := self.copy_bitmap.next_dirty_area(start, end, end - start)) is not None:
+            # Claimed by clearing the bits alone: nothing awaits before they are final.
+            area_offset, area_length = area
+            self.copy_bitmap.reset(area_offset, area_length)
+            try:
+                copied = self._copy_now(area_offset, area_length)
+            except CopyError:
+                copied = False  # the awaiting call tries again and reports it
+            if not copied:
+                self.copy_bitmap.set(area_offset, area_length)
+                return False
+            self.bytes_done += area_length
+            self.data_copied += area_length
+            if self.on_copied is not None:
+                self.on_copied(area_offset, area_length)
+            if self.on_progress is not None:
+                self.on_progress()
+        return True
+
+    async def _copy_all(self, start: int, end: int, *, own_task: bool) -> None:
+        """Copy the dirty clusters of ``[start, end)`` and wait for those in flight.
+
+        ``own_task``: run each copy in a task of its own, which goes on if the caller stops
+        waiting (a timeout). Without a timeout the caller runs it, one loop iteration
+        sooner: a cancelled caller leaves its claim dirty again (see :meth:`_copy_claimed`).
+
+        Each copy is at most one chunk (:meth:`_chunk_limit`, QEMU's copy size), as in the
+        background: a target that paces requests (a ``throttle`` node) then paces a large
+        guest write's copy too, and ``cbw-timeout`` bounds it. One request of the whole
+        write would pass a leaky bucket that is not yet full at once, whatever its size.
+        """
+        chunk = self._chunk_limit(0)  # guest copies have no x-perf knobs
+        while True:
+            area = self.copy_bitmap.next_dirty_area(start, end, chunk)
+            if area is not None:
+                offset, length = area
+                req = self._claim(offset, length)
+                # A guest waits on this copy: no block-status round trip to the pool unless
+                # allocation decides what to copy. Read as data, zero clusters are still
+                # found by the zero check and stay holes on the target.
+                status = None if self.skip_unallocated else Extent(offset, length, DATA_STATUS)
+                copy = self._copy_claimed(req, offset, length, budget=False, status=status)
+                if own_task:
+                    await asyncio.shield(self._spawn(copy))
+                else:
+                    await copy
+                continue
+            conflict = self.reqs.find_conflict(start, end - start)
+            if conflict is None:
+                return
+            await conflict.wait()  # then look again: that copy may have failed
+
+    async def aclose(self) -> None:
+        """Wait until no copy is in flight, then free the copy buffers."""
+        await self._settle(self._tasks)
+        await self._guests_idle.wait()  # copies that guest writes run themselves
+        self._free_buffers()
 
 
 def _collect(task: asyncio.Task[None], failure: list[CopyError]) -> None:
