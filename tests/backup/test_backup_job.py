@@ -417,7 +417,7 @@ async def test_background_copy_drops_the_target_cache_behind_it(
     target keeps them (dropping means writing back, which it was told to spare)."""
     if not page_cache_drops(tmp_path):
         pytest.skip("this file system never evicts its pages (tmpfs)")
-    monkeypatch.setattr(block_copy, "DROP_BEHIND", 2 * MiB)
+    monkeypatch.setattr(block_copy.tunables, "DROP_BEHIND", 2 * MiB)
     size = 32 * MiB
     data = os.urandom(size)
     src = make_image(tmp_path / "src.img", size, [(0, data)])
