@@ -250,6 +250,19 @@ def test_a_busy_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     assert list(run_dir.iterdir()) == []
 
 
+def test_a_serve_that_fails_removes_the_directory_it_made(tmp_path: Path) -> None:
+    image = raw_image(tmp_path / "disk.img")
+    with serving(str(image), "--dir", str(tmp_path / "run")):
+        refused = bb("serve", str(image), "--dir", str(tmp_path / "new"), check=False)
+        assert "Failed to get" in one_line_error(refused)
+        assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with serving(str(image), "--dir", str(tmp_path / "run")):
+        bb("serve", str(image), "--dir", str(kept), check=False)
+    assert kept.is_dir()  # a directory that was there before stays
+
+
 def test_the_directory_of_a_killed_serve_is_reused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     image = raw_image(tmp_path / "disk.img")

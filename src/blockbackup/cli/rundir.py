@@ -38,10 +38,12 @@ _LOCK_ATTEMPTS = 10
 class RunDir:
     """A socket directory, locked; :meth:`release` unlocks it (and removes a temporary one)."""
 
-    def __init__(self, path: Path, fd: int, *, temporary: bool) -> None:
+    def __init__(self, path: Path, fd: int, *, temporary: bool, created: bool = False) -> None:
         self.path = path
         self._fd = fd
         self.temporary = temporary
+        #: ``--dir`` did not exist: a serve that fails to start removes it again.
+        self.created = created
 
     @classmethod
     def acquire(cls, directory: str | None) -> RunDir:
@@ -50,6 +52,7 @@ class RunDir:
             path = Path(tempfile.mkdtemp(prefix="blockbackup-"))
             return cls(path, _lock(path), temporary=True)
         path = Path(os.path.abspath(directory))
+        created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
@@ -68,11 +71,12 @@ class RunDir:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, temporary=False)
+        return cls(path, fd, temporary=False, created=created)
 
-    def release(self) -> None:
+    def release(self, *, failed: bool = False) -> None:
         """Give the directory up: the lock file goes first (while still locked, so nobody
-        locks a file that is about to disappear), then a temporary directory itself."""
+        locks a file that is about to disappear), then a temporary directory itself, or a
+        ``--dir`` this serve made if it ``failed`` to start (nothing is left of the try)."""
         if self._fd < 0:
             return
         with contextlib.suppress(FileNotFoundError):
@@ -81,6 +85,9 @@ class RunDir:
         self._fd = -1
         if self.temporary:
             shutil.rmtree(self.path, ignore_errors=True)
+        elif self.created and failed:
+            with contextlib.suppress(OSError):  # not empty: someone else put files there
+                self.path.rmdir()
 
 
 def _lock(path: Path) -> int:

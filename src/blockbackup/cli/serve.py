@@ -295,7 +295,7 @@ async def serve(
         if pid is not None:
             held.callback(pid.release)
         work = RunDir.acquire(directory)
-        held.callback(work.release)
+        held.push(lambda exc_type, _exc, _tb: work.release(failed=exc_type is not None))
         for image in images:
             held.callback(ImageLock.acquire(image, writable=not read_only).release)
         names = node_names(images)
