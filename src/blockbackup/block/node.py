@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from blockbackup._aio import inline_may_skip_yield, run_blocking
 from blockbackup.block import permissions
 from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
+from blockbackup.block.driver import (
+    BUFFER_TYPES,
+    BlockDriver,
+    Buffer,
+    Extent,
+    Limits,
+    WriteFlags,
+    io_error,
+)
 from blockbackup.block.permissions import ChildRole, Link
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
@@ -38,9 +46,6 @@ if TYPE_CHECKING:
 
     from blockbackup.block.graph import Graph
 
-Buffer = bytes | bytearray | memoryview
-#: For ``isinstance``: a tuple, not the union (which is built anew at every evaluation).
-BUFFER_TYPES = (bytes, bytearray, memoryview)
 T = TypeVar("T")
 
 #: A before-write hook: the admission of a modification of (offset, length), before it
@@ -429,7 +434,11 @@ class BlockNode:
             limits.max_transfer and length > limits.max_transfer
         ):
             return None
-        return self.driver.read_now(offset, length, into)
+        data = self.driver.submit_read(offset, length, into)
+        if isinstance(data, BUFFER_TYPES):
+            return data
+        data.close()  # holds nothing until run: the awaited path asks the driver again
+        return None
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Read ``length`` bytes at ``offset`` (:meth:`submit_read`, awaited)."""
@@ -443,12 +452,15 @@ class BlockNode:
         return await data
 
     def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
-        """:meth:`submit_read` for a caller that can only take the data at once (a
-        driver's ``read_now``, a copy through a reused buffer): None when it would wait,
-        and for a request :meth:`read` refuses (so that the caller's ``read`` raises it)."""
+        """:meth:`submit_read` for a caller that can only take the data at once (a copy
+        through a reused buffer): None when it would wait, and for a request :meth:`read`
+        refuses or fails (so that the caller's ``read`` raises it)."""
         if offset < 0 or length <= 0 or offset + length > self.size:
             return None
-        return self._read_inline(offset, length, into)
+        try:
+            return self._read_inline(offset, length, into)
+        except OSError:
+            return None
 
     async def _read_awaited(self, offset: int, length: int) -> Buffer:
         # Plain attribute checks and counter updates instead of context managers: this is
@@ -526,7 +538,11 @@ class BlockNode:
                 return False
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
-        return self.driver.write_now(offset, view, flags)
+        pending = self.driver.submit_write(offset, view, flags)
+        if pending is None:
+            return True
+        pending.close()  # holds nothing until run: the awaited write asks the driver again
+        return False
 
     async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
         """Write ``data`` at ``offset`` (:meth:`submit_write`, awaited)."""
@@ -537,9 +553,10 @@ class BlockNode:
             await asyncio.sleep(0)  # done inline: yield once, as a pool call would
 
     def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
-        """:meth:`submit_write` for a caller that can only write at once (a driver's
-        ``write_now``): False when it would wait, having written nothing, and for a
-        request :meth:`write` refuses (so that the caller's ``write`` raises it)."""
+        """:meth:`submit_write` for a caller that can only write at once (a copy through
+        a reused buffer): False when it would wait, having written nothing, and for a
+        request :meth:`write` refuses (so that the caller's ``write`` raises it); errors
+        of the inline write raise."""
         if not data or self.config.read_only or offset < 0 or offset + len(data) > self.size:
             return False
         return self._write_inline(offset, memoryview(data).cast("B"), flags)
