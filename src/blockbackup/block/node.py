@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -56,11 +56,12 @@ T = TypeVar("T")
 #: calls the hook again on the awaited path. (An ``async def`` hook always waits.)
 BeforeWriteHook = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
-#: A write gate: called synchronously with (offset, length) once a modification is counted
-#: in flight; returns ``None`` to let it through at once, or an awaitable the modification
-#: waits for first (raising ``OSError`` fails it). For checks that almost never wait (a
-#: persistent bitmap whose bit is already durable), so the fast path stays fast.
-WriteGate = Callable[[int, int], Awaitable[None] | None]
+#: A write gate: the admission of a modification of (offset, length) once it is counted in
+#: flight (a persistent bitmap making the write's granules durable first). The same shape
+#: as a before-write hook: ``None`` to let it through at once, or a coroutine the
+#: modification awaits first (raising ``OSError`` fails it), holding nothing until it runs
+#: (the inline path closes it unrun and the awaited write calls the gate again).
+WriteGate = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
 
 @runtime_checkable
@@ -113,8 +114,6 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
-        #: For write gates that can tell at once whether a write needs them at all.
-        self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -261,30 +260,14 @@ class BlockNode:
 
     def _hooks_pass_now(self, offset: int, length: int) -> bool:
         """Whether every before-write hook lets a write of this range go ahead at once."""
-        for hook in self._before_write:
-            pending = hook(offset, length)
-            if pending is not None:
-                pending.close()  # holds nothing until run: the awaited path calls it again
-                return False
-        return True
+        return _all_pass_now(self._before_write, offset, length)
 
-    def add_write_gate(
-        self, gate: WriteGate, *, pass_now: Callable[[int, int], bool] | None = None
-    ) -> None:
-        """Call ``gate`` for every modification (see :data:`WriteGate`).
-
-        ``pass_now(offset, length)``, if given, is the gate for a write that must not
-        wait: it does what the gate does and returns True when the gate would let the
-        write through at once, or returns False having changed nothing. With it,
-        :meth:`write_now` can still write at once.
-        """
+    def add_write_gate(self, gate: WriteGate) -> None:
+        """Call ``gate`` for every modification (see :data:`WriteGate`)."""
         self._write_gates.append(gate)
-        if pass_now is not None:
-            self._gate_pass_now[gate] = pass_now
 
     def remove_write_gate(self, gate: WriteGate) -> None:
         self._write_gates.remove(gate)
-        self._gate_pass_now.pop(gate, None)
 
     async def _pass_write_gates(self, offset: int, length: int) -> None:
         for gate in tuple(self._write_gates):
@@ -530,12 +513,8 @@ class BlockNode:
         limits = self.limits
         if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
             return False
-        for gate in self._write_gates:
-            pass_now = self._gate_pass_now.get(gate)
-            # A gate that passed before one that refuses leaves its record of this write,
-            # which the awaited write repeats.
-            if pass_now is None or not pass_now(offset, length):
-                return False
+        if self._write_gates and not _all_pass_now(self._write_gates, offset, length):
+            return False
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
         pending = self.driver.submit_write(offset, view, flags)
@@ -820,3 +799,15 @@ class BlockNode:
         if self.limits.request_alignment != 1:
             return None
         return self.driver.fd_map(offset)
+
+
+def _all_pass_now(
+    admissions: list[BeforeWriteHook] | list[WriteGate], offset: int, length: int
+) -> bool:
+    """Whether every admission (hook or gate) lets a modification go ahead at once."""
+    for admit in admissions:
+        pending = admit(offset, length)
+        if pending is not None:
+            pending.close()  # holds nothing until run: the awaited path calls it again
+            return False
+    return True

@@ -33,7 +33,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -270,7 +270,7 @@ class NodeStore:
         return lin
 
     def _forget_safe(self) -> None:
-        """Drop every span of the :meth:`pass_now` cache (something may have stopped
+        """Drop every span of the :meth:`_passes_now` cache (something may have stopped
         being durable)."""
         self._safe = zeros(-(-self.node.size // DURABLE_SPAN) or 1, endian="little")
 
@@ -456,7 +456,7 @@ class NodeStore:
 
     def _install(self) -> None:
         if not self._hooked:
-            self.node.add_write_gate(self.before_write, pass_now=self.pass_now)
+            self.node.add_write_gate(self.before_write)
             self._hooked = True
 
     def _uninstall(self) -> None:
@@ -468,19 +468,25 @@ class NodeStore:
         nbytes = (lin.nbits + 7) // 8
         return (nbytes + sc.PAYLOAD - 1) // sc.PAYLOAD
 
-    def before_write(self, offset: int, length: int) -> Awaitable[None] | None:
-        """Make the granules of a write durable before it may proceed.
-
-        A write gate (synchronous): ``None`` when every granule is already durable, which
-        is the common case and keeps the request layer's fast path; otherwise the commit
-        to wait for.
+    def before_write(self, offset: int, length: int) -> Coroutine[Any, Any, None] | None:
+        """The write gate (one admission, as a before-write hook): ``None`` when every
+        granule the write touches is durable already, the common case, which keeps the
+        request layer's write-at-once path; otherwise the coroutine that records the
+        write and waits for the commit making its granules durable. It holds nothing until
+        it runs: the inline path closes it and the awaited write calls the gate again.
         """
+        if self._passes_now(offset, length):
+            return None
+        return self._make_durable(offset, length)
+
+    async def _make_durable(self, offset: int, length: int) -> None:
+        """Make the granules of a write durable before it may proceed."""
         need = 0
         for lin, rec, g0, g1 in self._spans(offset, length):
-            # Marked now rather than after the hooks: a shrink then sees this write.
+            # Marked now rather than after the gate: a shrink then sees this write.
             rec.bitmap.set(offset, length)
             if self._durable(lin, g0, g1):
-                continue  # durable, and no commit in flight takes it away: the fast path
+                continue  # durable, and no commit in flight takes it away
             in_mem = lin.covered(lin.mem, g0, g1)
             target = lin.target
             if in_mem and target is not None and lin.covered(target, g0, g1):
@@ -491,15 +497,16 @@ class NodeStore:
                 range((g0 >> 3) // sc.PAYLOAD, ((g1 - 1) >> 3) // sc.PAYLOAD + 1)
             )
             need = max(need, self._request())
-        return self._wait(need) if need else None
+        if need:
+            await self._wait(need)
 
-    def pass_now(self, offset: int, length: int) -> bool:
-        """:meth:`before_write` for a write that need not wait, in one pass; else False.
+    def _passes_now(self, offset: int, length: int) -> bool:
+        """Whether a write may pass the gate at once: every span it touches is durable
+        already in every recording lineage, and no commit in flight takes one away.
 
-        True when every span it touches is durable already and no commit in flight takes
-        one away; False otherwise. It changes nothing visible: the recording bitmaps are
-        the node's dirty trackers, which the request layer's write-at-once path marks right
-        after, with no await in between (the gate marks them itself because it may wait).
+        It changes nothing visible: the recording bitmaps are the node's dirty trackers,
+        which the request layer marks right after the gates, with no await in between
+        (:meth:`_make_durable` marks them itself because it may wait).
 
         Why a cache: this runs for every guest write, and after the first pass nearly every
         span is durable for good. ``_safe`` has one bit per DURABLE_SPAN of the node, set
