@@ -986,25 +986,6 @@ async def test_read_now_only_for_plain_cached_reads(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_drop_cache_evicts_pages_just_written(tmp_path: Path) -> None:
-    """``drop_cache`` writes the range back before evicting it: the kernel evicts only
-    clean pages, and a backup's latest copies are still dirty (or under writeback, which
-    lags on a busy host) when it drops them. Nothing of the range stays cached."""
-    if not page_cache_drops(tmp_path):
-        pytest.skip("this file system never evicts its pages (tmpfs)")
-    path = _sparse(tmp_path / "d.img", 16 * MiB)
-    graph = Graph()
-    try:
-        node = await graph.add({**_file_opts(path), "node-name": "f"})
-        await node.write(0, os.urandom(16 * MiB))  # page-cache writes: dirty pages
-        assert cached_bytes(path) == 16 * MiB
-        await node.drop_cache()
-        assert cached_bytes(path) == 0
-    finally:
-        await graph.aclose()
-
-
-@pytest.mark.asyncio
 async def test_drop_cache_evicts_only_where_it_may(tmp_path: Path) -> None:
     """``drop_cache`` evicts a file's written-back pages, only in the node's range (raw
     ``offset``), through blkdebug; a ``no-flush`` node keeps them (evicting means writing

@@ -30,9 +30,7 @@ def fill(fd: int, view: memoryview, done: int, offset: int) -> None:
         done += n
 
 
-SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
-SYNC_FILE_RANGE_WAIT_AFTER = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
@@ -52,20 +50,6 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     if _sync_file_range is None:
         return False
     return bool(_sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0)
-
-
-def write_back(fd: int, offset: int, length: int) -> bool:
-    """Write a range's dirty pages back to storage and wait until none is dirty or under
-    writeback (no metadata, no disk cache flush: not a durability point).
-
-    Why: the kernel evicts only clean pages (``POSIX_FADV_DONTNEED`` starts writeback of
-    dirty ones but skips them), so evicting a range just written needs its writeback
-    finished first. Advisory like :func:`start_writeback`; returns whether it was done.
-    """
-    if _sync_file_range is None:
-        return False
-    flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
-    return bool(_sync_file_range(fd, offset, length, flags) == 0)
 
 
 class SourceReadError(OSError):
