@@ -54,20 +54,6 @@ BLOCK_COPY_LAYERS: dict[str, int] = {
     "block.block_copy": 4,
 }
 
-#: Imports that break the layers today, each waiting for the bitmap store's rework
-#: (its persistence hooks and registries owned by the graph). Do not add to this list.
-KNOWN_UPWARD = {
-    ("block.bitmap_store", "block.qcow2.driver"),
-    ("block.bitmap_store", "block.qcow2.bitmaps"),
-}
-KNOWN_CYCLES = [{"block.bitmap_store", "block.dirty_bitmap"}]
-KNOWN_LOCAL = {
-    ("block.dirty_bitmap", "block.bitmap_store"),
-    ("block.graph", "block.bitmap_store"),
-    ("block.bitmap_store", "block.qcow2.driver"),
-    ("block.bitmap_store", "block.qcow2.bitmaps"),
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -201,7 +187,7 @@ def test_block_imports_only_its_own_layer_or_below() -> None:
         and (dst := _block_layer(i.target)) is not None
         and dst > src
     }
-    assert upward <= KNOWN_UPWARD
+    assert not upward, upward
 
 
 def test_block_has_no_import_cycle() -> None:
@@ -211,7 +197,7 @@ def test_block_has_no_import_cycle() -> None:
         if i.kind != "typing" and i.source.startswith("block") and i.target.startswith("block")
     ]
     cycles = _cycles(edges)
-    assert all(c in KNOWN_CYCLES for c in cycles), cycles
+    assert not cycles, cycles
 
 
 def test_lower_layers_import_no_upper_package() -> None:
@@ -229,7 +215,7 @@ def test_lower_layers_import_no_upper_package() -> None:
 def test_no_function_local_import_hides_a_dependency() -> None:
     """A function-local import is kept only for start-up cost, and says so."""
     for i in imports():
-        if i.kind == "local" and (i.source, i.target) not in KNOWN_LOCAL:
+        if i.kind == "local":
             assert i.commented, f"{i.source}:{i.line} imports {i.target} inside a function"
 
 

@@ -4,6 +4,7 @@ behaviour of file, raw, Graph.add/delete, quiesce, before-write hooks and blkdeb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -22,6 +23,7 @@ from blockbackup.block.driver import Status, WriteFlags
 from blockbackup.block.drivers.blkdebug import BlkdebugDriver, IOType
 from blockbackup.block.graph import CloseError, Graph
 from blockbackup.block.node import BlockNode
+from blockbackup.block.qcow2.create import create_qcow2_file
 from blockbackup.errors import BlockBackupError
 from testkit.images import cached_bytes, page_cache_drops
 
@@ -658,6 +660,46 @@ async def test_blkdebug_qemu_options(tmp_path: Path) -> None:
             await graph.aclose()  # the flush rule still fires: the final flush is reported
     finally:
         await graph.aclose()
+
+
+def _open_paths() -> set[str]:
+    """The files this process holds open (its file descriptors' targets)."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
+
+
+@pytest.mark.asyncio
+async def test_close_goes_on_past_a_driver_whose_close_fails(tmp_path: Path) -> None:
+    """qcow2 writes its metadata back at close, through a blkdebug that fails every flush:
+    its close raises. The graph's close still closes every node (the qcow2's implicit
+    children and an unrelated node after it), releases every file, and reports each
+    failure in one CloseError."""
+    img = tmp_path / "a.qcow2"
+    create_qcow2_file(img, 4 * MiB)
+    other_img = _sparse(tmp_path / "other.img", MiB)
+    graph = Graph()
+    flaky = {"event": "flush_to_disk", "errno": errno.EIO}
+    node = await graph.add(
+        {
+            "driver": "qcow2",
+            "node-name": "q",
+            "file": {"driver": "blkdebug", "image": _file_opts(img), "inject-error": [flaky]},
+        }
+    )
+    await graph.add({"node-name": "other", **_file_opts(other_img)})
+    await node.write(0, b"x" * 65536)
+    assert {str(img), str(other_img)} <= _open_paths()
+    with pytest.raises(CloseError) as info:
+        await graph.aclose()
+    assert str(info.value) == (
+        "Failed to flush 'q' (Input/output error); "
+        "Failed to close 'q' (Input/output error) at close"
+    )
+    assert graph.nodes == {}
+    assert not {str(img), str(other_img)} & _open_paths()
 
 
 @pytest.mark.asyncio

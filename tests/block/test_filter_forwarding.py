@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from blockbackup.block.driver import DRIVERS
+from blockbackup.block.driver import DRIVERS, BlockDriver, register
 from blockbackup.block.filters.forwarding import FilterDriver
 from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode
@@ -121,3 +121,45 @@ async def test_every_filter_forwards_through_the_base() -> None:
     assert {"throttle", "copy-before-write", "blkdebug"} <= filters
     for name in filters | {"snapshot-access"}:
         assert issubclass(DRIVERS[name], FilterDriver), name
+
+
+class _Doubling(FilterDriver):
+    """A filter that changes reads through its awaited ``read`` only (no ``submit_read``)."""
+
+    driver_name = "test-doubling"
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Any) -> _Doubling:  # pragma: no cover
+        raise NotImplementedError
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(await self.child.read(offset, length)) * 2
+
+
+async def test_a_filter_changing_only_the_awaited_read_is_never_passed_inline(
+    tmp_path: Path, graph: Graph
+) -> None:
+    """A read is one call (``submit_read``) for both paths: a filter that overrides only
+    ``read`` gets the default admission, which awaits that ``read``, so no inline read
+    goes past it to the child."""
+    path = tmp_path / "a.img"
+    path.write_bytes(b"\x22" * MiB)
+    child = await graph.add(_file(path, "f"))
+    await child.read(0, 4096)  # cached: the child itself would answer at once
+    driver = _Doubling(child, child)
+    pending = driver.submit_read(0, 4096)
+    assert not isinstance(pending, bytes | bytearray | memoryview)
+    assert await pending == b"\x22" * 8192
+    assert await driver.read(0, 4096) == b"\x22" * 8192
+
+
+async def test_a_driver_must_implement_one_of_each_request() -> None:
+    class Neither(FilterDriver):
+        driver_name = "test-neither"
+
+    # A filter forwards both: fine. A plain driver with neither would recurse: refused.
+    register(Neither)
+    DRIVERS.pop("test-neither")
+    with pytest.raises(TypeError, match="implements neither read nor submit_read"):
+        register(type("Bare", (BlockDriver,), {"driver_name": "test-bare"}))
+    assert "test-bare" not in DRIVERS

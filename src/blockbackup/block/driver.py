@@ -12,17 +12,26 @@ Drivers are created only from ``blockdev-add`` option dicts, through
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blockbackup._aio import inline_may_skip_yield
 
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode
     from blockbackup.block.options import Options
     from blockbackup.block.permissions import Perm
+
+
+Buffer = bytes | bytearray | memoryview
+#: For ``isinstance``: a tuple, not the union (which is built anew at every evaluation).
+BUFFER_TYPES = (bytes, bytearray, memoryview)
 
 
 class WriteFlags(enum.IntFlag):
@@ -113,41 +122,60 @@ class BlockDriver(ABC):
     def size(self) -> int:
         """Virtual size in bytes."""
 
-    @abstractmethod
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Return exactly ``length`` bytes."""
+    # Each data request has one function, ``submit_read`` / ``submit_write``, with the
+    # shape of the node's admission (:meth:`BlockNode.submit_read`): it completes the
+    # request at once (a page-cache copy on the loop thread) or returns the coroutine
+    # that completes it, so what a request must pass (bounds of a window, the page-cache
+    # decision, a filter's limit) is written once for both. A returned coroutine has done
+    # nothing visible and holds nothing until it runs: the caller may close it unrun and
+    # ask again later (the node does, when its own admission must be redone). It must not
+    # capture another unstarted coroutine (closing it would leave that one unawaited).
+    #
+    # ``read`` / ``write`` are the same request awaited. A driver whose requests always
+    # wait (qcow2, nbd) implements those two and inherits ``submit_*``, which return them;
+    # a driver that can complete at once implements ``submit_*`` and inherits these.
+    # :func:`register` refuses a driver that implements neither.
 
-    @abstractmethod
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> None:
-        """Write ``data``."""
-
-    def read_now(
+    def submit_read(
         self, offset: int, length: int, into: memoryview | None = None
-    ) -> bytes | bytearray | memoryview | None:
-        """Return ``length`` bytes at once on the calling (loop) thread if cheap, else None.
+    ) -> Buffer | Coroutine[Any, Any, Buffer]:
+        """Exactly ``length`` bytes at ``offset``: the data now, or the coroutine giving it.
 
-        ``into``: a writable buffer of ``length`` bytes to read into (and return), so that
-        a caller copying many pieces reuses one buffer.
-
-        Why: as for :meth:`write_now`, a caller that can answer without awaiting (the NBD
-        server) skips a task and a loop iteration. None means nothing visible was done
-        and :meth:`read` must be used; that includes a failing read, so that the error is
-        raised by :meth:`read` and reported the way the caller always reports it.
+        ``into``: a writable buffer of ``length`` bytes to read into when reading at once
+        (and return), so that a caller copying many pieces reuses one buffer. Errors of an
+        inline read raise here. The default: always awaited (:meth:`read`).
         """
-        return None
+        return self.read(offset, length)
 
-    def write_now(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> bool:
-        """Write ``data`` at once on the calling (loop) thread if that is cheap, else False.
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Exactly ``length`` bytes at ``offset`` (:meth:`submit_read`, awaited)."""
+        data = self.submit_read(offset, length)
+        if isinstance(data, BUFFER_TYPES):
+            # Done at once: yield as a pool call would, so that a caller looping on
+            # reads cannot starve the loop.
+            if not inline_may_skip_yield():
+                await asyncio.sleep(0)
+            return data
+        return await data
 
-        Why: a caller that can finish a request without awaiting (the NBD server) skips
-        a task and a loop iteration per request. Only a driver whose write is a page-cache
-        copy says yes; False means nothing was done and :meth:`write` must be used.
+    def submit_write(
+        self, offset: int, data: Buffer, flags: WriteFlags
+    ) -> Coroutine[Any, Any, None] | None:
+        """Write ``data``: None when written now, else the coroutine that writes it.
+
+        Errors of an inline write raise here. The default: always awaited (:meth:`write`).
         """
-        return False
+        return self.write(offset, data, flags)
+
+    async def write(self, offset: int, data: Buffer, flags: WriteFlags) -> None:
+        """Write ``data`` (:meth:`submit_write`, awaited)."""
+        pending = self.submit_write(offset, data, flags)
+        if pending is not None:
+            await pending
+        elif not inline_may_skip_yield():
+            # Yield once, as a pool call would: a caller looping on writes must not
+            # starve the loop (QMP, other clients, a backup taking its point in time).
+            await asyncio.sleep(0)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         """Make the range read as zeroes. The default writes zero buffers."""
@@ -226,5 +254,9 @@ DRIVERS: dict[str, type[BlockDriver]] = {}
 
 def register(cls: type[BlockDriver]) -> type[BlockDriver]:
     """Class decorator: make a driver constructible by its ``driver_name``."""
+    for kind in ("read", "write"):
+        awaited = getattr(cls, kind) is not getattr(BlockDriver, kind)
+        if not awaited and getattr(cls, f"submit_{kind}") is getattr(BlockDriver, f"submit_{kind}"):
+            raise TypeError(f"driver {cls.driver_name} implements neither {kind} nor submit_{kind}")
     DRIVERS[cls.driver_name] = cls
     return cls

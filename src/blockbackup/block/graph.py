@@ -28,7 +28,8 @@ _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}\Z")
 
 
 class CloseError(BlockBackupError):
-    """Closing the graph lost data: a node's final flush failed (the nodes are closed)."""
+    """Closing nodes failed: a final flush, storing bitmaps or a driver's close (which may
+    have lost data). Raised once every node was closed anyway; names each failure."""
 
 
 class Graph:
@@ -124,7 +125,9 @@ class Graph:
                 raise
         except BaseException:
             if node is not None:
-                await self._release_children(node)
+                # The open's error is what the caller gets; a child failing to close
+                # as well is logged (by _close), not raised over it.
+                await self._release_children(node, [])
             raise
         finally:
             self._reserved.discard(name)
@@ -133,7 +136,11 @@ class Graph:
         return node
 
     async def delete(self, name: str) -> None:
-        """blockdev-del: close a node nobody uses, with its implicit children."""
+        """blockdev-del: close a node nobody uses, with its implicit children.
+
+        :raise CloseError: storing its bitmaps or closing a driver failed (the node and
+            its implicit children are gone anyway).
+        """
         node = self.nodes.get(name)
         if node is None:
             raise BlockBackupError(f"Failed to find node with node-name='{name}'")
@@ -146,29 +153,58 @@ class Graph:
             raise BlockBackupError(f"Node {name} is in use")
         if node.parents:
             raise BlockBackupError(f"Block device {name} is in use")
-        await self._close(node)
+        failed: list[str] = []
+        await self._close(node, failed)
+        _raise_failures(failed)
 
     async def drop(self, node: BlockNode) -> None:
-        """Close a node its owner created for itself (a job's filter), users or not."""
-        node.users.clear()
-        await self._close(node)
+        """Close a node its owner created for itself (a job's filter), users or not.
 
-    async def _close(self, node: BlockNode) -> None:
+        :raise CloseError: as :meth:`delete`.
+        """
+        node.users.clear()
+        failed: list[str] = []
+        await self._close(node, failed)
+        _raise_failures(failed)
+
+    async def _close(self, node: BlockNode, failed: list[str]) -> None:
+        """Close ``node`` and its implicit children that nobody else uses.
+
+        Every step is taken whatever an earlier one raised, so that every driver gets
+        its ``close`` (its file descriptors and locks released): an ``OSError`` is logged
+        and appended to ``failed`` (the node's name and the reason) for the caller to
+        report once all is closed. Anything else (a bug, a cancellation) still runs the
+        remaining steps, then propagates.
+        """
         await node.wait_idle()
         self.nodes.pop(node.name, None)
         try:
-            await self.bitmap_stores.node_closing(node)  # stores them (clean close)
-            await node.driver.close()
+            try:
+                # Stores the persistent bitmaps (clean close).
+                await self.bitmap_stores.node_closing(node)
+            except OSError as exc:
+                _record(failed, node, "store the bitmaps of", exc)
+            finally:
+                try:
+                    await node.driver.close()
+                except OSError as exc:
+                    _record(failed, node, "close", exc)
         finally:
             # Whatever the driver's close raised, the node is gone: its children must not
             # keep it as a parent (they could never be deleted, and the graph would look
             # cyclic at shutdown).
-            await self._release_children(node)
+            await self._release_children(node, failed)
 
-    async def _release_children(self, node: BlockNode) -> None:
+    async def _release_children(self, node: BlockNode, failed: list[str]) -> None:
+        errors: list[BaseException] = []
         for child in node.detach_children():
             if child.implicit and not child.parents and not child.users:
-                await self._close(child)
+                try:
+                    await self._close(child, failed)
+                except BaseException as exc:  # the other children are closed first
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
 
     async def aclose(self) -> None:
         """Flush and close every node, parents before children.
@@ -176,7 +212,9 @@ class Graph:
         A failed final flush means data the node acknowledged may not be on stable
         storage, so it is never swallowed: it is logged with the node's name, the other
         nodes are still flushed and closed, and :class:`CloseError` names every node
-        that failed once all are closed (the daemon then exits non-zero).
+        that failed once all are closed (the daemon then exits non-zero). A failed close
+        (a format writing its metadata, the bitmaps being stored) is reported the same
+        way, and the rest is closed all the same.
         """
         failed: list[str] = []
         while self.nodes:
@@ -188,11 +226,20 @@ class Graph:
                     try:
                         await node.flush()
                     except OSError as exc:
-                        reason = exc.strerror or str(exc)
-                        log.error("Failed to flush node '%s' at close: %s", node.name, reason)
-                        failed.append(f"'{node.name}' ({reason})")
+                        _record(failed, node, "flush", exc)
                 node.users.clear()
-                await self._close(node)
+                await self._close(node, failed)
         self.objects.close()
-        if failed:
-            raise CloseError(f"Failed to flush {', '.join(failed)} at close")
+        _raise_failures(failed)
+
+
+def _record(failed: list[str], node: BlockNode, what: str, exc: OSError) -> None:
+    """Log a failure of closing ``node`` and add it to ``failed``."""
+    reason = exc.strerror or str(exc)
+    log.error("Failed to %s node '%s' at close: %s", what, node.name, reason)
+    failed.append(f"Failed to {what} '{node.name}' ({reason})")
+
+
+def _raise_failures(failed: list[str]) -> None:
+    if failed:
+        raise CloseError("; ".join(failed) + " at close")

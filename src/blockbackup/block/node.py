@@ -21,14 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from blockbackup._aio import inline_may_skip_yield, run_blocking
 from blockbackup.block import permissions
 from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags, io_error
+from blockbackup.block.driver import (
+    BUFFER_TYPES,
+    BlockDriver,
+    Buffer,
+    Extent,
+    Limits,
+    WriteFlags,
+    io_error,
+)
 from blockbackup.block.permissions import ChildRole, Link
 from blockbackup.block.reqlist import ReqList, Request
 from blockbackup.errors import BlockBackupError
@@ -38,9 +46,6 @@ if TYPE_CHECKING:
 
     from blockbackup.block.graph import Graph
 
-Buffer = bytes | bytearray | memoryview
-#: For ``isinstance``: a tuple, not the union (which is built anew at every evaluation).
-BUFFER_TYPES = (bytes, bytearray, memoryview)
 T = TypeVar("T")
 
 #: A before-write hook: the admission of a modification of (offset, length), before it
@@ -51,11 +56,12 @@ T = TypeVar("T")
 #: calls the hook again on the awaited path. (An ``async def`` hook always waits.)
 BeforeWriteHook = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
-#: A write gate: called synchronously with (offset, length) once a modification is counted
-#: in flight; returns ``None`` to let it through at once, or an awaitable the modification
-#: waits for first (raising ``OSError`` fails it). For checks that almost never wait (a
-#: persistent bitmap whose bit is already durable), so the fast path stays fast.
-WriteGate = Callable[[int, int], Awaitable[None] | None]
+#: A write gate: the admission of a modification of (offset, length) once it is counted in
+#: flight (a persistent bitmap making the write's granules durable first). The same shape
+#: as a before-write hook: ``None`` to let it through at once, or a coroutine the
+#: modification awaits first (raising ``OSError`` fails it), holding nothing until it runs
+#: (the inline path closes it unrun and the awaited write calls the gate again).
+WriteGate = Callable[[int, int], Coroutine[Any, Any, None] | None]
 
 
 @runtime_checkable
@@ -108,8 +114,6 @@ class BlockNode:
         #: copy-before-write filter on its target), for QEMU's permission-conflict errors.
         self.write_blocker: tuple[str, str] | None = None
         self._before_write: list[BeforeWriteHook] = []
-        #: For write gates that can tell at once whether a write needs them at all.
-        self._gate_pass_now: dict[WriteGate, Callable[[int, int], bool]] = {}
         self._write_gates: list[WriteGate] = []
         self._in_flight = 0
         self._in_flight_changes = 0
@@ -256,30 +260,14 @@ class BlockNode:
 
     def _hooks_pass_now(self, offset: int, length: int) -> bool:
         """Whether every before-write hook lets a write of this range go ahead at once."""
-        for hook in self._before_write:
-            pending = hook(offset, length)
-            if pending is not None:
-                pending.close()  # holds nothing until run: the awaited path calls it again
-                return False
-        return True
+        return _all_pass_now(self._before_write, offset, length)
 
-    def add_write_gate(
-        self, gate: WriteGate, *, pass_now: Callable[[int, int], bool] | None = None
-    ) -> None:
-        """Call ``gate`` for every modification (see :data:`WriteGate`).
-
-        ``pass_now(offset, length)``, if given, is the gate for a write that must not
-        wait: it does what the gate does and returns True when the gate would let the
-        write through at once, or returns False having changed nothing. With it,
-        :meth:`write_now` can still write at once.
-        """
+    def add_write_gate(self, gate: WriteGate) -> None:
+        """Call ``gate`` for every modification (see :data:`WriteGate`)."""
         self._write_gates.append(gate)
-        if pass_now is not None:
-            self._gate_pass_now[gate] = pass_now
 
     def remove_write_gate(self, gate: WriteGate) -> None:
         self._write_gates.remove(gate)
-        self._gate_pass_now.pop(gate, None)
 
     async def _pass_write_gates(self, offset: int, length: int) -> None:
         for gate in tuple(self._write_gates):
@@ -429,7 +417,11 @@ class BlockNode:
             limits.max_transfer and length > limits.max_transfer
         ):
             return None
-        return self.driver.read_now(offset, length, into)
+        data = self.driver.submit_read(offset, length, into)
+        if isinstance(data, BUFFER_TYPES):
+            return data
+        data.close()  # holds nothing until run: the awaited path asks the driver again
+        return None
 
     async def read(self, offset: int, length: int) -> Buffer:
         """Read ``length`` bytes at ``offset`` (:meth:`submit_read`, awaited)."""
@@ -443,12 +435,15 @@ class BlockNode:
         return await data
 
     def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
-        """:meth:`submit_read` for a caller that can only take the data at once (a
-        driver's ``read_now``, a copy through a reused buffer): None when it would wait,
-        and for a request :meth:`read` refuses (so that the caller's ``read`` raises it)."""
+        """:meth:`submit_read` for a caller that can only take the data at once (a copy
+        through a reused buffer): None when it would wait, and for a request :meth:`read`
+        refuses or fails (so that the caller's ``read`` raises it)."""
         if offset < 0 or length <= 0 or offset + length > self.size:
             return None
-        return self._read_inline(offset, length, into)
+        try:
+            return self._read_inline(offset, length, into)
+        except OSError:
+            return None
 
     async def _read_awaited(self, offset: int, length: int) -> Buffer:
         # Plain attribute checks and counter updates instead of context managers: this is
@@ -518,15 +513,15 @@ class BlockNode:
         limits = self.limits
         if limits.request_alignment != 1 or (limits.max_transfer and length > limits.max_transfer):
             return False
-        for gate in self._write_gates:
-            pass_now = self._gate_pass_now.get(gate)
-            # A gate that passed before one that refuses leaves its record of this write,
-            # which the awaited write repeats.
-            if pass_now is None or not pass_now(offset, length):
-                return False
+        if self._write_gates and not _all_pass_now(self._write_gates, offset, length):
+            return False
         for tracker in self.dirty_trackers:
             tracker.mark_dirty(offset, length)
-        return self.driver.write_now(offset, view, flags)
+        pending = self.driver.submit_write(offset, view, flags)
+        if pending is None:
+            return True
+        pending.close()  # holds nothing until run: the awaited write asks the driver again
+        return False
 
     async def write(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> None:
         """Write ``data`` at ``offset`` (:meth:`submit_write`, awaited)."""
@@ -537,9 +532,10 @@ class BlockNode:
             await asyncio.sleep(0)  # done inline: yield once, as a pool call would
 
     def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
-        """:meth:`submit_write` for a caller that can only write at once (a driver's
-        ``write_now``): False when it would wait, having written nothing, and for a
-        request :meth:`write` refuses (so that the caller's ``write`` raises it)."""
+        """:meth:`submit_write` for a caller that can only write at once (a copy through
+        a reused buffer): False when it would wait, having written nothing, and for a
+        request :meth:`write` refuses (so that the caller's ``write`` raises it); errors
+        of the inline write raise."""
         if not data or self.config.read_only or offset < 0 or offset + len(data) > self.size:
             return False
         return self._write_inline(offset, memoryview(data).cast("B"), flags)
@@ -803,3 +799,15 @@ class BlockNode:
         if self.limits.request_alignment != 1:
             return None
         return self.driver.fd_map(offset)
+
+
+def _all_pass_now(
+    admissions: list[BeforeWriteHook] | list[WriteGate], offset: int, length: int
+) -> bool:
+    """Whether every admission (hook or gate) lets a modification go ahead at once."""
+    for admit in admissions:
+        pending = admit(offset, length)
+        if pending is not None:
+            pending.close()  # holds nothing until run: the awaited path calls it again
+            return False
+    return True

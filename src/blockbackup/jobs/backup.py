@@ -412,6 +412,11 @@ class BackupJob(Job):
                     raise err.err from err
         self._check_snapshot()
         await self.target.flush()
+        if self.target.early_writeback():
+            # Drop-behind evicts as the copy goes, which leaves the last copies (those
+            # since its last drop) cached; nobody reads a backup back soon. After the
+            # flush they are clean, so this evicts them all at once.
+            await self.target.drop_cache()
         self._update_progress()
 
     async def _serve_until_cancelled(self) -> None:

@@ -42,8 +42,7 @@ from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any
 
 from blockbackup._sockets import bind_unix, parse_socket_address
-from blockbackup.block.driver import Status, WriteFlags
-from blockbackup.block.node import BUFFER_TYPES
+from blockbackup.block.driver import BUFFER_TYPES, Status, WriteFlags
 from blockbackup.errors import BlockBackupError
 from blockbackup.nbd.exports import ExportManager, NbdExport
 from blockbackup.nbd.proto import (

@@ -33,7 +33,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +43,12 @@ from bitarray.util import zeros
 from blockbackup._aio import run_blocking
 from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.bitmap_store import sidecar as sc
+from blockbackup.block.bitmap_store.image import FreshBitmap, ImageBitmaps, StoredEntry
 from blockbackup.block.dirty_bitmap import BitmapRegistry, DirtyBitmap, bitmaps_of
 from blockbackup.block.driver import io_error
 
 if TYPE_CHECKING:
     from blockbackup.block.node import BlockNode
-    from blockbackup.block.qcow2.bitmaps import StoredBitmap
-    from blockbackup.block.qcow2.driver import Qcow2Driver
 
 __all__ = ["BitmapStores", "NodeStore", "store_of"]
 
@@ -163,7 +162,7 @@ class NodeStore:
         #: Errors found when loading (also logged); for users and tests.
         self.load_errors: list[str] = []
         #: Stored qcow2 entries kept verbatim: inconsistent or not understood.
-        self.kept: dict[str, StoredBitmap] = {}
+        self.kept: dict[str, StoredEntry] = {}
         #: A sidecar we could not read: never deleted, only replaced by new bitmaps.
         self.foreign = False
         self._fd = -1
@@ -193,21 +192,22 @@ class NodeStore:
     @classmethod
     async def attach(cls, stores: BitmapStores, node: BlockNode) -> NodeStore | None:
         """Create the store of a newly opened node and load its bitmaps."""
-        from blockbackup.block.qcow2.driver import Qcow2Driver
-
         driver = node.driver
         writable = not node.read_only
         claimed = stores.claimed
         holder: BlockNode | None = None  # the file child whose store this node takes over
-        if isinstance(driver, Qcow2Driver):
-            image = _local_file(driver.file_node)
+        if isinstance(driver, ImageBitmaps):
+            file = driver.bitmap_file
+            image = _local_file(file)
             path = sc.sidecar_path(image) if image is not None else None
             if path is not None and path in claimed:
-                if await stores.take_over(path, driver.file_node, node):
-                    holder = driver.file_node
+                if await stores.take_over(path, file, node):
+                    holder = file
                 else:
                     path = None
-            store = cls(stores, node, "qcow2", path, writable=writable and driver.hdr.version >= 3)
+            store = cls(
+                stores, node, "qcow2", path, writable=writable and driver.can_store_bitmaps()
+            )
         else:
             child = None
             if driver.driver_name == "raw":
@@ -232,7 +232,7 @@ class NodeStore:
             claimed.add(store.path)
         bitmaps_of(node).store = store
         if store.kind == "qcow2":
-            assert isinstance(driver, Qcow2Driver)
+            assert isinstance(driver, ImageBitmaps)
             await store._load_qcow2(driver)
         else:
             await store._load_sidecar()
@@ -241,10 +241,8 @@ class NodeStore:
             store._layout_dirty = True
             await store._wait(store._request())
         if store.kind == "qcow2" and writable and store.lineages:
-            from blockbackup.block.qcow2.bitmaps import set_in_use
-
-            assert isinstance(driver, Qcow2Driver)
-            await set_in_use(driver.file, driver.hdr, set(store.lineages))
+            assert isinstance(driver, ImageBitmaps)
+            await driver.mark_bitmaps_in_use(set(store.lineages))
         return store
 
     def _add_loaded(
@@ -270,7 +268,7 @@ class NodeStore:
         return lin
 
     def _forget_safe(self) -> None:
-        """Drop every span of the :meth:`pass_now` cache (something may have stopped
+        """Drop every span of the :meth:`_passes_now` cache (something may have stopped
         being durable)."""
         self._safe = zeros(-(-self.node.size // DURABLE_SPAN) or 1, endian="little")
 
@@ -326,14 +324,7 @@ class NodeStore:
             bits = self._entry_bits(img, e, journal=False)
             self._add_loaded(e.name, e.granularity, bits, enabled=bool(e.flags & sc.ENTRY_ENABLED))
 
-    async def _load_qcow2(self, drv: Qcow2Driver) -> None:
-        from blockbackup.block.qcow2.bitmaps import (
-            FLAG_EXTRA_DATA_COMPATIBLE,
-            TYPE_DIRTY_TRACKING,
-            load_bitmap_bytes,
-            read_directory,
-        )
-
+    async def _load_qcow2(self, drv: ImageBitmaps) -> None:
         journal: dict[str, tuple[sc.SidecarImage, sc.SidecarEntry]] = {}
         if self.path is not None and await run_blocking(os.path.exists, self.path):
             img = await self._read_sidecar()
@@ -341,18 +332,13 @@ class NodeStore:
             if img is not None and img.flags & sc.FLAG_JOURNAL and not img.flags & sc.FLAG_CLEAN:
                 journal = {e.name: (img, e) for e in img.entries}
         try:
-            stored = await read_directory(drv.file, drv.hdr)
+            stored = await drv.stored_bitmaps()
         except OSError as err:
             self._problem(f"qcow2 bitmap directory of {self.node.name}: {err}")
             stored = []
         nbits_of = {}
         for s in stored:
-            supported = (
-                s.type == TYPE_DIRTY_TRACKING
-                and 9 <= s.granularity_bits <= 31
-                and (not s.extra_data or s.flags & FLAG_EXTRA_DATA_COMPATIBLE)
-            )
-            if not supported:
+            if not s.supported:
                 self.kept[s.name] = s  # not ours to interpret: kept as it is
                 continue
             nbits_of[s.name] = -(-self.node.size // s.granularity)
@@ -372,7 +358,7 @@ class NodeStore:
                 self.kept[s.name] = s
                 continue
             try:
-                data = await load_bitmap_bytes(drv.file, drv.hdr, s)
+                data = await drv.load_stored_bitmap(s)
             except OSError as err:
                 self._problem(f"qcow2 bitmap '{s.name}': {err}")
                 self._add_loaded(s.name, s.granularity, None, enabled=False)
@@ -456,7 +442,7 @@ class NodeStore:
 
     def _install(self) -> None:
         if not self._hooked:
-            self.node.add_write_gate(self.before_write, pass_now=self.pass_now)
+            self.node.add_write_gate(self.before_write)
             self._hooked = True
 
     def _uninstall(self) -> None:
@@ -468,19 +454,25 @@ class NodeStore:
         nbytes = (lin.nbits + 7) // 8
         return (nbytes + sc.PAYLOAD - 1) // sc.PAYLOAD
 
-    def before_write(self, offset: int, length: int) -> Awaitable[None] | None:
-        """Make the granules of a write durable before it may proceed.
-
-        A write gate (synchronous): ``None`` when every granule is already durable, which
-        is the common case and keeps the request layer's fast path; otherwise the commit
-        to wait for.
+    def before_write(self, offset: int, length: int) -> Coroutine[Any, Any, None] | None:
+        """The write gate (one admission, as a before-write hook): ``None`` when every
+        granule the write touches is durable already, the common case, which keeps the
+        request layer's write-at-once path; otherwise the coroutine that records the
+        write and waits for the commit making its granules durable. It holds nothing until
+        it runs: the inline path closes it and the awaited write calls the gate again.
         """
+        if self._passes_now(offset, length):
+            return None
+        return self._make_durable(offset, length)
+
+    async def _make_durable(self, offset: int, length: int) -> None:
+        """Make the granules of a write durable before it may proceed."""
         need = 0
         for lin, rec, g0, g1 in self._spans(offset, length):
-            # Marked now rather than after the hooks: a shrink then sees this write.
+            # Marked now rather than after the gate: a shrink then sees this write.
             rec.bitmap.set(offset, length)
             if self._durable(lin, g0, g1):
-                continue  # durable, and no commit in flight takes it away: the fast path
+                continue  # durable, and no commit in flight takes it away
             in_mem = lin.covered(lin.mem, g0, g1)
             target = lin.target
             if in_mem and target is not None and lin.covered(target, g0, g1):
@@ -491,15 +483,16 @@ class NodeStore:
                 range((g0 >> 3) // sc.PAYLOAD, ((g1 - 1) >> 3) // sc.PAYLOAD + 1)
             )
             need = max(need, self._request())
-        return self._wait(need) if need else None
+        if need:
+            await self._wait(need)
 
-    def pass_now(self, offset: int, length: int) -> bool:
-        """:meth:`before_write` for a write that need not wait, in one pass; else False.
+    def _passes_now(self, offset: int, length: int) -> bool:
+        """Whether a write may pass the gate at once: every span it touches is durable
+        already in every recording lineage, and no commit in flight takes one away.
 
-        True when every span it touches is durable already and no commit in flight takes
-        one away; False otherwise. It changes nothing visible: the recording bitmaps are
-        the node's dirty trackers, which the request layer's write-at-once path marks right
-        after, with no await in between (the gate marks them itself because it may wait).
+        It changes nothing visible: the recording bitmaps are the node's dirty trackers,
+        which the request layer marks right after the gates, with no await in between
+        (:meth:`_make_durable` marks them itself because it may wait).
 
         Why a cache: this runs for every guest write, and after the first pass nearly every
         span is durable for good. ``_safe`` has one bit per DURABLE_SPAN of the node, set
@@ -676,22 +669,11 @@ class NodeStore:
 
     # -- closing -------------------------------------------------------------------------------
 
-    async def _drop_stored(self, name: str, stored: StoredBitmap | None) -> None:
-        """Remove one bitmap from the qcow2 directory now (``block-dirty-bitmap-remove``)."""
-        from blockbackup.block.qcow2.bitmaps import NewBitmap, read_directory, write_bitmaps
-        from blockbackup.block.qcow2.driver import Qcow2Driver
-
+    async def _drop_stored(self, name: str, stored: StoredEntry | None) -> None:
+        """Remove one bitmap from the image's directory now (``block-dirty-bitmap-remove``)."""
         drv = self.node.driver
-        assert isinstance(drv, Qcow2Driver)
-        entries = await read_directory(drv.file, drv.hdr)
-        if all(e.name != name for e in entries):
-            return
-        keep = [
-            NewBitmap(e.name, e.granularity_bits, e.flags, None, (e.table_offset, e.table_size))
-            for e in entries
-            if e.name != name
-        ]
-        await write_bitmaps(drv, keep)
+        assert isinstance(drv, ImageBitmaps)
+        await drv.remove_stored_bitmap(name)
 
     async def close(self) -> None:
         """Clean close: store every persistent bitmap exactly, then retire the log."""
@@ -720,42 +702,20 @@ class NodeStore:
         sc.write_atomic(self.path, img)
 
     async def _store_qcow2(self) -> None:
-        from blockbackup.block.qcow2.bitmaps import (
-            FLAG_AUTO,
-            FLAG_IN_USE,
-            NewBitmap,
-            read_directory,
-            write_bitmaps,
-        )
-        from blockbackup.block.qcow2.driver import Qcow2Driver
-
         drv = self.node.driver
-        assert isinstance(drv, Qcow2Driver)
-        if drv.hdr.version < 3:
+        assert isinstance(drv, ImageBitmaps)
+        if not drv.can_store_bitmaps():
             return
-        out: list[NewBitmap] = []
-        registry = bitmaps_of(self.node)
-        names: set[str] = set()
-        for bm in registry:
+        fresh: list[FreshBitmap] = []
+        for bm in bitmaps_of(self.node):
             if not bm.persistent or bm.name is None or bm.name in self.kept:
                 continue
             lin = self.lineages.get(bm.name)
             logical = self._logical(lin) if lin is not None else None
             if logical is None:
                 continue
-            flags = FLAG_AUTO if bm.recording else 0
-            gbits = bm.granularity.bit_length() - 1
-            out.append(NewBitmap(bm.name, gbits, flags, logical.tobytes()))
-            names.add(bm.name)
-        current = {e.name: e for e in await read_directory(drv.file, drv.hdr)}
-        for name, s in self.kept.items():
-            e = current.get(name, s)
-            flags = e.flags | (FLAG_IN_USE if e.type == 1 else 0)
-            out.append(
-                NewBitmap(name, e.granularity_bits, flags, None, (e.table_offset, e.table_size))
-            )
-        if out or current:
-            await write_bitmaps(drv, out)
+            fresh.append(FreshBitmap(bm.name, bm.granularity, bm.recording, logical.tobytes()))
+        await drv.store_bitmaps(fresh, self.kept.values())
         if self.path is not None:
             await run_blocking(sc.remove_durably, self.path)
 

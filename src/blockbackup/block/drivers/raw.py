@@ -6,10 +6,12 @@ Without a window, raw is the whole child and resizes with it; a window has a fix
 from __future__ import annotations
 
 import errno
-from typing import ClassVar
+from collections.abc import Coroutine
+from typing import Any, ClassVar
 
 from blockbackup.block.driver import (
     BlockDriver,
+    Buffer,
     Extent,
     Limits,
     WriteFlags,
@@ -70,23 +72,18 @@ class RawDriver(BlockDriver):
     def size(self) -> int:
         return self._size
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self.child.read(self.offset + offset, length)
+    # The window's offset is added once per request kind: each request is one call to
+    # the child's admission, inline or awaited (read / write await the same call).
 
-    async def write(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> None:
-        await self.child.write(self.offset + offset, data, flags)
-
-    def read_now(
+    def submit_read(
         self, offset: int, length: int, into: memoryview | None = None
-    ) -> bytes | bytearray | memoryview | None:
-        return self.child.read_now(self.offset + offset, length, into)
+    ) -> Buffer | Coroutine[Any, Any, Buffer]:
+        return self.child.submit_read(self.offset + offset, length, into)
 
-    def write_now(
-        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
-    ) -> bool:
-        return self.child.write_now(self.offset + offset, data, flags)
+    def submit_write(
+        self, offset: int, data: Buffer, flags: WriteFlags
+    ) -> Coroutine[Any, Any, None] | None:
+        return self.child.submit_write(self.offset + offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self.child.write_zeroes(self.offset + offset, length, flags)

@@ -10,11 +10,12 @@ what it changes.
 Two kinds of operation are *not* forwarded blindly, because forwarding them would skip
 the filter itself:
 
-- The inline twins (``read_now``, ``write_now``): a request completed inline never comes
-  through the filter's awaited ``read`` / ``write``. They are forwarded only by a filter
-  that does not change ``read`` (resp. ``write``); a filter that does declines them
-  (``None`` / ``False``, so the request takes the awaited path) unless it overrides the
-  twin too, saying when it can let a request through at once.
+- Reads and writes: each is one call (``submit_read`` / ``submit_write``) that completes
+  at once or returns what must be awaited, and ``read`` / ``write`` await that same call,
+  so a filter that changes one changes both paths. Forwarded only by a filter that does
+  not change the request: one that overrides only the awaited ``read`` (resp. ``write``)
+  gets the driver default, which always awaits it, so nothing completes past it; to
+  let requests through at once it overrides ``submit_*`` instead.
 - ``fd_map``: copy offload goes straight to the child's file, past the filter and past
   the request layer of the child node (its before-write hooks, dirty trackers): always
   ``None`` here.
@@ -25,12 +26,13 @@ whose own driver writes compressed clusters.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Coroutine
+from typing import Any, ClassVar
 
-from blockbackup.block.driver import BlockDriver, Extent, Limits, WriteFlags
+from blockbackup.block.driver import BlockDriver, Buffer, Extent, Limits, WriteFlags
 from blockbackup.block.node import BlockNode
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["Buffer", "FilterDriver", "child_limits"]
 
 
 def child_limits(child: BlockNode) -> Limits:
@@ -43,15 +45,15 @@ class FilterDriver(BlockDriver):
     """A driver over one child, ``child``, forwarding every operation it does not override."""
 
     is_filter: ClassVar[bool] = True
-    #: Whether ``read_now`` / ``write_now`` are forwarded: set per subclass, True when it
-    #: changes neither the awaited operation nor the twin (see the module docstring).
-    _forward_read_now: ClassVar[bool] = True
-    _forward_write_now: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        cls._forward_read_now = cls.read is FilterDriver.read
-        cls._forward_write_now = cls.write is FilterDriver.write
+        # A filter that changes only the awaited read (write) must not be forwarded past
+        # inline: its submit_* await its own read (write), as for any driver.
+        if cls.read is not BlockDriver.read and cls.submit_read is FilterDriver.submit_read:
+            cls.submit_read = BlockDriver.submit_read  # type: ignore[method-assign]
+        if cls.write is not BlockDriver.write and cls.submit_write is FilterDriver.submit_write:
+            cls.submit_write = BlockDriver.submit_write  # type: ignore[method-assign]
 
     def __init__(self, node: BlockNode, child: BlockNode, limits: Limits | None = None) -> None:
         super().__init__(node)
@@ -62,21 +64,15 @@ class FilterDriver(BlockDriver):
     def size(self) -> int:
         return self.child.size
 
-    async def read(self, offset: int, length: int) -> Buffer:
-        return await self.child.read(offset, length)
+    def submit_read(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> Buffer | Coroutine[Any, Any, Buffer]:
+        return self.child.submit_read(offset, length, into)
 
-    async def write(self, offset: int, data: Buffer, flags: WriteFlags) -> None:
-        await self.child.write(offset, data, flags)
-
-    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
-        if not self._forward_read_now:
-            return None
-        return self.child.read_now(offset, length, into)
-
-    def write_now(self, offset: int, data: Buffer, flags: WriteFlags) -> bool:
-        if not self._forward_write_now:
-            return False
-        return self.child.write_now(offset, data, flags)
+    def submit_write(
+        self, offset: int, data: Buffer, flags: WriteFlags
+    ) -> Coroutine[Any, Any, None] | None:
+        return self.child.submit_write(offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self.child.write_zeroes(offset, length, flags)

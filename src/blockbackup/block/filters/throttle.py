@@ -13,9 +13,10 @@ a tiny limit can never hold a backup's point in time, or a graph change, for lon
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Coroutine
+from typing import Any, ClassVar
 
-from blockbackup.block.driver import WriteFlags, register
+from blockbackup.block.driver import BUFFER_TYPES, WriteFlags, register
 from blockbackup.block.filters.forwarding import Buffer, FilterDriver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
@@ -28,9 +29,9 @@ from blockbackup.errors import BlockBackupError
 class ThrottleDriver(FilterDriver):
     """Waits for the group's go-ahead, then forwards to ``file``; forwards the rest as is.
 
-    Requests completed inline (``read_now`` / ``write_now``) would not wait: with limits
-    the node declines them (the request takes the awaited path and waits here); without
-    any limit it forwards them, as it has nothing to wait for.
+    A read or write is one call (``submit_read`` / ``submit_write``): with limits it is
+    always the awaited request that waits here; without any limit the child decides
+    whether it completes at once, as there is nothing to wait for.
     """
 
     driver_name: ClassVar[str] = "throttle"
@@ -66,27 +67,35 @@ class ThrottleDriver(FilterDriver):
         else:
             self.admitted_read += size
 
-    async def read(self, offset: int, length: int) -> Buffer:
+    def submit_read(
+        self, offset: int, length: int, into: memoryview | None = None
+    ) -> Buffer | Coroutine[Any, Any, Buffer]:
+        if not self.group.enabled:  # no limit: nothing to wait for, the child decides
+            data = self.child.submit_read(offset, length, into)
+            if isinstance(data, BUFFER_TYPES):
+                self.admitted_read += length
+                return data
+            data.close()  # holds nothing until run; the awaited read below asks again
+        return self._read(offset, length)
+
+    async def _read(self, offset: int, length: int) -> Buffer:
         await self._admit(False, length)
         return await self.child.read(offset, length)
 
-    async def write(self, offset: int, data: Buffer, flags: WriteFlags) -> None:
+    def submit_write(
+        self, offset: int, data: Buffer, flags: WriteFlags
+    ) -> Coroutine[Any, Any, None] | None:
+        if not self.group.enabled:  # no limit: nothing to wait for, the child decides
+            pending = self.child.submit_write(offset, data, flags)
+            if pending is None:
+                self.admitted_write += len(data)
+                return None
+            pending.close()  # holds nothing until run; the awaited write below asks again
+        return self._write(offset, data, flags)
+
+    async def _write(self, offset: int, data: Buffer, flags: WriteFlags) -> None:
         await self._admit(True, len(data))
         await self.child.write(offset, data, flags)
-
-    def read_now(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
-        if self.group.enabled:
-            return None
-        data = self.child.read_now(offset, length, into)
-        if data is not None:
-            self.admitted_read += length
-        return data
-
-    def write_now(self, offset: int, data: Buffer, flags: WriteFlags) -> bool:
-        if self.group.enabled or not self.child.write_now(offset, data, flags):
-            return False
-        self.admitted_write += len(data)
-        return True
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self._admit(True, length)

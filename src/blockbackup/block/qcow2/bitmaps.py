@@ -56,6 +56,15 @@ class StoredBitmap:
     def auto(self) -> bool:
         return bool(self.flags & FLAG_AUTO)
 
+    @property
+    def supported(self) -> bool:
+        """A dirty-tracking bitmap whose granularity and extra data we understand."""
+        return (
+            self.type == TYPE_DIRTY_TRACKING
+            and 9 <= self.granularity_bits <= 31
+            and (not self.extra_data or bool(self.flags & FLAG_EXTRA_DATA_COMPATIBLE))
+        )
+
 
 def _eio(text: str) -> OSError:
     return io_error(errno.EIO, f"qcow2: {text}")

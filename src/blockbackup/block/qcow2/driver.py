@@ -31,9 +31,11 @@ import errno
 import os
 import struct
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from blockbackup.block.bitmap_store.image import FreshBitmap, StoredEntry
 from blockbackup.block.driver import (
     BlockDriver,
     Extent,
@@ -46,6 +48,7 @@ from blockbackup.block.driver import (
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.block.permissions import ChildRole
+from blockbackup.block.qcow2 import bitmaps
 from blockbackup.block.qcow2.compress import compress, decompress
 from blockbackup.block.qcow2.fileio import Buffer, ImageFile
 from blockbackup.block.qcow2.header import (
@@ -894,6 +897,61 @@ class Qcow2Driver(BlockDriver):
             await self._flush_metadata()
             await self.refs.flush()
         await self.file.flush()
+
+    # -- persistent bitmaps in the image (bitmap_store.image.ImageBitmaps) ------------------
+
+    @property
+    def bitmap_file(self) -> BlockNode:
+        return self.file_node
+
+    def can_store_bitmaps(self) -> bool:
+        return self.hdr.version >= 3
+
+    async def stored_bitmaps(self) -> list[StoredEntry]:
+        return list(await bitmaps.read_directory(self.file, self.hdr))
+
+    async def load_stored_bitmap(self, entry: StoredEntry) -> bytes:
+        assert isinstance(entry, bitmaps.StoredBitmap)
+        return await bitmaps.load_bitmap_bytes(self.file, self.hdr, entry)
+
+    async def mark_bitmaps_in_use(self, names: set[str]) -> None:
+        await bitmaps.set_in_use(self.file, self.hdr, names)
+
+    async def store_bitmaps(self, fresh: list[FreshBitmap], kept: Iterable[StoredEntry]) -> None:
+        out = [
+            bitmaps.NewBitmap(
+                b.name,
+                b.granularity.bit_length() - 1,
+                bitmaps.FLAG_AUTO if b.recording else 0,
+                b.data,
+            )
+            for b in fresh
+        ]
+        current = {e.name: e for e in await bitmaps.read_directory(self.file, self.hdr)}
+        for s in kept:
+            assert isinstance(s, bitmaps.StoredBitmap)
+            e = current.get(s.name, s)
+            flags = e.flags | (bitmaps.FLAG_IN_USE if e.type == bitmaps.TYPE_DIRTY_TRACKING else 0)
+            out.append(
+                bitmaps.NewBitmap(
+                    s.name, e.granularity_bits, flags, None, (e.table_offset, e.table_size)
+                )
+            )
+        if out or current:
+            await bitmaps.write_bitmaps(self, out)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        entries = await bitmaps.read_directory(self.file, self.hdr)
+        if all(e.name != name for e in entries):
+            return
+        keep = [
+            bitmaps.NewBitmap(
+                e.name, e.granularity_bits, e.flags, None, (e.table_offset, e.table_size)
+            )
+            for e in entries
+            if e.name != name
+        ]
+        await bitmaps.write_bitmaps(self, keep)
 
     async def close(self) -> None:
         if self._closed:
