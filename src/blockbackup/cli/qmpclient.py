@@ -255,8 +255,10 @@ async def connect(
             await (stop.interrupt(attempt) if stop is not None else attempt)
             return client
         except TimeoutError:
+            await _disconnect(client)  # collect what the cut-off attempt left running
             raise _held(socket, timeout) from None
         except ConnectError as err:
+            await _disconnect(client)
             if not _busy(err):
                 raise DaemonGone(f"cannot connect to {socket}: {_connect_reason(err)}") from None
             if loop.time() >= deadline:
