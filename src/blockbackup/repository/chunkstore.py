@@ -167,10 +167,6 @@ class ChunkStore:
         self._pending.clear()
         self._buffer = bytearray(PACK_MAGIC)
 
-    def missing_packs(self) -> list[str]:
-        """Packs this writer relies on that are gone (checked just before a commit)."""
-        return sorted(p for p in self.relied | self.written if not self.backend.exists(pack_key(p)))
-
     # -- reading ----------------------------------------------------------------------------
 
     def locate(self, address: bytes) -> Location:

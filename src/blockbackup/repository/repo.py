@@ -17,7 +17,7 @@ from blockbackup.repository import catalog
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
 from blockbackup.repository.catalog import DiskRecord, Manifest
-from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore
+from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
 from blockbackup.repository.errors import (
     AlreadyExists,
     FormatTooNew,
@@ -192,25 +192,33 @@ class Repository:
         manifest = self.manifest(catalog.resolve(self.backend, snap or "latest"))
         return manifest, manifest.disk(disk or None)
 
-    def commit(self, disks: list[DiskRecord], tags: dict[str, str] | None = None) -> Manifest:
-        """Make a snapshot of ``disks`` (whose data this process stored and flushed).
+    def commit(
+        self,
+        disks: list[DiskRecord],
+        tags: dict[str, str] | None = None,
+        packs: set[str] | frozenset[str] = frozenset(),
+    ) -> Manifest:
+        """Make a snapshot of ``disks`` (whose data is stored and flushed).
 
-        Re-checks that every pack the new snapshot relies on still exists, then writes the
-        manifest: the one atomic step that makes the snapshot exist.
+        Re-checks that every pack the new snapshot relies on (``packs``, as the target nodes
+        report them, and this object's own store's) still exists, then writes the manifest:
+        the one atomic step that makes the snapshot exist.
         """
         if not disks:
             raise RepositoryError("a snapshot needs at least one disk")
         names = [d.name for d in disks]
         if len(set(names)) != len(names):
             raise RepositoryError(f"disk names must be unique in a snapshot: {names}")
+        relied = set(packs)
         if self._store is not None:
             self._store.flush()
-            missing = self._store.missing_packs()
-            if missing:
-                raise RepositoryError(
-                    f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
-                    f"(e.g. {missing[0]}); nothing was committed: run the backup again"
-                )
+            relied |= self._store.relied | self._store.written
+        missing = sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        if missing:
+            raise RepositoryError(
+                f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
+                f"(e.g. {missing[0]}); nothing was committed: run the backup again"
+            )
         snapshot_id, time = catalog.new_id()
         manifest = Manifest(snapshot_id, time, socket.gethostname(), disks, tags or {})
         catalog.write(self.backend, self.keys, manifest)

@@ -1,0 +1,184 @@
+"""The repository through the engine: backups into a bb-repo-target node with the backup
+job, restores from a bb-repo-snapshot node with the same job, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockbackup.api import BackupFailed, BlockBackup
+from blockbackup.block.driver import Status
+from blockbackup.errors import BlockBackupError
+from blockbackup.repository import drivers
+from blockbackup.repository.repo import Repository
+
+pytestmark = pytest.mark.asyncio
+MiB = 1 << 20
+CHUNK = 64 * 1024
+PASS = b"node test passphrase"
+
+
+def raw(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "driver": "raw",
+        "node-name": name,
+        "file": {"driver": "file", "filename": str(path)},
+        **extra,
+    }
+
+
+async def backup_image(repo: Path, image: Path, disk: str, **target: Any) -> drivers.TargetResult:
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        src = await bb.blockdev_add(raw("src", image, **{"read-only": True}))
+        node = await bb.blockdev_add(
+            {
+                "driver": "bb-repo-target",
+                "node-name": "tgt",
+                "repository": str(repo),
+                "disk": disk,
+                "size": src.size,
+                "key-secret": "k",
+                **target,
+            }
+        )
+        await bb.wait(await bb.backup("src", "tgt", sync="full"))
+        driver = node.driver
+        assert isinstance(driver, drivers.RepoTargetDriver)
+        assert driver.result is not None
+        return driver.result
+
+
+async def restore(repo: Path, spec: str, out: Path, size: int) -> None:
+    with open(out, "wb") as f:  # a new raw image of the disk's size
+        f.truncate(size)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        await bb.blockdev_add(
+            {
+                "driver": "bb-repo-snapshot",
+                "node-name": "snap",
+                "repository": str(repo),
+                "snapshot": spec,
+                "key-secret": "k",
+                "read-only": True,
+            }
+        )
+        await bb.blockdev_add(raw("out", out))
+        await bb.wait(await bb.backup("snap", "out", sync="full"))
+
+
+def make_image(path: Path) -> bytes:
+    data = bytearray(os.urandom(8 * MiB))
+    data[2 * MiB : 5 * MiB] = bytes(3 * MiB)  # zero run
+    path.write_bytes(bytes(data))
+    with open(path, "r+b") as f:  # and a hole at the end
+        f.truncate(10 * MiB)
+    return bytes(data) + bytes(2 * MiB)
+
+
+async def test_backup_restore_incremental(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS, pack_size=2 * MiB)
+    image = tmp_path / "disk.img"
+    data = make_image(image)
+
+    first = await backup_image(repo_path, image, "disk0")
+    repo.commit([first.record], packs=first.packs)
+    out = tmp_path / "restored.img"
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == data
+
+    # change one 4 KiB block and one byte far away (the next snapshot stores 2 chunks),
+    # and zero 1 MiB
+    changed = bytearray(data)
+    changed[100 * 4096 : 101 * 4096] = os.urandom(4096)
+    changed[9 * MiB + 7] ^= 0xFF
+    changed[6 * MiB : 7 * MiB] = bytes(MiB)  # data that became zeroes: zero entries
+    image.write_bytes(bytes(changed))
+    before = sum(p.stat().st_size for p in (repo_path / "data").rglob("*") if p.is_file())
+    second = await backup_image(repo_path, image, "disk0")
+    assert second.record.source["base"] == repo.snapshot_ids()[0]
+    repo.commit([second.record], packs=second.packs)
+    after = sum(p.stat().st_size for p in (repo_path / "data").rglob("*") if p.is_file())
+    assert after - before < 3 * CHUNK + 16 * 1024  # 2 chunks + a segment + headers
+
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == bytes(changed)
+    await restore(repo_path, repo.snapshot_ids()[0], out, len(data))
+    assert out.read_bytes() == data  # the first snapshot is whole, no chain walk
+
+
+async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    make_image(image)
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        node = await bb.blockdev_add(
+            {
+                "driver": "bb-repo-snapshot",
+                "node-name": "snap",
+                "repository": str(repo_path),
+                "key-secret": "k",
+                "read-only": True,
+            }
+        )
+        zero = await node.driver.block_status(2 * MiB, 8 * MiB)
+        assert zero.status & Status.ZERO
+        assert zero.length == 3 * MiB
+        hole = await node.driver.block_status(8 * MiB, 2 * MiB)
+        assert hole.status & Status.ZERO
+        data = await node.driver.block_status(0, 8 * MiB)
+        assert data.status & Status.DATA
+        assert data.length == 2 * MiB
+    (pack,) = [p for p in (repo_path / "data").rglob("*") if p.is_file()]
+    damaged = bytearray(pack.read_bytes())
+    damaged[100] ^= 1
+    pack.write_bytes(bytes(damaged))
+    with pytest.raises(BackupFailed, match="Input/output error"):
+        await restore(repo_path, "latest", tmp_path / "out.img", 10 * MiB)
+
+
+async def test_bad_options_are_clear_errors(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    Repository.init(str(repo_path), PASS)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "bad", "data": "nope"})
+        with pytest.raises(BlockBackupError, match="wrong passphrase"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "s",
+                    "repository": str(repo_path),
+                    "key-secret": "bad",
+                    "read-only": True,
+                }
+            )
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        with pytest.raises(BlockBackupError, match="no snapshots"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "s",
+                    "repository": str(repo_path),
+                    "key-secret": "k",
+                    "read-only": True,
+                }
+            )
+        with pytest.raises(BlockBackupError, match="not a blockbackup repository"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": "t",
+                    "repository": str(tmp_path),
+                    "disk": "d",
+                    "size": MiB,
+                }
+            )
