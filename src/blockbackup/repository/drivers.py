@@ -245,6 +245,8 @@ class RepoSnapshotDriver(_RepoDisk):
     """One disk of a committed snapshot, read-only."""
 
     driver_name: ClassVar[str] = "bb-repo-snapshot"
+    #: The id of the snapshot this node serves.
+    snapshot_id: str = ""
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoSnapshotDriver:
@@ -254,13 +256,15 @@ class RepoSnapshotDriver(_RepoDisk):
         if not node.read_only:
             raise BlockBackupError("bb-repo-snapshot is read-only: set 'read-only': true")
         try:
-            _manifest, record = await asyncio.to_thread(
+            manifest, record = await asyncio.to_thread(
                 repo.select, spec if disk is None else f"{spec}:{disk}"
             )
         except RepositoryError as exc:
             raise BlockBackupError(str(exc)) from None
         index = DiskIndex(repo.store, record.size, record.chunk_size, record.segments)
-        return cls(node, repo, index, record.name)
+        driver = cls(node, repo, index, record.name)
+        driver.snapshot_id = manifest.id
+        return driver
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags

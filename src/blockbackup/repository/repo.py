@@ -147,6 +147,13 @@ class Repository:
                 continue
         return slots
 
+    @classmethod
+    def key_slots_at(cls, location: str) -> dict[str, dict[str, Any]]:
+        """The key slots of a repository, read without a key (they hold nothing secret)."""
+        backend = open_backend(location)
+        cls.read_config(backend)
+        return cls._slots(backend)
+
     def key_slots(self) -> dict[str, dict[str, Any]]:
         return self._slots(self.backend)
 

@@ -1,0 +1,212 @@
+"""The repository commands as a user runs them: ``repo init|key|backup``, ``snapshots``,
+``restore``, as subprocesses, with the mistakes people make."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+BB = [sys.executable, "-m", "blockbackup"]
+MiB = 1 << 20
+ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one"}
+
+
+def bb(
+    *args: str | Path, ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*BB, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("blockbackup: error: "), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    return proc
+
+
+def js(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def image(path: Path) -> bytes:
+    data = bytearray(os.urandom(6 * MiB))
+    data[MiB : 3 * MiB] = bytes(2 * MiB)
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_backup_snapshots_restore(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = image(disk)
+    init = js(bb("repo", "init", repo, "--passphrase-env", "BBP", "--json"))
+    assert init["encryption"] == "aes-256-gcm"
+    first = js(bb("repo", "backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    assert first["disk"] == "disk.img"
+    assert first["stored_chunks"] == 4 * MiB // 65536 + 1  # data chunks + the index segment
+
+    changed = bytearray(data)
+    changed[5 * MiB : 5 * MiB + 4096] = os.urandom(4096)
+    disk.write_bytes(bytes(changed))
+    second = js(
+        bb(
+            "repo",
+            "backup",
+            disk,
+            "--repo",
+            repo,
+            "--passphrase-env",
+            "BBP",
+            "--name",
+            "disk.img",
+            "--json",
+        )
+    )
+    assert second["stored_chunks"] == 2  # one changed chunk and its segment
+    assert second["base"] == first["snapshot"]
+
+    listing = js(bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    assert [s["id"] for s in listing] == [first["snapshot"], second["snapshot"]]
+    assert listing[0]["disks"] == [{"name": "disk.img", "size": len(data)}]
+
+    out = tmp_path / "latest.img"
+    bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
+    assert out.read_bytes() == bytes(changed)
+    old = tmp_path / "old.img"
+    bb(
+        "restore",
+        "--repo",
+        repo,
+        f"{first['snapshot']}:disk.img",
+        old,
+        "--passphrase-env",
+        "BBP",
+    )
+    assert old.read_bytes() == data
+    if shutil.which("qemu-img"):
+        q = tmp_path / "out.qcow2"
+        bb("restore", "--repo", repo, "latest", q, "--format", "qcow2", "--passphrase-env", "BBP")
+        subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", q, disk], check=True)
+
+    err = bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP", ok=False)
+    assert "exists" in err.stderr
+    assert out.read_bytes() == bytes(changed)  # untouched
+
+
+def test_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    image(disk)
+    assert "give --passphrase-env" in bb("repo", "init", repo, ok=False).stderr
+    assert not repo.exists() or not any(repo.iterdir())
+    bb("repo", "init", repo, "--passphrase-env", "BBP")
+    assert "already a repository" in bb("repo", "init", repo, "--no-encryption", ok=False).stderr
+    wrong = bb("snapshots", "--repo", repo, "--passphrase-env", "OTHER", ok=False)
+    assert "wrong passphrase" in wrong.stderr
+    assert "is encrypted" in bb("snapshots", "--repo", repo, ok=False).stderr
+    assert (
+        "is not set" in bb("snapshots", "--repo", repo, "--passphrase-env", "NOPE", ok=False).stderr
+    )
+    assert "not a blockbackup repository" in bb("snapshots", "--repo", tmp_path, ok=False).stderr
+    assert (
+        "no snapshots"
+        in bb(
+            "restore",
+            "--repo",
+            repo,
+            "latest",
+            tmp_path / "o.img",
+            "--passphrase-env",
+            "BBP",
+            ok=False,
+        ).stderr
+    )
+    assert not (tmp_path / "o.img").exists()
+    assert (
+        "no such image"
+        in bb(
+            "repo",
+            "backup",
+            tmp_path / "nope.img",
+            "--repo",
+            repo,
+            "--passphrase-env",
+            "BBP",
+            ok=False,
+        ).stderr
+    )
+    config = json.loads((repo / "config").read_text())
+    config["version"] = 9
+    (repo / "config").write_text(json.dumps(config))
+    newer = bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", ok=False)
+    assert "version 9 is newer" in newer.stderr
+
+
+def test_keys_add_list_remove(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = image(disk)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(64))
+    bb("repo", "init", repo, "--key-file", keyfile)
+    bb("repo", "backup", disk, "--repo", repo, "--key-file", keyfile)
+    added = js(
+        bb(
+            "repo",
+            "key",
+            "add",
+            "--repo",
+            repo,
+            "--key-file",
+            keyfile,
+            "--new-passphrase-env",
+            "BBP",
+            "--comment",
+            "ops",
+            "--json",
+        )
+    )
+    slots = js(bb("repo", "key", "list", "--repo", repo, "--json"))
+    assert sorted(s["kind"] for s in slots) == ["key-file", "passphrase"]
+    old = next(s["slot"] for s in slots if s["slot"] != added["slot"])
+    bb("repo", "key", "remove", "--repo", repo, old, "--passphrase-env", "BBP")
+    assert (
+        "wrong passphrase"
+        in bb("snapshots", "--repo", repo, "--key-file", keyfile, ok=False).stderr
+    )
+    out = tmp_path / "out.img"
+    bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
+    assert out.read_bytes() == data
+    last = bb(
+        "repo", "key", "remove", "--repo", repo, added["slot"], "--passphrase-env", "BBP", ok=False
+    )
+    assert "last key slot" in last.stderr
+
+
+def test_restore_refuses_damaged_data(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    image(disk)
+    bb("repo", "init", repo, "--no-encryption")
+    bb("repo", "backup", disk, "--repo", repo)
+    (pack,) = [p for p in (repo / "data").rglob("*") if p.is_file()]
+    raw = bytearray(pack.read_bytes())
+    raw[64] ^= 0x40
+    pack.write_bytes(bytes(raw))
+    out = tmp_path / "out.img"
+    err = bb("restore", "--repo", repo, "latest", out, ok=False)
+    assert "Input/output error" in err.stderr
+    assert not out.exists()  # no image with wrong bytes is left behind
