@@ -208,5 +208,6 @@ def test_restore_refuses_damaged_data(tmp_path: Path) -> None:
     pack.write_bytes(bytes(raw))
     out = tmp_path / "out.img"
     err = bb("restore", "--repo", repo, "latest", out, ok=False)
-    assert "Input/output error" in err.stderr
+    assert "damaged data, nothing restored: disk disk.img at offset 0: chunk " in err.stderr
+    assert f"in pack {pack.name}" in err.stderr
     assert not out.exists()  # no image with wrong bytes is left behind

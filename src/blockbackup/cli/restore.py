@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, Any]:
-    from blockbackup.api import BlockBackup  # lazy: start-up cost
+    from blockbackup.api import BackupFailed, BlockBackup  # lazy: start-up cost
     from blockbackup.block.qcow2.create import create_qcow2_file  # lazy: start-up cost
     from blockbackup.repository.drivers import RepoSnapshotDriver  # lazy: start-up cost
 
@@ -89,7 +89,14 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
                 "file": {"driver": "file", "filename": args.out},
             }
         )
-        await copy_with_progress(bb, "snapshot", "out", f"restore {driver.disk}", args.json)
+        try:
+            await copy_with_progress(bb, "snapshot", "out", f"restore {driver.disk}", args.json)
+        except BackupFailed as exc:
+            if driver.damaged:  # the chunk, not just "Input/output error"
+                raise BlockBackupError(
+                    f"damaged data, nothing restored: {driver.damaged[0]}"
+                ) from exc
+            raise
         return {
             "disk": driver.disk,
             "size": snapshot.size,

@@ -75,6 +75,9 @@ class _RepoDisk(BlockDriver):
         self.chunk = index.chunk_size
         #: One request at a time touches the index and the store (they are not thread-safe).
         self._lock = asyncio.Lock()
+        #: What damaged data reads met, each naming the chunk, pack and disk offset (a job
+        #: reports only the errno; the command that ran it reports these).
+        self.damaged: list[str] = []
 
     @property
     def size(self) -> int:
@@ -93,8 +96,9 @@ class _RepoDisk(BlockDriver):
                 try:
                     data = self.repo.store.read(address)
                 except CorruptData as exc:
-                    err = io_error(errno.EIO, f"{self.disk} at offset {start}: {exc}")
-                    raise err from None
+                    detail = f"disk {self.disk} at offset {start}: {exc}"
+                    self.damaged.append(detail)
+                    raise io_error(errno.EIO, detail) from None
                 out[pos - offset : stop - offset] = data[pos - start : stop - start]
             pos = stop
         return out
