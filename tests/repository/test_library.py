@@ -208,3 +208,31 @@ def test_commit_refuses_when_a_relied_pack_vanished(tmp_path: Path) -> None:
         second.commit([record])
     assert len(second.snapshot_ids()) == 1
     assert pack_key("ab12").startswith("data/ab/")
+
+
+PARALLEL_ENCODE = """
+import os, threading
+from blockbackup.repository import blob
+from blockbackup.repository.keys import Keys
+keys = Keys(os.urandom(32))
+chunks = [os.urandom(32768) + bytes(32768) for _ in range(16)]
+def work():
+    for _ in range(300):
+        for c in chunks:
+            stored = blob.encode(keys, c, b"a")
+            assert blob.decode(keys, stored, b"a", "x", len(c)) == c
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("ok")
+"""
+
+
+def test_blobs_encode_in_parallel_threads() -> None:
+    """The target node encodes chunks in several threads at once; a zstd (de)compressor
+    shared between threads crashed the process (a segfault), so this runs in a child."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PARALLEL_ENCODE], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "ok\n"

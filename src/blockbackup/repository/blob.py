@@ -8,6 +8,7 @@ Decoding checks the tag and the address, so wrong bytes are never returned.
 from __future__ import annotations
 
 import secrets
+import threading
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -19,15 +20,30 @@ COMPRESSED = 1
 ENCRYPTED = 2
 ZSTD_LEVEL = 3
 
-_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+# A zstandard (de)compressor object must not be used by two threads at once (it crashes
+# the process): chunks are encoded in parallel threads, so each thread has its own.
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "c", None)
+    if c is None:
+        c = _local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
 
 
 def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> bytes:
     """Stored bytes of ``data``: compressed if that is smaller, encrypted if keyed."""
     flags = 0
     payload: bytes | bytearray | memoryview = data
-    packed = _compressor.compress(data)
+    packed = _compressor().compress(data)
     if len(packed) < len(data):
         flags |= COMPRESSED
         payload = packed
@@ -55,7 +71,7 @@ def decode(keys: Keys, stored: bytes | memoryview, aad: bytes, what: str, size: 
             raise CorruptData(f"{what}: authentication failed (damaged or tampered)") from None
     if flags & COMPRESSED:
         try:
-            payload = _decompressor.decompress(payload, max_output_size=size)
+            payload = _decompressor().decompress(payload, max_output_size=size)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"{what}: cannot decompress: {exc}") from None
     return payload

@@ -132,6 +132,14 @@ class ChunkStore:
 
     def add(self, address: bytes, data: bytes | bytearray | memoryview) -> bool:
         """Store ``data`` under ``address`` unless it is known; True if it was stored."""
+        if self.has(address):
+            return self.add_encoded(address, b"", len(data))
+        return self.add_encoded(address, blob.encode(self.keys, data, address), len(data))
+
+    def add_encoded(self, address: bytes, stored: bytes, plain: int) -> bool:
+        """As :meth:`add`, with the blob already encoded (``blob.encode(keys, data,
+        address)``, done in parallel by the caller); ``stored`` may be empty when the
+        caller saw the address known. True if it was stored."""
         location = self._table.get(address)
         if location is not None:
             if location.pack not in self.written:
@@ -141,8 +149,9 @@ class ChunkStore:
         if address in self._pending:
             self.reused_blobs += 1
             return False
-        stored = blob.encode(self.keys, data, address)
-        self._pending[address] = (len(self._buffer), len(stored), len(data))
+        if not stored:
+            raise RepositoryError(f"chunk {address.hex()} is not known and has no data")
+        self._pending[address] = (len(self._buffer), len(stored), plain)
         self._buffer += stored
         self.stored_blobs += 1
         self.stored_bytes += len(stored)

@@ -29,7 +29,7 @@ from blockbackup.block.driver import register as register_driver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
-from blockbackup.repository import catalog
+from blockbackup.repository import blob, catalog
 from blockbackup.repository.catalog import DiskRecord
 from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.errors import CorruptData, RepositoryError
@@ -211,16 +211,60 @@ class RepoTargetDriver(_RepoDisk):
             return exc
         return io_error(errno.EIO, str(exc))
 
+    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes]]:
+        """Address and encoded blob of each chunk ``data`` covers whole: the costly part
+        (hash, compress, encrypt), done outside the lock so requests run it in parallel.
+        A zero chunk or one already stored gets an empty blob."""
+        out: dict[int, tuple[bytes, bytes]] = {}
+        end = offset + len(data)
+        i = -(-offset // self.chunk)
+        while i * self.chunk < end:
+            start = i * self.chunk
+            length = self.index.chunk_length(i)
+            if start + length > end:
+                break
+            piece = data[start - offset : start - offset + length]
+            if _is_zero(piece):
+                out[i] = (ZERO_ADDRESS, b"")
+            else:
+                address = self.repo.keys.address(piece)
+                known = self.repo.store.has(address)  # a race only costs a needless encode
+                out[i] = (address, b"" if known else blob.encode(self.repo.keys, piece, address))
+            i += 1
+        return out
+
+    def _apply(
+        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
+    ) -> None:
+        """Enter prepared chunks into the store and index; merge the partial ones."""
+        store = self.repo.store
+        for i, (address, stored) in prepared.items():
+            if address != ZERO_ADDRESS:
+                store.add_encoded(address, stored, self.index.chunk_length(i))
+            self.index.set(i, address)
+        if not prepared:
+            self._write_sync(offset, data, len(data))
+            return
+        first, last = min(prepared), max(prepared) + 1
+        head_end = first * self.chunk
+        if offset < head_end:
+            self._write_sync(offset, data[: head_end - offset], head_end - offset)
+        tail = min(last * self.chunk, self.size)
+        if tail < offset + len(data):
+            self._write_sync(tail, data[tail - offset :], offset + len(data) - tail)
+
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._write_sync, offset, memoryview(data), len(data))
+        view = memoryview(data)
+        try:
+            prepared = await asyncio.to_thread(self._prepare, offset, view)
+            async with self._lock:
+                await asyncio.to_thread(self._apply, offset, view, prepared)
                 if flags & WriteFlags.FUA:
                     await asyncio.to_thread(self._flush_sync)
-            except RepositoryError as exc:
-                raise self._wrap(exc) from None
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         async with self._lock:
