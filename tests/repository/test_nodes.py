@@ -32,6 +32,14 @@ def raw(name: str, path: Path, **extra: Any) -> dict[str, Any]:
 
 
 async def backup_image(repo: Path, image: Path, disk: str, **target: Any) -> drivers.TargetResult:
+    result = (await backup_image_driver(repo, image, disk, **target)).result
+    assert result is not None
+    return result
+
+
+async def backup_image_driver(
+    repo: Path, image: Path, disk: str, **target: Any
+) -> drivers.RepoTargetDriver:
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         src = await bb.blockdev_add(raw("src", image, **{"read-only": True}))
@@ -50,7 +58,7 @@ async def backup_image(repo: Path, image: Path, disk: str, **target: Any) -> dri
         driver = node.driver
         assert isinstance(driver, drivers.RepoTargetDriver)
         assert driver.result is not None
-        return driver.result
+        return driver
 
 
 async def restore(repo: Path, spec: str, out: Path, size: int) -> None:
@@ -237,3 +245,47 @@ async def test_incremental_from_a_dirty_bitmap_stores_the_changed_clusters(
     assert out.read_bytes() == bytes(expected)
     await restore(repo_path, repo.snapshot_ids()[0], out, len(original))
     assert out.read_bytes() == original
+
+
+async def test_failed_backup_commits_nothing_and_its_chunks_are_reused(tmp_path: Path) -> None:
+    """A source read error (blkdebug) fails the job: no snapshot; the chunks the failed run
+    stored (flushed when its graph closed) are not stored again by the next run."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    data = os.urandom(8 * MiB)
+    image.write_bytes(data)
+    rule = {"event": "read_aio", "errno": 5, "sector": 6 * MiB // 512, "once": False}
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        src = await bb.blockdev_add(
+            {
+                "driver": "blkdebug",
+                "node-name": "src",
+                "image": raw("src-raw", image),
+                "inject-error": [rule],
+            }
+        )
+        await bb.blockdev_add(
+            {
+                "driver": "bb-repo-target",
+                "node-name": "tgt",
+                "repository": str(repo_path),
+                "disk": "d",
+                "size": src.size,
+                "key-secret": "k",
+            }
+        )
+        with pytest.raises(BackupFailed, match="Input/output error"):
+            await bb.wait(await bb.backup("src", "tgt", sync="full"))
+    assert repo.snapshot_ids() == []
+    stored_before = len(Repository.open(str(repo_path), PASS).store)
+    assert stored_before > 1  # chunks (and a disk index segment) reached the repository
+    driver = await backup_image_driver(repo_path, image, "d")
+    assert driver.repo.store.reused_blobs >= stored_before - 1  # all but the old segment
+    assert driver.repo.store.stored_blobs + stored_before == len(driver.repo.store)
+    assert driver.result is not None
+    repo.commit([driver.result.record], packs=driver.result.packs)
+    out = tmp_path / "out.img"
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == data
