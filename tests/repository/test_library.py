@@ -24,6 +24,7 @@ from blockbackup.repository.errors import (
 )
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import CHUNK_SIZE, Repository
+from blockbackup.repository.verify import verify
 from testkit.repo import read_disk, store_disk
 
 PASS = b"correct horse battery staple"
@@ -236,3 +237,32 @@ def test_blobs_encode_in_parallel_threads() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "ok\n"
+
+
+def test_verify_names_every_snapshot_disk_and_offset_a_damaged_chunk_affects(
+    tmp_path: Path,
+) -> None:
+    repo = Repository.init(str(tmp_path / "r"), PASS, pack_size=4 * CHUNK)
+    shared = os.urandom(CHUNK)
+    a = shared + os.urandom(3 * CHUNK)
+    b = bytes(CHUNK) + os.urandom(2 * CHUNK) + shared  # the shared chunk at another offset
+    first = repo.commit([store_disk(repo, "a", a)])
+    second = repo.commit([store_disk(repo, "b", b), store_disk(repo, "a2", a)])
+    clean = verify(Repository.open(str(tmp_path / "r"), PASS), repo.snapshots())
+    assert clean.ok
+    assert clean.chunks == 4 + 2  # distinct data chunks (a: 4, b: 2 more, a2: none)
+    location = repo.store.locate(repo.keys.address(shared))
+    path = tmp_path / "r" / pack_key(location.pack)
+    raw = bytearray(path.read_bytes())
+    raw[location.offset + 30] ^= 1
+    path.write_bytes(bytes(raw))
+    report = verify(Repository.open(str(tmp_path / "r"), PASS), repo.snapshots())
+    assert not report.ok
+    assert report.damaged_packs == {location.pack: "content does not match its name"}
+    hits = {(d.snapshot, d.disk, d.offset) for d in report.damage}
+    assert hits == {(first.id, "a", 0), (second.id, "b", 3 * CHUNK), (second.id, "a2", 0)}
+    assert all(repo.keys.address(shared).hex() in d.error for d in report.damage)
+    path.unlink()  # a missing pack
+    report = verify(Repository.open(str(tmp_path / "r"), PASS), [repo.manifest(first.id)])
+    assert report.damaged_packs == {location.pack: "missing"}
+    assert {d.offset for d in report.damage} >= {0}
