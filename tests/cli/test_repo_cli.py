@@ -239,3 +239,44 @@ def test_verify(tmp_path: Path) -> None:
     )
     assert re.search(damaged, proc.stdout), proc.stdout
     assert proc.stdout.endswith("DAMAGED\n")
+
+
+def test_two_backups_at_once_into_one_repository(tmp_path: Path) -> None:
+    """No lock: two processes store (partly the same) chunks and commit concurrently; both
+    snapshots restore byte-exact."""
+    repo = tmp_path / "repo"
+    bb("repo", "init", repo, "--passphrase-env", "BBP")
+    common = os.urandom(2 * MiB)
+    disks = {}
+    for name in ("a", "b"):
+        disks[name] = common + os.urandom(2 * MiB)
+        (tmp_path / f"{name}.img").write_bytes(disks[name])
+    procs = [
+        subprocess.Popen(
+            [
+                *BB,
+                "repo",
+                "backup",
+                str(tmp_path / f"{n}.img"),
+                "--repo",
+                str(repo),
+                "--passphrase-env",
+                "BBP",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for n in disks
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert len(js(bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", "--json"))) == 2
+    for name, data in disks.items():
+        out = tmp_path / f"{name}.out"
+        bb("restore", "--repo", repo, f"latest:{name}.img", out, "--passphrase-env", "BBP")
+        assert out.read_bytes() == data
+    assert js(bb("verify", "--repo", repo, "--passphrase-env", "BBP", "--json"))["ok"]

@@ -194,8 +194,15 @@ class Repository:
         return [self.manifest(i) for i in self.snapshot_ids()]
 
     def select(self, spec: str) -> tuple[Manifest, DiskRecord]:
-        """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK``."""
+        """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK`` (``latest:DISK``: the
+        newest snapshot that holds DISK)."""
         snap, _, disk = spec.partition(":")
+        if snap in ("", "latest") and disk:
+            # the newest snapshot *of that disk*: snapshots of other disks may be newer
+            found = catalog.latest_with_disk(self.backend, self.keys, disk)
+            if found is None:
+                raise NotFound(f"no snapshot in the repository has a disk {disk!r}")
+            return found, found.disk(disk)
         manifest = self.manifest(catalog.resolve(self.backend, snap or "latest"))
         return manifest, manifest.disk(disk or None)
 
