@@ -7,10 +7,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20
@@ -280,3 +283,39 @@ def test_two_backups_at_once_into_one_repository(tmp_path: Path) -> None:
         bb("restore", "--repo", repo, f"latest:{name}.img", out, "--passphrase-env", "BBP")
         assert out.read_bytes() == data
     assert js(bb("verify", "--repo", repo, "--passphrase-env", "BBP", "--json"))["ok"]
+
+
+def test_mount_serves_a_snapshot_over_nbd(tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img")
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = image(disk)
+    bb("repo", "init", repo, "--passphrase-env", "BBP")
+    snap = js(bb("repo", "backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    with subprocess.Popen(
+        [*BB, "mount", "--repo", str(repo), "latest:disk.img", "--passphrase-env", "BBP",
+         "--dir", str(tmp_path / "run"), "--json"],
+        stdout=subprocess.PIPE, text=True, env=ENV,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            info = json.loads(proc.stdout.readline())
+            assert info["snapshot"] == snap["snapshot"]
+            out = tmp_path / "out.img"
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "raw", info["uri"], str(out)],
+                check=True, timeout=60,
+            )  # fmt: skip
+            assert out.read_bytes() == data
+            written = subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", "write 0 4k", info["uri"]],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert written.returncode != 0  # a read-only export refuses a writer
+            assert "Permission denied" in written.stderr
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+    wrong = bb("mount", "--repo", repo, "nope", "--passphrase-env", "BBP", ok=False)
+    assert "no snapshot 'nope'" in wrong.stderr

@@ -9,7 +9,8 @@ The command line: one parser, each subcommand in its own module. Subcommands:
 - ``backup --connect QMP NODE TARGET``: back up a served node to a file, with progress.
 - ``jobs --connect QMP``: list the jobs.
 - ``bitmaps --connect QMP list|add|remove [NODE NAME]``: dirty bitmaps for incrementals.
-- ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``: the backup repository
+- ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``, ``mount``: the backup
+  repository
   (docs/repository.md).
 
 Each subcommand module has ``add_parser(sub)``, which sets ``run`` as the parser's default:
@@ -25,10 +26,20 @@ import sys
 from collections.abc import Sequence
 
 from blockbackup import __version__
-from blockbackup.cli import backup, bitmaps, jobs, repo, restore, serve, snapshots, verify
+from blockbackup.cli import (
+    backup,
+    bitmaps,
+    jobs,
+    mount,
+    repo,
+    restore,
+    serve,
+    snapshots,
+    verify,
+)
 from blockbackup.cli.sizes import parse_size
 
-SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify)
+SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, mount)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
