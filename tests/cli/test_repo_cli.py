@@ -319,3 +319,21 @@ def test_mount_serves_a_snapshot_over_nbd(tmp_path: Path) -> None:
             assert proc.wait(timeout=30) == 0
     wrong = bb("mount", "--repo", repo, "nope", "--passphrase-env", "BBP", ok=False)
     assert "no snapshot 'nope'" in wrong.stderr
+
+
+def test_prune(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = image(disk)
+    bb("repo", "init", repo, "--no-encryption")
+    ids = [js(bb("repo", "backup", disk, "--repo", repo, "--json"))["snapshot"] for _ in range(3)]
+    assert "at least one --keep" in bb("prune", "--repo", repo, ok=False).stderr
+    dry = js(bb("prune", "--repo", repo, "--keep-last", "1", "--dry-run", "--json"))
+    assert dry["removed"] == ids[:2]
+    assert len(js(bb("snapshots", "--repo", repo, "--json"))) == 3  # nothing removed
+    done = js(bb("prune", "--repo", repo, "--keep-last", "1", "--json"))
+    assert done["kept"] == {ids[2]: "last"}
+    assert [s["id"] for s in js(bb("snapshots", "--repo", repo, "--json"))] == [ids[2]]
+    out = tmp_path / "out.img"
+    bb("restore", "--repo", repo, "latest", out)
+    assert out.read_bytes() == data

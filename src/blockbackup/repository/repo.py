@@ -206,6 +206,10 @@ class Repository:
         manifest = self.manifest(catalog.resolve(self.backend, snap or "latest"))
         return manifest, manifest.disk(disk or None)
 
+    def forget(self, snapshot_id: str) -> None:
+        """Remove a snapshot's manifest (its data stays until gc). Idempotent."""
+        self.backend.delete(catalog.PREFIX + snapshot_id)
+
     def commit(
         self,
         disks: list[DiskRecord],
