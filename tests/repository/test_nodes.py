@@ -125,7 +125,7 @@ async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -
     repo_path = tmp_path / "repo"
     repo = Repository.init(str(repo_path), PASS)
     image = tmp_path / "disk.img"
-    make_image(image)
+    content = make_image(image)
     result = await backup_image(repo_path, image, "d")
     repo.commit([result.record], packs=result.packs)
     async with BlockBackup() as bb:
@@ -147,6 +147,9 @@ async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -
         data = await node.driver.block_status(0, 8 * MiB)
         assert data.status & Status.DATA
         assert data.length == 2 * MiB
+        for offset, length in ((12345, 200_000), (2 * MiB - 100, 300), (10 * MiB - 7, 7)):
+            got = await node.read(offset, length)  # unaligned, across chunks and zeroes
+            assert bytes(got) == content[offset : offset + length]
     (pack,) = [p for p in (repo_path / "data").rglob("*") if p.is_file()]
     damaged = bytearray(pack.read_bytes())
     damaged[100] ^= 1
