@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from testkit.tmpfs import mounted_tmpfs
+
 BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20
 ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one"}
@@ -337,3 +339,28 @@ def test_prune(tmp_path: Path) -> None:
     out = tmp_path / "out.img"
     bb("restore", "--repo", repo, "latest", out)
     assert out.read_bytes() == data
+
+
+def test_full_disk_leaves_no_snapshot_and_the_next_backup_works(tmp_path: Path) -> None:
+    """The repository on a 24 MiB tmpfs: a 40 MiB random image cannot fit. The backup fails
+    with one line, commits nothing, leaves the repository readable; a smaller image then
+    backs up, restores and verifies."""
+    big = tmp_path / "big.img"
+    big.write_bytes(os.urandom(40 * MiB))
+    small = tmp_path / "small.img"
+    data = image(small)
+    with mounted_tmpfs(tmp_path / "fs", "24m") as fs:
+        repo = fs / "repo"
+        bb("repo", "init", repo, "--passphrase-env", "BBP")
+        err = bb("repo", "backup", big, "--repo", repo, "--passphrase-env", "BBP", ok=False)
+        assert "No space left on device" in err.stderr
+        assert js(bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", "--json")) == []
+        for pack in (repo / "data").rglob("*"):  # free the space (as gc will) for the next run
+            if pack.is_file():
+                pack.unlink()
+        shutil.rmtree(repo / "index")
+        bb("repo", "backup", small, "--repo", repo, "--passphrase-env", "BBP")
+        out = tmp_path / "out.img"
+        bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
+        assert out.read_bytes() == data
+        assert js(bb("verify", "--repo", repo, "--passphrase-env", "BBP", "--json"))["ok"]

@@ -3,6 +3,7 @@ checks, bit rot, and the atomic commit of a writer killed with SIGKILL."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import CHUNK_SIZE, Repository
 from blockbackup.repository.verify import verify
 from testkit.repo import read_disk, store_disk
+from testkit.tmpfs import mounted_tmpfs
 
 PASS = b"correct horse battery staple"
 CHUNK = CHUNK_SIZE
@@ -266,3 +268,30 @@ def test_verify_names_every_snapshot_disk_and_offset_a_damaged_chunk_affects(
     report = verify(Repository.open(str(tmp_path / "r"), PASS), [repo.manifest(first.id)])
     assert report.damaged_packs == {location.pack: "missing"}
     assert {d.offset for d in report.damage} >= {0}
+
+
+def test_a_failed_pack_write_keeps_the_store_consistent(tmp_path: Path) -> None:
+    """A full disk fails the pack's put with ENOSPC; the store keeps its pending chunks
+    intact, takes more, and writes them all once there is space again."""
+    with mounted_tmpfs(tmp_path / "fs", "4m") as fs:
+        filler = fs / "filler"
+        filler.write_bytes(bytes(2 << 20))
+        repo = Repository.init(str(fs / "r"), None, pack_size=1 << 20)
+        added: list[bytes] = []
+        error = None
+        for _ in range(48):  # 3 MiB: more than the space left
+            added.append(os.urandom(CHUNK))
+            try:
+                repo.store.add(repo.keys.address(added[-1]), added[-1])
+            except OSError as exc:
+                error = exc
+                break
+        assert error is not None
+        assert error.errno == errno.ENOSPC
+        filler.unlink()  # space again
+        added.append(os.urandom(CHUNK))
+        repo.store.add(repo.keys.address(added[-1]), added[-1])  # grows the same buffer
+        repo.store.flush()
+        again = Repository.open(str(fs / "r"))
+        for chunk in added:
+            assert again.store.read(again.keys.address(chunk)) == chunk

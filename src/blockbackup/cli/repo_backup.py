@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> dict[str, Any]:
-    from blockbackup.api import BlockBackup  # lazy: start-up cost
+    from blockbackup.api import BackupFailed, BlockBackup  # lazy: start-up cost
     from blockbackup.repository.drivers import RepoTargetDriver  # lazy: start-up cost
 
     key = secret_object(secret)
@@ -88,7 +88,11 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
         if key is not None:
             target_options["key-secret"] = key["id"]
         target = await bb.blockdev_add(target_options)
-        await copy_with_progress(bb, "source", "target", f"backup {name}", args.json)
+        try:
+            await copy_with_progress(bb, "source", "target", f"backup {name}", args.json)
+        except BackupFailed:
+            await _keep_what_was_stored(bb, target)
+            raise
         driver = target.driver
         assert isinstance(driver, RepoTargetDriver)
         result = driver.result
@@ -106,3 +110,14 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "reused_chunks": store.reused_blobs,
             "base": result.record.source.get("base"),
         }
+
+
+async def _keep_what_was_stored(bb: Any, target: Any) -> None:
+    """After a failed job: flush the target once, so the chunks it stored are reused by the
+    next run, then close it without another flush. The job's error is what the user sees;
+    if this flush fails too (a full disk), its data is simply not kept."""
+    try:
+        await target.flush()
+    except OSError:
+        pass
+    await bb.graph.drop(target)

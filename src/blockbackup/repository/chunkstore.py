@@ -165,10 +165,12 @@ class ChunkStore:
             return
         entries = [(a, o, n, p) for a, (o, n, p) in self._pending.items()]
         header_blob = blob.encode(self.keys, _encode_header(entries), HEADER_AAD)
-        self._buffer += header_blob
-        self._buffer += _TRAILER.pack(len(header_blob), PACK_END)
-        pack = hashlib.sha256(self._buffer).hexdigest()
-        self.backend.put(pack_key(pack), self._buffer)
+        # A new object, not the buffer grown in place: if a put fails (a full disk), the
+        # buffer and the pending entries are as they were (the next flush retries), and no
+        # view of the buffer kept alive by the error can stop it from growing again.
+        data = b"".join((self._buffer, header_blob, _TRAILER.pack(len(header_blob), PACK_END)))
+        pack = hashlib.sha256(data).hexdigest()
+        self.backend.put(pack_key(pack), data)
         self.backend.put(index_key(pack), header_blob)
         self.written.add(pack)
         for address, offset, length, plain in entries:
