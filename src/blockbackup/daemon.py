@@ -34,6 +34,7 @@ from blockbackup.qmp.context import Context, Services
 from blockbackup.qmp.registry import REGISTRY, Request, dispatch
 from blockbackup.qmp.schema import BOOL, INT, STR, Enum, Member, Struct
 from blockbackup.qmp.session import ChardevSocket, Monitor
+from blockbackup.repository import drivers as _repo_drivers  # noqa: F401  (bb-repo-* nodes)
 
 __all__ = ["Daemon"]
 

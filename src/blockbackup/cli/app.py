@@ -9,6 +9,9 @@ The command line: one parser, each subcommand in its own module. Subcommands:
 - ``backup --connect QMP NODE TARGET``: back up a served node to a file, with progress.
 - ``jobs --connect QMP``: list the jobs.
 - ``bitmaps --connect QMP list|add|remove [NODE NAME]``: dirty bitmaps for incrementals.
+- ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``, ``prune``, ``mount``: the
+  backup repository
+  (docs/repository.md).
 
 Each subcommand module has ``add_parser(sub)``, which sets ``run`` as the parser's default:
 ``main`` dispatches through it, so adding a command touches its own module and one line here.
@@ -23,10 +26,21 @@ import sys
 from collections.abc import Sequence
 
 from blockbackup import __version__
-from blockbackup.cli import backup, bitmaps, jobs, serve
+from blockbackup.cli import (
+    backup,
+    bitmaps,
+    jobs,
+    mount,
+    prune,
+    repo,
+    restore,
+    serve,
+    snapshots,
+    verify,
+)
 from blockbackup.cli.sizes import parse_size
 
-SUBCOMMANDS = (serve, backup, jobs, bitmaps)
+SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, mount)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

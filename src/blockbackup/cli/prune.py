@@ -1,0 +1,57 @@
+"""``blockbackup prune --repo R --keep-last N --keep-daily N ... [--dry-run]``.
+
+Proxmox's keep-* rules per group of disks (:mod:`blockbackup.repository.prune`); removes
+manifests only, so it is quick; ``gc`` (to come) frees the data no snapshot uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blockbackup.cli.repo_common import (
+    add_json_arg,
+    add_repo_arg,
+    add_secret_args,
+    emit,
+    guarded,
+    open_secret,
+)
+from blockbackup.errors import BlockBackupError
+
+KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("prune", help="remove snapshots a retention policy does not keep")
+    add_repo_arg(parser)
+    for rule in KEEP:
+        parser.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    parser.add_argument("--dry-run", action="store_true", help="only show what would go")
+    add_secret_args(parser)
+    add_json_arg(parser)
+    parser.set_defaults(run=run)
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    from blockbackup.repository.prune import Policy, plan  # lazy: start-up cost
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    policy = Policy(**{rule: getattr(args, f"keep_{rule}") for rule in KEEP})
+    if policy.empty():
+        raise BlockBackupError("give at least one --keep-* option (prune never removes all)")
+    if any(getattr(args, f"keep_{rule}") < 0 for rule in KEEP):
+        raise BlockBackupError("--keep-* counts must not be negative")
+    repo = Repository.open(args.repo, open_secret(args))
+    manifests = repo.snapshots()
+    kept, removed = plan(manifests, policy)
+    if not args.dry_run:
+        for manifest in removed:
+            repo.forget(manifest.id)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"keep {i} ({rule})" for i, rule in sorted(kept.items())]
+    lines += [f"{verb} {m.id}" for m in removed]
+    data = {"kept": kept, "removed": [m.id for m in removed], "dry_run": args.dry_run}
+    emit(args, data, "\n".join(lines) or "no snapshots")
+    return 0

@@ -1,0 +1,128 @@
+"""``blockbackup repo init|key|backup``: create a repository, manage its keys, back up into it.
+
+- ``repo init PATH --passphrase-env VAR | --passphrase-file F | --key-file F | --no-encryption``
+- ``repo key list|add|remove --repo PATH``: key slots wrap one master key; adding or removing
+  one re-encrypts no data.
+- ``repo backup IMAGE --repo PATH [--name N]``: an image at rest (see :mod:`.repo_backup`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blockbackup.cli import repo_backup
+from blockbackup.cli.repo_common import (
+    add_json_arg,
+    add_repo_arg,
+    add_secret_args,
+    emit,
+    guarded,
+    open_secret,
+    read_secret,
+)
+from blockbackup.errors import BlockBackupError
+
+
+def add_parser(sub: Any) -> None:
+    repo = sub.add_parser("repo", help="backup repositories: init, keys, backup an image")
+    cmds = repo.add_subparsers(dest="repo_command", required=True)
+
+    init = cmds.add_parser("init", help="create a repository")
+    init.add_argument("path", metavar="PATH")
+    add_secret_args(init)
+    init.add_argument("--no-encryption", action="store_true", help="store data unencrypted")
+    add_json_arg(init)
+    init.set_defaults(run=_init)
+
+    key = cmds.add_parser("key", help="list, add or remove the passphrases and key files")
+    keys = key.add_subparsers(dest="key_command", required=True)
+    listing = keys.add_parser("list", help="list the key slots")
+    add_repo_arg(listing)
+    add_json_arg(listing)
+    listing.set_defaults(run=_key_list)
+    add = keys.add_parser("add", help="add a passphrase or key file (give the new one with new-)")
+    add_repo_arg(add)
+    add_secret_args(add)
+    add_secret_args(add, prefix="new-")
+    add.add_argument("--comment", default="", help="a note shown by key list")
+    add_json_arg(add)
+    add.set_defaults(run=_key_add)
+    remove = keys.add_parser("remove", help="remove a key slot (never the last one)")
+    add_repo_arg(remove)
+    remove.add_argument("slot", metavar="SLOT")
+    add_secret_args(remove)
+    add_json_arg(remove)
+    remove.set_defaults(run=_key_remove)
+
+    backup = cmds.add_parser("backup", help="back up an image at rest (raw or qcow2)")
+    repo_backup.add_arguments(backup)
+    backup.set_defaults(run=repo_backup.run)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    return Repository.open(args.repo, open_secret(args))
+
+
+@guarded
+def _init(args: argparse.Namespace) -> int:
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    given = any((args.passphrase_env, args.passphrase_file, args.key_file))
+    if args.no_encryption and given:
+        raise BlockBackupError("--no-encryption takes no passphrase or key file")
+    secret, kind = None, "passphrase"
+    if not args.no_encryption:
+        got = read_secret(args, prompt="New passphrase", confirm=True)
+        if got is None:
+            raise BlockBackupError(
+                "give --passphrase-env VAR, --passphrase-file FILE or --key-file FILE "
+                "(or --no-encryption)"
+            )
+        secret, kind = got
+    repo = Repository.init(args.path, secret, kind)
+    encryption = repo.config["encryption"]
+    emit(
+        args,
+        {"repository": args.path, "id": repo.id, "encryption": encryption},
+        f"created repository {args.path} (encryption: {encryption})",
+    )
+    return 0
+
+
+@guarded
+def _key_list(args: argparse.Namespace) -> int:
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    # the slots are not secret: listing them needs no key
+    slots = Repository.key_slots_at(args.repo)
+    rows = [
+        {"slot": s, "kind": v["kind"], "created": v["created"], "comment": v.get("comment", "")}
+        for s, v in sorted(slots.items())
+    ]
+    text = "\n".join(f"{r['slot']}  {r['kind']:10}  {r['created']}  {r['comment']}" for r in rows)
+    emit(args, rows, text or "no key slots (the repository is not encrypted)")
+    return 0
+
+
+@guarded
+def _key_add(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    got = read_secret(args, prefix="new-", prompt="New passphrase", confirm=True)
+    if got is None:
+        raise BlockBackupError(
+            "give the new secret with --new-passphrase-env, --new-passphrase-file or --new-key-file"
+        )
+    slot = repo.add_key(got[0], got[1], args.comment)
+    emit(args, {"slot": slot, "kind": got[1]}, f"added key slot {slot}")
+    return 0
+
+
+@guarded
+def _key_remove(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    repo.remove_key(args.slot)
+    emit(args, {"removed": args.slot}, f"removed key slot {args.slot}")
+    return 0

@@ -1,0 +1,123 @@
+"""``blockbackup repo backup IMAGE --repo R [--name N]``: an image at rest into the repository.
+
+The image (raw or qcow2) is read whole by the backup job into a ``bb-repo-target`` node that
+starts from the disk's latest snapshot, so unchanged chunks are recognised, not stored again;
+the snapshot is committed after the job (and so the target's flush) succeeded.
+
+The ``backup`` subcommand's parser can reach it with :func:`add_arguments` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from typing import Any
+
+from blockbackup.cli.repo_common import (
+    add_json_arg,
+    add_repo_arg,
+    add_secret_args,
+    copy_with_progress,
+    emit,
+    guarded,
+    open_secret,
+    secret_object,
+)
+from blockbackup.errors import BlockBackupError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="a raw or qcow2 image, not in use")
+    add_repo_arg(parser)
+    parser.add_argument("--name", help="the disk's name (default: the image's base name)")
+    parser.add_argument(
+        "--base",
+        default="latest",
+        help="snapshot to start from: latest (default), an id, or none (store all again)",
+    )
+    add_secret_args(parser)
+    add_json_arg(parser)
+
+
+def image_format(path: str) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+@guarded
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.image):
+        raise BlockBackupError(f"{args.image}: no such image file")
+    secret = open_secret(args)
+    name = args.name or os.path.basename(args.image)
+    result = asyncio.run(_backup(args, secret, name))
+    text = (
+        f"snapshot {result['snapshot']}: disk {name}, {result['size']} bytes, "
+        f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks, "
+        f"{result['reused_chunks']} chunks already in the repository"
+    )
+    emit(args, result, text)
+    return 0
+
+
+async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> dict[str, Any]:
+    from blockbackup.api import BackupFailed, BlockBackup  # lazy: start-up cost
+    from blockbackup.repository.drivers import RepoTargetDriver  # lazy: start-up cost
+
+    key = secret_object(secret)
+    async with BlockBackup() as bb:
+        if key is not None:
+            bb.object_add(key)
+        source = await bb.blockdev_add(
+            {
+                "driver": image_format(args.image),
+                "node-name": "source",
+                "read-only": True,
+                "file": {"driver": "file", "filename": args.image},
+            }
+        )
+        target_options: dict[str, Any] = {
+            "driver": "bb-repo-target",
+            "node-name": "target",
+            "repository": args.repo,
+            "disk": name,
+            "size": source.size,
+            "base": args.base,
+        }
+        if key is not None:
+            target_options["key-secret"] = key["id"]
+        target = await bb.blockdev_add(target_options)
+        try:
+            await copy_with_progress(bb, "source", "target", f"backup {name}", args.json)
+        except BackupFailed:
+            await _keep_what_was_stored(bb, target)
+            raise
+        driver = target.driver
+        assert isinstance(driver, RepoTargetDriver)
+        result = driver.result
+        if result is None:
+            raise BlockBackupError("the backup finished without flushing its target")
+        result.record.source["image"] = os.path.abspath(args.image)
+        manifest = await asyncio.to_thread(driver.repo.commit, [result.record], None, result.packs)
+        store = driver.repo.store
+        return {
+            "snapshot": manifest.id,
+            "disk": name,
+            "size": source.size,
+            "stored_chunks": store.stored_blobs,
+            "stored_bytes": store.stored_bytes,
+            "reused_chunks": store.reused_blobs,
+            "base": result.record.source.get("base"),
+        }
+
+
+async def _keep_what_was_stored(bb: Any, target: Any) -> None:
+    """After a failed job: flush the target once, so the chunks it stored are reused by the
+    next run, then close it without another flush. The job's error is what the user sees;
+    if this flush fails too (a full disk), its data is simply not kept."""
+    try:
+        await target.flush()
+    except OSError:
+        pass
+    await bb.graph.drop(target)

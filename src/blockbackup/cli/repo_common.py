@@ -1,0 +1,160 @@
+"""What the repository commands share: secrets, opening, errors, running a copy job.
+
+Secrets never come from the command line: an environment variable (``--passphrase-env``),
+a file (``--passphrase-file``, ``--key-file``), or a prompt when stdin is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from blockbackup.errors import BlockBackupError
+
+EXIT_FAILED = 1
+SECRET_ID = "bb-repo-key"
+#: The repository format's chunk size (docs/repository.md), the copy granularity.
+CHUNK_SIZE = 64 * 1024
+
+
+def add_repo_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, metavar="PATH", help="the repository")
+
+
+def add_secret_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--passphrase-env VAR | --passphrase-file F | --key-file F (``prefix``: "new-")."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{prefix}passphrase-env", metavar="VAR", help="passphrase from $VAR")
+    group.add_argument(f"--{prefix}passphrase-file", metavar="FILE", help="passphrase from FILE")
+    group.add_argument(f"--{prefix}key-file", metavar="FILE", help="a key file's bytes")
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def read_secret(
+    args: argparse.Namespace, prefix: str = "", prompt: str = "Passphrase", confirm: bool = False
+) -> tuple[bytes, str] | None:
+    """(secret, slot kind) from the arguments, or a terminal prompt; None if none given
+    and no terminal to ask."""
+    attr = prefix.replace("-", "_")
+    env = getattr(args, f"{attr}passphrase_env", None)
+    pfile = getattr(args, f"{attr}passphrase_file", None)
+    kfile = getattr(args, f"{attr}key_file", None)
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise BlockBackupError(f"environment variable {env} is not set or empty")
+        return value.encode(), "passphrase"
+    if pfile is not None:
+        text = _read_file(pfile).rstrip(b"\r\n")
+        if not text:
+            raise BlockBackupError(f"passphrase file {pfile} is empty")
+        return text, "passphrase"
+    if kfile is not None:
+        data = _read_file(kfile)
+        if len(data) < 16:
+            raise BlockBackupError(f"key file {kfile} is too short (at least 16 bytes)")
+        return data, "key-file"
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass(f"{prompt}: ").encode()
+    if not first:
+        raise BlockBackupError("empty passphrase")
+    if confirm and getpass.getpass(f"{prompt} (again): ").encode() != first:
+        raise BlockBackupError("the passphrases differ")
+    return first, "passphrase"
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BlockBackupError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def open_secret(args: argparse.Namespace) -> bytes | None:
+    """The secret to open ``args.repo`` with (None for an unencrypted repository)."""
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    if not Repository.is_encrypted_at(args.repo):
+        return None
+    got = read_secret(args)
+    if got is None:
+        raise BlockBackupError(
+            f"{args.repo} is encrypted: give --passphrase-env VAR, --passphrase-file FILE "
+            "or --key-file FILE (or run on a terminal to be asked)"
+        )
+    return got[0]
+
+
+def secret_object(secret: bytes | None) -> dict[str, Any] | None:
+    """The ``secret`` object-add options that carry ``secret`` to the repository nodes."""
+    if secret is None:
+        return None
+    data = base64.b64encode(secret).decode()
+    return {"qom-type": "secret", "id": SECRET_ID, "data": data, "format": "base64"}
+
+
+def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """One-line errors and exit status 1 instead of tracebacks."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (BlockBackupError, OSError) as exc:
+            text = str(exc) if isinstance(exc, BlockBackupError) else (exc.strerror or str(exc))
+            if isinstance(exc, OSError) and exc.filename:
+                text = f"{exc.filename}: {text}"
+            print(f"blockbackup: error: {text}", file=sys.stderr)
+            return EXIT_FAILED
+
+    return wrapper
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+async def copy_with_progress(bb: Any, source: str, target: str, label: str, quiet: bool) -> None:
+    """Run the backup job ``source`` -> ``target`` with a progress bar on a terminal."""
+    from blockbackup.jobs.backup import BackupPerf  # lazy: start-up cost
+
+    # The repository's chunk size, stated (a raw file target has no cluster size to ask);
+    # few workers: the repository node handles one request at a time, so more would only
+    # hold more buffers (64 workers: ~195 MiB RSS for a 256 MiB image, 8: see below)
+    perf = BackupPerf(cluster_size=CHUNK_SIZE, max_workers=8)
+    job = await bb.backup(source, target, sync="full", perf=perf)
+    waiter = asyncio.ensure_future(bb.wait(job))
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=None)
+        try:
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=0.25)
+                progress.update(task, completed=job.progress_current, total=job.progress_total)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
+    await waiter

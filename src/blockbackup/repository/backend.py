@@ -1,0 +1,149 @@
+"""Object-store-shaped storage: the only thing the repository logic knows about where bytes go.
+
+Why this shape: a repository must live on a local directory and on S3 (issue 15) with the
+same logic above. So the protocol has only what an object store offers (whole-object atomic
+put, conditional put, ranged get, list by prefix, delete, head) and the logic above relies
+on nothing else: no rename, no locks, no atime, no listing order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
+
+TMP_PREFIX = ".tmp-"
+
+
+class Backend(Protocol):
+    """Objects by ``/``-separated key. Every method is blocking (run it in a thread)."""
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
+
+    def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
+
+    def list(self, prefix: str) -> Iterator[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def size(self, key: str) -> int | None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or p.startswith(TMP_PREFIX) for p in parts):
+        raise RepositoryError(f"invalid object key {key!r}")
+
+
+class DirectoryBackend:
+    """Objects as files under a root directory; every put is atomic and durable.
+
+    put: temp file in the final directory, fsync, rename, fsync the directory.
+    put_if_absent: the same temp file linked to the key (``link`` refuses an existing
+    name, so of two writers exactly one wins), then the temp name is removed.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, key: str) -> Path:
+        _check_key(key)
+        return self.root / key
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise NotFound(f"object {key} is missing from {self.root}") from None
+
+    def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._sync_dir(path.parent)
+
+    def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExists(f"object {key} already exists") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._sync_dir(path.parent)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root)
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    yield (rel / name).as_posix()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+
+def open_backend(location: str) -> Backend:
+    """The backend for a repository location (a directory path; ``s3://`` comes next)."""
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise RepositoryError(f"repository scheme {scheme}:// is not supported yet")
+    return DirectoryBackend(location)

@@ -1,0 +1,77 @@
+"""One stored blob: what a chunk or a metadata object becomes on storage, and back.
+
+Layout: ``flags (1 byte)`` then the payload; flag bit 0 = zstd, bit 1 = encrypted
+(payload = 12-byte random nonce + AES-256-GCM(data, associated data = the address)).
+Decoding checks the tag and the address, so wrong bytes are never returned.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+
+from blockbackup.repository.errors import CorruptData
+from blockbackup.repository.keys import Keys
+
+COMPRESSED = 1
+ENCRYPTED = 2
+ZSTD_LEVEL = 3
+
+# A zstandard (de)compressor object must not be used by two threads at once (it crashes
+# the process): chunks are encoded in parallel threads, so each thread has its own.
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "c", None)
+    if c is None:
+        c = _local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+    """Stored bytes of ``data``: compressed if that is smaller, encrypted if keyed."""
+    flags = 0
+    payload: bytes | bytearray | memoryview = data
+    packed = _compressor().compress(data)
+    if len(packed) < len(data):
+        flags |= COMPRESSED
+        payload = packed
+    if keys.aead is not None:
+        flags |= ENCRYPTED
+        nonce = secrets.token_bytes(12)
+        payload = nonce + keys.aead.encrypt(nonce, bytes(payload), aad)
+    return bytes([flags]) + bytes(payload)
+
+
+def decode(keys: Keys, stored: bytes | memoryview, aad: bytes, what: str, size: int) -> bytes:
+    """The plaintext of a blob (at most ``size`` bytes), or :class:`CorruptData` naming ``what``."""
+    if not stored:
+        raise CorruptData(f"{what}: empty blob")
+    flags = stored[0]
+    payload = bytes(stored[1:])
+    if flags & ~(COMPRESSED | ENCRYPTED):
+        raise CorruptData(f"{what}: unknown blob flags {flags:#x}")
+    if bool(flags & ENCRYPTED) != keys.encrypted:
+        raise CorruptData(f"{what}: encryption flag does not match the repository")
+    if keys.aead is not None:
+        try:
+            payload = keys.aead.decrypt(payload[:12], payload[12:], aad)
+        except InvalidTag:
+            raise CorruptData(f"{what}: authentication failed (damaged or tampered)") from None
+    if flags & COMPRESSED:
+        try:
+            payload = _decompressor().decompress(payload, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"{what}: cannot decompress: {exc}") from None
+    return payload

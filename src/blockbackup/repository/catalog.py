@@ -1,0 +1,151 @@
+"""Snapshot manifests: the commit point of a backup, and how snapshots are found.
+
+A snapshot exists exactly when ``snapshots/<id>`` exists; it is written last, in one atomic
+``put_if_absent``, after every pack and index it names is durable. Ids sort by time and
+carry random bits, so hosts never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from blockbackup.repository import blob
+from blockbackup.repository.backend import Backend
+from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
+from blockbackup.repository.keys import Keys
+
+MANIFEST_VERSION = 1
+PREFIX = "snapshots/"
+
+
+@dataclass
+class DiskRecord:
+    """One disk of a snapshot: its name, size and disk index segments."""
+
+    name: str
+    size: int
+    chunk_size: int
+    segments: list[bytes]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "segments": [s.hex() for s in self.segments],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DiskRecord:
+        return cls(
+            name=str(data["name"]),
+            size=int(data["size"]),
+            chunk_size=int(data["chunk_size"]),
+            segments=[bytes.fromhex(s) for s in data["segments"]],
+            source=dict(data.get("source") or {}),
+        )
+
+
+@dataclass
+class Manifest:
+    id: str
+    time: str
+    host: str
+    disks: list[DiskRecord]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def disk(self, name: str | None) -> DiskRecord:
+        if name is None:
+            if len(self.disks) != 1:
+                names = ", ".join(d.name for d in self.disks)
+                raise RepositoryError(f"snapshot {self.id} has several disks ({names}): name one")
+            return self.disks[0]
+        for disk in self.disks:
+            if disk.name == name:
+                return disk
+        raise RepositoryError(f"snapshot {self.id} has no disk {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION,
+            "id": self.id,
+            "time": self.time,
+            "host": self.host,
+            "disks": [d.to_json() for d in self.disks],
+            "tags": self.tags,
+        }
+
+
+def new_id(now: datetime | None = None) -> tuple[str, str]:
+    """(id, ISO time) for a new snapshot."""
+    now = now or datetime.now(UTC)
+    # microseconds: two snapshots of one host in one second still sort in commit order
+    snapshot_id = f"{now:%Y%m%dT%H%M%S}.{now:%f}Z-{secrets.token_hex(4)}"
+    return snapshot_id, now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _aad(snapshot_id: str) -> bytes:
+    return f"snapshot:{snapshot_id}".encode()
+
+
+def write(backend: Backend, keys: Keys, manifest: Manifest) -> None:
+    data = json.dumps(manifest.to_json(), sort_keys=True).encode()
+    backend.put_if_absent(PREFIX + manifest.id, blob.encode(keys, data, _aad(manifest.id)))
+
+
+def read(backend: Backend, keys: Keys, snapshot_id: str) -> Manifest:
+    what = f"snapshot {snapshot_id}"
+    stored = backend.get(PREFIX + snapshot_id)
+    data = blob.decode(keys, stored, _aad(snapshot_id), what, 1 << 28)
+    try:
+        obj = json.loads(data)
+        if obj.get("version") != MANIFEST_VERSION:
+            raise RepositoryError(f"{what}: manifest version {obj.get('version')} unsupported")
+        if obj["id"] != snapshot_id:
+            raise CorruptData(f"{what}: manifest names another snapshot")
+        return Manifest(
+            id=snapshot_id,
+            time=str(obj["time"]),
+            host=str(obj["host"]),
+            disks=[DiskRecord.from_json(d) for d in obj["disks"]],
+            tags=dict(obj.get("tags") or {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptData(f"{what}: manifest is damaged: {exc}") from None
+
+
+def ids(backend: Backend) -> list[str]:
+    """Every committed snapshot id, oldest first."""
+    return sorted(k.removeprefix(PREFIX) for k in backend.list(PREFIX))
+
+
+def resolve(backend: Backend, spec: str) -> str:
+    """A snapshot id from ``latest``, a full id or a unique id prefix."""
+    known = ids(backend)
+    if spec == "latest":
+        if not known:
+            raise NotFound("the repository has no snapshots")
+        return known[-1]
+    if spec in known:
+        return spec
+    matches = [i for i in known if i.startswith(spec)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NotFound(f"no snapshot {spec!r} in the repository")
+    raise RepositoryError(f"snapshot {spec!r} is ambiguous: {', '.join(matches)}")
+
+
+def latest_with_disk(backend: Backend, keys: Keys, disk: str) -> Manifest | None:
+    """The newest snapshot that holds a disk called ``disk`` (the base of an incremental)."""
+    for snapshot_id in reversed(ids(backend)):
+        manifest = read(backend, keys, snapshot_id)
+        if any(d.name == disk for d in manifest.disks):
+            return manifest
+    return None

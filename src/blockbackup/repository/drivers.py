@@ -1,0 +1,353 @@
+"""The repository as block nodes: a backup target and a read-only snapshot.
+
+Why nodes: a backup into the repository is then the same backup job (point in time,
+copy-before-write, bitmaps, transactions) with a repository node as its target, and a
+restore is the same job from a snapshot node into a file node; an NBD export of a snapshot
+node is a mount. Both are made from blockdev-add options like every node::
+
+    {"driver": "bb-repo-target", "node-name": "t", "repository": "/srv/bb", "disk": "disk0",
+     "size": 2147483648, "key-secret": "bbkey", "base": "latest"}
+    {"driver": "bb-repo-snapshot", "node-name": "s", "repository": "/srv/bb",
+     "snapshot": "latest", "disk": "disk0", "key-secret": "bbkey", "read-only": true}
+
+``key-secret`` names a ``secret`` object (the passphrase or key file's bytes), so no
+secret is ever in the options. Importing this module registers both drivers.
+
+The target commits no snapshot: its ``flush`` makes its chunks and its disk index durable
+and records the result (:attr:`RepoTargetDriver.result`); whoever ran the backup commits
+one manifest for all the disks of the backup (the CLI after the job completed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import ClassVar
+
+from blockbackup.block.driver import BlockDriver, Extent, Limits, Status, WriteFlags, io_error
+from blockbackup.block.driver import register as register_driver
+from blockbackup.block.node import BlockNode
+from blockbackup.block.options import Options
+from blockbackup.errors import BlockBackupError
+from blockbackup.repository import blob, catalog
+from blockbackup.repository.catalog import DiskRecord
+from blockbackup.repository.diskindex import DiskIndex
+from blockbackup.repository.errors import CorruptData, RepositoryError
+from blockbackup.repository.keys import ZERO_ADDRESS
+from blockbackup.repository.repo import Repository
+
+__all__ = ["RepoSnapshotDriver", "RepoTargetDriver", "TargetResult"]
+
+
+def _secret(node: BlockNode, opts: Options) -> bytes | None:
+    secret_id = opts.str("key-secret", None)
+    if secret_id is None:
+        return None
+    return node.graph.objects.secret(secret_id).data
+
+
+async def _open_repository(node: BlockNode, opts: Options) -> Repository:
+    location = opts.str("repository")
+    secret = _secret(node, opts)
+    try:
+        repo = await asyncio.to_thread(Repository.open, location, secret)
+        await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
+    except RepositoryError as exc:
+        raise BlockBackupError(str(exc)) from None
+    return repo
+
+
+def _is_zero(data: bytes | bytearray | memoryview) -> bool:
+    view = memoryview(data)
+    return view.nbytes == 0 or (view[0] == 0 and bytes(view).count(0) == view.nbytes)
+
+
+class _RepoDisk(BlockDriver):
+    """One disk of the repository seen as a node: reads through its disk index."""
+
+    limits = Limits(request_alignment=1, cluster_size=64 * 1024)
+
+    def __init__(self, node: BlockNode, repo: Repository, index: DiskIndex, name: str) -> None:
+        super().__init__(node)
+        self.repo = repo
+        self.index = index
+        self.disk = name
+        self.chunk = index.chunk_size
+        #: One request at a time touches the index and the store (they are not thread-safe).
+        self._lock = asyncio.Lock()
+        #: What damaged data reads met, each naming the chunk, pack and disk offset (a job
+        #: reports only the errno; the command that ran it reports these).
+        self.damaged: list[str] = []
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    def _read_sync(self, offset: int, length: int) -> bytearray:
+        out = bytearray(length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            i = pos // self.chunk
+            start = i * self.chunk
+            stop = min(start + self.index.chunk_length(i), end)
+            address = self.index.get(i)
+            if address != ZERO_ADDRESS:
+                try:
+                    data = self.repo.store.read(address)
+                except CorruptData as exc:
+                    detail = f"disk {self.disk} at offset {start}: {exc}"
+                    self.damaged.append(detail)
+                    raise io_error(errno.EIO, detail) from None
+                out[pos - offset : stop - offset] = data[pos - start : stop - start]
+            pos = stop
+        return out
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        async with self._lock:
+            return await asyncio.to_thread(self._read_sync, offset, length)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Zero entries are zero; stored chunks are data. One run of either kind."""
+        async with self._lock:
+            i = offset // self.chunk
+            zero = self.index.get(i) == ZERO_ADDRESS
+            end = min(offset + length, self.size)
+            pos = (i + 1) * self.chunk
+            while pos < end and (self.index.get(pos // self.chunk) == ZERO_ADDRESS) == zero:
+                pos += self.chunk
+        status = Status.ALLOCATED | (Status.ZERO if zero else Status.DATA)
+        return Extent(offset, min(pos, end) - offset, status)
+
+
+class TargetResult:
+    """What a flushed target gives the committer: its disk and the packs it relies on."""
+
+    def __init__(self, record: DiskRecord, packs: set[str]) -> None:
+        self.record = record
+        self.packs = packs
+
+
+@register_driver
+class RepoTargetDriver(_RepoDisk):
+    """A writable disk that stores what is written into it as chunks of the repository.
+
+    It starts as the base snapshot's disk of the same name (``base``: ``latest`` (the
+    default), an id, or ``none``), so an incremental that writes only changed clusters still
+    ends with a complete disk index.
+    """
+
+    driver_name: ClassVar[str] = "bb-repo-target"
+
+    def __init__(
+        self, node: BlockNode, repo: Repository, index: DiskIndex, name: str, source: dict[str, str]
+    ) -> None:
+        super().__init__(node, repo, index, name)
+        self.source = source
+        #: Set by each successful flush: the disk as stored so far.
+        self.result: TargetResult | None = None
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
+        repo = await _open_repository(node, opts)
+        name = opts.str("disk")
+        size = opts.int("size")
+        base_spec = opts.str("base", "latest")
+        if size < 0:
+            raise BlockBackupError("size must be non-negative")
+        try:
+            base = await asyncio.to_thread(cls._base, repo, name, base_spec)
+        except RepositoryError as exc:
+            raise BlockBackupError(str(exc)) from None
+        source = {"base": "none"}
+        segments = None
+        if base is not None and base[1].size == size and base[1].chunk_size == repo.chunk_size:
+            segments = base[1].segments
+            source = {"base": base[0]}
+        index = DiskIndex(repo.store, size, repo.chunk_size, segments)
+        return cls(node, repo, index, name, source)
+
+    @staticmethod
+    def _base(repo: Repository, name: str, spec: str) -> tuple[str, DiskRecord] | None:
+        if spec == "none":
+            return None
+        if spec == "latest":
+            manifest = catalog.latest_with_disk(repo.backend, repo.keys, name)
+            return None if manifest is None else (manifest.id, manifest.disk(name))
+        manifest = repo.manifest(catalog.resolve(repo.backend, spec))
+        return manifest.id, manifest.disk(name)
+
+    def _put_chunk(self, i: int, data: bytes | bytearray | memoryview) -> None:
+        if _is_zero(data):
+            self.index.set(i, ZERO_ADDRESS)
+            return
+        address = self.repo.keys.address(data)
+        self.repo.store.add(address, data)
+        self.index.set(i, address)
+
+    def _write_sync(self, offset: int, data: memoryview | None, length: int) -> None:
+        """Write ``data`` (None: zeroes) chunk by chunk; a partly covered chunk is merged
+        with its current content first."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            i = pos // self.chunk
+            start = i * self.chunk
+            chunk_len = self.index.chunk_length(i)
+            stop = min(start + chunk_len, end)
+            if pos == start and stop == start + chunk_len:
+                piece = bytes(chunk_len) if data is None else data[pos - offset : stop - offset]
+                self._put_chunk(i, piece)
+            else:
+                merged = self._read_sync(start, chunk_len)
+                merged[pos - start : stop - start] = (
+                    bytes(stop - pos) if data is None else data[pos - offset : stop - offset]
+                )
+                self._put_chunk(i, merged)
+            pos = stop
+
+    def _wrap(self, exc: OSError | RepositoryError) -> OSError:
+        if isinstance(exc, OSError):
+            return exc
+        return io_error(errno.EIO, str(exc))
+
+    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes]]:
+        """Address and encoded blob of each chunk ``data`` covers whole: the costly part
+        (hash, compress, encrypt), done outside the lock so requests run it in parallel.
+        A zero chunk or one already stored gets an empty blob."""
+        out: dict[int, tuple[bytes, bytes]] = {}
+        end = offset + len(data)
+        i = -(-offset // self.chunk)
+        while i * self.chunk < end:
+            start = i * self.chunk
+            length = self.index.chunk_length(i)
+            if start + length > end:
+                break
+            piece = data[start - offset : start - offset + length]
+            if _is_zero(piece):
+                out[i] = (ZERO_ADDRESS, b"")
+            else:
+                address = self.repo.keys.address(piece)
+                known = self.repo.store.has(address)  # a race only costs a needless encode
+                out[i] = (address, b"" if known else blob.encode(self.repo.keys, piece, address))
+            i += 1
+        return out
+
+    def _apply(
+        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
+    ) -> None:
+        """Enter prepared chunks into the store and index; merge the partial ones."""
+        store = self.repo.store
+        for i, (address, stored) in prepared.items():
+            if address != ZERO_ADDRESS:
+                store.add_encoded(address, stored, self.index.chunk_length(i))
+            self.index.set(i, address)
+        if not prepared:
+            self._write_sync(offset, data, len(data))
+            return
+        first, last = min(prepared), max(prepared) + 1
+        head_end = first * self.chunk
+        if offset < head_end:
+            self._write_sync(offset, data[: head_end - offset], head_end - offset)
+        tail = min(last * self.chunk, self.size)
+        if tail < offset + len(data):
+            self._write_sync(tail, data[tail - offset :], offset + len(data) - tail)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
+        view = memoryview(data)
+        try:
+            prepared = await asyncio.to_thread(self._prepare, offset, view)
+            async with self._lock:
+                await asyncio.to_thread(self._apply, offset, view, prepared)
+                if flags & WriteFlags.FUA:
+                    await asyncio.to_thread(self._flush_sync)
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
+
+    async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._write_sync, offset, None, length)
+            except RepositoryError as exc:
+                raise self._wrap(exc) from None
+
+    def _flush_sync(self) -> None:
+        segments = self.index.save()
+        self.repo.store.flush()
+        record = DiskRecord(self.disk, self.size, self.chunk, segments, dict(self.source))
+        self.result = TargetResult(record, self.repo.store.relied | self.repo.store.written)
+
+    async def flush(self) -> None:
+        """Make every chunk written so far and the disk index durable (no snapshot yet)."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._flush_sync)
+            except RepositoryError as exc:
+                raise self._wrap(exc) from None
+
+
+@register_driver
+class RepoSnapshotDriver(_RepoDisk):
+    """One disk of a committed snapshot, read-only."""
+
+    driver_name: ClassVar[str] = "bb-repo-snapshot"
+    #: The id of the snapshot this node serves.
+    snapshot_id: str = ""
+
+    @classmethod
+    async def open(cls, node: BlockNode, opts: Options) -> RepoSnapshotDriver:
+        repo = await _open_repository(node, opts)
+        spec = opts.str("snapshot", "latest")
+        disk = opts.str("disk", None)
+        if not node.read_only:
+            raise BlockBackupError("bb-repo-snapshot is read-only: set 'read-only': true")
+        try:
+            manifest, record = await asyncio.to_thread(
+                repo.select, spec if disk is None else f"{spec}:{disk}"
+            )
+        except RepositoryError as exc:
+            raise BlockBackupError(str(exc)) from None
+        index = DiskIndex(repo.store, record.size, record.chunk_size, record.segments)
+        driver = cls(node, repo, index, record.name)
+        driver.snapshot_id = manifest.id
+        return driver
+
+    def _addresses(self, offset: int, length: int) -> list[bytes]:
+        first = offset // self.chunk
+        last = (offset + length - 1) // self.chunk
+        return [self.index.get(i) for i in range(first, last + 1)]
+
+    def _fetch(self, offset: int, length: int, addresses: list[bytes]) -> bytearray:
+        """The bytes of ``addresses`` (from the chunk of ``offset`` on), cut to the range.
+        Only reads the store: safe in parallel threads (nothing is pending in it)."""
+        out = bytearray(length)
+        first = offset // self.chunk
+        for n, address in enumerate(addresses):
+            start = (first + n) * self.chunk
+            lo, hi = max(start, offset), min(start + self.chunk, offset + length)
+            if address == ZERO_ADDRESS:
+                continue
+            try:
+                data = self.repo.store.read(address)
+            except CorruptData as exc:
+                detail = f"disk {self.disk} at offset {start}: {exc}"
+                self.damaged.append(detail)
+                raise io_error(errno.EIO, detail) from None
+            out[lo - offset : hi - offset] = data[lo - start : hi - start]
+        return out
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """The index lookup (which may load a segment) holds the lock; reading, checking and
+        decrypting the chunks does not, so a copy's parallel reads run in parallel."""
+        if length == 0:
+            return bytearray()
+        async with self._lock:
+            addresses = await asyncio.to_thread(self._addresses, offset, length)
+        return await asyncio.to_thread(self._fetch, offset, length, addresses)
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
+    ) -> None:
+        raise io_error(errno.EROFS)

@@ -1,0 +1,243 @@
+"""The repository facade: create or open one, its keys, its chunk store, its snapshots.
+
+Opening checks the ``config`` (format name and version) before anything else, so a path
+that is not a repository, or one written by a newer blockbackup, is refused with one clear
+sentence and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+from blockbackup.repository import catalog
+from blockbackup.repository import keys as keymod
+from blockbackup.repository.backend import Backend, open_backend
+from blockbackup.repository.catalog import DiskRecord, Manifest
+from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
+from blockbackup.repository.errors import (
+    AlreadyExists,
+    FormatTooNew,
+    NotARepository,
+    NotFound,
+    RepositoryError,
+)
+from blockbackup.repository.keys import Keys
+
+FORMAT = "blockbackup-repository"
+VERSION = 1
+CHUNK_SIZE = 64 * 1024
+_CONFIG_KEYS = {
+    "format",
+    "version",
+    "id",
+    "chunk_size",
+    "pack_size",
+    "encryption",
+    "compression",
+    "created",
+}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Repository:
+    """One open repository. Blocking methods: call them from a thread in async code."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], keys: Keys) -> None:
+        self.backend = backend
+        self.config = config
+        self.keys = keys
+        self.id: str = config["id"]
+        self.chunk_size: int = config["chunk_size"]
+        self._store: ChunkStore | None = None
+
+    # -- create and open --------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        location: str,
+        secret: bytes | None,
+        kind: str = "passphrase",
+        pack_size: int = DEFAULT_PACK_SIZE,
+    ) -> Repository:
+        """Create a repository; ``secret`` None means unencrypted."""
+        backend = open_backend(location)
+        if backend.exists("config"):
+            raise RepositoryError(f"{location} is already a repository")
+        if any(True for _ in backend.list("")):
+            raise RepositoryError(f"{location} is not empty: a repository needs its own place")
+        config: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": secrets.token_hex(16),
+            "chunk_size": CHUNK_SIZE,
+            "pack_size": pack_size,
+            "encryption": "aes-256-gcm" if secret is not None else "none",
+            "compression": "zstd",
+            "created": _now(),
+        }
+        master = None
+        if secret is not None:
+            master = keymod.new_master_key()
+            slot_id = secrets.token_hex(4)
+            slot = keymod.make_slot(master, secret, kind, config["id"], slot_id)
+            backend.put_if_absent(f"keys/{slot_id}", json.dumps(slot).encode())
+        # config last: a half-made repository (killed during init) is not a repository
+        try:
+            backend.put_if_absent("config", json.dumps(config, indent=1).encode())
+        except AlreadyExists:
+            raise RepositoryError(f"{location} is already a repository") from None
+        return cls(backend, config, Keys(master))
+
+    @staticmethod
+    def read_config(backend: Backend) -> dict[str, Any]:
+        where = backend.describe()
+        try:
+            config = json.loads(backend.get("config"))
+        except (NotFound, OSError, ValueError):
+            raise NotARepository(f"{where} is not a blockbackup repository") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise NotARepository(f"{where} is not a blockbackup repository")
+        version = config.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise FormatTooNew(
+                f"{where}: repository format version {version} is newer than this "
+                f"blockbackup supports ({VERSION}): upgrade blockbackup"
+            )
+        unknown = set(config) - _CONFIG_KEYS
+        if unknown or _CONFIG_KEYS - set(config):
+            raise NotARepository(f"{where}: repository config is damaged or unknown")
+        return config
+
+    @classmethod
+    def open(cls, location: str, secret: bytes | None = None) -> Repository:
+        backend = open_backend(location)
+        config = cls.read_config(backend)
+        if config["encryption"] == "none":
+            return cls(backend, config, Keys(None))
+        if secret is None:
+            raise RepositoryError(
+                f"{location} is encrypted: give a passphrase or key file to open it"
+            )
+        master, _slot = keymod.unlock(cls._slots(backend), secret, config["id"])
+        return cls(backend, config, Keys(master))
+
+    @staticmethod
+    def is_encrypted_at(location: str) -> bool:
+        backend = open_backend(location)
+        return bool(Repository.read_config(backend)["encryption"] != "none")
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _slots(backend: Backend) -> dict[str, dict[str, Any]]:
+        slots = {}
+        for key in backend.list("keys/"):
+            slot_id = key.removeprefix("keys/")
+            try:
+                slots[slot_id] = keymod.parse_slot(backend.get(key), slot_id)
+            except NotFound:
+                continue
+        return slots
+
+    @classmethod
+    def key_slots_at(cls, location: str) -> dict[str, dict[str, Any]]:
+        """The key slots of a repository, read without a key (they hold nothing secret)."""
+        backend = open_backend(location)
+        cls.read_config(backend)
+        return cls._slots(backend)
+
+    def key_slots(self) -> dict[str, dict[str, Any]]:
+        return self._slots(self.backend)
+
+    def add_key(self, secret: bytes, kind: str = "passphrase", comment: str = "") -> str:
+        if self.keys.master is None:
+            raise RepositoryError("the repository is not encrypted: it has no keys")
+        slot_id = secrets.token_hex(4)
+        slot = keymod.make_slot(self.keys.master, secret, kind, self.id, slot_id, comment)
+        self.backend.put_if_absent(f"keys/{slot_id}", json.dumps(slot).encode())
+        return slot_id
+
+    def remove_key(self, slot_id: str) -> None:
+        slots = self.key_slots()
+        if slot_id not in slots:
+            raise NotFound(f"no key slot {slot_id!r}")
+        if len(slots) == 1:
+            raise RepositoryError("cannot remove the last key slot: the data would be lost")
+        self.backend.delete(f"keys/{slot_id}")
+
+    # -- chunks and snapshots ---------------------------------------------------------------
+
+    @property
+    def store(self) -> ChunkStore:
+        """The chunk store, loaded (every pack index read) on first use."""
+        if self._store is None:
+            store = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
+            store.load()
+            self._store = store
+        return self._store
+
+    def snapshot_ids(self) -> list[str]:
+        return catalog.ids(self.backend)
+
+    def manifest(self, snapshot_id: str) -> Manifest:
+        return catalog.read(self.backend, self.keys, snapshot_id)
+
+    def snapshots(self) -> list[Manifest]:
+        return [self.manifest(i) for i in self.snapshot_ids()]
+
+    def select(self, spec: str) -> tuple[Manifest, DiskRecord]:
+        """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK`` (``latest:DISK``: the
+        newest snapshot that holds DISK)."""
+        snap, _, disk = spec.partition(":")
+        if snap in ("", "latest") and disk:
+            # the newest snapshot *of that disk*: snapshots of other disks may be newer
+            found = catalog.latest_with_disk(self.backend, self.keys, disk)
+            if found is None:
+                raise NotFound(f"no snapshot in the repository has a disk {disk!r}")
+            return found, found.disk(disk)
+        manifest = self.manifest(catalog.resolve(self.backend, snap or "latest"))
+        return manifest, manifest.disk(disk or None)
+
+    def forget(self, snapshot_id: str) -> None:
+        """Remove a snapshot's manifest (its data stays until gc). Idempotent."""
+        self.backend.delete(catalog.PREFIX + snapshot_id)
+
+    def commit(
+        self,
+        disks: list[DiskRecord],
+        tags: dict[str, str] | None = None,
+        packs: set[str] | frozenset[str] = frozenset(),
+    ) -> Manifest:
+        """Make a snapshot of ``disks`` (whose data is stored and flushed).
+
+        Re-checks that every pack the new snapshot relies on (``packs``, as the target nodes
+        report them, and this object's own store's) still exists, then writes the manifest:
+        the one atomic step that makes the snapshot exist.
+        """
+        if not disks:
+            raise RepositoryError("a snapshot needs at least one disk")
+        names = [d.name for d in disks]
+        if len(set(names)) != len(names):
+            raise RepositoryError(f"disk names must be unique in a snapshot: {names}")
+        relied = set(packs)
+        if self._store is not None:
+            self._store.flush()
+            relied |= self._store.relied | self._store.written
+        missing = sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        if missing:
+            raise RepositoryError(
+                f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
+                f"(e.g. {missing[0]}); nothing was committed: run the backup again"
+            )
+        snapshot_id, time = catalog.new_id()
+        manifest = Manifest(snapshot_id, time, socket.gethostname(), disks, tags or {})
+        catalog.write(self.backend, self.keys, manifest)
+        return manifest

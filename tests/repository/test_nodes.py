@@ -1,0 +1,294 @@
+"""The repository through the engine: backups into a bb-repo-target node with the backup
+job, restores from a bb-repo-snapshot node with the same job, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockbackup.api import BackupFailed, BlockBackup
+from blockbackup.block.dirty_bitmap import bitmaps_of
+from blockbackup.block.driver import Status
+from blockbackup.errors import BlockBackupError
+from blockbackup.repository import drivers
+from blockbackup.repository.repo import Repository
+
+pytestmark = pytest.mark.asyncio
+MiB = 1 << 20
+CHUNK = 64 * 1024
+PASS = b"node test passphrase"
+
+
+def raw(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "driver": "raw",
+        "node-name": name,
+        "file": {"driver": "file", "filename": str(path)},
+        **extra,
+    }
+
+
+async def backup_image(repo: Path, image: Path, disk: str, **target: Any) -> drivers.TargetResult:
+    result = (await backup_image_driver(repo, image, disk, **target)).result
+    assert result is not None
+    return result
+
+
+async def backup_image_driver(
+    repo: Path, image: Path, disk: str, **target: Any
+) -> drivers.RepoTargetDriver:
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        src = await bb.blockdev_add(raw("src", image, **{"read-only": True}))
+        node = await bb.blockdev_add(
+            {
+                "driver": "bb-repo-target",
+                "node-name": "tgt",
+                "repository": str(repo),
+                "disk": disk,
+                "size": src.size,
+                "key-secret": "k",
+                **target,
+            }
+        )
+        await bb.wait(await bb.backup("src", "tgt", sync="full"))
+        driver = node.driver
+        assert isinstance(driver, drivers.RepoTargetDriver)
+        assert driver.result is not None
+        return driver
+
+
+async def restore(repo: Path, spec: str, out: Path, size: int) -> None:
+    with open(out, "wb") as f:  # a new raw image of the disk's size
+        f.truncate(size)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        await bb.blockdev_add(
+            {
+                "driver": "bb-repo-snapshot",
+                "node-name": "snap",
+                "repository": str(repo),
+                "snapshot": spec,
+                "key-secret": "k",
+                "read-only": True,
+            }
+        )
+        await bb.blockdev_add(raw("out", out))
+        await bb.wait(await bb.backup("snap", "out", sync="full"))
+
+
+def make_image(path: Path) -> bytes:
+    data = bytearray(os.urandom(8 * MiB))
+    data[2 * MiB : 5 * MiB] = bytes(3 * MiB)  # zero run
+    path.write_bytes(bytes(data))
+    with open(path, "r+b") as f:  # and a hole at the end
+        f.truncate(10 * MiB)
+    return bytes(data) + bytes(2 * MiB)
+
+
+async def test_backup_restore_incremental(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS, pack_size=2 * MiB)
+    image = tmp_path / "disk.img"
+    data = make_image(image)
+
+    first = await backup_image(repo_path, image, "disk0")
+    repo.commit([first.record], packs=first.packs)
+    out = tmp_path / "restored.img"
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == data
+
+    # change one 4 KiB block and one byte far away (the next snapshot stores 2 chunks),
+    # and zero 1 MiB
+    changed = bytearray(data)
+    changed[100 * 4096 : 101 * 4096] = os.urandom(4096)
+    changed[9 * MiB + 7] ^= 0xFF
+    changed[6 * MiB : 7 * MiB] = bytes(MiB)  # data that became zeroes: zero entries
+    image.write_bytes(bytes(changed))
+    before = sum(p.stat().st_size for p in (repo_path / "data").rglob("*") if p.is_file())
+    second = await backup_image(repo_path, image, "disk0")
+    assert second.record.source["base"] == repo.snapshot_ids()[0]
+    repo.commit([second.record], packs=second.packs)
+    after = sum(p.stat().st_size for p in (repo_path / "data").rglob("*") if p.is_file())
+    assert after - before < 3 * CHUNK + 16 * 1024  # 2 chunks + a segment + headers
+
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == bytes(changed)
+    await restore(repo_path, repo.snapshot_ids()[0], out, len(data))
+    assert out.read_bytes() == data  # the first snapshot is whole, no chain walk
+
+
+async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    content = make_image(image)
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        node = await bb.blockdev_add(
+            {
+                "driver": "bb-repo-snapshot",
+                "node-name": "snap",
+                "repository": str(repo_path),
+                "key-secret": "k",
+                "read-only": True,
+            }
+        )
+        zero = await node.driver.block_status(2 * MiB, 8 * MiB)
+        assert zero.status & Status.ZERO
+        assert zero.length == 3 * MiB
+        hole = await node.driver.block_status(8 * MiB, 2 * MiB)
+        assert hole.status & Status.ZERO
+        data = await node.driver.block_status(0, 8 * MiB)
+        assert data.status & Status.DATA
+        assert data.length == 2 * MiB
+        for offset, length in ((12345, 200_000), (2 * MiB - 100, 300), (10 * MiB - 7, 7)):
+            got = await node.read(offset, length)  # unaligned, across chunks and zeroes
+            assert bytes(got) == content[offset : offset + length]
+    (pack,) = [p for p in (repo_path / "data").rglob("*") if p.is_file()]
+    damaged = bytearray(pack.read_bytes())
+    damaged[100] ^= 1
+    pack.write_bytes(bytes(damaged))
+    with pytest.raises(BackupFailed, match="Input/output error"):
+        await restore(repo_path, "latest", tmp_path / "out.img", 10 * MiB)
+
+
+async def test_bad_options_are_clear_errors(tmp_path: Path) -> None:
+    repo_path = tmp_path / "repo"
+    Repository.init(str(repo_path), PASS)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "bad", "data": "nope"})
+        with pytest.raises(BlockBackupError, match="wrong passphrase"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "s",
+                    "repository": str(repo_path),
+                    "key-secret": "bad",
+                    "read-only": True,
+                }
+            )
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        with pytest.raises(BlockBackupError, match="no snapshots"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "s",
+                    "repository": str(repo_path),
+                    "key-secret": "k",
+                    "read-only": True,
+                }
+            )
+        with pytest.raises(BlockBackupError, match="not a blockbackup repository"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": "t",
+                    "repository": str(tmp_path),
+                    "disk": "d",
+                    "size": MiB,
+                }
+            )
+
+
+async def test_incremental_from_a_dirty_bitmap_stores_the_changed_clusters(
+    tmp_path: Path,
+) -> None:
+    """The live path: a bitmap records guest writes; the incremental job writes only the
+    dirty clusters into a target that starts from the last snapshot, and the result is a
+    complete snapshot (restores alone)."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    original = os.urandom(16 * MiB)
+    image.write_bytes(original)
+    writes = [(3 * 4096, os.urandom(4096)), (5 * MiB + 512, os.urandom(4096))]
+    writes += [(9 * MiB, os.urandom(MiB)), (15 * MiB + 8192, os.urandom(100))]
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        src = await bb.blockdev_add(raw("src", image))
+        bitmaps_of(src).create("b0", CHUNK)
+
+        async def target(name: str) -> drivers.RepoTargetDriver:
+            node = await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": name,
+                    "repository": str(repo_path),
+                    "disk": "vda",
+                    "size": src.size,
+                    "key-secret": "k",
+                }
+            )
+            assert isinstance(node.driver, drivers.RepoTargetDriver)
+            return node.driver
+
+        full = await target("t1")
+        await bb.wait(await bb.backup("src", "t1", sync="full"))
+        assert full.result is not None
+        repo.commit([full.result.record], packs=full.result.packs)
+        for offset, data in writes:  # the guest writes between the two backups
+            await src.write(offset, data)
+        incremental = await target("t2")
+        await bb.wait(await bb.backup("src", "t2", sync="incremental", bitmap="b0"))
+        assert incremental.result is not None
+        repo.commit([incremental.result.record], packs=incremental.result.packs)
+        # the dirty chunks (1 + 1 + 16 + 1) and one disk index segment, of 256 chunks
+        assert incremental.repo.store.stored_blobs == 1 + 1 + 16 + 1 + 1
+    expected = bytearray(original)
+    for offset, data in writes:
+        expected[offset : offset + len(data)] = data
+    out = tmp_path / "out.img"
+    await restore(repo_path, "latest", out, len(expected))
+    assert out.read_bytes() == bytes(expected)
+    await restore(repo_path, repo.snapshot_ids()[0], out, len(original))
+    assert out.read_bytes() == original
+
+
+async def test_failed_backup_commits_nothing_and_its_chunks_are_reused(tmp_path: Path) -> None:
+    """A source read error (blkdebug) fails the job: no snapshot; the chunks the failed run
+    stored (flushed when its graph closed) are not stored again by the next run."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    data = os.urandom(8 * MiB)
+    image.write_bytes(data)
+    rule = {"event": "read_aio", "errno": 5, "sector": 6 * MiB // 512, "once": False}
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        src = await bb.blockdev_add(
+            {
+                "driver": "blkdebug",
+                "node-name": "src",
+                "image": raw("src-raw", image),
+                "inject-error": [rule],
+            }
+        )
+        await bb.blockdev_add(
+            {
+                "driver": "bb-repo-target",
+                "node-name": "tgt",
+                "repository": str(repo_path),
+                "disk": "d",
+                "size": src.size,
+                "key-secret": "k",
+            }
+        )
+        with pytest.raises(BackupFailed, match="Input/output error"):
+            await bb.wait(await bb.backup("src", "tgt", sync="full"))
+    assert repo.snapshot_ids() == []
+    stored_before = len(Repository.open(str(repo_path), PASS).store)
+    assert stored_before > 1  # chunks (and a disk index segment) reached the repository
+    driver = await backup_image_driver(repo_path, image, "d")
+    assert driver.repo.store.reused_blobs >= stored_before - 1  # all but the old segment
+    assert driver.repo.store.stored_blobs + stored_before == len(driver.repo.store)
+    assert driver.result is not None
+    repo.commit([driver.result.record], packs=driver.result.packs)
+    out = tmp_path / "out.img"
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == data
