@@ -1,4 +1,4 @@
-"""The repository commands as a user runs them: ``repo init|key|backup``, ``snapshots``,
+"""The repository commands as a user runs them: ``repo init|key``, ``backup IMAGE --repo``, ``snapshots``,
 ``restore``, as subprocesses, with the mistakes people make."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_backup_snapshots_restore(tmp_path: Path) -> None:
     data = image(disk)
     init = js(bb("repo", "init", repo, "--passphrase-env", "BBP", "--json"))
     assert init["encryption"] == "aes-256-gcm"
-    first = js(bb("repo", "backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    first = js(bb("backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
     assert first["disk"] == "disk.img"
     assert first["stored_chunks"] == 4 * MiB // 65536 + 1  # data chunks + the index segment
 
@@ -69,7 +69,6 @@ def test_backup_snapshots_restore(tmp_path: Path) -> None:
     disk.write_bytes(bytes(changed))
     second = js(
         bb(
-            "repo",
             "backup",
             disk,
             "--repo",
@@ -144,7 +143,6 @@ def test_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert (
         "no such image"
         in bb(
-            "repo",
             "backup",
             tmp_path / "nope.img",
             "--repo",
@@ -168,7 +166,7 @@ def test_keys_add_list_remove(tmp_path: Path) -> None:
     keyfile = tmp_path / "key"
     keyfile.write_bytes(os.urandom(64))
     bb("repo", "init", repo, "--key-file", keyfile)
-    bb("repo", "backup", disk, "--repo", repo, "--key-file", keyfile)
+    bb("backup", disk, "--repo", repo, "--key-file", keyfile)
     added = js(
         bb(
             "repo",
@@ -207,7 +205,7 @@ def test_restore_refuses_damaged_data(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     image(disk)
     bb("repo", "init", repo, "--no-encryption")
-    bb("repo", "backup", disk, "--repo", repo)
+    bb("backup", disk, "--repo", repo)
     (pack,) = [p for p in (repo / "data").rglob("*") if p.is_file()]
     raw = bytearray(pack.read_bytes())
     raw[64] ^= 0x40
@@ -226,7 +224,7 @@ def test_verify(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     image(disk)
     bb("repo", "init", repo, "--passphrase-env", "BBP")
-    snap = js(bb("repo", "backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    snap = js(bb("backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
     clean = js(bb("verify", "--repo", repo, "--passphrase-env", "BBP", "--json"))
     assert clean["ok"]
     assert clean["chunks"] == 4 * MiB // 65536
@@ -262,7 +260,6 @@ def test_two_backups_at_once_into_one_repository(tmp_path: Path) -> None:
         subprocess.Popen(
             [
                 *BB,
-                "repo",
                 "backup",
                 str(tmp_path / f"{n}.img"),
                 "--repo",
@@ -296,7 +293,7 @@ def test_mount_serves_a_snapshot_over_nbd(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     data = image(disk)
     bb("repo", "init", repo, "--passphrase-env", "BBP")
-    snap = js(bb("repo", "backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+    snap = js(bb("backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
     with subprocess.Popen(
         [*BB, "mount", "--repo", str(repo), "latest:disk.img", "--passphrase-env", "BBP",
          "--dir", str(tmp_path / "run"), "--json"],
@@ -330,7 +327,7 @@ def test_prune(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     data = image(disk)
     bb("repo", "init", repo, "--no-encryption")
-    ids = [js(bb("repo", "backup", disk, "--repo", repo, "--json"))["snapshot"] for _ in range(3)]
+    ids = [js(bb("backup", disk, "--repo", repo, "--json"))["snapshot"] for _ in range(3)]
     assert "at least one --keep" in bb("prune", "--repo", repo, ok=False).stderr
     dry = js(bb("prune", "--repo", repo, "--keep-last", "1", "--dry-run", "--json"))
     assert dry["removed"] == ids[:2]
@@ -354,14 +351,14 @@ def test_full_disk_leaves_no_snapshot_and_the_next_backup_works(tmp_path: Path) 
     with mounted_tmpfs(tmp_path / "fs", "24m") as fs:
         repo = fs / "repo"
         bb("repo", "init", repo, "--passphrase-env", "BBP")
-        err = bb("repo", "backup", big, "--repo", repo, "--passphrase-env", "BBP", ok=False)
+        err = bb("backup", big, "--repo", repo, "--passphrase-env", "BBP", ok=False)
         assert "No space left on device" in err.stderr
         assert js(bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", "--json")) == []
         for pack in (repo / "data").rglob("*"):  # free the space (as gc will) for the next run
             if pack.is_file():
                 pack.unlink()
         shutil.rmtree(repo / "index")
-        bb("repo", "backup", small, "--repo", repo, "--passphrase-env", "BBP")
+        bb("backup", small, "--repo", repo, "--passphrase-env", "BBP")
         out = tmp_path / "out.img"
         bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
         assert out.read_bytes() == data

@@ -1,4 +1,5 @@
-"""``blockbackup backup --connect QMP NODE TARGET``: a live backup of a served node to a file.
+"""``blockbackup backup --connect QMP NODE TARGET``: a live backup of a served node to a file;
+``blockbackup backup IMAGE --repo R``: an image at rest into a repository.
 
 The command line: its options, their help, and the checks of what cannot work together
 before anything is asked of the daemon. One run itself is :mod:`blockbackup.cli.backup_run`.
@@ -7,11 +8,14 @@ before anything is asked of the daemon. One run itself is :mod:`blockbackup.cli.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from blockbackup.cli.backup_run import BackupRequest, backup
+from blockbackup.cli.exitcodes import EXIT_USAGE
 from blockbackup.cli.progress import Output
 from blockbackup.cli.qmpclient import Monitor, StopSignals, add_connect_argument, run_command
+from blockbackup.cli.repo_common import add_secret_args
 from blockbackup.cli.sizes import parse_size
 
 _DESCRIPTION = """\
@@ -25,6 +29,9 @@ _EPILOG = """\
 NODE is the node name of the disk in the daemon: `blockbackup serve disk.img` names it
 `disk` (it prints `disk: nbd+unix:///disk?...`); `blockbackup bitmaps --connect Q list`
 and QMP's query-named-block-nodes list them.
+
+With --repo, the one argument is an IMAGE at rest (raw or qcow2, not in use), backed up
+into the repository as a new snapshot (`blockbackup snapshots --repo R` lists them).
 
 Incrementals: a full backup with --start-bitmap NAME starts tracking changes at its point in
 time; each later backup with --incremental NAME --format qcow2 --backing PREVIOUS copies only
@@ -40,9 +47,21 @@ def add_parser(sub: Any) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_connect_argument(backup)
-    backup.add_argument("node", metavar="NODE", help="the node to back up (see below)")
-    backup.add_argument("target", metavar="TARGET", help="the backup file to create")
+    add_connect_argument(backup, required=False)
+    backup.add_argument(
+        "node", metavar="NODE", help="the node to back up (see below); with --repo: IMAGE"
+    )
+    backup.add_argument(
+        "target", metavar="TARGET", nargs="?", help="the backup file to create (not with --repo)"
+    )
+    backup.add_argument("--repo", metavar="PATH", help="back up IMAGE into this repository")
+    backup.add_argument("--name", help="with --repo: the disk's name (default: IMAGE's base name)")
+    backup.add_argument(
+        "--base",
+        default="latest",
+        help="with --repo: the snapshot to compare with: latest (default), an id, or none",
+    )
+    add_secret_args(backup)
     backup.add_argument(
         "--format", choices=("raw", "qcow2"), default="raw", help="target format (default: raw)"
     )
@@ -95,6 +114,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repo is not None:
+        return _run_into_repository(args)
+    if args.connect is None or args.target is None:
+        print(
+            "blockbackup backup: give --connect QMP_SOCKET NODE TARGET (a live disk to a file)"
+            " or IMAGE --repo PATH (an image at rest into a repository)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     request = BackupRequest(
         node=args.node,
         target=args.target,
@@ -115,3 +143,17 @@ def run(args: argparse.Namespace) -> int:
         return await backup(monitor, request, stop, Output(as_json=args.json))
 
     return run_command("backup", body, verbose=args.verbose)
+
+
+def _run_into_repository(args: argparse.Namespace) -> int:
+    if args.connect is not None or args.target is not None:
+        print(
+            "blockbackup backup: with --repo, give only IMAGE (an image at rest); live disks "
+            "(--connect) into a repository are not built yet: back them up to a file",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from blockbackup.cli import repo_backup  # lazy: start-up cost (the engine)
+
+    args.image = args.node
+    return repo_backup.run(args)

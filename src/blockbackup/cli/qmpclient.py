@@ -71,11 +71,11 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
-def add_connect_argument(parser: Any) -> None:
+def add_connect_argument(parser: Any, *, required: bool = True) -> None:
     """``--connect`` and ``--timeout``, worded the same for every command."""
     parser.add_argument(
         "--connect",
-        required=True,
+        required=required,
         metavar="QMP_SOCKET",
         help="the daemon's QMP monitor socket: the path `blockbackup serve` prints as "
         "'QMP monitor' (or a qemu-storage-daemon --chardev socket path)",

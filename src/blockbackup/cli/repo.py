@@ -3,7 +3,6 @@
 - ``repo init PATH --passphrase-env VAR | --passphrase-file F | --key-file F | --no-encryption``
 - ``repo key list|add|remove --repo PATH``: key slots wrap one master key; adding or removing
   one re-encrypts no data.
-- ``repo backup IMAGE --repo PATH [--name N]``: an image at rest (see :mod:`.repo_backup`).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blockbackup.cli import repo_backup
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -54,10 +52,6 @@ def add_parser(sub: Any) -> None:
     add_secret_args(remove)
     add_json_arg(remove)
     remove.set_defaults(run=_key_remove)
-
-    backup = cmds.add_parser("backup", help="back up an image at rest (raw or qcow2)")
-    repo_backup.add_arguments(backup)
-    backup.set_defaults(run=repo_backup.run)
 
 
 def _open(args: argparse.Namespace) -> Any:

@@ -1,10 +1,10 @@
-"""``blockbackup repo backup IMAGE --repo R [--name N]``: an image at rest into the repository.
+"""``blockbackup backup IMAGE --repo R [--name N]``: an image at rest into the repository.
 
 The image (raw or qcow2) is read whole by the backup job into a ``bb-repo-target`` node that
 starts from the disk's latest snapshot, so unchanged chunks are recognised, not stored again;
 the snapshot is committed after the job (and so the target's flush) succeeded.
 
-The ``backup`` subcommand's parser can reach it with :func:`add_arguments` and :func:`run`.
+The ``backup`` subcommand's parser (:mod:`.backup`) declares the options and calls :func:`run`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import asyncio
 import os
 from typing import Any
 
+from blockbackup.cli.imageformat import probe, read_header
 from blockbackup.cli.repo_common import (
-    add_json_arg,
-    add_repo_arg,
-    add_secret_args,
     copy_with_progress,
     emit,
     guarded,
@@ -27,22 +25,16 @@ from blockbackup.cli.repo_common import (
 from blockbackup.errors import BlockBackupError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="a raw or qcow2 image, not in use")
-    add_repo_arg(parser)
-    parser.add_argument("--name", help="the disk's name (default: the image's base name)")
-    parser.add_argument(
-        "--base",
-        default="latest",
-        help="snapshot to start from: latest (default), an id, or none (store all again)",
-    )
-    add_secret_args(parser)
-    add_json_arg(parser)
-
-
 def image_format(path: str) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    """raw or qcow2, probed as ``serve`` probes; another image format is refused rather
+    than backed up as the bytes of its container."""
+    try:
+        fmt = probe(read_header(path, writable=False)) or "raw"
+    except OSError as exc:
+        raise BlockBackupError(f"{path}: {exc.strerror}") from exc
+    if fmt not in ("raw", "qcow2"):
+        raise BlockBackupError(f"{path} is a {fmt} image: convert it to raw or qcow2 first")
+    return fmt
 
 
 @guarded
