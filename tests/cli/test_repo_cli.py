@@ -1,5 +1,5 @@
-"""The repository commands as a user runs them: ``repo init|key``, ``backup IMAGE --repo``, ``snapshots``,
-``restore``, as subprocesses, with the mistakes people make."""
+"""The repository commands as a user runs them: ``repo init|key``, ``backup IMAGE --repo``,
+``snapshots``, ``restore``, as subprocesses, with the mistakes people make."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def bb(
         assert proc.returncode == 0, proc.stderr
     else:
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith("blockbackup: error: "), proc.stderr
+        assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
     return proc
 

@@ -109,7 +109,8 @@ def secret_object(secret: bytes | None) -> dict[str, Any] | None:
 
 
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """One-line errors and exit status 1 instead of tracebacks."""
+    """One-line errors and exit status 1 instead of tracebacks, named by the command as
+    every other command's are (``blockbackup restore: ...``)."""
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
@@ -118,7 +119,7 @@ def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             text = str(exc) if isinstance(exc, BlockBackupError) else (exc.strerror or str(exc))
             if isinstance(exc, OSError) and exc.filename:
                 text = f"{exc.filename}: {text}"
-            print(f"blockbackup: error: {text}", file=sys.stderr)
+            print(f"blockbackup {args.command}: {text}", file=sys.stderr)
             return EXIT_FAILED
 
     return wrapper
