@@ -15,7 +15,7 @@ from blockbackup.cli.repo_common import (
     add_secret_args,
     emit,
     guarded,
-    open_secret,
+    open_repository,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -36,14 +36,13 @@ def add_parser(sub: Any) -> None:
 @guarded
 def run(args: argparse.Namespace) -> int:
     from blockbackup.repository.prune import Policy, plan  # lazy: start-up cost
-    from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     policy = Policy(**{rule: getattr(args, f"keep_{rule}") for rule in KEEP})
     if policy.empty():
         raise BlockBackupError("give at least one --keep-* option (prune never removes all)")
     if any(getattr(args, f"keep_{rule}") < 0 for rule in KEEP):
         raise BlockBackupError("--keep-* counts must not be negative")
-    repo = Repository.open(args.repo, open_secret(args))
+    repo = open_repository(args)
     manifests = repo.snapshots()
     kept, removed = plan(manifests, policy)
     if not args.dry_run:

@@ -16,7 +16,7 @@ from blockbackup.cli.repo_common import (
     add_secret_args,
     emit,
     guarded,
-    open_secret,
+    open_repository,
     read_secret,
 )
 from blockbackup.errors import BlockBackupError
@@ -52,12 +52,6 @@ def add_parser(sub: Any) -> None:
     add_secret_args(remove)
     add_json_arg(remove)
     remove.set_defaults(run=_key_remove)
-
-
-def _open(args: argparse.Namespace) -> Any:
-    from blockbackup.repository.repo import Repository  # lazy: start-up cost
-
-    return Repository.open(args.repo, open_secret(args))
 
 
 @guarded
@@ -103,7 +97,7 @@ def _key_list(args: argparse.Namespace) -> int:
 
 @guarded
 def _key_add(args: argparse.Namespace) -> int:
-    repo = _open(args)
+    repo = open_repository(args)
     got = read_secret(args, prefix="new-", prompt="New passphrase", confirm=True)
     if got is None:
         raise BlockBackupError(
@@ -116,7 +110,7 @@ def _key_add(args: argparse.Namespace) -> int:
 
 @guarded
 def _key_remove(args: argparse.Namespace) -> int:
-    repo = _open(args)
+    repo = open_repository(args)
     repo.remove_key(args.slot)
     emit(args, {"removed": args.slot}, f"removed key slot {args.slot}")
     return 0

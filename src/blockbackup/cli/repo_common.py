@@ -85,6 +85,14 @@ def _read_file(path: str) -> bytes:
         raise BlockBackupError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def open_repository(args: argparse.Namespace) -> Any:
+    """``args.repo``, opened with the secret the arguments give (one place for every
+    command that reads a repository)."""
+    from blockbackup.repository.repo import Repository  # lazy: start-up cost
+
+    return Repository.open(args.repo, open_secret(args))
+
+
 def open_secret(args: argparse.Namespace) -> bytes | None:
     """The secret to open ``args.repo`` with (None for an unencrypted repository)."""
     from blockbackup.repository.repo import Repository  # lazy: start-up cost

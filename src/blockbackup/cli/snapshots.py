@@ -11,7 +11,7 @@ from blockbackup.cli.repo_common import (
     add_secret_args,
     emit,
     guarded,
-    open_secret,
+    open_repository,
 )
 
 
@@ -25,9 +25,7 @@ def add_parser(sub: Any) -> None:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
-    from blockbackup.repository.repo import Repository  # lazy: start-up cost
-
-    repo = Repository.open(args.repo, open_secret(args))
+    repo = open_repository(args)
     rows: list[dict[str, Any]] = [
         {
             "id": m.id,

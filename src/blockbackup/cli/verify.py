@@ -19,7 +19,7 @@ from blockbackup.cli.repo_common import (
     add_secret_args,
     emit,
     guarded,
-    open_secret,
+    open_repository,
 )
 
 
@@ -35,10 +35,9 @@ def add_parser(sub: Any) -> None:
 @guarded
 def run(args: argparse.Namespace) -> int:
     from blockbackup.repository import catalog  # lazy: start-up cost
-    from blockbackup.repository.repo import Repository  # lazy: start-up cost
     from blockbackup.repository.verify import verify  # lazy: start-up cost
 
-    repo = Repository.open(args.repo, open_secret(args))
+    repo = open_repository(args)
     ids = [catalog.resolve(repo.backend, s) for s in args.snapshots] or repo.snapshot_ids()
     manifests = [repo.manifest(i) for i in ids]
     console = Console(stderr=True)
