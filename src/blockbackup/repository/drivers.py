@@ -93,12 +93,7 @@ class _RepoDisk(BlockDriver):
             stop = min(start + self.index.chunk_length(i), end)
             address = self.index.get(i)
             if address != ZERO_ADDRESS:
-                try:
-                    data = self.repo.store.read(address)
-                except CorruptData as exc:
-                    detail = f"disk {self.disk} at offset {start}: {exc}"
-                    self.damaged.append(detail)
-                    raise io_error(errno.EIO, detail) from None
+                data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
                 out[pos - offset : stop - offset] = data[pos - start : stop - start]
             pos = stop
         return out
@@ -329,12 +324,7 @@ class RepoSnapshotDriver(_RepoDisk):
             lo, hi = max(start, offset), min(start + self.chunk, offset + length)
             if address == ZERO_ADDRESS:
                 continue
-            try:
-                data = self.repo.store.read(address)
-            except CorruptData as exc:
-                detail = f"disk {self.disk} at offset {start}: {exc}"
-                self.damaged.append(detail)
-                raise io_error(errno.EIO, detail) from None
+            data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
             out[lo - offset : hi - offset] = data[lo - start : hi - start]
         return out
 
@@ -351,3 +341,16 @@ class RepoSnapshotDriver(_RepoDisk):
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
         raise io_error(errno.EROFS)
+
+
+def _read_chunk(
+    repo: Repository, address: bytes, disk: str, start: int, damaged: list[str]
+) -> bytes:
+    """The stored chunk at ``address`` (disk offset ``start``); damaged data is recorded in
+    ``damaged`` (naming chunk, pack and offset) and raised as EIO, as a disk would."""
+    try:
+        return repo.store.read(address)
+    except CorruptData as exc:
+        detail = f"disk {disk} at offset {start}: {exc}"
+        damaged.append(detail)
+        raise io_error(errno.EIO, detail) from None
