@@ -29,7 +29,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -506,9 +506,26 @@ def _report_problems(out: Output, run: _Run) -> None:
         out.note("could not clean up everything: " + "; ".join(run.problems))
 
 
-async def clean_dead_repo_runs(monitor: Monitor, say: Any) -> bool:
-    """Undo what killed repository runs left (their jobs, target nodes and secret);
-    False if something remains. Their uncommitted checkpoints go with the next run that
+def live_run_job(job_id: str) -> bool:
+    """Whether ``job_id`` is a job of a repository run whose process still runs."""
+    m = _LEFTOVER.match(job_id)
+    tag = RunTag.parse(m["tag"]) if m else None
+    return tag is not None and tag.owner_alive()
+
+
+async def clean_dead_repo_runs(monitor: Monitor, say: Callable[[str], None]) -> bool:
+    """Undo what killed repository runs left, saying what; False if something remains."""
+    cleaned, problems = await clean_repo_leftovers(monitor)
+    for what in cleaned:
+        say(f"cleaned up after a run that died: {what}")
+    for problem in problems:
+        say(f"could not clean up after a run that died: {problem}")
+    return not problems
+
+
+async def clean_repo_leftovers(monitor: Monitor) -> tuple[list[str], list[str]]:
+    """Undo what killed repository runs left: their jobs, target nodes and secret. (What
+    was cleaned, the problems.) Their uncommitted checkpoints go with the next run that
     commits a snapshot of that series."""
     nodes, jobs = await monitor.run(("query-named-block-nodes", None), ("query-jobs", None))
     found: dict[str, tuple[list[str], list[dict[str, Any]]]] = {}
@@ -520,30 +537,30 @@ async def clean_dead_repo_runs(monitor: Monitor, say: Any) -> bool:
         m = _LEFTOVER.match(str(job.get("id", "")))
         if m:
             found.setdefault(m["tag"], ([], []))[1].append(dict(job))
-    clean = True
+    cleaned: list[str] = []
+    problems: list[str] = []
     for tag_name, (names, tag_jobs) in found.items():
         tag = RunTag.parse(tag_name)
         if tag is None or tag.owner_alive():
             continue
-        problems: list[str] = []
+        trouble: list[str] = []
         for job in tag_jobs:
             try:
                 await runs.settle_job(monitor, job)
             except (ExecuteError, CliError) as err:
-                problems.append(f"job {job['id']}: {err}")
+                trouble.append(f"job {job['id']}: {err}")
         for name in names:
             try:
                 await monitor.execute("blockdev-del", {"node-name": name})
             except ExecuteError as err:
-                problems.append(f"node {name}: {err}")
+                trouble.append(f"node {name}: {err}")
         try:
             await monitor.execute("object-del", {"id": f"{tag_name}-key"})
         except ExecuteError:
             pass  # deleted by the run itself once its nodes were open
         what = ", ".join([f"job {j['id']}" for j in tag_jobs] + [f"node {n}" for n in names])
-        if problems:
-            clean = False
-            say(f"could not clean up after a run that died ({what}): {'; '.join(problems)}")
+        if trouble:
+            problems.append(f"{what}: {'; '.join(trouble)}")
         else:
-            say(f"cleaned up after a run that died: {what}")
-    return clean
+            cleaned.append(what)
+    return cleaned, problems
