@@ -202,6 +202,12 @@ def _remove_checkpoint(served: Served, repo: Path, tmp_path: Path) -> str:
     return "bitmap nightly is missing on disk0"
 
 
+def _disable_checkpoint(served: Served, repo: Path, tmp_path: Path) -> str:
+    (bitmap,) = checkpoints(served, "disk0")
+    qmp(served.qmp, "block-dirty-bitmap-disable", {"node": "disk0", "name": bitmap["name"]})
+    return "bitmap nightly on disk0 is disabled"
+
+
 def _bitmap_made_later(served: Served, repo: Path, tmp_path: Path) -> str:
     """The base snapshot started no checkpoint; the user adds a bitmap afterwards."""
     Repository.open(str(repo), PASS.encode()).forget(snapshot_ids(repo)[-1])
@@ -238,7 +244,14 @@ def _killed_run_checkpoint(served: Served, repo: Path, tmp_path: Path) -> str:
 @pytest.mark.qemu
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
 @pytest.mark.parametrize(
-    "breaks", [_remove_checkpoint, _bitmap_made_later, _base_pruned, _killed_run_checkpoint]
+    "breaks",
+    [
+        _remove_checkpoint,
+        _disable_checkpoint,
+        _bitmap_made_later,
+        _base_pruned,
+        _killed_run_checkpoint,
+    ],
 )
 def test_untrusted_checkpoint_reads_the_whole_disk(tmp_path: Path, breaks: Any) -> None:
     """Whatever breaks the chain between the latest snapshot and the bitmap, the incremental
@@ -262,7 +275,7 @@ def test_untrusted_checkpoint_reads_the_whole_disk(tmp_path: Path, breaks: Any) 
     assert disk0["read"] == len(at_t0)
     line = f"blockbackup backup: {disk0['fallback']}: reading the whole disk"
     assert line in result["_stderr"].splitlines()
-    if breaks in (_remove_checkpoint, _killed_run_checkpoint):  # disk1 untouched
+    if breaks in (_remove_checkpoint, _disable_checkpoint, _killed_run_checkpoint):
         assert disk1["mode"] == "incremental"
     assert restore(repo, f"{result['snapshot']}:disk0", tmp_path / "r.img") == at_t0
 
@@ -284,6 +297,25 @@ def test_a_different_disk_size_reads_the_whole_disk(tmp_path: Path) -> None:
     assert disk["mode"] == "full"
     assert disk["fallback"]
     assert "reading the whole disk" in result["_stderr"]
+    assert restore(repo, "latest:disk0", tmp_path / "r.img") == path.read_bytes()
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+def test_checkpoint_survives_a_restart_of_serve(tmp_path: Path) -> None:
+    """The checkpoint bitmap is persistent: after serve stopped and started again, the next
+    backup is still an incremental, and its snapshot is the disk at its T0."""
+    (path,) = images(tmp_path, (4 * MiB,))
+    repo = init_repo(tmp_path)
+    with serving([path], tmp_path / "run") as served:
+        live(served, repo, "disk0", "--start-bitmap", "nightly")
+        guest_write(served, "disk0", 3, 2 * MiB, "4k")
+    with serving([path], tmp_path / "run") as served:
+        guest_write(served, "disk0", 4, 3 * MiB, "4k")
+        result = live(served, repo, "disk0", "--incremental", "nightly")
+    (disk,) = result["disks"]
+    assert disk["mode"] == "incremental", result["_stderr"]
+    assert disk["read"] == 2 * 64 * 1024
     assert restore(repo, "latest:disk0", tmp_path / "r.img") == path.read_bytes()
 
 

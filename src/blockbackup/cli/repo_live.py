@@ -280,7 +280,10 @@ async def _make(
             **{k: stats[k] for k in ("stored-chunks", "stored-bytes", "reused-chunks")},
         )
     await run.undo()  # jobs, nodes, secret: the snapshot is committed
-    await _drop_old_checkpoints(run)
+    try:
+        await _drop_old_checkpoints(run)
+    except (CliError, ExecuteError) as err:  # the snapshot stands; the next run retries
+        run.problems.append(f"older checkpoints: {err}")
 
 
 def _plan(
