@@ -94,6 +94,12 @@ class DiskPlan:
         return out
 
 
+def location(repo: str) -> str:
+    """The repository as the daemon must name it: a path made absolute (the daemon may run
+    elsewhere in the file system), a URL (an object store) as it is."""
+    return repo if "://" in repo else os.path.abspath(repo)
+
+
 def new_checkpoint(name: str) -> str:
     return f"{name}@{secrets.token_hex(8)}"
 
@@ -208,7 +214,7 @@ async def backup_live(monitor: Monitor, req: LiveRequest, stop: StopSignals, out
     """One run (see the module docstring); the exit code."""
     run = _Run(monitor, RunTag.new())
     result: dict[str, Any] = {
-        "repository": os.path.abspath(req.repo),
+        "repository": location(req.repo),
         "snapshot": None,
         "disks": [],
     }
@@ -359,7 +365,7 @@ async def _add_targets(run: _Run, req: LiveRequest) -> None:
         options: dict[str, Any] = {
             "driver": "bb-repo-target",
             "node-name": plan.target,
-            "repository": os.path.abspath(req.repo),
+            "repository": location(req.repo),
             "disk": plan.name,
             "size": plan.size,
             "base": plan.base,
