@@ -187,9 +187,7 @@ async def run(size: int, speed: int, keep: bool, directory: str | None) -> int:
         if code != 0:
             print(f"FAILED: the restore failed: {err}")
             return 1
-        print(
-            f"restore to {restored}: {size // MiB} MiB in {seconds:.2f} s ({_rate(size, seconds)})"
-        )
+        print(f"restore into a file: {size // MiB} MiB in {seconds:.2f} s ({_rate(size, seconds)})")
         backup_bytes = await run_blocking(restored.read_bytes)
         try:
             low, high = verify(original, backup_bytes, logs)
