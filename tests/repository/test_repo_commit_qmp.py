@@ -91,9 +91,15 @@ async def test_one_manifest_for_two_nodes_and_refusals(tmp_path: Path) -> None:
         await d.event("JOB_STATUS_CHANGE", id="j0", status="concluded", timeout=60)
         assert Repository.open(str(tmp_path / "repo"), b"pw").snapshot_ids() == []
 
+        text = await refused(d, {"nodes": ["t0"], "sources": {"t0": {"read-from": "x@1"}}})
+        assert "incrementally but started from no snapshot" in text
         got = await d.cmd(
             "x-bb-repo-commit",
-            {"nodes": ["t0", "t1"], "tags": {"why": "test"}, "sources": {"t0": {"node": "d0"}}},
+            {
+                "nodes": ["t0", "t1"],
+                "tags": {"why": "test"},
+                "sources": {"t0": {"node": "d0", "base": "a lie"}},
+            },
         )
         assert [disk["disk"] for disk in got["disks"]] == ["disk0", "disk1"]
         assert got["disks"][0]["stored-chunks"] > 0

@@ -9,7 +9,9 @@ the daemon holds the flushed records, and the client never needs the repository'
 It refuses, changing nothing, a node that is not a repository target, one whose backup job
 is still running, failed or was cancelled, and one that nothing has flushed. The manifest's
 disk ``source`` gets what the client adds per node (``sources``: the checkpoint bitmap an
-incremental read from, or started), next to the base snapshot the target started from.
+incremental read from, or started), next to the base snapshot the target started from
+(which the client cannot change); a node said to be incremental (``read-from``) that
+started from no snapshot is refused: its unchanged clusters would read as zeroes.
 """
 
 from __future__ import annotations
@@ -109,7 +111,12 @@ async def repo_commit(ctx: Context, args: Args) -> dict[str, Any]:
         assert result is not None  # checked above
         record = result.record
         extra = _str_map(sources.get(name), f"sources.{name}")
-        record.source = {**record.source, **extra}
+        if "read-from" in extra and record.source.get("base", "none") == "none":
+            # only the changed clusters were written: without its base it is not the disk
+            raise BlockBackupError(
+                f"Node '{name}' was written incrementally but started from no snapshot"
+            )
+        record.source = {**extra, **record.source}  # the node's own base is the truth
         records.append(record)
         packs |= result.packs
     try:
