@@ -212,6 +212,16 @@ def test_lower_layers_import_no_upper_package() -> None:
             assert not i.target.startswith(("block", "nbd.server", "nbd.exports", "nbd.rec")), i
 
 
+def test_repository_imports_no_upper_package() -> None:
+    """repository/ sits on block/ (its nodes are block drivers) and below everything that
+    drives it: the QMP command that commits a live backup (qmp/commands/repository.py) and
+    the CLI import it, never the other way round."""
+    above = ("jobs", "qmp", "daemon", "api", "cli", "demo", "nbd")
+    for i in imports():
+        if i.source.startswith("repository"):
+            assert not i.target.startswith(above), i
+
+
 def test_no_function_local_import_hides_a_dependency() -> None:
     """A function-local import is kept only for start-up cost, and says so."""
     for i in imports():

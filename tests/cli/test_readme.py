@@ -114,10 +114,16 @@ def test_library_example(tmp_path: Path) -> None:
 
 
 def test_simple_way_in(tmp_path: Path) -> None:
-    """ "The simple way in": serve prints the QMP socket, which backup and jobs then use."""
-    serve, backup, jobs = commands(block_with("sh", "blockbackup serve disk.img"))
+    """ "The simple way in": serve prints the QMP socket, which backup and jobs then use; then
+    the same disk into a repository, twice (the second run an incremental after a write
+    through NBD), and the restore of the latest snapshot, which is the disk."""
+    serve, backup, jobs, export, init, repo_backup, restore = commands(
+        block_with("sh", "blockbackup serve disk.img")
+    )
     disk = write_image(tmp_path / "disk.img")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
+    name, _, _ = export.removeprefix("export ").partition("=")
+    env[name] = "a passphrase for the README"
     proc = subprocess.Popen(
         argv(serve),
         cwd=tmp_path,
@@ -126,23 +132,49 @@ def test_simple_way_in(tmp_path: Path) -> None:
         text=True,
         env=env,
     )
+    results = []
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("QMP monitor: "), first + proc.communicate()[1]
         qmp_sock = first.removeprefix("QMP monitor: ").strip()
         work_dir = str(Path(qmp_sock).parent)
-        for command in (backup, jobs):
+        for command in (backup, jobs, init, repo_backup, repo_backup):
             command = re.sub(r"/tmp/blockbackup-XXXX", work_dir, command)
+            command = command.replace("/srv/bb", str(tmp_path / "bb"))
+            if "--repo" in command:  # the live backup into the repository
+                results.append(
+                    subprocess.run(
+                        [*argv(command), "--json"], cwd=tmp_path, check=True,
+                        capture_output=True, timeout=120, env=env, text=True,
+                    )
+                )  # fmt: skip
+                uri = f"nbd+unix:///disk?socket={work_dir}/nbd.sock"
+                if shutil.which("qemu-io") is not None:
+                    subprocess.run(
+                        ["qemu-io", "-f", "raw", "-c", "write -P 5 64k 4k", uri],
+                        check=True, capture_output=True,
+                    )  # fmt: skip
+                continue
             subprocess.run(
-                argv(command), cwd=tmp_path, check=True, capture_output=True, timeout=120
+                argv(command), cwd=tmp_path, check=True, capture_output=True, timeout=120, env=env
             )
+        at_last_backup = (tmp_path / "disk.img").read_bytes()
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert (tmp_path / "backup.img").read_bytes() == disk
     assert not Path(work_dir).exists()
+    first_run, second_run = (json.loads(r.stdout) for r in results)
+    assert first_run["disks"][0]["mode"] == "full"
+    assert "no snapshot of disk" in first_run["disks"][0]["fallback"]
+    assert "reading the whole disk" in results[0].stderr
+    assert second_run["disks"][0]["mode"] == "incremental"
+    restore = restore.replace("/srv/bb", str(tmp_path / "bb"))
+    subprocess.run(argv(restore), cwd=tmp_path, check=True, capture_output=True, env=env)
+    # the same write again after the last backup: the disk is as it was at its T0
+    assert (tmp_path / "restored.img").read_bytes() == at_last_backup
 
 
 @pytest.mark.qemu

@@ -31,7 +31,12 @@ NODE is the node name of the disk in the daemon: `blockbackup serve disk.img` na
 and QMP's query-named-block-nodes list them.
 
 With --repo, the one argument is an IMAGE at rest (raw or qcow2, not in use), backed up
-into the repository as a new snapshot (`blockbackup snapshots --repo R` lists them).
+into the repository as a new snapshot (`blockbackup snapshots --repo R` lists them). With
+--connect and --repo, the arguments are live NODEs, backed up at one point in time into
+one snapshot (disk names: the node names, or --name NODE=NAME). --start-bitmap NAME starts
+a checkpoint with the snapshot; --incremental NAME then reads only what changed since the
+latest snapshot of each disk, or the whole disk (saying why) when its checkpoint cannot be
+trusted.
 
 Incrementals: a full backup with --start-bitmap NAME starts tracking changes at its point in
 time; each later backup with --incremental NAME --format qcow2 --backing PREVIOUS copies only
@@ -49,17 +54,26 @@ def add_parser(sub: Any) -> None:
     )
     add_connect_argument(backup, required=False)
     backup.add_argument(
-        "node", metavar="NODE", help="the node to back up (see below); with --repo: IMAGE"
+        "node",
+        metavar="NODE",
+        nargs="+",
+        help="the node to back up, then TARGET, the backup file to create (see below); "
+        "with --repo: IMAGE, or with --connect one or more NODEs",
     )
     backup.add_argument(
-        "target", metavar="TARGET", nargs="?", help="the backup file to create (not with --repo)"
+        "--repo", metavar="PATH", help="back up IMAGE, or the live NODEs, into this repository"
     )
-    backup.add_argument("--repo", metavar="PATH", help="back up IMAGE into this repository")
-    backup.add_argument("--name", help="with --repo: the disk's name (default: IMAGE's base name)")
+    backup.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="with --repo: the disk's name (default: IMAGE's base name, or the node name); "
+        "for several live nodes NODE=NAME, once per node to rename",
+    )
     backup.add_argument(
         "--base",
-        default="latest",
-        help="with --repo: the snapshot to compare with: latest (default), an id, or none",
+        default=None,
+        help="with IMAGE --repo: the snapshot to compare with: latest (default), an id, or none",
     )
     add_secret_args(backup)
     backup.add_argument(
@@ -116,13 +130,20 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.repo is not None:
         return _run_into_repository(args)
-    if args.connect is None or args.target is None:
+    positional = args.node
+    if args.connect is None or len(positional) != 2:
         print(
-            "blockbackup backup: give --connect QMP_SOCKET NODE TARGET (a live disk to a file)"
+            "blockbackup backup: give --connect QMP_SOCKET NODE TARGET (a live disk to a file),"
+            " --connect QMP_SOCKET NODE... --repo PATH (live disks into a repository)"
             " or IMAGE --repo PATH (an image at rest into a repository)",
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.name or args.base is not None:
+        flag = "--name" if args.name else "--base"
+        print(f"blockbackup backup: {flag} is for backups into a repository", file=sys.stderr)
+        return EXIT_USAGE
+    args.node, args.target = positional
     request = BackupRequest(
         node=args.node,
         target=args.target,
@@ -145,15 +166,114 @@ def run(args: argparse.Namespace) -> int:
     return run_command("backup", body, verbose=args.verbose)
 
 
+def _usage(message: str) -> int:
+    print(f"blockbackup backup: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _run_into_repository(args: argparse.Namespace) -> int:
-    if args.connect is not None or args.target is not None:
-        print(
-            "blockbackup backup: with --repo, give only IMAGE (an image at rest); live disks "
-            "(--connect) into a repository are not built yet: back them up to a file",
-            file=sys.stderr,
+    if args.connect is not None:
+        return _run_live_into_repository(args)
+    if len(args.node) != 1:
+        return _usage(
+            "with --repo, give one IMAGE (an image at rest), or --connect QMP_SOCKET and the "
+            "live NODEs"
         )
-        return EXIT_USAGE
+    for flag, value in _FILE_ONLY.items():
+        if getattr(args, value) not in (None, False, "raw", "full", 0):
+            return _usage(f"{flag} is for live backups (--connect), not for an image at rest")
     from blockbackup.cli import repo_backup  # lazy: start-up cost (the engine)
 
-    args.image = args.node
+    args.image = args.node[0]
+    args.name = args.name[-1] if args.name else None
+    args.base = args.base or "latest"
     return repo_backup.run(args)
+
+
+#: Options of a backup to a file, and the attribute each sets.
+_FILE_ONLY = {
+    "--incremental": "incremental",
+    "--start-bitmap": "start_bitmap",
+    "--persistent/--no-persistent": "persistent",
+    "--speed": "speed",
+}
+
+
+def _run_live_into_repository(args: argparse.Namespace) -> int:
+    """``backup --connect Q NODE... --repo R``: see :mod:`blockbackup.cli.repo_live`."""
+    for flag, value, default in (
+        ("--format", args.format, "raw"),
+        ("--sync", args.sync, "full"),
+        ("--force", args.force, False),
+        ("--job-id", args.job_id, None),
+        ("--backing", args.backing, None),
+        ("--base", args.base, None),
+    ):
+        if value != default:
+            return _usage(
+                f"{flag} does not apply to a backup into a repository (the repository stores "
+                "chunks; each disk starts from its latest snapshot)"
+            )
+    nodes = tuple(args.node)
+    if len(set(nodes)) != len(nodes):
+        return _usage("a node is named twice")
+    names = _disk_names(nodes, args.name or [])
+    if isinstance(names, str):
+        return _usage(names)
+    if args.incremental is not None and args.start_bitmap is not None:
+        return _usage(
+            "--incremental BITMAP already starts the next checkpoint of BITMAP; "
+            "--start-bitmap is for full backups"
+        )
+    if args.persistent is not None and args.incremental is None and args.start_bitmap is None:
+        flag = "--persistent" if args.persistent else "--no-persistent"
+        return _usage(f"{flag} only applies with --start-bitmap or --incremental")
+    for series in (args.incremental, args.start_bitmap):
+        if series is not None and "@" in series:
+            return _usage(f"bitmap name {series!r}: '@' is reserved for checkpoints")
+    from blockbackup.cli import repo_live  # lazy: start-up cost
+    from blockbackup.cli.repo_common import open_secret  # lazy: start-up cost
+    from blockbackup.errors import BlockBackupError  # lazy: start-up cost
+
+    try:
+        secret = open_secret(args)
+    except (BlockBackupError, OSError) as exc:
+        print(f"blockbackup backup: {exc}", file=sys.stderr)
+        return 1
+    request = repo_live.LiveRequest(
+        nodes=nodes,
+        names=names,
+        repo=args.repo,
+        secret=secret,
+        incremental=args.incremental,
+        start_bitmap=args.start_bitmap,
+        persistent=args.persistent,
+        speed=args.speed,
+    )
+
+    async def body(stop: StopSignals) -> int:
+        monitor = Monitor(args.connect, args.timeout, stop)
+        return await repo_live.backup_live(monitor, request, stop, Output(as_json=args.json))
+
+    return run_command("backup", body, verbose=args.verbose)
+
+
+def _disk_names(nodes: tuple[str, ...], given: list[str]) -> tuple[str, ...] | str:
+    """Each node's disk name: the node's own unless ``--name NODE=NAME`` (or, for one
+    node, ``--name NAME``) says otherwise; a text for what is wrong."""
+    names = dict(zip(nodes, nodes, strict=True))
+    for item in given:
+        node, eq, name = item.rpartition("=")
+        if not eq:
+            if len(nodes) != 1:
+                return f"--name {item}: with several nodes, say which: --name NODE=NAME"
+            node = nodes[0]
+        if node not in names:
+            return f"--name {item}: {node} is not one of the nodes to back up"
+        if not name:
+            return f"--name {item}: empty disk name"
+        names[node] = name
+    out = tuple(names[n] for n in nodes)
+    if len(set(out)) != len(out):
+        return "two disks would have the same name in the snapshot"
+    return out

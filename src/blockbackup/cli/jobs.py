@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from blockbackup.cli import runs
+from blockbackup.cli import repo_live, runs
 from blockbackup.cli.qmpclient import (
     CliError,
     Monitor,
@@ -131,10 +131,15 @@ async def clean(monitor: Monitor, *, as_json: bool) -> int:
             problems.extend(trouble)
         else:
             cleaned.append(what)
+    repo_cleaned, repo_problems = await repo_live.clean_repo_leftovers(monitor)
+    cleaned.extend(repo_cleaned)
+    problems.extend(repo_problems)
     live = {
         str(j["id"]) for lo in await runs.find_leftovers(monitor, dead_only=False) for j in lo.jobs
     }
     for job in await monitor.execute("query-jobs"):
+        if repo_live.live_run_job(str(job["id"])):  # a repository run waiting to commit
+            continue
         if job["status"] == "concluded" and job["id"] not in live:
             await monitor.execute("job-dismiss", {"id": job["id"]})
             cleaned.append(f"job {job['id']} (concluded)")

@@ -15,6 +15,7 @@ from blockbackup.qmp.commands import (
     exports,
     jobs,
     objects,
+    repository,
     transaction,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "exports",
     "jobs",
     "objects",
+    "repository",
     "transaction",
 ]
