@@ -78,7 +78,8 @@ def test_mixed_slots_from_the_command_line(tmp_path: Path) -> None:
     rows = js(bb("repo", "key", "list", "--repo", repo, "--json"))
     assert sorted(r["kdf"] for r in rows) == ["argon2id", "scrypt"]
     text = bb("repo", "key", "list", "--repo", repo).stdout
-    assert "scrypt" in text and "argon2id" in text
+    assert "scrypt" in text
+    assert "argon2id" in text
     for var in ("BBP", "OTHER"):
         assert js(bb("snapshots", "--repo", repo, "--passphrase-env", var, "--json")) == []
     wrong = bb("snapshots", "--repo", repo, "--passphrase-env", "BAD", ok=False)
