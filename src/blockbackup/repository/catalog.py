@@ -120,6 +120,27 @@ def read(backend: Backend, keys: Keys, snapshot_id: str) -> Manifest:
         raise CorruptData(f"{what}: manifest is damaged: {exc}") from None
 
 
+def read_many(
+    backend: Backend, keys: Keys, snapshot_ids: list[str]
+) -> tuple[list[Manifest], dict[str, str]]:
+    """(the manifests that read back intact, id -> why each other one cannot be read).
+
+    Why not raise: one damaged manifest (bit rot, a truncated object) must not stop a
+    listing, a verify or a prune of every other snapshot; the caller names it instead.
+    A manifest that vanished meanwhile (a concurrent prune) is simply not there any more.
+    """
+    manifests: list[Manifest] = []
+    damaged: dict[str, str] = {}
+    for snapshot_id in snapshot_ids:
+        try:
+            manifests.append(read(backend, keys, snapshot_id))
+        except NotFound:
+            continue
+        except RepositoryError as exc:  # CorruptData, or a version this one cannot read
+            damaged[snapshot_id] = str(exc).removeprefix(f"snapshot {snapshot_id}: ")
+    return manifests, damaged
+
+
 def ids(backend: Backend) -> list[str]:
     """Every committed snapshot id, oldest first."""
     return sorted(k.removeprefix(PREFIX) for k in backend.list(PREFIX))
