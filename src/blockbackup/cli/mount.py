@@ -187,6 +187,6 @@ async def _serve(
         print("\n".join(lines), flush=True)
 
     try:
-        return await Daemon().run(parse_args(argv).options, on_ready=ready)
+        return await Daemon("mount").run(parse_args(argv).options, on_ready=ready)
     finally:
         status.stop()
