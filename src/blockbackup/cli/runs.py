@@ -156,10 +156,21 @@ async def clean_leftover(monitor: Monitor, leftover: Leftover) -> list[str]:
                 problems.append(f"node {leftover.node}: {err}")
     if leftover.file is not None and final_path_of(leftover.file) is not None:
         try:
+            await _drop_bitmap(monitor, leftover.file)
+        except ExecuteError as err:
+            problems.append(f"the bitmap the run created: {err}")
+        try:
             leftover.file.unlink(missing_ok=True)
         except OSError as err:
             problems.append(f"file {leftover.file}: {err.strerror}")
     return problems
+
+
+async def _drop_bitmap(monitor: Monitor, partial: Path) -> None:
+    """The bitmap the dead run recorded it created, if its backup never completed."""
+    from blockbackup.cli import stale  # lazy: stale imports this module
+
+    await stale.drop_dead_runs_bitmap(monitor, partial)
 
 
 def _was_renamed(partial: Path | None) -> bool:
