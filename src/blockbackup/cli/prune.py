@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from blockbackup.cli.counting import counting
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if any(getattr(args, f"keep_{rule}") < 0 for rule in KEEP):
         raise BlockBackupError("--keep-* counts must not be negative")
     repo = open_repository(args)
-    manifests, damaged = catalog.read_many(repo.backend, repo.keys, repo.snapshot_ids())
+    with counting("read snapshots", quiet=args.json) as update:
+        manifests, damaged = catalog.read_many(repo.backend, repo.keys, repo.snapshot_ids(), update)
     for snapshot_id, why in damaged.items():
         print(
             f"blockbackup prune: snapshot {snapshot_id} is damaged ({why}): kept, not counted",
@@ -58,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
         )
     kept, removed = plan(manifests, policy)
     if not args.dry_run:
-        for manifest in removed:
-            repo.forget(manifest.id)
+        with counting("remove snapshots", quiet=args.json) as update:
+            for done, manifest in enumerate(removed, 1):
+                repo.forget(manifest.id)
+                update(done, len(removed))
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"keep {i} ({rule})" for i, rule in sorted(kept.items())]
     lines += [f"{verb} {m.id}" for m in removed]

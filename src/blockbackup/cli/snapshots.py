@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from blockbackup.cli.counting import counting
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from blockbackup.repository import catalog  # lazy: start-up cost
 
     repo = open_repository(args)
-    manifests, damaged = catalog.read_many(repo.backend, repo.keys, repo.snapshot_ids())
+    with counting("read snapshots", quiet=args.json) as update:
+        manifests, damaged = catalog.read_many(repo.backend, repo.keys, repo.snapshot_ids(), update)
     rows: list[dict[str, Any]] = [
         {
             "id": m.id,

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from blockbackup.cli.counting import counting
 from blockbackup.cli.repo_common import (
     EXIT_FAILED,
     add_json_arg,
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise BlockBackupError("--seed only applies to --sample")
     repo = open_repository(args)
     ids = [catalog.resolve(repo.backend, s) for s in args.snapshots] or repo.snapshot_ids()
-    manifests, unreadable = catalog.read_many(repo.backend, repo.keys, ids)
+    with counting("read snapshots", quiet=args.json) as update:
+        manifests, unreadable = catalog.read_many(repo.backend, repo.keys, ids, update)
     within = args.skip_verified_within
     selection = Selection(
         sample=args.sample,

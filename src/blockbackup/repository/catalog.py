@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -121,7 +122,10 @@ def read(backend: Backend, keys: Keys, snapshot_id: str) -> Manifest:
 
 
 def read_many(
-    backend: Backend, keys: Keys, snapshot_ids: list[str]
+    backend: Backend,
+    keys: Keys,
+    snapshot_ids: list[str],
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Manifest], dict[str, str]]:
     """(the manifests that read back intact, id -> why each other one cannot be read).
 
@@ -131,7 +135,9 @@ def read_many(
     """
     manifests: list[Manifest] = []
     damaged: dict[str, str] = {}
-    for snapshot_id in snapshot_ids:
+    for done, snapshot_id in enumerate(snapshot_ids, 1):
+        if progress is not None:
+            progress(done, len(snapshot_ids))
         try:
             manifests.append(read(backend, keys, snapshot_id))
         except NotFound:
