@@ -86,6 +86,33 @@ def test_a_damaged_manifest_is_named_and_the_others_keep_working(tmp_path: Path,
     assert [r["id"] for r in js(bb("snapshots", "--repo", repo, *KEY, "--json"))] == ids[1:]
 
 
+def test_a_damaged_newest_manifest_is_never_skipped_for_latest(tmp_path: Path) -> None:
+    """'latest' must not silently mean an older snapshot (a wrong base for an incremental):
+    it fails naming the damaged one, and naming a base or a snapshot works."""
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = os.urandom(MiB)
+    disk.write_bytes(data)
+    bb("repo", "init", repo, *KEY)
+    first = js(bb("backup", disk, "--repo", repo, *KEY, "--json"))["snapshot"]
+    second = js(bb("backup", disk, "--repo", repo, *KEY, "--json"))["snapshot"]
+    rot(repo / "snapshots" / second, "flip")
+    for command in (
+        ("backup", disk, "--repo", repo, *KEY),
+        ("restore", "--repo", repo, "latest:disk.img", tmp_path / "x.img", *KEY),
+    ):
+        err = bb(*command, code=1).stderr
+        assert err.startswith(f"blockbackup {command[0]}: snapshot {second}: "), err
+        assert "'latest' cannot be resolved" in err
+        assert err.count("\n") == 1
+    out = tmp_path / "first.img"
+    bb("restore", "--repo", repo, f"{first}:disk.img", out, *KEY)
+    assert out.read_bytes() == data
+    bb("backup", disk, "--repo", repo, *KEY, "--base", first)
+    bb("restore", "--repo", repo, "latest:disk.img", tmp_path / "new.img", *KEY)
+    assert (tmp_path / "new.img").read_bytes() == data
+
+
 def test_verify_sample_and_skip_from_the_command_line(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     disk = tmp_path / "disk.img"

@@ -170,9 +170,21 @@ def resolve(backend: Backend, spec: str) -> str:
 
 
 def latest_with_disk(backend: Backend, keys: Keys, disk: str) -> Manifest | None:
-    """The newest snapshot that holds a disk called ``disk`` (the base of an incremental)."""
+    """The newest snapshot that holds a disk called ``disk`` (the base of an incremental).
+
+    A damaged manifest on the way is an error, never skipped: it may be the newest snapshot
+    of ``disk``, and an older one in its place would be a wrong base for an incremental.
+    """
     for snapshot_id in reversed(ids(backend)):
-        manifest = read(backend, keys, snapshot_id)
+        try:
+            manifest = read(backend, keys, snapshot_id)
+        except NotFound:
+            continue  # pruned meanwhile
+        except CorruptData as exc:
+            raise CorruptData(
+                f"{exc}; it may be the newest snapshot of disk {disk}, so 'latest' cannot "
+                "be resolved: name a snapshot (a backup: --base ID or --base none)"
+            ) from None
         if any(d.name == disk for d in manifest.disks):
             return manifest
     return None
