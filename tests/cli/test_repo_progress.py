@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,26 @@ def test_progress_on_a_terminal_and_json_shapes(tmp_path: Path) -> None:
     assert {"slot", "kind", "kdf", "created", "comment"} == set(slots[0])
     removed = as_json("repo", "key", "remove", "--repo", repo, added["slot"], *KEY)
     assert removed == {"removed": added["slot"]}
+
+
+def test_mount_says_it_is_opening_on_a_terminal(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(MiB))
+    as_json("repo", "init", repo, *KEY)
+    as_json("backup", disk, "--repo", repo, *KEY)
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [*BB, "mount", "--repo", str(repo), "latest", *KEY], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=slave, env=ENV, text=True,
+    ) as proc:  # fmt: skip
+        os.close(slave)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("snapshot ")  # ready: the URI
+            shown = os.read(master, 65536).decode(errors="replace")
+            assert "mount: opening snapshot" in shown
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+            os.close(master)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from blockbackup.cli.repo_common import (
     add_json_arg,
@@ -170,9 +171,16 @@ async def _serve(
         "keep_overlay": kept,
     }
     console = Console(stderr=True)
-    status = console.status(f"mount: opening snapshot {snapshot}")
-    if not args.json and console.is_terminal:
-        status.start()  # loading the pack indexes of a big repository takes a while
+    # opening takes a while on a big repository (every pack index is loaded): say so
+    status = Progress(
+        SpinnerColumn(),
+        TextColumn(f"mount: opening snapshot {snapshot}"),
+        console=console,
+        disable=args.json or not console.is_terminal,
+        transient=True,
+    )
+    status.add_task("open", total=None)
+    status.start()
 
     def ready() -> None:
         status.stop()
