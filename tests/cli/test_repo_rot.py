@@ -70,6 +70,9 @@ def test_a_damaged_manifest_is_named_and_the_others_keep_working(tmp_path: Path,
     assert restored.stderr.startswith(f"blockbackup restore: snapshot {bad}: ")
     assert restored.stderr.count("\n") == 1
     assert not (tmp_path / "x.img").exists()
+    mounted = bb("mount", "--repo", repo, bad, *KEY, code=1)
+    assert mounted.stderr.startswith(f"blockbackup mount: snapshot {bad}: ")
+    assert mounted.stderr.count("\n") == 1
     for good in (ids[0], ids[2]):
         out = tmp_path / f"{good}.img"
         bb("restore", "--repo", repo, good, out, *KEY)
