@@ -84,7 +84,8 @@ def test_jobs_clean_removes_the_bitmap_a_dead_run_created(tmp_path: Path) -> Non
         bb("bitmaps", "--connect", served.qmp, "add", "disk", "theirs")
         kill_a_backup(served.qmp, tmp_path / "b.img", "--start-bitmap", "nightly")
         assert bitmap_names(served.qmp) == ["nightly", "theirs"]
-        bb("jobs", "--connect", served.qmp, "clean")
+        cleaned = bb("jobs", "--connect", served.qmp, "clean").stdout
+        assert "bitmap nightly of node disk (its backup never completed)" in cleaned
         assert bitmap_names(served.qmp) == ["theirs"]  # only the one the dead run made
         assert_clean(served.qmp, tmp_path)
         # a bitmap that existed before the run is the user's: never removed
