@@ -84,3 +84,10 @@ def test_mixed_slots_from_the_command_line(tmp_path: Path) -> None:
         assert js(bb("snapshots", "--repo", repo, "--passphrase-env", var, "--json")) == []
     wrong = bb("snapshots", "--repo", repo, "--passphrase-env", "BAD", ok=False)
     assert "wrong passphrase" in wrong.stderr
+
+
+def test_no_encryption_takes_no_kdf(tmp_path: Path) -> None:
+    err = bb("repo", "init", tmp_path / "r", "--no-encryption", "--kdf", "scrypt", ok=False)
+    assert "--no-encryption takes no --kdf" in err.stderr
+    assert not (tmp_path / "r" / "config").exists()
+    bb("repo", "init", tmp_path / "r", "--no-encryption")

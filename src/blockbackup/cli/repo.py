@@ -61,11 +61,27 @@ def add_parser(sub: Any) -> None:
 KDFS = ("argon2id", "scrypt")
 
 
+class _KdfAction(argparse.Action):
+    """Stores the choice and notes that it was given (``--no-encryption`` refuses it)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.kdf_given = True
+
+
 def _add_kdf_arg(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(kdf_given=False)
     parser.add_argument(
         "--kdf",
         choices=KDFS,
         default=KDFS[0],
+        action=_KdfAction,
         help=f"how the passphrase or key file wraps the key (default: {KDFS[0]}, "
         "64 MiB and 3 passes per try; scrypt: 32 MiB)",
     )
@@ -78,6 +94,8 @@ def _init(args: argparse.Namespace) -> int:
     given = any((args.passphrase_env, args.passphrase_file, args.key_file))
     if args.no_encryption and given:
         raise BlockBackupError("--no-encryption takes no passphrase or key file")
+    if args.no_encryption and args.kdf_given:
+        raise BlockBackupError("--no-encryption takes no --kdf: there is no key to wrap")
     secret, kind = None, "passphrase"
     if not args.no_encryption:
         got = read_secret(args, prompt="New passphrase", confirm=True)
