@@ -146,3 +146,21 @@ def test_a_damaged_manifest_is_named_and_the_others_are_checked(tmp_path: Path) 
     assert not report.ok
     assert report.damaged_snapshots == damaged
     assert report.chunks == 2
+
+
+def test_packs_left_out_must_still_exist(made: tuple[Path, list[str]]) -> None:
+    """Skipping or sampling saves reading, never the check that a pack is there whole."""
+    path, packs = made
+    repo, _ = opened(path)
+    assert verify(repo, repo.snapshots()).ok  # records every pack
+    gone, cut = packs[3], packs[4]
+    (path / pack_key(gone)).unlink()
+    file = path / pack_key(cut)
+    file.write_bytes(file.read_bytes()[:100])
+    for selection in (Selection(skip_within=timedelta(days=1)), Selection(sample=1, seed=1)):
+        again, counting = opened(path)
+        report = verify(again, again.snapshots(), selection=selection)
+        assert report.damaged_packs[gone] == "missing"
+        assert report.damaged_packs[cut] in ("truncated", "content does not match its name")
+        assert {d.snapshot for d in report.damage} == {again.snapshot_ids()[0]}
+        assert len(counting.whole_pack_reads) <= 1
