@@ -67,7 +67,10 @@ MONITOR_OPTIONS = Struct(
 class Daemon:
     """A blockbackup daemon; :meth:`run` serves until ``quit`` or a signal."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "daemon") -> None:
+        #: The command that runs this daemon, which names its errors (``blockbackup serve:``
+        #: when ``serve`` runs it: the user typed ``serve``, not ``daemon``).
+        self.command = command
         self.events = EventBus()
         self.graph = Graph()
         self.jobs = JobManager(self.events)
@@ -169,7 +172,7 @@ class Daemon:
                     _write_pidfile(pidfile)
                     pid_written = True
             except BlockBackupError as exc:
-                print(f"blockbackup daemon: {exc.for_people()}", file=sys.stderr)
+                print(f"blockbackup {self.command}: {exc.for_people()}", file=sys.stderr)
                 return 1
             await self.nbd.release()
             async with asyncio.TaskGroup() as tg:
@@ -208,7 +211,7 @@ class Daemon:
         try:
             await self.graph.aclose()
         except CloseError as exc:
-            print(f"blockbackup daemon: {exc}", file=sys.stderr)
+            print(f"blockbackup {self.command}: {exc}", file=sys.stderr)
             status = 1
         return status
 

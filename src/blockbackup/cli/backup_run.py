@@ -30,7 +30,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError
 
-from blockbackup.cli import runs
+from blockbackup.cli import runs, stale
 from blockbackup.cli.exitcodes import EXIT_FAILED
 from blockbackup.cli.progress import BackupProgress, Output
 from blockbackup.cli.qmpclient import (
@@ -125,6 +125,7 @@ class _Run:
         self.monitor = replace(self.monitor, stop=None)  # undoing is never interrupted
         if self.job_started and not self.job_settled:
             await self._step("the job", self._settle_job())
+        had_bitmap = self.bitmap_added is not None
         if self.bitmap_added is not None:
             args = {"node": self.bitmap_node, "name": self.bitmap_added}
             if await self._step(
@@ -132,6 +133,11 @@ class _Run:
                 self.monitor.execute("block-dirty-bitmap-remove", args),
             ):
                 self.bitmap_added = None
+        # no bitmap of this run is left to undo; but one in a daemon that went away may
+        # come back with it (persistent): then the record lets a later run remove it
+        kept_by_gone_daemon = had_bitmap and self.daemon_gone
+        if self.partial is not None and self.bitmap_added is None and not kept_by_gone_daemon:
+            stale.remove_record(self.partial)
         if self.node_added and await self._step(
             f"node {self.tag.target_node}",
             self.monitor.execute("blockdev-del", {"node-name": self.tag.target_node}),
@@ -229,6 +235,7 @@ async def _make_backup(
     result["disk-size"] = size
     open_images = [OpenImage(str(n["node-name"]), str(n["file"])) for n in nodes if n.get("file")]
     final = check_target(req.target, force=req.force, open_images=open_images, source=req.node)
+    await stale.clean_dead_files(monitor, final, out.note)
     backing = check_backing(req.backing, final) if req.backing else None
     start_bitmap_exists = _check_start_bitmap(source, req)
     stop.check()
@@ -375,6 +382,10 @@ def _actions(
 async def _start_job(run: _Run, req: BackupRequest, bitmap_exists: bool, out: Output) -> None:
     add_bitmap = req.start_bitmap is not None and not bitmap_exists
     persistent = req.persistent is not False
+    if add_bitmap:
+        assert run.partial is not None
+        assert req.start_bitmap is not None
+        stale.write_record(run.partial, req.node, req.start_bitmap)  # before it exists
     try:
         await _transaction(run, req, add_bitmap=add_bitmap, persistent=persistent)
     except ExecuteError as err:

@@ -125,8 +125,8 @@ async def clean(monitor: Monitor, *, as_json: bool) -> int:
     cleaned: list[str] = []
     problems: list[str] = []
     for leftover in await runs.find_leftovers(monitor):
-        what = leftover.describe()
         trouble = await runs.clean_leftover(monitor, leftover)
+        what = leftover.describe()
         if trouble:
             problems.extend(trouble)
         else:

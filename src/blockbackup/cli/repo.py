@@ -30,6 +30,7 @@ def add_parser(sub: Any) -> None:
     init.add_argument("path", metavar="PATH")
     add_secret_args(init)
     init.add_argument("--no-encryption", action="store_true", help="store data unencrypted")
+    _add_kdf_arg(init)
     add_json_arg(init)
     init.set_defaults(run=_init)
 
@@ -44,6 +45,7 @@ def add_parser(sub: Any) -> None:
     add_secret_args(add)
     add_secret_args(add, prefix="new-")
     add.add_argument("--comment", default="", help="a note shown by key list")
+    _add_kdf_arg(add)
     add_json_arg(add)
     add.set_defaults(run=_key_add)
     remove = keys.add_parser("remove", help="remove a key slot (never the last one)")
@@ -54,6 +56,37 @@ def add_parser(sub: Any) -> None:
     remove.set_defaults(run=_key_remove)
 
 
+#: ``repository.keys.KDFS`` (default first), written out so that building the parser does
+#: not import ``cryptography`` (a test keeps the two equal).
+KDFS = ("argon2id", "scrypt")
+
+
+class _KdfAction(argparse.Action):
+    """Stores the choice and notes that it was given (``--no-encryption`` refuses it)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.kdf_given = True
+
+
+def _add_kdf_arg(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(kdf_given=False)
+    parser.add_argument(
+        "--kdf",
+        choices=KDFS,
+        default=KDFS[0],
+        action=_KdfAction,
+        help=f"how the passphrase or key file wraps the key (default: {KDFS[0]}, "
+        "64 MiB and 3 passes per try; scrypt: 32 MiB)",
+    )
+
+
 @guarded
 def _init(args: argparse.Namespace) -> int:
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
@@ -61,6 +94,8 @@ def _init(args: argparse.Namespace) -> int:
     given = any((args.passphrase_env, args.passphrase_file, args.key_file))
     if args.no_encryption and given:
         raise BlockBackupError("--no-encryption takes no passphrase or key file")
+    if args.no_encryption and args.kdf_given:
+        raise BlockBackupError("--no-encryption takes no --kdf: there is no key to wrap")
     secret, kind = None, "passphrase"
     if not args.no_encryption:
         got = read_secret(args, prompt="New passphrase", confirm=True)
@@ -70,7 +105,7 @@ def _init(args: argparse.Namespace) -> int:
                 "(or --no-encryption)"
             )
         secret, kind = got
-    repo = Repository.init(args.path, secret, kind)
+    repo = Repository.init(args.path, secret, kind, kdf=args.kdf)
     encryption = repo.config["encryption"]
     emit(
         args,
@@ -87,10 +122,18 @@ def _key_list(args: argparse.Namespace) -> int:
     # the slots are not secret: listing them needs no key
     slots = Repository.key_slots_at(args.repo)
     rows = [
-        {"slot": s, "kind": v["kind"], "created": v["created"], "comment": v.get("comment", "")}
+        {
+            "slot": s,
+            "kind": v["kind"],
+            "kdf": v["kdf"],
+            "created": v["created"],
+            "comment": v.get("comment", ""),
+        }
         for s, v in sorted(slots.items())
     ]
-    text = "\n".join(f"{r['slot']}  {r['kind']:10}  {r['created']}  {r['comment']}" for r in rows)
+    text = "\n".join(
+        f"{r['slot']}  {r['kind']:10}  {r['kdf']:8}  {r['created']}  {r['comment']}" for r in rows
+    )
     emit(args, rows, text or "no key slots (the repository is not encrypted)")
     return 0
 
@@ -103,8 +146,12 @@ def _key_add(args: argparse.Namespace) -> int:
         raise BlockBackupError(
             "give the new secret with --new-passphrase-env, --new-passphrase-file or --new-key-file"
         )
-    slot = repo.add_key(got[0], got[1], args.comment)
-    emit(args, {"slot": slot, "kind": got[1]}, f"added key slot {slot}")
+    slot = repo.add_key(got[0], got[1], args.comment, kdf=args.kdf)
+    emit(
+        args,
+        {"slot": slot, "kind": got[1], "kdf": args.kdf},
+        f"added key slot {slot} ({args.kdf})",
+    )
     return 0
 
 

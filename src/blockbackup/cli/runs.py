@@ -92,6 +92,8 @@ class Leftover:
     node: str | None = None
     file: Path | None = None
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    #: What cleaning removed besides the above (the bitmap the run created).
+    removed: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = [f"job {j['id']} ({j['status']})" for j in self.jobs]
@@ -99,7 +101,7 @@ class Leftover:
             parts.append(f"node {self.node}")
         if self.file is not None and final_path_of(self.file) is not None:
             parts.append(f"file {self.file}")
-        return ", ".join(parts)
+        return ", ".join(parts + self.removed)
 
 
 async def find_leftovers(monitor: Monitor, *, dead_only: bool = True) -> list[Leftover]:
@@ -156,10 +158,24 @@ async def clean_leftover(monitor: Monitor, leftover: Leftover) -> list[str]:
                 problems.append(f"node {leftover.node}: {err}")
     if leftover.file is not None and final_path_of(leftover.file) is not None:
         try:
+            bitmap = await _drop_bitmap(monitor, leftover.file)
+            if bitmap is not None:
+                leftover.removed.append(bitmap)
+        except ExecuteError as err:
+            problems.append(f"the bitmap the run created: {err}")
+        try:
             leftover.file.unlink(missing_ok=True)
         except OSError as err:
             problems.append(f"file {leftover.file}: {err.strerror}")
     return problems
+
+
+async def _drop_bitmap(monitor: Monitor, partial: Path) -> str | None:
+    """Remove the bitmap the dead run recorded it created, if its backup never completed;
+    what was removed."""
+    from blockbackup.cli import stale  # lazy: stale imports this module
+
+    return await stale.drop_dead_runs_bitmap(monitor, partial)
 
 
 def _was_renamed(partial: Path | None) -> bool:
@@ -214,8 +230,8 @@ async def clean_dead_runs(monitor: Monitor, say: Callable[[str], None]) -> bool:
     """Clean every dead run's leftovers, saying what was cleaned; False if some remain."""
     clean = True
     for leftover in await find_leftovers(monitor):
-        what = leftover.describe()
         problems = await clean_leftover(monitor, leftover)
+        what = leftover.describe()
         if problems:
             clean = False
             say(f"could not clean up after a run that died ({what}): {'; '.join(problems)}")

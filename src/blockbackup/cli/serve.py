@@ -334,7 +334,7 @@ async def serve(
             if on_ready is not None:
                 on_ready(info)
 
-        daemon = Daemon()
+        daemon = Daemon("serve")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, daemon.request_shutdown)
         try:

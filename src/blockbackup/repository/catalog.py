@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -120,6 +121,32 @@ def read(backend: Backend, keys: Keys, snapshot_id: str) -> Manifest:
         raise CorruptData(f"{what}: manifest is damaged: {exc}") from None
 
 
+def read_many(
+    backend: Backend,
+    keys: Keys,
+    snapshot_ids: list[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Manifest], dict[str, str]]:
+    """(the manifests that read back intact, id -> why each other one cannot be read).
+
+    Why not raise: one damaged manifest (bit rot, a truncated object) must not stop a
+    listing, a verify or a prune of every other snapshot; the caller names it instead.
+    A manifest that vanished meanwhile (a concurrent prune) is simply not there any more.
+    """
+    manifests: list[Manifest] = []
+    damaged: dict[str, str] = {}
+    for done, snapshot_id in enumerate(snapshot_ids, 1):
+        if progress is not None:
+            progress(done, len(snapshot_ids))
+        try:
+            manifests.append(read(backend, keys, snapshot_id))
+        except NotFound:
+            continue
+        except RepositoryError as exc:  # CorruptData, or a version this one cannot read
+            damaged[snapshot_id] = str(exc).removeprefix(f"snapshot {snapshot_id}: ")
+    return manifests, damaged
+
+
 def ids(backend: Backend) -> list[str]:
     """Every committed snapshot id, oldest first."""
     return sorted(k.removeprefix(PREFIX) for k in backend.list(PREFIX))
@@ -143,9 +170,21 @@ def resolve(backend: Backend, spec: str) -> str:
 
 
 def latest_with_disk(backend: Backend, keys: Keys, disk: str) -> Manifest | None:
-    """The newest snapshot that holds a disk called ``disk`` (the base of an incremental)."""
+    """The newest snapshot that holds a disk called ``disk`` (the base of an incremental).
+
+    A damaged manifest on the way is an error, never skipped: it may be the newest snapshot
+    of ``disk``, and an older one in its place would be a wrong base for an incremental.
+    """
     for snapshot_id in reversed(ids(backend)):
-        manifest = read(backend, keys, snapshot_id)
+        try:
+            manifest = read(backend, keys, snapshot_id)
+        except NotFound:
+            continue  # pruned meanwhile
+        except CorruptData as exc:
+            raise CorruptData(
+                f"{exc}; it may be the newest snapshot of disk {disk}, so 'latest' cannot "
+                "be resolved: name a snapshot (a backup: --base ID or --base none)"
+            ) from None
         if any(d.name == disk for d in manifest.disks):
             return manifest
     return None

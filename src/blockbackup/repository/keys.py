@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -26,6 +27,17 @@ from blockbackup.repository.errors import CorruptData, RepositoryError, WrongKey
 SCRYPT_N = 1 << 15
 SCRYPT_R = 8
 SCRYPT_P = 1
+#: Argon2id cost for new slots (RFC 9106's second recommended option, with more memory):
+#: 64 MiB, 3 passes, 4 lanes: ~0.2 s of CPU (measured; scrypt: 0.08 s), every guess 64 MiB.
+ARGON2_MEMORY_KIB = 64 * 1024
+ARGON2_ITERATIONS = 3
+ARGON2_LANES = 4
+#: The key derivation functions a slot may use; the first is the default for new slots.
+KDFS = ("argon2id", "scrypt")
+DEFAULT_KDF = KDFS[0]
+#: Bounds on the costs a slot may ask for: a damaged or hostile slot must not make opening
+#: the repository take all memory (4 GiB) or forever.
+_MAX_MEMORY = 4 << 30
 SLOT_VERSION = 1
 SLOT_KINDS = ("passphrase", "key-file")
 
@@ -70,8 +82,29 @@ def new_master_key() -> bytes:
     return secrets.token_bytes(32)
 
 
-def _slot_key(secret: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
+def _kdf_params(kdf: str) -> dict[str, int]:
+    """The cost parameters recorded in a new slot of ``kdf``."""
+    if kdf == "scrypt":
+        return {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+    if kdf == "argon2id":
+        return {"m": ARGON2_MEMORY_KIB, "t": ARGON2_ITERATIONS, "p": ARGON2_LANES}
+    raise RepositoryError(f"unknown key derivation function {kdf!r} (known: {', '.join(KDFS)})")
+
+
+def _slot_key(secret: bytes, salt: bytes, slot: dict[str, Any]) -> bytes:
+    """The key that wraps the master key, derived as the slot records (kdf and costs)."""
+    kdf = slot.get("kdf")
+    if kdf == "scrypt":
+        n, r, p = int(slot["n"]), int(slot["r"]), int(slot["p"])
+        if 128 * n * r * p > _MAX_MEMORY:
+            raise ValueError("scrypt cost out of range")
+        return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
+    if kdf == "argon2id":
+        m, t, p = int(slot["m"]), int(slot["t"]), int(slot["p"])
+        if not (8 * p <= m <= _MAX_MEMORY // 1024 and 1 <= t <= 64 and 1 <= p <= 64):
+            raise ValueError("argon2id cost out of range")
+        return Argon2id(salt=salt, length=32, iterations=t, lanes=p, memory_cost=m).derive(secret)
+    raise ValueError(f"unknown kdf {kdf!r}")
 
 
 def _aad(repo_id: str, slot_id: str) -> bytes:
@@ -79,22 +112,27 @@ def _aad(repo_id: str, slot_id: str) -> bytes:
 
 
 def make_slot(
-    master: bytes, secret: bytes, kind: str, repo_id: str, slot_id: str, comment: str = ""
+    master: bytes,
+    secret: bytes,
+    kind: str,
+    repo_id: str,
+    slot_id: str,
+    comment: str = "",
+    kdf: str = DEFAULT_KDF,
 ) -> dict[str, Any]:
     """A key slot (JSON-able) that gives back ``master`` to whoever knows ``secret``."""
     if kind not in SLOT_KINDS:
         raise RepositoryError(f"unknown key slot kind {kind!r}")
+    params = _kdf_params(kdf)
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(12)
-    key = _slot_key(secret, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    key = _slot_key(secret, salt, {"kdf": kdf, **params})
     wrapped = AESGCM(key).encrypt(nonce, master, _aad(repo_id, slot_id))
     return {
         "version": SLOT_VERSION,
         "kind": kind,
-        "kdf": "scrypt",
-        "n": SCRYPT_N,
-        "r": SCRYPT_R,
-        "p": SCRYPT_P,
+        "kdf": kdf,
+        **params,
         "salt": _b64(salt),
         "nonce": _b64(nonce),
         "wrapped": _b64(wrapped),
@@ -110,7 +148,7 @@ def parse_slot(data: bytes, slot_id: str) -> dict[str, Any]:
             raise ValueError("not an object")
     except ValueError as exc:
         raise CorruptData(f"key slot {slot_id} is damaged: {exc}") from None
-    if slot.get("version") != SLOT_VERSION or slot.get("kdf") != "scrypt":
+    if slot.get("version") != SLOT_VERSION or slot.get("kdf") not in KDFS:
         raise RepositoryError(f"key slot {slot_id} has an unsupported version or kdf")
     return slot
 
@@ -118,9 +156,7 @@ def parse_slot(data: bytes, slot_id: str) -> dict[str, Any]:
 def open_slot(slot: dict[str, Any], secret: bytes, repo_id: str, slot_id: str) -> bytes | None:
     """The master key if ``secret`` opens this slot, else None."""
     try:
-        key = _slot_key(
-            secret, _unb64(slot["salt"]), int(slot["n"]), int(slot["r"]), int(slot["p"])
-        )
+        key = _slot_key(secret, _unb64(slot["salt"]), slot)
         return AESGCM(key).decrypt(
             _unb64(slot["nonce"]), _unb64(slot["wrapped"]), _aad(repo_id, slot_id)
         )

@@ -66,6 +66,7 @@ class Repository:
         secret: bytes | None,
         kind: str = "passphrase",
         pack_size: int = DEFAULT_PACK_SIZE,
+        kdf: str = keymod.DEFAULT_KDF,
     ) -> Repository:
         """Create a repository; ``secret`` None means unencrypted."""
         backend = open_backend(location)
@@ -87,7 +88,7 @@ class Repository:
         if secret is not None:
             master = keymod.new_master_key()
             slot_id = secrets.token_hex(4)
-            slot = keymod.make_slot(master, secret, kind, config["id"], slot_id)
+            slot = keymod.make_slot(master, secret, kind, config["id"], slot_id, kdf=kdf)
             backend.put_if_absent(f"keys/{slot_id}", json.dumps(slot).encode())
         # config last: a half-made repository (killed during init) is not a repository
         try:
@@ -157,11 +158,17 @@ class Repository:
     def key_slots(self) -> dict[str, dict[str, Any]]:
         return self._slots(self.backend)
 
-    def add_key(self, secret: bytes, kind: str = "passphrase", comment: str = "") -> str:
+    def add_key(
+        self,
+        secret: bytes,
+        kind: str = "passphrase",
+        comment: str = "",
+        kdf: str = keymod.DEFAULT_KDF,
+    ) -> str:
         if self.keys.master is None:
             raise RepositoryError("the repository is not encrypted: it has no keys")
         slot_id = secrets.token_hex(4)
-        slot = keymod.make_slot(self.keys.master, secret, kind, self.id, slot_id, comment)
+        slot = keymod.make_slot(self.keys.master, secret, kind, self.id, slot_id, comment, kdf)
         self.backend.put_if_absent(f"keys/{slot_id}", json.dumps(slot).encode())
         return slot_id
 

@@ -12,6 +12,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from blockbackup.repository import blob
 from blockbackup.repository.catalog import DiskRecord, Manifest
@@ -20,6 +21,7 @@ from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
+from blockbackup.repository.verify_select import Chosen, Selection, choose, forget, record
 
 
 @dataclass
@@ -50,10 +52,17 @@ class Report:
     bytes_read: int = 0
     damaged_packs: dict[str, str] = field(default_factory=dict)
     damage: list[Damage] = field(default_factory=list)
+    #: Snapshots whose manifest cannot be read: id -> why.
+    damaged_snapshots: dict[str, str] = field(default_factory=dict)
+    #: Packs not read: verified recently, or not in the sample.
+    skipped_recent: int = 0
+    skipped_sample: int = 0
+    #: Why recording a passed pack failed (once; the check itself is unaffected).
+    record_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.damage and not self.damaged_packs
+        return not self.damage and not self.damaged_packs and not self.damaged_snapshots
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -64,6 +73,8 @@ class Report:
             "bytes_read": self.bytes_read,
             "damaged_packs": self.damaged_packs,
             "damage": [d.to_json() for d in self.damage],
+            "damaged_snapshots": self.damaged_snapshots,
+            "skipped": {"verified_recently": self.skipped_recent, "sample": self.skipped_sample},
         }
 
 
@@ -88,9 +99,14 @@ def verify(
     repo: Repository,
     manifests: list[Manifest],
     progress: Callable[[int, int], None] | None = None,
+    selection: Selection | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> Report:
-    """Check every chunk ``manifests`` use; ``progress(done_packs, total_packs)``."""
-    report = Report(snapshots=len(manifests))
+    """Check every chunk ``manifests`` use (of the packs ``selection`` chooses: default all);
+    ``progress(done_packs, total_packs)``; ``unreadable``: manifests that could not be read
+    (id -> why), reported as damage."""
+    report = Report(snapshots=len(manifests) + len(unreadable or {}))
+    report.damaged_snapshots = dict(unreadable or {})
     bad: dict[bytes, str] = {}
     needed: dict[str, dict[bytes, Location]] = defaultdict(dict)
     for _m, _d, index in _indexes(repo, manifests, report):
@@ -105,9 +121,15 @@ def verify(
                 continue
             needed[location.pack][address] = location
     report.chunks = sum(len(v) for v in needed.values()) + len(bad)
-    total = len(needed)
-    for done, (pack, blobs) in enumerate(sorted(needed.items()), 1):
+    now = datetime.now(UTC)
+    chosen = _choose(repo, needed, selection or Selection(), now, report)
+    for pack in (*chosen.skipped_recent, *chosen.skipped_sample):
+        _check_present(repo, pack, needed[pack], bad, report)
+    total = len(chosen.packs)
+    for done, pack in enumerate(chosen.packs, 1):
+        blobs = needed[pack]
         _check_pack(repo, pack, blobs, bad, report)
+        _record_if_passed(repo, pack, blobs, bad, report, selection or Selection(), now)
         if progress is not None:
             progress(done, total)
     report.packs = total
@@ -126,6 +148,68 @@ def verify(
                         )
                     )
     return report
+
+
+def _choose(
+    repo: Repository,
+    needed: dict[str, dict[bytes, Location]],
+    selection: Selection,
+    now: datetime,
+    report: Report,
+) -> Chosen:
+    """The packs to read (sorted), counting in ``report`` those left out."""
+    chosen = choose(repo, list(needed), selection, now)
+    report.skipped_recent = len(chosen.skipped_recent)
+    report.skipped_sample = len(chosen.skipped_sample)
+    for pack in (*chosen.skipped_recent, *chosen.skipped_sample):
+        report.chunks -= len(needed[pack])  # only what was checked counts
+    return chosen
+
+
+def _record_if_passed(
+    repo: Repository,
+    pack: str,
+    blobs: dict[bytes, Location],
+    bad: dict[bytes, str],
+    report: Report,
+    selection: Selection,
+    now: datetime,
+) -> None:
+    """Write ``verified/<pack>`` if the pack and every blob checked in it passed; remove an
+    older record if it did not (so a later ``--skip-verified-within`` reads it again)."""
+    if not selection.record:
+        return
+    passed = pack not in report.damaged_packs and not any(a in bad for a in blobs)
+    try:
+        if passed:
+            record(repo, pack, now)
+        else:
+            forget(repo, pack)
+    except (OSError, RepositoryError) as exc:
+        if report.record_error is None:
+            report.record_error = str(exc)
+
+
+def _check_present(
+    repo: Repository,
+    pack: str,
+    blobs: dict[bytes, Location],
+    bad: dict[bytes, str],
+    report: Report,
+) -> None:
+    """A pack left out of the reading still exists, as long as its blobs need (one
+    metadata request, no data): skipping re-reads must not hide a pack that is gone."""
+    size = repo.backend.size(pack_key(pack))
+    if size is None:
+        report.damaged_packs[pack] = "missing"
+        why = f"pack {pack} is missing"
+    elif size < max(loc.offset + loc.length for loc in blobs.values()):
+        report.damaged_packs[pack] = "truncated"
+        why = f"pack {pack} is truncated"
+    else:
+        return
+    for address in blobs:
+        bad[address] = why
 
 
 def _check_pack(

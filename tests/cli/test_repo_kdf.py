@@ -1,0 +1,93 @@
+"""Key slots under both key derivation functions: Argon2id (the default) and scrypt,
+mixed in one repository, each opening it; a wrong passphrase is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockbackup.cli import repo as repo_cli
+from blockbackup.repository import keys
+from blockbackup.repository.errors import CorruptData, WrongKey
+from blockbackup.repository.repo import Repository
+
+BB = [sys.executable, "-m", "blockbackup"]
+ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one", "BAD": "not it"}
+
+
+def bb(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*BB, *map(str, args)], capture_output=True, text=True, env=ENV,
+        stdin=subprocess.DEVNULL, timeout=120, check=False,
+    )  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    return proc
+
+
+def js(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def test_the_cli_offers_the_library_kdfs() -> None:
+    assert repo_cli.KDFS == keys.KDFS
+
+
+@pytest.mark.parametrize("kdf", ["argon2id", "scrypt"])
+def test_each_kdf_opens_and_records_its_costs(tmp_path: Path, kdf: str) -> None:
+    repo = Repository.init(str(tmp_path / "r"), b"secret", kdf=kdf)
+    ((slot_id, slot),) = repo.key_slots().items()
+    assert slot["kdf"] == kdf
+    expected = {"argon2id": {"m": 65536, "t": 3, "p": 4}, "scrypt": {"n": 1 << 15, "r": 8, "p": 1}}
+    assert {k: slot[k] for k in expected[kdf]} == expected[kdf]
+    again = Repository.open(str(tmp_path / "r"), b"secret")
+    assert again.keys.master == repo.keys.master
+    with pytest.raises(WrongKey):
+        Repository.open(str(tmp_path / "r"), b"wrong")
+    assert slot_id
+
+
+def test_a_slot_asking_for_absurd_costs_is_damaged_not_obeyed(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "r"), b"secret", kdf="argon2id")
+    ((slot_id, slot),) = repo.key_slots().items()
+    slot["m"] = 1 << 40  # 1 PiB of memory per try
+    (tmp_path / "r" / "keys" / slot_id).write_text(json.dumps(slot))
+    with pytest.raises(CorruptData, match=f"key slot {slot_id} is damaged"):
+        Repository.open(str(tmp_path / "r"), b"secret")
+
+
+def test_mixed_slots_from_the_command_line(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init = js(bb("repo", "init", repo, "--passphrase-env", "BBP", "--kdf", "scrypt", "--json"))
+    assert init["encryption"] == "aes-256-gcm"
+    added = js(
+        bb("repo", "key", "add", "--repo", repo, "--passphrase-env", "BBP",
+           "--new-passphrase-env", "OTHER", "--json")
+    )  # fmt: skip
+    assert added["kdf"] == "argon2id"  # the default
+    rows = js(bb("repo", "key", "list", "--repo", repo, "--json"))
+    assert sorted(r["kdf"] for r in rows) == ["argon2id", "scrypt"]
+    text = bb("repo", "key", "list", "--repo", repo).stdout
+    assert "scrypt" in text
+    assert "argon2id" in text
+    for var in ("BBP", "OTHER"):
+        assert js(bb("snapshots", "--repo", repo, "--passphrase-env", var, "--json")) == []
+    wrong = bb("snapshots", "--repo", repo, "--passphrase-env", "BAD", ok=False)
+    assert "wrong passphrase" in wrong.stderr
+
+
+def test_no_encryption_takes_no_kdf(tmp_path: Path) -> None:
+    err = bb("repo", "init", tmp_path / "r", "--no-encryption", "--kdf", "scrypt", ok=False)
+    assert "--no-encryption takes no --kdf" in err.stderr
+    assert not (tmp_path / "r" / "config").exists()
+    bb("repo", "init", tmp_path / "r", "--no-encryption")
