@@ -13,7 +13,7 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from blockbackup.repository import catalog
+from blockbackup.repository import catalog, condemned, refs, writers
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
 from blockbackup.repository.catalog import DiskRecord, Manifest
@@ -56,6 +56,8 @@ class Repository:
         self.id: str = config["id"]
         self.chunk_size: int = config["chunk_size"]
         self._store: ChunkStore | None = None
+        #: This process's writer marker (``writers/<id>``), while it writes.
+        self.writer_id: str | None = None
 
     # -- create and open --------------------------------------------------------------------
 
@@ -173,6 +175,33 @@ class Repository:
             raise RepositoryError("cannot remove the last key slot: the data would be lost")
         self.backend.delete(f"keys/{slot_id}")
 
+    # -- writers (gc defers deleting what they may rely on) --------------------------------
+
+    def announce_writer(self) -> None:
+        """Put this writer's ``writers/<id>`` marker; call before the store is loaded."""
+        if self.writer_id is None:
+            self.writer_id = writers.announce(self.backend)
+
+    def retire_writer(self) -> None:
+        """Delete the marker, after the commit or the failure. Idempotent."""
+        if self.writer_id is not None:
+            writers.retire(self.backend, self.writer_id)
+            self.writer_id = None
+
+    def _refused_packs(self, disks: list[DiskRecord], relied: set[str]) -> list[str]:
+        """The packs the new snapshot relies on (its own, and every pack its disks name)
+        that gc condemned or removed. Condemned markers are checked before existence: a
+        pack is deleted only after its marker was visible, and its marker after it."""
+        relied = relied | refs.referenced_packs(self.store, disks)
+        condemned_now = condemned.listed(self.backend) & relied
+        if condemned_now:
+            raise RepositoryError(
+                f"{len(condemned_now)} pack(s) this backup relies on were condemned by a "
+                f"concurrent gc (e.g. {min(condemned_now)}); nothing was committed: "
+                "run the backup again"
+            )
+        return sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+
     # -- chunks and snapshots ---------------------------------------------------------------
 
     @property
@@ -231,7 +260,7 @@ class Repository:
         if self._store is not None:
             self._store.flush()
             relied |= self._store.relied | self._store.written
-        missing = sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        missing = self._refused_packs(disks, relied)
         if missing:
             raise RepositoryError(
                 f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
