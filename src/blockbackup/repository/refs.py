@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from blockbackup.repository.catalog import DiskRecord
 from blockbackup.repository.chunkstore import ChunkStore
 from blockbackup.repository.diskindex import ADDRESS_SIZE, DiskIndex
-from blockbackup.repository.errors import NotFound, RepositoryError
+from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 
 
@@ -36,8 +36,9 @@ def referenced_packs(store: ChunkStore, disks: Iterable[DiskRecord]) -> set[str]
                     if address != ZERO_ADDRESS and address not in seen:
                         seen.add(address)
                         packs.add(store.locate(address).pack)
-    except NotFound as exc:
+    except (NotFound, CorruptData) as exc:
         raise RepositoryError(
-            f"{exc} (gc condemned it meanwhile); nothing was committed: run the backup again"
+            f"a pack this backup relies on was removed meanwhile ({exc}); nothing was "
+            "committed: run the backup again"
         ) from None
     return packs
