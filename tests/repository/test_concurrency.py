@@ -22,12 +22,14 @@ from blockbackup.repository.repo import Repository
 
 BB = [sys.executable, "-m", "blockbackup"]
 PASS = "concurrency passphrase"
-ENV = {**os.environ, "BBP": PASS}
+#: Subprocesses pause between a commit's re-check and its manifest (slowcommit/).
+SLOW = str(Path(__file__).parent / "slowcommit")
+ENV = {**os.environ, "BBP": PASS, "PYTHONPATH": os.pathsep.join([SLOW, *sys.path])}
 SECRET = ["--passphrase-env", "BBP"]
 CHUNK = 64 * 1024
 DISKS = ("d0", "d1", "d2")
 WORKERS = 3
-OPS_PER_WORKER = 14
+OPS_PER_WORKER = 13
 #: Why a backup may fail without being killed: a concurrent gc condemned or removed what it
 #: relied on (it says so and asks for another run), or its base was pruned meanwhile.
 RACE_MESSAGES = ("run the backup again", "not in the repository", "is missing", "no snapshot")
@@ -88,7 +90,7 @@ def worker(n: int, seed: int, repo: Path, images: Path, pool: list[bytes], log: 
     for op in range(OPS_PER_WORKER):
         pick = rng.random()
         kill = rng.uniform(0.3, 2.5) if rng.random() < 0.35 else None
-        if pick < 0.5:
+        if pick < 0.45:
             disk = rng.choice(DISKS)
             image = images / f"w{n}-{op}-{disk}.img"
             make_image(image, rng, pool)
@@ -107,7 +109,7 @@ def worker(n: int, seed: int, repo: Path, images: Path, pool: list[bytes], log: 
                 log.raced.append(err.strip())
             else:
                 log.errors.append(f"backup {image.name}: exit {code}: {err.strip()}")
-        elif pick < 0.65:
+        elif pick < 0.6:
             code, out, err = run(
                 ["prune", "--repo", str(repo), "--keep-last", "2", *SECRET, "--json"], None
             )
@@ -117,7 +119,7 @@ def worker(n: int, seed: int, repo: Path, images: Path, pool: list[bytes], log: 
             else:
                 with log.lock:
                     log.pruned.update(json.loads(out)["removed"])
-        elif pick < 0.85:
+        elif pick < 0.9:
             code, out, err = run(["gc", "--repo", str(repo), *SECRET, "--json"], kill)
             log.count("gc killed" if code is None else "gc")
             if code not in (None, 0):
