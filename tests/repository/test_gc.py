@@ -126,7 +126,8 @@ def test_a_writer_that_loaded_the_index_before_condemn_is_protected(repo: Path) 
     p1 = pack_of(repo, 1)
     report = gc(repo)
     assert report.condemned >= 1
-    assert report.deleted == 0 and report.waiting == report.condemned
+    assert report.deleted == 0
+    assert report.waiting == report.condemned
     assert exists(repo, p1)  # it may rely on it: not deleted while it runs
     writer.write(0, 1)  # deduplicated against the condemned pack
     with pytest.raises(RepositoryError, match="condemned by a concurrent gc"):
@@ -153,7 +154,8 @@ def test_a_snapshot_committed_after_the_mark_restores_the_pack(repo: Path) -> No
     assert report.restored >= 1
     restores(repo, committed[0], [1])
     p1 = pack_of(repo, 1)  # the index is back
-    assert exists(repo, p1) and not (repo / condemned.marker_key(p1)).exists()
+    assert exists(repo, p1)
+    assert not (repo / condemned.marker_key(p1)).exists()
 
 
 def test_a_writer_committing_between_listing_and_deleting(repo: Path) -> None:
@@ -252,10 +254,12 @@ def test_half_condemned_and_half_deleted_states_are_finished(repo: Path) -> None
     backend.delete(pack_key(p2))
     report = gc(repo)
     assert not backend.exists(condemned.marker_key(p2))
-    assert report.waiting >= 1 and exists(repo, p1)  # phase 1 finished, deleted next run
+    assert report.waiting >= 1
+    assert exists(repo, p1)
     assert not backend.exists(index_key(p1))
     gc(repo)
-    assert not exists(repo, p1) and not backend.exists(condemned.marker_key(p1))
+    assert not exists(repo, p1)
+    assert not backend.exists(condemned.marker_key(p1))
 
 
 def test_two_gcs_at_once(repo: Path) -> None:
@@ -289,7 +293,8 @@ def test_the_loader_does_not_resurrect_a_condemned_pack(repo: Path) -> None:
     Repository.open(str(repo), PASS).forget(a.id)
     holder = Writer(repo)  # keeps the condemned pack from being deleted
     gc(repo)
-    assert exists(repo, p1) and not (repo / index_key(p1)).exists()
+    assert exists(repo, p1)
+    assert not (repo / index_key(p1)).exists()
     fresh = Repository.open(str(repo), PASS)
     assert not fresh.store.has(fresh.keys.address(chunk(1)))
     assert not (repo / index_key(p1)).exists()  # its recovery skipped it
@@ -312,11 +317,13 @@ def test_writer_markers_dead_stale_and_forgotten(repo: Path) -> None:
     assert [w["id"] for w in report.ignored_writers] == ["stale"]
     assert [w["id"] for w in report.writers] == ["live"]
     assert report.deleted == 0  # the live one started before the condemn
-    assert not backend.exists("writers/dead") and backend.exists("writers/stale")
+    assert not backend.exists("writers/dead")
+    assert backend.exists("writers/stale")
     with pytest.raises(RepositoryError, match="no writer marker 'nope'"):
         gc(repo, forget_writers=["nope"])
     report = gc(repo, forget_writers=["live"])
-    assert report.forgotten_writers == ["live"] and report.deleted >= 1
+    assert report.forgotten_writers == ["live"]
+    assert report.deleted >= 1
 
 
 def test_modified_is_the_backends_time(repo: Path) -> None:
