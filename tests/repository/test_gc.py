@@ -102,7 +102,7 @@ def test_frees_what_no_snapshot_uses_and_is_idempotent(repo: Path) -> None:
     assert report.deleted == 2
     assert not exists(repo, only_a)
     assert not (repo / index_key(only_a)).exists()
-    assert not list((repo / "gc").rglob("*")) or not any((repo / "gc").rglob("condemned/*"))
+    assert not any((repo / "gc" / "condemned").glob("*"))
     restores(repo, b, [2, 3, 4, 5])
     again = gc(repo)
     assert (again.condemned, again.deleted, again.kept) == (0, 0, report.kept)
