@@ -3,6 +3,7 @@ the exact interleaving, through gc's hooks, with real writers on a real director
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -342,3 +343,36 @@ def test_mark_set_is_exact_on_prefixes() -> None:
     assert len(marks) == len(addresses)
     assert all(a in marks for a in addresses)
     assert sum(os.urandom(32) in marks for _ in range(10_000)) == 0
+
+
+def test_a_target_node_announces_its_writer_until_it_closes(repo: Path, tmp_path: Path) -> None:
+    from blockbackup.api import BlockBackup  # the engine: only this test needs it
+    from blockbackup.repository import drivers  # registers the repository nodes
+
+    assert drivers.RepoTargetDriver
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(chunk(1) * 4)
+
+    async def run() -> None:
+        async with BlockBackup() as bb:
+            bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+            options = {
+                "driver": "bb-repo-target",
+                "node-name": "t",
+                "repository": str(repo),
+                "disk": "d",
+                "size": 4 * CHUNK,
+                "key-secret": "k",
+            }
+            node = await bb.blockdev_add(options)
+            marker = [w.id for w in writers.listed(Repository.open(str(repo), PASS).backend)]
+            assert len(marker) == 1
+            assert node.driver.repo.writer_id == marker[0]  # type: ignore[attr-defined]
+            await bb.graph.drop(node)
+            assert not writers.listed(Repository.open(str(repo), PASS).backend)
+            with pytest.raises(Exception, match="no snapshot"):  # a failed open retires too
+                await bb.blockdev_add({**options, "node-name": "u", "base": "nope"})
+            assert not writers.listed(Repository.open(str(repo), PASS).backend)
+
+    asyncio.run(run())

@@ -145,7 +145,10 @@ def resolve(backend: Backend, spec: str) -> str:
 def latest_with_disk(backend: Backend, keys: Keys, disk: str) -> Manifest | None:
     """The newest snapshot that holds a disk called ``disk`` (the base of an incremental)."""
     for snapshot_id in reversed(ids(backend)):
-        manifest = read(backend, keys, snapshot_id)
+        try:
+            manifest = read(backend, keys, snapshot_id)
+        except NotFound:
+            continue  # pruned since the listing
         if any(d.name == disk for d in manifest.disks):
             return manifest
     return None

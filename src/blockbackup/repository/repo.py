@@ -220,7 +220,14 @@ class Repository:
         return catalog.read(self.backend, self.keys, snapshot_id)
 
     def snapshots(self) -> list[Manifest]:
-        return [self.manifest(i) for i in self.snapshot_ids()]
+        """Every snapshot's manifest (one pruned since the listing is left out)."""
+        out = []
+        for snapshot_id in self.snapshot_ids():
+            try:
+                out.append(self.manifest(snapshot_id))
+            except NotFound:
+                continue
+        return out
 
     def select(self, spec: str) -> tuple[Manifest, DiskRecord]:
         """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK`` (``latest:DISK``: the
