@@ -192,7 +192,12 @@ class Repository:
         """The packs the new snapshot relies on (its own, and every pack its disks name)
         that gc condemned or removed. Condemned markers are checked before existence: a
         pack is deleted only after its marker was visible, and its marker after it."""
-        relied = relied | refs.referenced_packs(self.store, disks)
+        try:
+            relied = relied | refs.referenced_packs(self.store, disks)
+        except RepositoryError:  # this object's table may predate another writer's packs
+            fresh = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
+            fresh.load()
+            relied = relied | refs.referenced_packs(fresh, disks)
         condemned_now = condemned.listed(self.backend) & relied
         if condemned_now:
             raise RepositoryError(
