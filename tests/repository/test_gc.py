@@ -376,3 +376,20 @@ def test_a_target_node_announces_its_writer_until_it_closes(repo: Path, tmp_path
             assert not writers.listed(Repository.open(str(repo), PASS).backend)
 
     asyncio.run(run())
+
+
+def test_a_snapshot_pruned_while_listed_is_skipped(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockbackup.repository import catalog
+
+    a = backup(repo, [1])
+    b = backup(repo, [2])
+    opened = Repository.open(str(repo), PASS)
+    listed = catalog.ids(opened.backend)
+    opened.forget(b.id)  # a prune between the listing and the reading
+    monkeypatch.setattr(catalog, "ids", lambda backend: listed)
+    assert [m.id for m in opened.snapshots()] == [a.id]
+    newest = catalog.latest_with_disk(opened.backend, opened.keys, "disk")
+    assert newest is not None
+    assert newest.id == a.id
