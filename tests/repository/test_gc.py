@@ -387,3 +387,27 @@ def test_a_snapshot_pruned_while_listed_is_skipped(
     newest = catalog.latest_with_disk(opened.backend, opened.keys, "disk")
     assert newest is not None
     assert newest.id == a.id
+
+
+def test_a_writer_running_for_days_stays_protected_by_its_heartbeat(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = backup(repo, [1])
+    Repository.open(str(repo), PASS).forget(a.id)
+    writer = Writer(repo)
+    assert writer.repo.writer_id is not None
+    marker = repo / "writers" / writer.repo.writer_id
+    old = time.time() - 3 * 86400
+    os.utime(marker, (old, old))  # started three days ago
+    report = gc(repo)
+    assert [w["id"] for w in report.ignored_writers] == [marker.name]  # no heartbeat yet
+    monkeypatch.setattr(writers, "HEARTBEAT", 0.0)
+    writer.repo.beat_writer()
+    assert (repo / "writers-alive" / marker.name).exists()
+    a2 = backup(repo, [2])
+    Repository.open(str(repo), PASS).forget(a2.id)
+    report = gc(repo)
+    assert [w["id"] for w in report.writers] == [marker.name]
+    assert report.deleted == 0  # condemned after its start: it may rely on them
+    writer.repo.retire_writer()
+    assert not (repo / "writers-alive" / marker.name).exists()

@@ -252,6 +252,7 @@ class RepoTargetDriver(_RepoDisk):
         self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
     ) -> None:
         """Enter prepared chunks into the store and index; merge the partial ones."""
+        self.repo.beat_writer()
         store = self.repo.store
         for i, (address, stored) in prepared.items():
             if address != ZERO_ADDRESS:
@@ -289,6 +290,7 @@ class RepoTargetDriver(_RepoDisk):
                 raise self._wrap(exc) from None
 
     def _flush_sync(self) -> None:
+        self.repo.beat_writer()
         segments = self.index.save()
         self.repo.store.flush()
         record = DiskRecord(self.disk, self.size, self.chunk, segments, dict(self.source))

@@ -119,7 +119,7 @@ class _Gc:
                     writers.retire(self.backend, writer.id)
                 if first:
                     self.report.removed_writers.append(writer.to_json())
-            elif now - writer.time > writers.STALE_AFTER:
+            elif now - writer.last_seen() > writers.STALE_AFTER:
                 if first:
                     self.report.ignored_writers.append(writer.to_json())
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +59,7 @@ class Repository:
         self._store: ChunkStore | None = None
         #: This process's writer marker (``writers/<id>``), while it writes.
         self.writer_id: str | None = None
+        self._last_beat = 0.0
 
     # -- create and open --------------------------------------------------------------------
 
@@ -181,6 +183,15 @@ class Repository:
         """Put this writer's ``writers/<id>`` marker; call before the store is loaded."""
         if self.writer_id is None:
             self.writer_id = writers.announce(self.backend)
+            self._last_beat = time.monotonic()
+
+    def beat_writer(self) -> None:
+        """Re-put the writer's heartbeat if an hour passed (a writer running for days
+        stays protected); cheap to call on every write."""
+        now = time.monotonic()
+        if self.writer_id is not None and now - self._last_beat >= writers.HEARTBEAT:
+            writers.beat(self.backend, self.writer_id)
+            self._last_beat = now
 
     def retire_writer(self) -> None:
         """Delete the marker, after the commit or the failure. Idempotent."""

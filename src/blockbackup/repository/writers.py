@@ -22,8 +22,14 @@ from blockbackup.repository.backend import Backend
 from blockbackup.repository.errors import NotFound
 
 PREFIX = "writers/"
-#: A marker older than this (backend time) is taken for a dead host's and ignored.
+#: ``writers-alive/<id>``: re-put by a long writer, so its marker (whose time must stay W)
+#: is not taken for a dead host's after 24 h.
+ALIVE_PREFIX = "writers-alive/"
+#: A writer whose marker and heartbeat are older than this (backend time) is taken for a
+#: dead host's and ignored.
 STALE_AFTER = 24 * 3600.0
+#: How often a writer re-puts its heartbeat (by its own monotonic clock: pacing only).
+HEARTBEAT = 3600.0
 
 
 def _read(path: str) -> str:
@@ -68,8 +74,14 @@ def announce(backend: Backend) -> str:
     return writer_id
 
 
+def beat(backend: Backend, writer_id: str) -> None:
+    """Say "still running" without touching the marker's time."""
+    backend.put(ALIVE_PREFIX + writer_id, b"")
+
+
 def retire(backend: Backend, writer_id: str) -> None:
     backend.delete(PREFIX + writer_id)
+    backend.delete(ALIVE_PREFIX + writer_id)
 
 
 @dataclass
@@ -77,6 +89,11 @@ class Writer:
     id: str
     time: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: The heartbeat's backend time, if the writer ever beat.
+    alive: float | None = None
+
+    def last_seen(self) -> float:
+        return max(self.time, self.alive or self.time)
 
     def provably_dead(self) -> bool:
         """True only when this host can tell the process is gone: same host, same boot,
@@ -94,7 +111,7 @@ class Writer:
         return bool(_start_ticks(int(info.get("pid", 0))) != info["start"])
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time, **self.info}
+        return {"id": self.id, "time": self.time, "alive": self.alive, **self.info}
 
 
 def listed(backend: Backend) -> list[Writer]:
@@ -109,5 +126,6 @@ def listed(backend: Backend) -> list[Writer]:
             info = json.loads(backend.get(key))
         except (NotFound, ValueError):
             info = {}
-        out.append(Writer(writer_id, time, info if isinstance(info, dict) else {}))
+        alive = backend.modified(ALIVE_PREFIX + writer_id)
+        out.append(Writer(writer_id, time, info if isinstance(info, dict) else {}, alive))
     return out
