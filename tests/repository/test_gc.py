@@ -411,3 +411,18 @@ def test_a_writer_running_for_days_stays_protected_by_its_heartbeat(
     assert report.deleted == 0  # condemned after its start: it may rely on them
     writer.repo.retire_writer()
     assert not (repo / "writers-alive" / marker.name).exists()
+
+
+def test_old_temporary_files_of_killed_puts_are_removed(repo: Path) -> None:
+    backup(repo, [1])
+    old_tmp = repo / "data" / "ab" / ".tmp-0123456789abcdef"
+    old_tmp.parent.mkdir(parents=True, exist_ok=True)
+    old_tmp.write_bytes(b"half a pack")
+    old = time.time() - 2 * 3600
+    os.utime(old_tmp, (old, old))
+    new_tmp = repo / "index" / ".tmp-fedcba9876543210"
+    new_tmp.write_bytes(b"being written")
+    report = gc(repo)
+    assert report.temporaries_removed == 1
+    assert not old_tmp.exists()
+    assert new_tmp.exists()

@@ -152,6 +152,24 @@ class DirectoryBackend:
         except FileNotFoundError:
             return None
 
+    def remove_temporaries(self, before: float) -> int:
+        """Delete the temporary files of killed puts last written before ``before`` (a
+        time from :meth:`modified`); how many. Not in the protocol: an object store
+        keeps no half-written objects."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < before:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
 
 def open_backend(location: str) -> Backend:
     """The backend for a repository location (a directory path; ``s3://`` comes next)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockbackup.repository import catalog, condemned, writers
+from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.chunkstore import (
     decode_pack_header,
     index_key,
@@ -58,6 +59,7 @@ class GcReport:
     freed_bytes: int = 0
     indexes_written: int = 0
     dangling_indexes: int = 0
+    temporaries_removed: int = 0
     writers: list[dict[str, Any]] = field(default_factory=list)
     ignored_writers: list[dict[str, Any]] = field(default_factory=list)
     removed_writers: list[dict[str, Any]] = field(default_factory=list)
@@ -349,6 +351,14 @@ class _Gc:
             backend.delete(pack_key(pack))
             backend.delete(marker)
 
+    def clean_temporaries(self, horizon: float) -> None:
+        """A directory's half-written files of killed puts: those older than an hour
+        before the horizon (so before every live writer started) are no one's."""
+        if isinstance(self.backend, DirectoryBackend) and not self.dry_run:
+            self.report.temporaries_removed = self.backend.remove_temporaries(
+                horizon - _PROBE_MAX_AGE
+            )
+
     def clean_probes(self, now: float) -> None:
         for key in self.backend.list(NOW_PREFIX.rsplit("/", 1)[0] + "/"):
             if not key.startswith(NOW_PREFIX):
@@ -383,4 +393,5 @@ def collect(
     hook("condemned")
     gc.sweep(now)
     gc.clean_probes(now)
+    gc.clean_temporaries(horizon)
     return gc.report
