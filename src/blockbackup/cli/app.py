@@ -9,8 +9,8 @@ The command line: one parser, each subcommand in its own module. Subcommands:
 - ``backup --connect QMP NODE TARGET``: back up a served node to a file, with progress.
 - ``jobs --connect QMP``: list the jobs.
 - ``bitmaps --connect QMP list|add|remove [NODE NAME]``: dirty bitmaps for incrementals.
-- ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``, ``prune``, ``mount``: the
-  backup repository
+- ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``, ``prune``, ``gc``,
+  ``mount``: the backup repository
   (docs/repository.md).
 
 Each subcommand module has ``add_parser(sub)``, which sets ``run`` as the parser's default:
@@ -29,6 +29,7 @@ from blockbackup import __version__
 from blockbackup.cli import (
     backup,
     bitmaps,
+    gc,
     jobs,
     mount,
     prune,
@@ -40,7 +41,7 @@ from blockbackup.cli import (
 )
 from blockbackup.cli.sizes import parse_size
 
-SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, mount)
+SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, gc, mount)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

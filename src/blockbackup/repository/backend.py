@@ -36,6 +36,12 @@ class Backend(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def modified(self, key: str) -> float | None:
+        """The object's last-modified time as the backend stamps it (POSIX seconds; S3
+        LastModified), None if absent. gc compares these only with each other, never with
+        a host clock: a put's stamp is no later than the moment the object is visible."""
+        ...
+
     def describe(self) -> str: ...
 
 
@@ -139,6 +145,30 @@ class DirectoryBackend:
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def remove_temporaries(self, before: float) -> int:
+        """Delete the temporary files of killed puts last written before ``before`` (a
+        time from :meth:`modified`); how many. Not in the protocol: an object store
+        keeps no half-written objects."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < before:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
 
 def open_backend(location: str) -> Backend:

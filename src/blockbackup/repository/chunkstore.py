@@ -15,7 +15,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from blockbackup.repository import blob
+from blockbackup.repository import blob, condemned
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
@@ -99,8 +99,14 @@ class ChunkStore:
             indexed.add(pack)
         for key in self.backend.list("data/"):
             pack = key.rsplit("/", 1)[1]
-            if pack not in indexed:
+            if pack not in indexed and not self._condemned(pack):
                 self._recover(pack)
+
+    def _condemned(self, pack: str) -> bool:
+        """gc condemned this pack (and deleted its index): its recovery would resurrect
+        it. Asked after the index listing, so a marker put before gc deleted the index is
+        seen (docs/repository.md, "Concurrency without locks")."""
+        return self.backend.exists(condemned.marker_key(pack))
 
     def _learn(self, pack: str, header_blob: bytes, what: str) -> None:
         header = blob.decode(self.keys, header_blob, HEADER_AAD, what, 1 << 30)
@@ -110,15 +116,12 @@ class ChunkStore:
     def _recover(self, pack: str) -> None:
         """A pack whose index was never written (its writer was killed): read its header
         from the pack itself and write the missing index."""
-        key = pack_key(pack)
-        size = self.backend.size(key)
-        if size is None or size < len(PACK_MAGIC) + _TRAILER.size:
-            return
-        length, end = _TRAILER.unpack(self.backend.get(key, size - _TRAILER.size, _TRAILER.size))
-        if end != PACK_END or length > size:
+        try:
+            header_blob = read_pack_header(self.backend, pack)
+        except NotFound:
+            return  # deleted by a concurrent gc
+        if header_blob is None:
             return  # a damaged pack: verify reports it; nothing in it is trusted
-        start = size - _TRAILER.size - length
-        header_blob = self.backend.get(key, start, length)
         try:
             self._learn(pack, header_blob, f"pack {pack}")
         except CorruptData:
@@ -205,6 +208,29 @@ class ChunkStore:
 
     def __len__(self) -> int:
         return len(self._table) + len(self._pending)
+
+
+def read_pack_header(backend: Backend, pack: str) -> bytes | None:
+    """The header blob stored at the end of a pack (None if the pack is damaged or too
+    short); ``NotFound`` if the pack is absent."""
+    key = pack_key(pack)
+    size = backend.size(key)
+    if size is None:
+        raise NotFound(f"pack {pack} is missing")
+    if size < len(PACK_MAGIC) + _TRAILER.size:
+        return None
+    length, end = _TRAILER.unpack(backend.get(key, size - _TRAILER.size, _TRAILER.size))
+    if end != PACK_END or length > size - _TRAILER.size - len(PACK_MAGIC):
+        return None
+    header_blob = backend.get(key, size - _TRAILER.size - length, length)
+    return header_blob if len(header_blob) == length else None
+
+
+def decode_pack_header(
+    keys: Keys, header_blob: bytes, what: str
+) -> list[tuple[bytes, int, int, int]]:
+    """(address, offset, stored length, plain length) of each blob a header blob lists."""
+    return _decode_header(blob.decode(keys, header_blob, HEADER_AAD, what, 1 << 30), what)
 
 
 def check_pack_keyless(backend: Backend, pack: str) -> None:

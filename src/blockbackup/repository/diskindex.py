@@ -63,6 +63,10 @@ class DiskIndex:
         self._loaded[segment] = data
         return data
 
+    def segment_bytes(self, segment: int) -> bytes:
+        """The raw addresses of one segment (a commit's re-check walks them)."""
+        return bytes(self._segment(segment))
+
     def get(self, index: int) -> bytes:
         segment, entry = divmod(index, SEGMENT_ENTRIES)
         start = entry * ADDRESS_SIZE

@@ -46,14 +46,24 @@ def _secret(node: BlockNode, opts: Options) -> bytes | None:
     return node.graph.objects.secret(secret_id).data
 
 
-async def _open_repository(node: BlockNode, opts: Options) -> Repository:
+async def _open_repository(node: BlockNode, opts: Options, writer: bool = False) -> Repository:
+    """Open and load the repository; a ``writer`` announces itself first (its marker must
+    exist before it learns any pack, so gc defers deleting what it may rely on)."""
     location = opts.str("repository")
     secret = _secret(node, opts)
     try:
         repo = await asyncio.to_thread(Repository.open, location, secret)
-        await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
     except RepositoryError as exc:
         raise BlockBackupError(str(exc)) from None
+    try:
+        if writer:
+            await asyncio.to_thread(repo.announce_writer)
+        await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
+    except BaseException as exc:
+        await asyncio.to_thread(repo.retire_writer)
+        if isinstance(exc, RepositoryError):
+            raise BlockBackupError(str(exc)) from None
+        raise
     return repo
 
 
@@ -144,7 +154,17 @@ class RepoTargetDriver(_RepoDisk):
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
-        repo = await _open_repository(node, opts)
+        repo = await _open_repository(node, opts, writer=True)
+        try:
+            return await cls._open_target(node, opts, repo)
+        except BaseException:
+            await asyncio.to_thread(repo.retire_writer)
+            raise
+
+    @classmethod
+    async def _open_target(
+        cls, node: BlockNode, opts: Options, repo: Repository
+    ) -> RepoTargetDriver:
         name = opts.str("disk")
         size = opts.int("size")
         base_spec = opts.str("base", "latest")
@@ -232,6 +252,7 @@ class RepoTargetDriver(_RepoDisk):
         self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
     ) -> None:
         """Enter prepared chunks into the store and index; merge the partial ones."""
+        self.repo.beat_writer()
         store = self.repo.store
         for i, (address, stored) in prepared.items():
             if address != ZERO_ADDRESS:
@@ -269,6 +290,7 @@ class RepoTargetDriver(_RepoDisk):
                 raise self._wrap(exc) from None
 
     def _flush_sync(self) -> None:
+        self.repo.beat_writer()
         segments = self.index.save()
         self.repo.store.flush()
         record = DiskRecord(self.disk, self.size, self.chunk, segments, dict(self.source))
@@ -281,6 +303,10 @@ class RepoTargetDriver(_RepoDisk):
                 await asyncio.to_thread(self._flush_sync)
             except RepositoryError as exc:
                 raise self._wrap(exc) from None
+
+    async def close(self) -> None:
+        """Retire the writer marker: the commit (if any) happened before the node closes."""
+        await asyncio.to_thread(self.repo.retire_writer)
 
 
 @register_driver

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from blockbackup.repository import catalog
+from blockbackup.repository import catalog, condemned, refs, writers
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
 from blockbackup.repository.catalog import DiskRecord, Manifest
@@ -56,6 +57,9 @@ class Repository:
         self.id: str = config["id"]
         self.chunk_size: int = config["chunk_size"]
         self._store: ChunkStore | None = None
+        #: This process's writer marker (``writers/<id>``), while it writes.
+        self.writer_id: str | None = None
+        self._last_beat = 0.0
 
     # -- create and open --------------------------------------------------------------------
 
@@ -180,6 +184,47 @@ class Repository:
             raise RepositoryError("cannot remove the last key slot: the data would be lost")
         self.backend.delete(f"keys/{slot_id}")
 
+    # -- writers (gc defers deleting what they may rely on) --------------------------------
+
+    def announce_writer(self) -> None:
+        """Put this writer's ``writers/<id>`` marker; call before the store is loaded."""
+        if self.writer_id is None:
+            self.writer_id = writers.announce(self.backend)
+            self._last_beat = time.monotonic()
+
+    def beat_writer(self) -> None:
+        """Re-put the writer's heartbeat if an hour passed (a writer running for days
+        stays protected); cheap to call on every write."""
+        now = time.monotonic()
+        if self.writer_id is not None and now - self._last_beat >= writers.HEARTBEAT:
+            writers.beat(self.backend, self.writer_id)
+            self._last_beat = now
+
+    def retire_writer(self) -> None:
+        """Delete the marker, after the commit or the failure. Idempotent."""
+        if self.writer_id is not None:
+            writers.retire(self.backend, self.writer_id)
+            self.writer_id = None
+
+    def _refused_packs(self, disks: list[DiskRecord], relied: set[str]) -> list[str]:
+        """The packs the new snapshot relies on (its own, and every pack its disks name)
+        that gc condemned or removed. Condemned markers are checked before existence: a
+        pack is deleted only after its marker was visible, and its marker after it."""
+        try:
+            relied = relied | refs.referenced_packs(self.store, disks)
+        except RepositoryError:  # this object's table may predate another writer's packs
+            fresh = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
+            fresh.load()
+            relied = relied | refs.referenced_packs(fresh, disks)
+        condemned_now = condemned.listed(self.backend) & relied
+        if condemned_now:
+            raise RepositoryError(
+                f"{len(condemned_now)} pack(s) this backup relies on were condemned by a "
+                f"concurrent gc (e.g. {min(condemned_now)}); nothing was committed: "
+                "run the backup again"
+            )
+        return sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+
     # -- chunks and snapshots ---------------------------------------------------------------
 
     @property
@@ -198,7 +243,14 @@ class Repository:
         return catalog.read(self.backend, self.keys, snapshot_id)
 
     def snapshots(self) -> list[Manifest]:
-        return [self.manifest(i) for i in self.snapshot_ids()]
+        """Every snapshot's manifest (one pruned since the listing is left out)."""
+        out = []
+        for snapshot_id in self.snapshot_ids():
+            try:
+                out.append(self.manifest(snapshot_id))
+            except NotFound:
+                continue
+        return out
 
     def select(self, spec: str) -> tuple[Manifest, DiskRecord]:
         """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK`` (``latest:DISK``: the
@@ -238,7 +290,7 @@ class Repository:
         if self._store is not None:
             self._store.flush()
             relied |= self._store.relied | self._store.written
-        missing = sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        missing = self._refused_packs(disks, relied)
         if missing:
             raise RepositoryError(
                 f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
