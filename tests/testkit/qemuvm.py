@@ -53,6 +53,8 @@ class Vm:
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctl: QEMUMonitorProtocol | None = None
+        #: Monitors of :class:`Writer` threads, closed with the VM.
+        self.monitors: list[QEMUMonitorProtocol] = []
 
     def argv(self) -> list[str]:
         assert QEMU is not None
@@ -110,6 +112,12 @@ class Vm:
         self._close_ctl()
 
     def _close_ctl(self) -> None:
+        for mon in self.monitors:
+            try:
+                mon.close()
+            except Exception:
+                pass
+        self.monitors.clear()
         if self.ctl is not None:
             try:
                 self.ctl.close()
@@ -225,6 +233,7 @@ class Writer:
         self.error: BaseException | None = None
         self.mon = QEMUMonitorProtocol(vm.writer_path)
         self.mon.connect()
+        vm.monitors.append(self.mon)
 
     def write(self, disk: int, block: int) -> None:
         n = self.count.get((disk, block), 0) + 1
@@ -263,4 +272,6 @@ class Writer:
                 raise self.error
 
     def close(self) -> None:
+        if self.mon in self.vm.monitors:
+            self.vm.monitors.remove(self.mon)
         self.mon.close()
