@@ -26,10 +26,10 @@ BLOCK = 64 * 1024
 
 
 def run_bb(
-    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [BLOCKBACKUP, *args], capture_output=True, text=True, timeout=timeout, env=env
+        [BLOCKBACKUP, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
 
 

@@ -348,16 +348,46 @@ def test_a_monitor_that_cannot_do_pull_backups_is_named(tmp_path: Path, repo: st
         daemon.wait(30)
 
 
-def test_restore_names_the_disks_a_snapshot_has(tmp_path: Path, repo: str, scratch: Path) -> None:
+def test_encrypted_repository_and_a_relative_scratch_dir(tmp_path: Path) -> None:
+    """The repository's secret comes from the environment; a relative --scratch-dir is
+    ours, not QEMU's working directory; restore names the disks a snapshot has."""
+    env = {**os.environ, "BB_PASSPHRASE": "correct horse"}
+    repo = str(tmp_path / "repo")
+    init = run_bb("repo", "init", repo, "--passphrase-env", "BB_PASSPHRASE", env=env)
+    assert init.returncode == 0, init.stderr
+    (tmp_path / "scratch").mkdir()
     disks = [make_disk(tmp_path, "drive0", "vd0", 4 * MiB)]
+    fill_initial(disks[0].path)
     vm = Vm(tmp_path, disks).start()
     try:
-        result, _ = backup(vm, repo, scratch)
+        result = run_bb(
+            "vm",
+            "backup",
+            "--qmp",
+            vm.qmp,
+            "--repo",
+            repo,
+            "--scratch-dir",
+            "scratch",
+            "--passphrase-env",
+            "BB_PASSPHRASE",
+            "--json",
+            env=env,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        snapshot = json.loads(result.stdout)["snapshot"]
+        assert os.listdir(tmp_path / "scratch") == []
     finally:
         vm.quit()
-    bad = run_bb(
-        "vm", "restore", "--repo", repo, result["snapshot"], "--disk", "nope", str(tmp_path / "x")
-    )
+    out = tmp_path / "out.img"
+    args = ("vm", "restore", "--repo", repo, snapshot, "--passphrase-env", "BB_PASSPHRASE")
+    bad = run_bb(*args, "--disk", "nope", str(out), env=env)
     assert bad.returncode == 1
     assert "has no disk 'nope' (its disks: vm1/drive0)" in bad.stderr
-    assert not (tmp_path / "x").exists()
+    assert not out.exists()
+    good = run_bb(*args, "--disk", "vm1/drive0", str(out), "--format", "qcow2", env=env)
+    assert good.returncode == 0, good.stderr
+    converted = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(out), str(converted)], check=True)
+    assert converted.read_bytes() == initial_bytes(4 * MiB)

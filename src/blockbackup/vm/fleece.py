@@ -77,6 +77,10 @@ class Session:
     server_started: bool = False
     transaction_done: bool = False
 
+    def __post_init__(self) -> None:
+        # QEMU resolves relative paths against its own working directory, not ours
+        self.scratch = os.path.abspath(self.scratch)
+
     @property
     def prefix(self) -> str:
         return names.run_prefix(self.run)
