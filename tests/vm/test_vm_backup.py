@@ -391,3 +391,40 @@ def test_encrypted_repository_and_a_relative_scratch_dir(tmp_path: Path) -> None
     converted = tmp_path / "out.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(out), str(converted)], check=True)
     assert converted.read_bytes() == initial_bytes(4 * MiB)
+
+
+def test_what_qemu_7_2_offers_is_read_from_its_schema(tmp_path: Path) -> None:
+    """``on-cbw-error`` (QEMU 10.1) is passed only where the schema has it."""
+    import asyncio
+    import concurrent.futures
+
+    from qemu.qmp import QMPClient
+
+    from blockbackup.vm.qemu import Qemu
+
+    vm = Vm(tmp_path, [make_disk(tmp_path, "drive0", "vd0", 4 * MiB)]).start()
+
+    async def ask() -> tuple[bool, bool, bool]:
+        client = QMPClient("test")
+        await client.connect(vm.qmp)
+        try:
+            qemu = Qemu(client)
+            await qemu.check_capabilities()
+            return (
+                await qemu.command_takes("blockdev-backup", "sync"),
+                await qemu.command_takes("blockdev-backup", "on-cbw-error"),
+                await qemu.command_takes("no-such-command", "sync"),
+            )
+        finally:
+            await client.disconnect()
+
+    try:
+        # in its own thread: the legacy monitor client of ``vm`` owns this thread's loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            has_sync, has_cbw_error, nothing = pool.submit(asyncio.run, ask()).result()
+        version = vm.cmd("query-version")["qemu"]
+    finally:
+        vm.quit()
+    assert has_sync
+    assert not nothing
+    assert has_cbw_error == ((version["major"], version["minor"]) >= (10, 1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 from typing import Any
 
@@ -58,6 +59,20 @@ def select_disks(disks: list[Any], wanted: list[str]) -> list[Any]:
         if found[0] not in chosen:
             chosen.append(found[0])
     return chosen
+
+
+def _warn_scratch_space(scratch: str, disks: int, version: str) -> None:
+    """QEMU before 10.1 fails a guest's write when the copy-before-write copy cannot be
+    stored: say so when the scratch space is smaller than the disks."""
+    try:
+        free = shutil.disk_usage(scratch).free
+    except OSError:
+        return  # the scratch directory's own error comes when it is used
+    if free < disks:
+        note(
+            f"{scratch} has {free} bytes free and the disks {disks}: if the guest rewrites "
+            f"more than that during the backup, QEMU {version} fails its writes"
+        )
 
 
 def note(text: str) -> None:
@@ -129,6 +144,9 @@ async def _backup(
                 note(f"{name}: full backup: {plan.reason}")
             plans.append((disk, plan))
         session = Session(qemu, names.new_run_id(), args.scratch_dir, args.qmp)
+        session.break_snapshot = await qemu.command_takes("blockdev-backup", "on-cbw-error")
+        if not session.break_snapshot:
+            _warn_scratch_space(args.scratch_dir, sum(d.size for d, _ in plans), qemu.version)
         repo_disks = [repo_disk_name(vm, d.name) for d, _ in plans]
 
         async def copy(bb: Any, source: str, target: str, label: str, job: dict[str, Any]) -> None:

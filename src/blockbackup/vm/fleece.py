@@ -76,6 +76,8 @@ class Session:
     views: list[View] = field(default_factory=list)
     server_started: bool = False
     transaction_done: bool = False
+    #: QEMU 10.1+: a copy-before-write failure breaks the backup, not the guest's write.
+    break_snapshot: bool = False
 
     def __post_init__(self) -> None:
         # QEMU resolves relative paths against its own working directory, not ours
@@ -187,13 +189,15 @@ class Session:
             if view.plan.mode == INCREMENTAL:
                 old = {"node": node, "name": view.plan.checkpoint}
                 actions.append({"type": "block-dirty-bitmap-disable", "data": old})
-            backup = {
+            backup: dict[str, object] = {
                 "job-id": view.job,
                 "device": node,
                 "target": view.fleece,
                 "sync": "none",
                 "filter-node-name": view.filter_node,
             }
+            if self.break_snapshot:
+                backup["on-cbw-error"] = "break-snapshot"
             actions.append({"type": "blockdev-backup", "data": backup})
         return actions
 

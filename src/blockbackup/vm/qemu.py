@@ -149,6 +149,23 @@ class Qemu:
                 "(pull backups need QEMU 5.2 or newer; tested with 7.2)"
             )
 
+    async def command_takes(self, command: str, argument: str) -> bool:
+        """Whether ``command`` has ``argument`` (``query-qmp-schema``), for options that
+        newer QEMUs have and older ones reject."""
+        schema = await self.execute("query-qmp-schema")
+        by_name = {e.get("name"): e for e in schema}
+        entry = next(
+            (e for e in schema if e.get("meta-type") == "command" and e.get("name") == command),
+            None,
+        )
+        if entry is None:
+            return False
+        args = by_name.get(entry.get("arg-type"), {})
+        members = list(args.get("members", []))
+        for variant in args.get("variants", []) or []:
+            members += by_name.get(variant.get("type"), {}).get("members", [])
+        return any(m.get("name") == argument for m in members)
+
     async def name(self) -> str:
         got = await self.execute("query-name")
         return str(got.get("name", "")) if isinstance(got, dict) else ""
