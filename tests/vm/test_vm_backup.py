@@ -316,6 +316,26 @@ def test_someone_elses_nbd_server_is_refused_and_nothing_changes(
         vm.quit()
 
 
+def test_an_nbd_server_a_killed_run_started_is_recognised_and_stopped(
+    tmp_path: Path, repo: str, scratch: Path
+) -> None:
+    """A run killed between nbd-server-start and its first export leaves only the server;
+    it listens in a scratch directory of ours that names this monitor."""
+    vm = Vm(tmp_path, [make_disk(tmp_path, "drive0", "vd0", 4 * MiB)]).start()
+    try:
+        left = scratch / "bbvm-0badc0de"
+        left.mkdir(mode=0o700)
+        (left / "qmp-socket").write_text(os.path.realpath(vm.qmp))
+        path = str(left / "nbd.sock")
+        vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": path}})
+        _result, stderr = backup(vm, repo, scratch)
+        assert "removed what an interrupted run left" in stderr
+        assert "NBD server" in stderr
+        assert_clean(vm, scratch)
+    finally:
+        vm.quit()
+
+
 def test_a_monitor_that_cannot_do_pull_backups_is_named(tmp_path: Path, repo: str) -> None:
     """blockbackup's own daemon speaks QMP but is no QEMU with devices: one clear line."""
     sock = str(tmp_path / "d.sock")

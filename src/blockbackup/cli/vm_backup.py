@@ -185,10 +185,13 @@ async def _backup(
             for problem in problems:
                 note(f"could not undo: {problem}")
             raise
-        problems = await session.teardown()
-        problems += await session.keep_new_checkpoints()
+        try:  # the snapshot is committed: what fails now is only reported
+            problems = await session.teardown()
+            problems += await session.keep_new_checkpoints()
+        except BlockBackupError as exc:
+            problems = [f"{exc} (the next vm backup removes what is left)"]
         for problem in problems:
-            note(f"after the snapshot was committed: {problem}")
+            note(f"after snapshot {result.snapshot} was committed: {problem}")
     return {
         "snapshot": result.snapshot,
         "disks": [
