@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from testkit.qemuvm import BLOCKBACKUP, QEMU, MiB, Model, Vm, Writer, make_disk, run_bb
+from testkit.qemuvm import BLOCKBACKUP, QEMU, DiskSpec, MiB, Model, Vm, Writer, make_disk, run_bb
 
 pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
@@ -227,23 +227,34 @@ def _start_backup(vm: Vm, repo: str, scratch: Path, *extra: str) -> subprocess.P
     return proc
 
 
+def _rewrite(vm: Vm, tmp_path: Path, data: bytes, size: int) -> bytes:
+    """The guest rewrites the first ``size`` bytes with random data; the disk's new content."""
+    fresh = os.urandom(size)
+    (tmp_path / "fresh").write_bytes(fresh)
+    line = f'qemu-io -d vd0/virtio-backend "write -s {tmp_path / "fresh"} 0 {size}"'
+    assert "error" not in vm.cmd("human-monitor-command", **{"command-line": line}).lower()
+    return fresh + data[size:]
+
+
 def test_killed_or_interrupted_backup_leaves_nothing_that_blocks_the_next(
     tmp_path: Path, repo: str, scratch: Path
 ) -> None:
+    """SIGKILL and Ctrl-C in the middle of an incremental: the next run cleans up, and
+    its incremental still holds every write since the last snapshot."""
     raw = tmp_path / "random.raw"
     data = os.urandom(192 * MiB)
     raw.write_bytes(data)
     qcow2 = tmp_path / "drive0.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
     raw.unlink()
-    from testkit.qemuvm import DiskSpec
-
+    changed = 128 * MiB
     vm = Vm(tmp_path, [DiskSpec("drive0", "vd0", qcow2, len(data))]).start()
     try:
         result, _ = backup(vm, repo, scratch)
         kept = result["disks"][0]["checkpoint"]
 
-        proc = _start_backup(vm, repo, scratch, "--full")
+        data = _rewrite(vm, tmp_path, data, changed)
+        proc = _start_backup(vm, repo, scratch)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert vm.ours_left() != []
@@ -251,24 +262,24 @@ def test_killed_or_interrupted_backup_leaves_nothing_that_blocks_the_next(
         assert shown.returncode == 0, shown.stderr
         info = json.loads(shown.stdout)
         assert info["leftovers"], info
-        assert info["disks"][0]["next"]["mode"] == "incremental", info
+        assert info["disks"][0]["next"] == {
+            "mode": "incremental",
+            "checkpoint": kept,
+            "reason": None,
+        }
 
-        # the next run removes what the killed one left, and the kept checkpoint still works
+        # the next run removes what the killed one left; the kept checkpoint still works
         result, stderr = backup(vm, repo, scratch)
         assert "removed what an interrupted run left" in stderr
         assert result["disks"][0]["mode"] == "incremental"
-        assert result["disks"][0]["dirty_bytes"] == 0
+        assert result["disks"][0]["dirty_bytes"] == changed
         assert_clean(vm, scratch)
         kept = result["disks"][0]["checkpoint"]
-        assert checkpoints(vm, "drive0") == [kept]
+        assert checkpoints(vm, "drive0") == [kept]  # the killed run's checkpoint is gone
+        assert restore(repo, result["snapshot"], "drive0", tmp_path / "a.img") == data
 
-        # the guest rewrites most of the disk; an incremental is interrupted with Ctrl-C:
-        # the run undoes its own work, exits 130, and its checkpoint records again
-        fresh = os.urandom(128 * MiB)
-        (tmp_path / "fresh").write_bytes(fresh)
-        line = f'qemu-io -d vd0/virtio-backend "write -s {tmp_path / "fresh"} 0 {len(fresh)}"'
-        assert "error" not in vm.cmd("human-monitor-command", **{"command-line": line}).lower()
-        data = fresh + data[len(fresh) :]
+        # Ctrl-C: the run undoes its own work, exits 130, the checkpoint is as it was
+        data = _rewrite(vm, tmp_path, data, changed)
         proc = _start_backup(vm, repo, scratch)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
@@ -277,13 +288,12 @@ def test_killed_or_interrupted_backup_leaves_nothing_that_blocks_the_next(
         assert_clean(vm, scratch)
         assert checkpoints(vm, "drive0") == [kept]
         assert vm.bitmaps("drive0")[kept]["recording"] is True
-        assert vm.bitmaps("drive0")[kept]["count"] == len(fresh)
+        assert vm.bitmaps("drive0")[kept]["count"] == changed
 
         result, _ = backup(vm, repo, scratch)
         assert result["disks"][0]["mode"] == "incremental"
-        assert result["disks"][0]["dirty_bytes"] == len(fresh)
-        image = restore(repo, result["snapshot"], "drive0", tmp_path / "out.img")
-        assert image == data
+        assert result["disks"][0]["dirty_bytes"] == changed
+        assert restore(repo, result["snapshot"], "drive0", tmp_path / "b.img") == data
     finally:
         vm.quit()
 

@@ -181,7 +181,7 @@ async def _backup(
             )
         except BaseException:
             problems = await session.teardown()
-            problems += await session.restore_checkpoints()
+            problems += await session.remove_new_checkpoints()
             for problem in problems:
                 note(f"could not undo: {problem}")
             raise

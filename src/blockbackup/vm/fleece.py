@@ -8,12 +8,14 @@ The sequence (QEMU 7.2; docs/vm-backup.md has the reasons):
 2. Per disk, ``blockdev-add`` a temporary qcow2 (the *fleece* image) whose backing is the
    disk's node.
 3. One ``transaction`` for all disks: per disk ``block-dirty-bitmap-add`` (the new
-   checkpoint, persistent), ``block-dirty-bitmap-disable`` of the checkpoint an incremental
-   starts from (frozen at the same instant), and ``blockdev-backup sync=none`` from the
-   disk into its fleece image: QEMU inserts its copy-before-write filter above the disk, so
-   every guest write first copies the old data into the fleece image. One transaction is
-   one point in time for every disk.
-4. ``block-export-add`` of each fleece node, read-only, with the frozen checkpoint as the
+   checkpoint, persistent); for an incremental, a disabled bitmap on the fleece node
+   filled by ``block-dirty-bitmap-merge`` from the checkpoint it starts from (a frozen copy
+   of it at this instant; the checkpoint itself keeps recording, so a run killed at any
+   point leaves it usable); and ``blockdev-backup sync=none`` from the disk into its
+   fleece image: QEMU inserts its copy-before-write filter above the disk, so every guest
+   write first copies the old data into the fleece image. One transaction is one point in
+   time for every disk.
+4. ``block-export-add`` of each fleece node, read-only, with the frozen copy as the
    ``qemu:dirty-bitmap:`` context for an incremental.
 
 Why not ``copy-before-write`` + ``snapshot-access`` nodes: they must sit *above* the disk
@@ -54,6 +56,8 @@ class View:
     fleece: str
     file_node: str
     filter_node: str
+    #: An incremental's frozen copy of its checkpoint (a bitmap of the fleece node).
+    frozen: str
     job: str
     export: str
     image: str
@@ -129,6 +133,7 @@ class Session:
                 fleece=f"{base}-fleece",
                 file_node=f"{base}-file",
                 filter_node=f"{base}-cbw",
+                frozen=f"{base}-frozen",
                 job=base,
                 export=base,
                 image=os.path.join(self.run_dir, f"{n}.fleece.qcow2"),
@@ -158,7 +163,7 @@ class Session:
                 "writable": False,
             }
             if view.plan.mode == INCREMENTAL:
-                export["bitmaps"] = [view.plan.checkpoint]
+                export["bitmaps"] = [view.frozen]
             await self.qemu.execute("block-export-add", export)
 
     async def _start_server(self) -> None:
@@ -187,8 +192,19 @@ class Session:
                 }
                 actions.append({"type": "block-dirty-bitmap-add", "data": add})
             if view.plan.mode == INCREMENTAL:
-                old = {"node": node, "name": view.plan.checkpoint}
-                actions.append({"type": "block-dirty-bitmap-disable", "data": old})
+                frozen = {
+                    "node": view.fleece,
+                    "name": view.frozen,
+                    "granularity": granularity,
+                    "disabled": True,
+                }
+                merge = {
+                    "node": view.fleece,
+                    "target": view.frozen,
+                    "bitmaps": [{"node": node, "name": view.plan.checkpoint}],
+                }
+                actions.append({"type": "block-dirty-bitmap-add", "data": frozen})
+                actions.append({"type": "block-dirty-bitmap-merge", "data": merge})
             backup: dict[str, object] = {
                 "job-id": view.job,
                 "device": node,
@@ -225,32 +241,20 @@ class Session:
                     )
         return problems
 
-    async def restore_checkpoints(self) -> list[str]:
+    async def remove_new_checkpoints(self) -> list[str]:
         """After a failure: the checkpoints are as before the run (the one an incremental
-        froze records again, with every write since, so the next backup can use it)."""
+        started from never stopped recording; its frozen copy went with the fleece node)."""
         problems: list[str] = []
         if not self.transaction_done:
             return problems
         for view in self.views:
-            new = view.new_checkpoint
-            if new is None:
+            if view.new_checkpoint is None:
                 continue
-            node = view.disk.node
-            actions: list[dict[str, object]] = []
-            if view.plan.mode == INCREMENTAL:
-                old = view.plan.checkpoint
-                actions += [
-                    {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old}},
-                    {
-                        "type": "block-dirty-bitmap-merge",
-                        "data": {"node": node, "target": old, "bitmaps": [new]},
-                    },
-                ]
-            actions.append(
-                {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}}
-            )
             with _collect(problems):
-                await self.qemu.execute("transaction", {"actions": actions})
+                await self.qemu.execute(
+                    "block-dirty-bitmap-remove",
+                    {"node": view.disk.node, "name": view.new_checkpoint},
+                )
         return problems
 
 

@@ -116,8 +116,7 @@ async def pull_disk(
     dirty: int | None = None
     job: dict[str, Any] = {"sync": "full"}
     if view.plan.mode == INCREMENTAL:
-        assert view.plan.checkpoint is not None
-        runs = await dirty_extents(socket, view.export_name, view.plan.checkpoint, node.size)
+        runs = await dirty_extents(socket, view.export_name, view.frozen, node.size)
         bitmap = bitmaps_of(node).create(DIRTY, driver.chunk, disabled=True)
         for offset, length in runs:
             bitmap.mark_dirty(offset, length)

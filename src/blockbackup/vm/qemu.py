@@ -31,8 +31,6 @@ REQUIRED_COMMANDS = (
     "transaction",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "nbd-server-start",
     "nbd-server-stop",
