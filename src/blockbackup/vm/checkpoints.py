@@ -75,9 +75,7 @@ def plan(disk: Disk, previous: Previous | None, *, full: bool, granularity: int)
     if bitmap.inconsistent:
         return full_backup(f"checkpoint {checkpoint} is inconsistent (QEMU crashed using it)")
     if not bitmap.recording:
-        return full_backup(
-            f"checkpoint {checkpoint} stopped recording (someone disabled it)"
-        )
+        return full_backup(f"checkpoint {checkpoint} stopped recording (someone disabled it)")
     if bitmap.busy:
         return full_backup(f"checkpoint {checkpoint} is in use by another operation")
     if not bitmap.persistent or bitmap.granularity != granularity:
