@@ -298,6 +298,44 @@ def test_killed_or_interrupted_backup_leaves_nothing_that_blocks_the_next(
         vm.quit()
 
 
+def test_a_failed_incremental_leaves_qemu_and_its_checkpoint_as_they_were(
+    tmp_path: Path, scratch: Path
+) -> None:
+    """The repository's file system fills up during an incremental: one line, exit 1,
+    nothing of ours in QEMU, no snapshot, and the checkpoint still holds every write."""
+    from testkit.tmpfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "small", "24m") as small:
+        repo = str(small / "repo")
+        assert run_bb("repo", "init", repo, "--no-encryption").returncode == 0
+        raw = tmp_path / "d.raw"
+        data = os.urandom(8 * MiB) + bytes(40 * MiB)
+        raw.write_bytes(data)
+        qcow2 = tmp_path / "drive0.qcow2"
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+        vm = Vm(tmp_path, [DiskSpec("drive0", "vd0", qcow2, len(data))]).start()
+        try:
+            result, _ = backup(vm, repo, scratch)
+            kept = result["disks"][0]["checkpoint"]
+            _rewrite(vm, tmp_path, data, 32 * MiB)
+            failed = run_bb(
+                "vm", "backup", "--qmp", vm.qmp, "--repo", repo, "--scratch-dir", str(scratch)
+            )
+            assert failed.returncode == 1
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1, failed.stderr
+            assert lines[0].startswith("blockbackup vm backup: ")
+            assert lines[0].endswith("vm1/drive0: backup failed: No space left on device")
+            assert_clean(vm, scratch)
+            assert checkpoints(vm, "drive0") == [kept]
+            assert vm.bitmaps("drive0")[kept]["recording"] is True
+            assert vm.bitmaps("drive0")[kept]["count"] == 32 * MiB
+            listed = run_bb("snapshots", "--repo", repo, "--json")
+            assert [s["id"] for s in json.loads(listed.stdout)] == [result["snapshot"]]
+        finally:
+            vm.quit()
+
+
 def test_someone_elses_nbd_server_is_refused_and_nothing_changes(
     tmp_path: Path, repo: str, scratch: Path
 ) -> None:

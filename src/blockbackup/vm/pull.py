@@ -11,12 +11,15 @@ the checkpoint are read and the target starts from the previous snapshot's disk 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockbackup.api import BlockBackup
+from blockbackup.api import BackupFailed, BlockBackup
 from blockbackup.block.dirty_bitmap import bitmaps_of
+from blockbackup.block.graph import CloseError
+from blockbackup.block.node import BlockNode
 from blockbackup.nbd.client import NbdClient
 from blockbackup.nbd.proto import CONTEXT_BASE_ALLOCATION
 from blockbackup.repository.catalog import DiskRecord
@@ -122,11 +125,26 @@ async def pull_disk(
             bitmap.mark_dirty(offset, length)
         dirty = sum(length for _, length in runs)
         job = {"sync": "bitmap", "bitmap": DIRTY, "bitmap_mode": "never"}
-    await copy(bb, source, target, f"{view.plan.mode} {repo_disk}", job)
+    try:
+        await copy(bb, source, target, f"{view.plan.mode} {repo_disk}", job)
+    except BackupFailed as exc:
+        await _keep_what_was_stored(bb, target_node)
+        raise VmError(f"{repo_disk}: backup failed: {exc}") from None
     result = driver.result
     if result is None:
         raise VmError(f"{repo_disk}: the backup finished without flushing its target")
     return Pulled(result.record, set(result.packs), dirty)
+
+
+async def _keep_what_was_stored(bb: BlockBackup, target: BlockNode) -> None:
+    """After a failed job: flush the target once, so the chunks it stored are reused by the
+    next run, then close it without another try (the job's error is what the user reads)."""
+    try:
+        await target.flush()
+    except OSError:
+        pass
+    with contextlib.suppress(CloseError, OSError):
+        await bb.graph.drop(target)
 
 
 @dataclass
