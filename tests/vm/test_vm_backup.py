@@ -428,9 +428,28 @@ def test_encrypted_repository_and_a_relative_scratch_dir(tmp_path: Path) -> None
     fill_initial(disks[0].path)
     vm = Vm(tmp_path, disks).start()
     try:
+        wrong = run_bb(
+            "vm",
+            "backup",
+            "--qmp",
+            vm.qmp,
+            "--repo",
+            repo,
+            "--disk",
+            "nope",
+            "--passphrase-env",
+            "BB_PASSPHRASE",
+            env=env,
+        )
+        assert wrong.returncode == 1
+        assert wrong.stderr == (
+            "blockbackup vm backup: the VM has no disk 'nope' (its disks: drive0)\n"
+        )
         result = run_bb(
             "vm",
             "backup",
+            "--disk",
+            "vd0",
             "--qmp",
             vm.qmp,
             "--repo",

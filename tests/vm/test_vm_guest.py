@@ -210,6 +210,8 @@ def test_a_booted_guest_writing_during_the_backup_is_restored_at_one_point(tmp_p
     finally:
         vm.quit()
     assert [r["disks"][0]["mode"] for r, _ in results] == ["full", "incremental"]
+    kernel_log = console.read_text(errors="replace")
+    assert "I/O error" not in kernel_log  # the guest never saw the backup
     points = []
     for result, before in results:
         out = tmp_path / "restored.img"
