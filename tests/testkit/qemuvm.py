@@ -197,7 +197,7 @@ class Model:
                 history.setdefault(w.block, []).append((j, w.pattern))
         lo, hi = 0, n
         view, init = memoryview(image), memoryview(initial)
-        for b in range(len(image) // BLOCK):
+        for b in range(-(-len(image) // BLOCK)):  # the last block may be short
             got = view[b * BLOCK : (b + 1) * BLOCK]
             writes = history.get(b)
             if not writes:

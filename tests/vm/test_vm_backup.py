@@ -94,7 +94,7 @@ def test_full_then_incrementals_of_two_disks_at_one_point_in_time(
 ) -> None:
     disks = [
         make_disk(tmp_path, "drive0", "vd0", 64 * MiB),
-        make_disk(tmp_path, "drive1", "vd1", 32 * MiB),
+        make_disk(tmp_path, "drive1", "vd1", 32 * MiB + 1536),  # not whole chunks
     ]
     for d in disks:
         fill_initial(d.path)
