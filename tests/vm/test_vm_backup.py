@@ -336,6 +336,51 @@ def test_a_failed_incremental_leaves_qemu_and_its_checkpoint_as_they_were(
             vm.quit()
 
 
+def test_each_disk_is_released_as_soon_as_it_is_read(
+    tmp_path: Path, repo: str, scratch: Path
+) -> None:
+    """The guest pays the copy-before-write cost of a disk only until that disk is read."""
+    small = make_disk(tmp_path, "drive0", "vd0", 4 * MiB)
+    raw = tmp_path / "big.raw"
+    raw.write_bytes(os.urandom(128 * MiB))
+    big = DiskSpec("drive1", "vd1", tmp_path / "drive1.qcow2", 128 * MiB)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(big.path)], check=True)
+    raw.unlink()
+    vm = Vm(tmp_path, [small, big]).start()
+    try:
+        proc = subprocess.Popen(
+            [
+                BLOCKBACKUP,
+                "vm",
+                "backup",
+                "--qmp",
+                vm.qmp,
+                "--repo",
+                repo,
+                "--scratch-dir",
+                str(scratch),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        seen = []
+        while proc.poll() is None:
+            jobs = sorted(j["device"] for j in vm.cmd("query-block-jobs"))
+            if jobs and jobs not in seen:
+                seen.append(jobs)
+            time.sleep(0.01)
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        assert [len(jobs) for jobs in seen][:2] == [2, 1], seen
+        assert seen[1][0].endswith("-1"), seen  # the big disk's view stayed, the small one went
+        assert json.loads(out)["disks"][1]["mode"] == "full"
+        assert_clean(vm, scratch)
+    finally:
+        vm.quit()
+
+
 def test_someone_elses_nbd_server_is_refused_and_nothing_changes(
     tmp_path: Path, repo: str, scratch: Path
 ) -> None:

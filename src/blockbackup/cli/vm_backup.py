@@ -177,6 +177,7 @@ async def _backup(
                     copy,
                     sources,
                     {"vm": vm} if vm else {},
+                    session.release,
                 )
             )
         except BaseException:

@@ -226,6 +226,14 @@ class Session:
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
         return problems
 
+    async def release(self, view: View) -> list[str]:
+        """Remove one view as soon as its disk is read: the guest stops paying the
+        copy-before-write cost for that disk while the others are still read."""
+        problems = await remove_objects(self.qemu, "", stop_server=False, exact=view.job)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, view.image)
+        return problems
+
     async def keep_new_checkpoints(self) -> list[str]:
         """After the commit: each disk keeps only the checkpoint this snapshot recorded."""
         problems: list[str] = []
@@ -273,14 +281,27 @@ def _collect(problems: list[str]) -> Iterator[None]:
         problems.append(str(exc))
 
 
-async def remove_objects(qemu: Qemu, prefix: str, *, stop_server: bool) -> list[str]:
+async def remove_objects(
+    qemu: Qemu, prefix: str, *, stop_server: bool, exact: str | None = None
+) -> list[str]:
     """Delete every export, job and node whose name starts with ``prefix`` (and the NBD
     server when ``stop_server``), in the order that frees each before the next; the
-    files of the deleted nodes' scratch directories go too. Returns what failed."""
+    files of the deleted nodes' scratch directories go too. Returns what failed.
+
+    ``exact``: only the objects of one view (named ``exact`` or ``exact-...``), and no
+    directory (the run's other views still use it)."""
+    if exact is not None:
+        prefix = exact
+
+        def mine(name: str) -> bool:
+            return name == exact or name.startswith(f"{exact}-")
+    else:
+
+        def mine(name: str) -> bool:
+            return name.startswith(prefix)
+
     problems: list[str] = []
-    exports = [
-        e["id"] for e in await qemu.execute("query-block-exports") if e["id"].startswith(prefix)
-    ]
+    exports = [e["id"] for e in await qemu.execute("query-block-exports") if mine(e["id"])]
     for export in exports:
         with _collect(problems):
             await qemu.execute("block-export-del", {"id": export, "mode": "hard"})
@@ -288,17 +309,13 @@ async def remove_objects(qemu: Qemu, prefix: str, *, stop_server: bool) -> list[
     if stop_server:
         with _collect(problems):
             await qemu.execute("nbd-server-stop")
-    jobs = [
-        j["device"]
-        for j in await qemu.execute("query-block-jobs")
-        if j["device"].startswith(prefix)
-    ]
+    jobs = [j["device"] for j in await qemu.execute("query-block-jobs") if mine(j["device"])]
     for job in jobs:
         with _collect(problems):
             await qemu.execute("block-job-cancel", {"device": job, "force": True})
     await _settle(qemu, "query-block-jobs", "device", jobs)
     nodes = await qemu.nodes()
-    ours = [n for n in nodes if str(n["node-name"]).startswith(prefix)]
+    ours = [n for n in nodes if mine(str(n["node-name"]))]
     dirs = {
         os.path.dirname(str(n.get("file", "")))
         for n in ours
@@ -312,7 +329,7 @@ async def remove_objects(qemu: Qemu, prefix: str, *, stop_server: bool) -> list[
         except QmpFailed as exc:
             if "Failed to find node" not in exc.desc:
                 problems.append(str(exc))
-    for directory in dirs:
+    for directory in dirs if exact is None else ():
         if names.is_run_dir_name(os.path.basename(directory)):
             await asyncio.to_thread(shutil.rmtree, directory, True)
     return problems

@@ -165,9 +165,11 @@ async def pull_all(
     copy: Copier,
     sources: list[dict[str, Any]],
     tags: dict[str, str],
+    release: Callable[[View], Awaitable[object]] | None = None,
 ) -> Result:
     """Every view into the repository, then one manifest for them all (``sources``: what
-    each disk's record says about where it came from, the new checkpoint among it)."""
+    each disk's record says about where it came from, the new checkpoint among it;
+    ``release``: called with each view once its disk is read and flushed)."""
     async with BlockBackup() as bb:
         key = None
         if secret_object is not None:
@@ -176,6 +178,9 @@ async def pull_all(
         pulled = []
         for n, (view, name) in enumerate(zip(views, repo_disks, strict=True)):
             pulled.append(await pull_disk(bb, view, n, socket, name, repo, key, copy))
+            if release is not None:
+                await bb.graph.drop(bb.graph.get(f"src{n}"))  # our NBD client first
+                await release(view)
         drivers = [bb.graph.get(f"tgt{n}").driver for n in range(len(views))]
         targets = [d for d in drivers if isinstance(d, RepoTargetDriver)]
         records = []
