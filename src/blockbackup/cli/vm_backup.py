@@ -150,7 +150,9 @@ async def _backup(
         repo_disks = [repo_disk_name(vm, d.name) for d, _ in plans]
 
         async def copy(bb: Any, source: str, target: str, label: str, job: dict[str, Any]) -> None:
-            await copy_with_progress(bb, source, target, label, args.json, **job)
+            # only the copies are cut short by a signal: the commit that follows them is
+            # one write, and a snapshot must not appear after the run undid its checkpoint
+            await stop.interrupt(copy_with_progress(bb, source, target, label, args.json, **job))
 
         try:
             stop.check()
@@ -167,18 +169,16 @@ async def _backup(
                 }
                 for view in session.views
             ]
-            result = await stop.interrupt(
-                pull_all(
-                    session.views,
-                    session.nbd_socket,
-                    repo_disks,
-                    args.repo,
-                    secret_object(secret),
-                    copy,
-                    sources,
-                    {"vm": vm} if vm else {},
-                    session.release,
-                )
+            result = await pull_all(
+                session.views,
+                session.nbd_socket,
+                repo_disks,
+                args.repo,
+                secret_object(secret),
+                copy,
+                sources,
+                {"vm": vm} if vm else {},
+                session.release,
             )
         except BaseException:
             problems = await session.teardown()
