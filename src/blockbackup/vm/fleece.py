@@ -66,7 +66,8 @@ class View:
 
     @property
     def export_name(self) -> str:
-        return self.disk.name
+        """The NBD export's name: the export's id, unique where disk names may not be."""
+        return self.export
 
 
 @dataclass
