@@ -218,11 +218,12 @@ def _start_backup(vm: Vm, repo: str, scratch: Path, *extra: str) -> subprocess.P
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not any(j["device"].startswith("bbvm-") for j in vm.cmd("query-block-jobs")):
+    # the export is the last step in QEMU: from then on blockbackup reads (128 MiB)
+    while not any(e["id"].startswith("bbvm-") for e in vm.cmd("query-block-exports")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
-        time.sleep(0.02)
-    time.sleep(0.3)  # into the copy
+        time.sleep(0.01)
+    time.sleep(0.05)
     assert proc.poll() is None, "the backup must still be running (make the disk larger)"
     return proc
 
@@ -373,8 +374,8 @@ def test_each_disk_is_released_as_soon_as_it_is_read(
             time.sleep(0.01)
         out, err = proc.communicate()
         assert proc.returncode == 0, err
-        assert [len(jobs) for jobs in seen][:2] == [2, 1], seen
-        assert seen[1][0].endswith("-1"), seen  # the big disk's view stayed, the small one went
+        # at some moment the big disk's view was there and the small one's was gone
+        assert any(len(jobs) == 1 and jobs[0].endswith("-1") for jobs in seen), seen
         assert json.loads(out)["disks"][1]["mode"] == "full"
         assert_clean(vm, scratch)
     finally:
