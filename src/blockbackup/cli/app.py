@@ -12,6 +12,7 @@ The command line: one parser, each subcommand in its own module. Subcommands:
 - ``repo init|key|backup``, ``snapshots``, ``restore``, ``verify``, ``prune``, ``gc``,
   ``mount``: the backup repository
   (docs/repository.md).
+- ``vm backup|checkpoints|restore``: pull backups of a running QEMU's disks (docs/vm-backup.md).
 
 Each subcommand module has ``add_parser(sub)``, which sets ``run`` as the parser's default:
 ``main`` dispatches through it, so adding a command touches its own module and one line here.
@@ -38,10 +39,13 @@ from blockbackup.cli import (
     serve,
     snapshots,
     verify,
+    vm,
 )
 from blockbackup.cli.sizes import parse_size
 
-SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, gc, mount)
+SUBCOMMANDS = (
+    serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, gc, mount, vm
+)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

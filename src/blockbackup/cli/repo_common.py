@@ -137,15 +137,18 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text)
 
 
-async def copy_with_progress(bb: Any, source: str, target: str, label: str, quiet: bool) -> None:
-    """Run the backup job ``source`` -> ``target`` with a progress bar on a terminal."""
+async def copy_with_progress(
+    bb: Any, source: str, target: str, label: str, quiet: bool, **job_options: Any
+) -> None:
+    """Run the backup job ``source`` -> ``target`` with a progress bar on a terminal
+    (``job_options``: other ``bb.backup`` arguments than the default ``sync="full"``)."""
     from blockbackup.jobs.backup import BackupPerf  # lazy: start-up cost
 
     # The repository's chunk size, stated (a raw file target has no cluster size to ask);
     # few workers: the repository node handles one request at a time, so more would only
     # hold more buffers (64 workers: ~195 MiB RSS for a 256 MiB image, 8: see below)
     perf = BackupPerf(cluster_size=CHUNK_SIZE, max_workers=8)
-    job = await bb.backup(source, target, sync="full", perf=perf)
+    job = await bb.backup(source, target, perf=perf, **{"sync": "full", **job_options})
     waiter = asyncio.ensure_future(bb.wait(job))
     console = Console(stderr=True)
     with Progress(
