@@ -43,9 +43,7 @@ from blockbackup.cli import (
 )
 from blockbackup.cli.sizes import parse_size
 
-SUBCOMMANDS = (
-    serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, gc, mount, vm
-)
+SUBCOMMANDS = (serve, backup, jobs, bitmaps, repo, snapshots, restore, verify, prune, gc, mount, vm)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -28,10 +28,10 @@ from blockbackup.repository.chunkstore import (
     read_pack_header,
 )
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
-from blockbackup.repository.verify_select import record_key as verified_key
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.marks import MarkSet
 from blockbackup.repository.repo import Repository
+from blockbackup.repository.verify_select import record_key as verified_key
 
 NOW_PREFIX = "gc/now-"
 #: Leftover time probes of killed gcs older than this (backend seconds) are removed.
