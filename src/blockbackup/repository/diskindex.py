@@ -85,7 +85,7 @@ class DiskIndex:
                 self.segments[segment] = ZERO_ADDRESS
             else:
                 address = self.store.keys.address(data)
-                self.store.add(address, data)
+                self.store.add(address, data, index=True)
                 self.segments[segment] = address
         self._dirty.clear()
         return list(self.segments)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from blockbackup.block.driver import BlockDriver, Extent, Limits, Status, WriteFlags, io_error
 from blockbackup.block.driver import register as register_driver
@@ -316,15 +316,19 @@ class RepoSnapshotDriver(_RepoDisk):
 
     def _fetch(self, offset: int, length: int, addresses: list[bytes]) -> bytearray:
         """The bytes of ``addresses`` (from the chunk of ``offset`` on), cut to the range.
-        Only reads the store: safe in parallel threads (nothing is pending in it)."""
+        Neighbouring chunks of a pack come in one read (``read_many``). Only reads the
+        store: safe in parallel threads (nothing is pending in it)."""
         out = bytearray(length)
         first = offset // self.chunk
+        chunks = self.repo.store.read_many([a for a in addresses if a != ZERO_ADDRESS])
         for n, address in enumerate(addresses):
             start = (first + n) * self.chunk
             lo, hi = max(start, offset), min(start + self.chunk, offset + length)
             if address == ZERO_ADDRESS:
                 continue
-            data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
+            data = chunks[address]
+            if isinstance(data, CorruptData):
+                _damaged(data, self.disk, start, self.damaged)
             out[lo - offset : hi - offset] = data[lo - start : hi - start]
         return out
 
@@ -351,6 +355,10 @@ def _read_chunk(
     try:
         return repo.store.read(address)
     except CorruptData as exc:
-        detail = f"disk {disk} at offset {start}: {exc}"
-        damaged.append(detail)
-        raise io_error(errno.EIO, detail) from None
+        _damaged(exc, disk, start, damaged)
+
+
+def _damaged(exc: CorruptData, disk: str, start: int, damaged: list[str]) -> NoReturn:
+    detail = f"disk {disk} at offset {start}: {exc}"
+    damaged.append(detail)
+    raise io_error(errno.EIO, detail) from None
