@@ -18,7 +18,7 @@ from blockbackup.repository.keys import Keys
 
 COMPRESSED = 1
 ENCRYPTED = 2
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1
 
 # A zstandard (de)compressor object must not be used by two threads at once (it crashes
 # the process): chunks are encoded in parallel threads, so each thread has its own.
