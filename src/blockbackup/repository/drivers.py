@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from typing import ClassVar, NoReturn
 
 from blockbackup.block.driver import BlockDriver, Extent, Limits, Status, WriteFlags, io_error
@@ -74,7 +75,10 @@ class _RepoDisk(BlockDriver):
         self.disk = name
         self.chunk = index.chunk_size
         #: One request at a time touches the index and the store (they are not thread-safe).
-        self._lock = asyncio.Lock()
+        #: A thread lock, taken by the thread that does the work: a write then costs one
+        #: hop to a thread (hash and encode in parallel, then enter under the lock), not
+        #: one hop per step with an event-loop lock between them.
+        self._lock = threading.Lock()
         #: What damaged data reads met, each naming the chunk, pack and disk offset (a job
         #: reports only the errno; the command that ran it reports these).
         self.damaged: list[str] = []
@@ -98,13 +102,15 @@ class _RepoDisk(BlockDriver):
             pos = stop
         return out
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        async with self._lock:
-            return await asyncio.to_thread(self._read_sync, offset, length)
+    def _locked_read(self, offset: int, length: int) -> bytearray:
+        with self._lock:
+            return self._read_sync(offset, length)
 
-    async def block_status(self, offset: int, length: int) -> Extent:
-        """Zero entries are zero; stored chunks are data. One run of either kind."""
-        async with self._lock:
+    async def read(self, offset: int, length: int) -> bytearray:
+        return await asyncio.to_thread(self._locked_read, offset, length)
+
+    def _status_sync(self, offset: int, length: int) -> Extent:
+        with self._lock:  # a lookup may load (read) a segment of the index
             i = offset // self.chunk
             zero = self.index.get(i) == ZERO_ADDRESS
             end = min(offset + length, self.size)
@@ -113,6 +119,10 @@ class _RepoDisk(BlockDriver):
                 pos += self.chunk
         status = Status.ALLOCATED | (Status.ZERO if zero else Status.DATA)
         return Extent(offset, min(pos, end) - offset, status)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Zero entries are zero; stored chunks are data. One run of either kind."""
+        return await asyncio.to_thread(self._status_sync, offset, length)
 
 
 class TargetResult:
@@ -251,22 +261,31 @@ class RepoTargetDriver(_RepoDisk):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
-        view = memoryview(data)
         try:
-            prepared = await asyncio.to_thread(self._prepare, offset, view)
-            async with self._lock:
-                await asyncio.to_thread(self._apply, offset, view, prepared)
-                if flags & WriteFlags.FUA:
-                    await asyncio.to_thread(self._flush_sync)
+            await asyncio.to_thread(self._write_blocking, offset, memoryview(data), flags)
         except RepositoryError as exc:
             raise self._wrap(exc) from None
 
+    def _write_blocking(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        prepared = self._prepare(offset, view)  # in parallel with other requests
+        with self._lock:
+            self._apply(offset, view, prepared)
+            if flags & WriteFlags.FUA:
+                self._flush_sync()
+
+    def _write_zeroes_sync(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._write_sync(offset, None, length)
+
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._write_sync, offset, None, length)
-            except RepositoryError as exc:
-                raise self._wrap(exc) from None
+        try:
+            await asyncio.to_thread(self._write_zeroes_sync, offset, length)
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
+
+    def _locked_flush(self) -> None:
+        with self._lock:
+            self._flush_sync()
 
     def _flush_sync(self) -> None:
         segments = self.index.save()
@@ -276,11 +295,10 @@ class RepoTargetDriver(_RepoDisk):
 
     async def flush(self) -> None:
         """Make every chunk written so far and the disk index durable (no snapshot yet)."""
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._flush_sync)
-            except RepositoryError as exc:
-                raise self._wrap(exc) from None
+        try:
+            await asyncio.to_thread(self._locked_flush)
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
 
 
 @register_driver
@@ -312,7 +330,8 @@ class RepoSnapshotDriver(_RepoDisk):
     def _addresses(self, offset: int, length: int) -> list[bytes]:
         first = offset // self.chunk
         last = (offset + length - 1) // self.chunk
-        return [self.index.get(i) for i in range(first, last + 1)]
+        with self._lock:
+            return [self.index.get(i) for i in range(first, last + 1)]
 
     def _fetch(self, offset: int, length: int, addresses: list[bytes]) -> bytearray:
         """The bytes of ``addresses`` (from the chunk of ``offset`` on), cut to the range.
@@ -329,17 +348,19 @@ class RepoSnapshotDriver(_RepoDisk):
             data = chunks[address]
             if isinstance(data, CorruptData):
                 _damaged(data, self.disk, start, self.damaged)
-            out[lo - offset : hi - offset] = data[lo - start : hi - start]
+            with memoryview(data) as view:  # a slice of bytes would be a copy
+                out[lo - offset : hi - offset] = view[lo - start : hi - start]
         return out
+
+    def _read_blocking(self, offset: int, length: int) -> bytearray:
+        return self._fetch(offset, length, self._addresses(offset, length))
 
     async def read(self, offset: int, length: int) -> bytearray:
         """The index lookup (which may load a segment) holds the lock; reading, checking and
         decrypting the chunks does not, so a copy's parallel reads run in parallel."""
         if length == 0:
             return bytearray()
-        async with self._lock:
-            addresses = await asyncio.to_thread(self._addresses, offset, length)
-        return await asyncio.to_thread(self._fetch, offset, length, addresses)
+        return await asyncio.to_thread(self._read_blocking, offset, length)
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
