@@ -63,6 +63,15 @@ class DiskIndex:
         self._loaded[segment] = data
         return data
 
+    def loaded_segment(self, index: int) -> tuple[int, int] | None:
+        """(first, end) chunk numbers of the segment holding chunk ``index`` if looking
+        them up reads nothing (it is in memory, or all zero), else None."""
+        segment = index // SEGMENT_ENTRIES
+        if segment not in self._loaded and self.segments[segment] != ZERO_ADDRESS:
+            return None
+        first = segment * SEGMENT_ENTRIES
+        return first, first + self._entries_in(segment)
+
     def get(self, index: int) -> bytes:
         segment, entry = divmod(index, SEGMENT_ENTRIES)
         start = entry * ADDRESS_SIZE

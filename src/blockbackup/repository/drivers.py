@@ -111,17 +111,30 @@ class _RepoDisk(BlockDriver):
 
     def _status_sync(self, offset: int, length: int) -> Extent:
         with self._lock:  # a lookup may load (read) a segment of the index
-            i = offset // self.chunk
-            zero = self.index.get(i) == ZERO_ADDRESS
-            end = min(offset + length, self.size)
-            pos = (i + 1) * self.chunk
-            while pos < end and (self.index.get(pos // self.chunk) == ZERO_ADDRESS) == zero:
-                pos += self.chunk
+            return self._status(offset, length, self.size)
+
+    def _status(self, offset: int, length: int, limit: int) -> Extent:
+        i = offset // self.chunk
+        zero = self.index.get(i) == ZERO_ADDRESS
+        end = min(offset + length, limit)
+        pos = (i + 1) * self.chunk
+        while pos < end and (self.index.get(pos // self.chunk) == ZERO_ADDRESS) == zero:
+            pos += self.chunk
         status = Status.ALLOCATED | (Status.ZERO if zero else Status.DATA)
         return Extent(offset, min(pos, end) - offset, status)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        """Zero entries are zero; stored chunks are data. One run of either kind."""
+        """Zero entries are zero; stored chunks are data. One run of either kind.
+
+        Answered on the loop when the lock is free and the index segment is in memory
+        (up to that segment's end: nothing to read), else in a thread."""
+        if self._lock.acquire(blocking=False):
+            try:
+                segment = self.index.loaded_segment(offset // self.chunk)
+                if segment is not None:
+                    return self._status(offset, length, min(self.size, segment[1] * self.chunk))
+            finally:
+                self._lock.release()
         return await asyncio.to_thread(self._status_sync, offset, length)
 
 
