@@ -59,6 +59,7 @@ class Run:
     what: str
     seconds: float
     rss: int  # bytes
+    cpu: float = 0.0  # user + system seconds of the command
     stored: int | None = None
     note: str = ""
     output: str = ""
@@ -149,7 +150,7 @@ def measure(
     measured = json.loads(result.read_text())
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{stderr}{stdout}")
-    return Run(tool, what, measured["seconds"], measured["maxrss"], output=stdout)
+    return Run(tool, what, measured["seconds"], measured["maxrss"], measured["cpu"], output=stdout)
 
 
 def tree_size(path: Path) -> int:
@@ -241,7 +242,8 @@ def run_all(work: Path, size: int, rng: random.Random) -> None:
     result = json.loads(bitmap.output)
     bitmap.stored = tree_size(ours_repo) - before
     bitmap.note = (f"library in-process, timed from target open to commit "
-                   f"({bitmap.seconds:.2f} s with process start and writing the changes)")
+                   f"({bitmap.seconds:.2f} s with process start and writing the changes; "
+                   f"CPU is the whole process's)")
     bitmap.seconds = result["seconds"]
     restic2 = go("restic", "second backup",
                  ["restic", "-r", str(restic_repo), "backup", "disk.img"], restic_repo)
@@ -273,12 +275,12 @@ def report(runs: list[Run], size: int, first: Run, bitmap: Run, nobitmap: Run, r
            restore: Run, restic_restore: Run, verify: Run, restic_check: Run) -> None:
     by = {(r.tool, r.what): r for r in runs}
     print()
-    print(f"{'tool':7} {'command':24} {'seconds':>8} {'MiB/s':>8} {'stored MiB':>11} "
-          f"{'peak RSS':>9}")
+    print(f"{'tool':7} {'command':24} {'seconds':>8} {'MiB/s':>8} {'CPU s':>7} "
+          f"{'stored MiB':>11} {'peak RSS':>9}")
     for r in runs:
         stored_text = "" if r.stored is None else f"{r.stored / MiB:11.1f}"
         print(f"{r.tool:7} {r.what:24} {r.seconds:8.2f} {size / MiB / r.seconds:8.0f} "
-              f"{stored_text:>11} {r.rss / MiB:7.1f} M")
+              f"{r.cpu:7.2f} {stored_text:>11} {r.rss / MiB:7.1f} M")
     for r in runs:
         if r.note:
             print(f"  {r.tool} {r.what}: {r.note}")

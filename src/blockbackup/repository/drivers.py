@@ -214,8 +214,10 @@ class RepoTargetDriver(_RepoDisk):
             chunk_len = self.index.chunk_length(i)
             stop = min(start + chunk_len, end)
             if pos == start and stop == start + chunk_len:
-                piece = bytes(chunk_len) if data is None else data[pos - offset : stop - offset]
-                self._put_chunk(i, piece)
+                if data is None:  # a whole chunk of zeroes: no buffer, no scan
+                    self.index.set(i, ZERO_ADDRESS)
+                else:
+                    self._put_chunk(i, data[pos - offset : stop - offset])
             else:
                 merged = self._read_sync(start, chunk_len)
                 merged[pos - start : stop - start] = (
