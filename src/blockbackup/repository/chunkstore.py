@@ -280,7 +280,11 @@ class ChunkStore:
         try:
             pack_id = sealed.future.result()
         except BaseException:
-            sealed.future = None
+            # Every pack that failed meanwhile is written again by the next flush, rather
+            # than raising that same error (a disk that was full then) once more.
+            for other in self._sealed:
+                if other.future is not None and other.future.exception() is not None:
+                    other.future = None
             raise
         self.written.add(pack_id)
         for address, (offset, length, plain) in sealed.pack.entries.items():
