@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from typing import Any
@@ -75,8 +76,8 @@ async def main(repo: str, image: str, changes: list[list[int]]) -> dict[str, Any
 
 
 def _data(length: int, seed: int) -> bytes:
-    """Random bytes, different per change (restic and borg see the same image after it)."""
-    return os.urandom(length) if seed >= 0 else bytes(length)
+    """Random bytes, the same for the same seed (restic and borg see the same image)."""
+    return random.Random(seed).randbytes(length)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run a command; write its wall seconds, CPU seconds and its own peak RSS (``wait4``) as JSON to a file.
+"""Run a command; write its wall and CPU seconds and its own peak RSS (``wait4``) as JSON.
 
 Why a wrapper: a child started from a big process by vfork (``subprocess``, ``posix_spawn``)
 inherits that process's RSS high-water mark at ``exec``, so ``ru_maxrss`` would report the
@@ -24,5 +24,7 @@ if __name__ == "__main__":
     code = os.waitstatus_to_exitcode(status)
     with open(result, "w") as f:
         cpu = usage.ru_utime + usage.ru_stime
-        json.dump({"seconds": seconds, "cpu": cpu, "maxrss": usage.ru_maxrss * 1024, "code": code}, f)
+        json.dump(
+            {"seconds": seconds, "cpu": cpu, "maxrss": usage.ru_maxrss * 1024, "code": code}, f
+        )
     sys.exit(code if code >= 0 else 1)

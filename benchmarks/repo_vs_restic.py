@@ -70,8 +70,11 @@ class Run:
 
 def ensure_packages() -> None:
     """restic and borg from Debian when missing (as ``./dev`` installs its packages)."""
-    missing = [pkg for cmd, pkg in (("restic", "restic"), ("borg", "borgbackup"))
-               if shutil.which(cmd) is None]
+    missing = [
+        pkg
+        for cmd, pkg in (("restic", "restic"), ("borg", "borgbackup"))
+        if shutil.which(cmd) is None
+    ]
     if not missing:
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
@@ -127,8 +130,11 @@ def make_changes(size: int, rng: random.Random) -> list[list[int]]:
     for _ in range(10):
         offset = rng.randrange(0, size - run) & ~4095
         changes.append([offset, run, rng.randrange(1 << 30)])
-    for _ in range(size * 5 // 1000 // 4096):
-        changes.append([rng.randrange(0, size // 4096) * 4096, 4096, rng.randrange(1 << 30)])
+    scattered = size * 5 // 1000 // 4096
+    changes += [
+        [rng.randrange(0, size // 4096) * 4096, 4096, rng.randrange(1 << 30)]
+        for _ in range(scattered)
+    ]
     return changes
 
 
@@ -209,12 +215,21 @@ def run_all(work: Path, size: int, rng: random.Random) -> None:
         BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
     )
     secret = ["--passphrase-env", "BB_PASSPHRASE"]
-    subprocess.run([*OURS, "repo", "init", str(ours_repo), *secret], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["restic", "-r", str(restic_repo), "init"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["borg", "init", "--encryption=repokey", str(borg_repo)], env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*OURS, "repo", "init", str(ours_repo), *secret],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        ["restic", "-r", str(restic_repo), "init"], env=env, check=True, stdout=subprocess.DEVNULL
+    )
+    subprocess.run(
+        ["borg", "init", "--encryption=repokey", str(borg_repo)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     runs: list[Run] = []
 
     def go(tool: str, what: str, argv: list[str], repo: Path | None) -> Run:
@@ -229,80 +244,137 @@ def run_all(work: Path, size: int, rng: random.Random) -> None:
     ours_backup = [*OURS, "backup", "disk.img", "--repo", str(ours_repo), *secret, "--json"]
     first = go("ours", "first backup", ours_backup, ours_repo)
     first_id = json.loads(first.output)["snapshot"]
-    go("restic", "first backup", ["restic", "-r", str(restic_repo), "backup", "disk.img"],
-       restic_repo)
+    go(
+        "restic",
+        "first backup",
+        ["restic", "-r", str(restic_repo), "backup", "disk.img"],
+        restic_repo,
+    )
     go("borg", "first backup", ["borg", "create", f"{borg_repo}::first", "disk.img"], borg_repo)
 
-    print(f"changing {changed / MiB:.1f} MiB ({100 * changed / size:.1f}%): "
-          f"10 runs + {len(changes) - 10} scattered 4 KiB writes")
+    print(
+        f"changing {changed / MiB:.1f} MiB ({100 * changed / size:.1f}%): "
+        f"10 runs + {len(changes) - 10} scattered 4 KiB writes"
+    )
     before = tree_size(ours_repo)
-    bitmap = go("ours", "second, dirty bitmap",
-                [sys.executable, str(HERE / "_repo_bitmap.py"), str(ours_repo), str(image),
-                 str(work / "changes.json")], None)
+    bitmap = go(
+        "ours",
+        "second, dirty bitmap",
+        [
+            sys.executable,
+            str(HERE / "_repo_bitmap.py"),
+            str(ours_repo),
+            str(image),
+            str(work / "changes.json"),
+        ],
+        None,
+    )
     result = json.loads(bitmap.output)
     bitmap.stored = tree_size(ours_repo) - before
-    bitmap.note = (f"library in-process, timed from target open to commit "
-                   f"({bitmap.seconds:.2f} s with process start and writing the changes; "
-                   f"CPU is the whole process's)")
+    bitmap.note = (
+        f"library in-process, timed from target open to commit "
+        f"({bitmap.seconds:.2f} s with process start and writing the changes; "
+        f"CPU is the whole process's)"
+    )
     bitmap.seconds = result["seconds"]
-    restic2 = go("restic", "second backup",
-                 ["restic", "-r", str(restic_repo), "backup", "disk.img"], restic_repo)
-    go("borg", "second backup", ["borg", "create", f"{borg_repo}::second", "disk.img"],
-       borg_repo)
-    nobitmap = go("ours", "second, no bitmap",
-                  [*ours_backup, "--base", first_id], ours_repo)
+    restic2 = go(
+        "restic",
+        "second backup",
+        ["restic", "-r", str(restic_repo), "backup", "disk.img"],
+        restic_repo,
+    )
+    go("borg", "second backup", ["borg", "create", f"{borg_repo}::second", "disk.img"], borg_repo)
+    nobitmap = go("ours", "second, no bitmap", [*ours_backup, "--base", first_id], ours_repo)
     nobitmap.note = "stored: its changes are already stored by the bitmap run (deduplicated)"
 
     out = work / "restored"
     out.mkdir()
-    restore = go("ours", "restore", [*OURS, "restore", "--repo", str(ours_repo), *secret,
-                                     "latest", str(out / "ours.img")], None)
-    restic_restore = go("restic", "restore", ["restic", "-r", str(restic_repo), "restore",
-                                              "latest", "--target", str(out / "restic")], None)
+    restore = go(
+        "ours",
+        "restore",
+        [*OURS, "restore", "--repo", str(ours_repo), *secret, "latest", str(out / "ours.img")],
+        None,
+    )
+    restic_restore = go(
+        "restic",
+        "restore",
+        ["restic", "-r", str(restic_repo), "restore", "latest", "--target", str(out / "restic")],
+        None,
+    )
     if not filecmp.cmp(out / "ours.img", image, shallow=False):
         raise SystemExit("our restore differs from the image")
     shutil.rmtree(out)
-    verify = go("ours", "verify (all snapshots)",
-                [*OURS, "verify", "--repo", str(ours_repo), *secret], None)
-    restic_check = go("restic", "check --read-data",
-                      ["restic", "-r", str(restic_repo), "check", "--read-data"], None)
+    verify = go(
+        "ours", "verify (all snapshots)", [*OURS, "verify", "--repo", str(ours_repo), *secret], None
+    )
+    restic_check = go(
+        "restic",
+        "check --read-data",
+        ["restic", "-r", str(restic_repo), "check", "--read-data"],
+        None,
+    )
 
-    report(runs, size, first, bitmap, nobitmap, restic2, restore, restic_restore, verify,
-           restic_check)
+    report(
+        runs, size, first, bitmap, nobitmap, restic2, restore, restic_restore, verify, restic_check
+    )
 
 
-def report(runs: list[Run], size: int, first: Run, bitmap: Run, nobitmap: Run, restic2: Run,
-           restore: Run, restic_restore: Run, verify: Run, restic_check: Run) -> None:
+def report(
+    runs: list[Run],
+    size: int,
+    first: Run,
+    bitmap: Run,
+    nobitmap: Run,
+    restic2: Run,
+    restore: Run,
+    restic_restore: Run,
+    verify: Run,
+    restic_check: Run,
+) -> None:
     by = {(r.tool, r.what): r for r in runs}
     print()
-    print(f"{'tool':7} {'command':24} {'seconds':>8} {'MiB/s':>8} {'CPU s':>7} "
-          f"{'stored MiB':>11} {'peak RSS':>9}")
+    print(
+        f"{'tool':7} {'command':24} {'seconds':>8} {'MiB/s':>8} {'CPU s':>7} "
+        f"{'stored MiB':>11} {'peak RSS':>9}"
+    )
     for r in runs:
         stored_text = "" if r.stored is None else f"{r.stored / MiB:11.1f}"
-        print(f"{r.tool:7} {r.what:24} {r.seconds:8.2f} {size / MiB / r.seconds:8.0f} "
-              f"{r.cpu:7.2f} {stored_text:>11} {r.rss / MiB:7.1f} M")
+        print(
+            f"{r.tool:7} {r.what:24} {r.seconds:8.2f} {size / MiB / r.seconds:8.0f} "
+            f"{r.cpu:7.2f} {stored_text:>11} {r.rss / MiB:7.1f} M"
+        )
     for r in runs:
         if r.note:
             print(f"  {r.tool} {r.what}: {r.note}")
     restic1, borg1 = by[("restic", "first backup")], by[("borg", "first backup")]
-    assert restic2.stored is not None and bitmap.stored is not None
-    goals = [
-        ("first backup vs restic", restic1.seconds / first.seconds, 4.0, ">="),
-        ("first backup vs borg", borg1.seconds / first.seconds, 5.0, ">="),
-        ("second, bitmap, speed vs restic", restic2.seconds / bitmap.seconds, 20.0, ">="),
-        ("second, bitmap, stored vs restic", bitmap.stored / max(restic2.stored, 1), 0.2, "<="),
-        ("second, no bitmap, speed vs restic", restic2.seconds / nobitmap.seconds, 3.0, ">="),
-        ("restore vs restic", restic_restore.seconds / restore.seconds, 3.0, ">="),
-        ("verify vs restic check --read-data", restic_check.seconds / verify.seconds, 3.0, ">="),
+    assert restic2.stored is not None
+    assert bitmap.stored is not None
+    speed = [
+        ("first backup vs restic", restic1, first, 4.0),
+        ("first backup vs borg", borg1, first, 5.0),
+        ("second, bitmap, speed vs restic", restic2, bitmap, 20.0),
+        ("second, no bitmap, speed vs restic", restic2, nobitmap, 3.0),
+        ("restore vs restic", restic_restore, restore, 3.0),
+        ("verify vs restic check --read-data", restic_check, verify, 3.0),
     ]
     print()
-    for name, ratio, goal, op in goals:
-        ok = ratio >= goal if op == ">=" else ratio <= goal
-        print(f"{name:38} {ratio:7.2f}x  (goal {op} {goal}x)  {'PASS' if ok else 'FAIL'}")
+    print("goal (wall-time ratio; the CPU-time ratio is steadier on a loaded machine)")
+    for name, theirs, ours, goal in speed:
+        ratio = theirs.seconds / ours.seconds
+        cpu = theirs.cpu / max(ours.cpu, 1e-3)
+        verdict = "PASS" if ratio >= goal else "FAIL"
+        print(f"{name:38} {ratio:7.2f}x  (goal >= {goal}x)  {verdict}   CPU {cpu:5.2f}x")
+    stored_ratio = bitmap.stored / max(restic2.stored, 1)
+    verdict = "PASS" if stored_ratio <= 0.2 else "FAIL"
+    print(
+        f"{'second, bitmap, stored vs restic':38} {stored_ratio:7.2f}x  (goal <= 0.2x)  {verdict}"
+    )
     worst = max((r for r in runs if r.tool == "ours"), key=lambda r: r.rss)
     ok = worst.rss < RSS_LIMIT
-    print(f"{'peak RSS of our commands (max)':38} {worst.rss / MiB:6.1f} MiB ({worst.what})"
-          f"  (goal < 200 MiB)  {'PASS' if ok else 'FAIL'}")
+    print(
+        f"{'peak RSS of our commands (max)':38} {worst.rss / MiB:6.1f} MiB ({worst.what})"
+        f"  (goal < 200 MiB)  {'PASS' if ok else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

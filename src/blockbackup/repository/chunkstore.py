@@ -215,9 +215,7 @@ class ChunkStore:
         ``index``: the blob is a disk index segment (counted apart from data chunks)."""
         if self.has(address):
             return self.add_encoded(address, b"", len(data), index)
-        return self.add_encoded(
-            address, blob.encode(self.keys, data, address), len(data), index
-        )
+        return self.add_encoded(address, blob.encode(self.keys, data, address), len(data), index)
 
     def add_encoded(
         self, address: bytes, stored: bytes | bytearray, plain: int, index: bool = False
@@ -374,7 +372,9 @@ class ChunkStore:
             data = memoryview(self.backend.get(pack_key(pack), start, end - start))
         except NotFound:
             for _p, _o, address, _l in run:
-                out[address] = CorruptData(f"chunk {address.hex()} in pack {pack}: the pack is missing")
+                out[address] = CorruptData(
+                    f"chunk {address.hex()} in pack {pack}: the pack is missing"
+                )
             return
         for _p, offset, address, location in run:
             try:

@@ -231,11 +231,11 @@ class RepoTargetDriver(_RepoDisk):
             return exc
         return io_error(errno.EIO, str(exc))
 
-    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes]]:
+    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes | bytearray]]:
         """Address and encoded blob of each chunk ``data`` covers whole: the costly part
         (hash, compress, encrypt), done outside the lock so requests run it in parallel.
         A zero chunk or one already stored gets an empty blob."""
-        out: dict[int, tuple[bytes, bytes]] = {}
+        out: dict[int, tuple[bytes, bytes | bytearray]] = {}
         end = offset + len(data)
         i = -(-offset // self.chunk)
         while i * self.chunk < end:
@@ -254,7 +254,7 @@ class RepoTargetDriver(_RepoDisk):
         return out
 
     def _apply(
-        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
+        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes | bytearray]]
     ) -> None:
         """Enter prepared chunks into the store and index; merge the partial ones."""
         store = self.repo.store

@@ -195,4 +195,12 @@ def check_pack(repo: Repository, pack: str, blobs: dict[bytes, Location]) -> Pac
     return checked
 
 
-__all__ = ["Damage", "PackCheck", "Report", "RepositoryError", "check_pack", "check_packs", "verify"]
+__all__ = [
+    "Damage",
+    "PackCheck",
+    "Report",
+    "RepositoryError",
+    "check_pack",
+    "check_packs",
+    "verify",
+]
