@@ -62,7 +62,10 @@ def test_backup_snapshots_restore(tmp_path: Path) -> None:
     assert init["encryption"] == "aes-256-gcm"
     first = js(bb("backup", disk, "--repo", repo, "--passphrase-env", "BBP", "--json"))
     assert first["disk"] == "disk.img"
-    assert first["stored_chunks"] == 4 * MiB // 65536 + 1  # data chunks + the index segment
+    # data chunks and the disk index's segment blob are counted apart
+    assert first["stored_chunks"] == 4 * MiB // 65536
+    assert first["stored_index_blobs"] == 1
+    assert first["stored_bytes"] > 4 * MiB > first["stored_index_bytes"] > 0
 
     changed = bytearray(data)
     changed[5 * MiB : 5 * MiB + 4096] = os.urandom(4096)
@@ -80,7 +83,8 @@ def test_backup_snapshots_restore(tmp_path: Path) -> None:
             "--json",
         )
     )
-    assert second["stored_chunks"] == 2  # one changed chunk and its segment
+    assert second["stored_chunks"] == 1  # the changed chunk...
+    assert second["stored_index_blobs"] == 1  # ...and its segment
     assert second["base"] == first["snapshot"]
 
     listing = js(bb("snapshots", "--repo", repo, "--passphrase-env", "BBP", "--json"))

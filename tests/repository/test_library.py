@@ -272,10 +272,11 @@ def test_verify_names_every_snapshot_disk_and_offset_a_damaged_chunk_affects(
 
 def test_a_failed_pack_write_keeps_the_store_consistent(tmp_path: Path) -> None:
     """A full disk fails the pack's put with ENOSPC; the store keeps its pending chunks
-    intact, takes more, and writes them all once there is space again."""
-    with mounted_tmpfs(tmp_path / "fs", "4m") as fs:
+    intact, takes more, and writes them all once there is space again. Packs are written
+    behind (by writer threads), so the error comes from a later add or the flush."""
+    with mounted_tmpfs(tmp_path / "fs", "6m") as fs:
         filler = fs / "filler"
-        filler.write_bytes(bytes(2 << 20))
+        filler.write_bytes(bytes(4 << 20))
         repo = Repository.init(str(fs / "r"), None, pack_size=1 << 20)
         added: list[bytes] = []
         error = None
@@ -286,6 +287,11 @@ def test_a_failed_pack_write_keeps_the_store_consistent(tmp_path: Path) -> None:
             except OSError as exc:
                 error = exc
                 break
+        if error is None:
+            try:
+                repo.store.flush()
+            except OSError as exc:
+                error = exc
         assert error is not None
         assert error.errno == errno.ENOSPC
         filler.unlink()  # space again

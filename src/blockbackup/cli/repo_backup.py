@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     result = asyncio.run(_backup(args, secret, name))
     text = (
         f"snapshot {result['snapshot']}: disk {name}, {result['size']} bytes, "
-        f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks, "
+        f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks "
+        f"and {result['stored_index_blobs']} disk index blobs, "
         f"{result['reused_chunks']} chunks already in the repository"
     )
     emit(args, result, text)
@@ -97,8 +98,11 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "snapshot": manifest.id,
             "disk": name,
             "size": source.size,
-            "stored_chunks": store.stored_blobs,
+            # data chunks and the disk index's segment blobs, counted apart
+            "stored_chunks": store.stored_blobs - store.stored_index_blobs,
+            "stored_index_blobs": store.stored_index_blobs,
             "stored_bytes": store.stored_bytes,
+            "stored_index_bytes": store.stored_index_bytes,
             "reused_chunks": store.reused_blobs,
             "base": result.record.source.get("base"),
         }

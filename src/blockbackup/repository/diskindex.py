@@ -67,6 +67,15 @@ class DiskIndex:
         """The raw addresses of one segment (a commit's re-check walks them)."""
         return bytes(self._segment(segment))
 
+    def loaded_segment(self, index: int) -> tuple[int, int] | None:
+        """(first, end) chunk numbers of the segment holding chunk ``index`` if looking
+        them up reads nothing (it is in memory, or all zero), else None."""
+        segment = index // SEGMENT_ENTRIES
+        if segment not in self._loaded and self.segments[segment] != ZERO_ADDRESS:
+            return None
+        first = segment * SEGMENT_ENTRIES
+        return first, first + self._entries_in(segment)
+
     def get(self, index: int) -> bytes:
         segment, entry = divmod(index, SEGMENT_ENTRIES)
         start = entry * ADDRESS_SIZE
@@ -89,7 +98,7 @@ class DiskIndex:
                 self.segments[segment] = ZERO_ADDRESS
             else:
                 address = self.store.keys.address(data)
-                self.store.add(address, data)
+                self.store.add(address, data, index=True)
                 self.segments[segment] = address
         self._dirty.clear()
         return list(self.segments)

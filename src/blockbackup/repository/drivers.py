@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import ClassVar
+import threading
+from typing import ClassVar, NoReturn
 
 from blockbackup.block.driver import BlockDriver, Extent, Limits, Status, WriteFlags, io_error
 from blockbackup.block.driver import register as register_driver
@@ -84,7 +85,10 @@ class _RepoDisk(BlockDriver):
         self.disk = name
         self.chunk = index.chunk_size
         #: One request at a time touches the index and the store (they are not thread-safe).
-        self._lock = asyncio.Lock()
+        #: A thread lock, taken by the thread that does the work: a write then costs one
+        #: hop to a thread (hash and encode in parallel, then enter under the lock), not
+        #: one hop per step with an event-loop lock between them.
+        self._lock = threading.Lock()
         #: What damaged data reads met, each naming the chunk, pack and disk offset (a job
         #: reports only the errno; the command that ran it reports these).
         self.damaged: list[str] = []
@@ -108,21 +112,40 @@ class _RepoDisk(BlockDriver):
             pos = stop
         return out
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        async with self._lock:
-            return await asyncio.to_thread(self._read_sync, offset, length)
+    def _locked_read(self, offset: int, length: int) -> bytearray:
+        with self._lock:
+            return self._read_sync(offset, length)
 
-    async def block_status(self, offset: int, length: int) -> Extent:
-        """Zero entries are zero; stored chunks are data. One run of either kind."""
-        async with self._lock:
-            i = offset // self.chunk
-            zero = self.index.get(i) == ZERO_ADDRESS
-            end = min(offset + length, self.size)
-            pos = (i + 1) * self.chunk
-            while pos < end and (self.index.get(pos // self.chunk) == ZERO_ADDRESS) == zero:
-                pos += self.chunk
+    async def read(self, offset: int, length: int) -> bytearray:
+        return await asyncio.to_thread(self._locked_read, offset, length)
+
+    def _status_sync(self, offset: int, length: int) -> Extent:
+        with self._lock:  # a lookup may load (read) a segment of the index
+            return self._status(offset, length, self.size)
+
+    def _status(self, offset: int, length: int, limit: int) -> Extent:
+        i = offset // self.chunk
+        zero = self.index.get(i) == ZERO_ADDRESS
+        end = min(offset + length, limit)
+        pos = (i + 1) * self.chunk
+        while pos < end and (self.index.get(pos // self.chunk) == ZERO_ADDRESS) == zero:
+            pos += self.chunk
         status = Status.ALLOCATED | (Status.ZERO if zero else Status.DATA)
         return Extent(offset, min(pos, end) - offset, status)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Zero entries are zero; stored chunks are data. One run of either kind.
+
+        Answered on the loop when the lock is free and the index segment is in memory
+        (up to that segment's end: nothing to read), else in a thread."""
+        if self._lock.acquire(blocking=False):
+            try:
+                segment = self.index.loaded_segment(offset // self.chunk)
+                if segment is not None:
+                    return self._status(offset, length, min(self.size, segment[1] * self.chunk))
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(self._status_sync, offset, length)
 
 
 class TargetResult:
@@ -211,8 +234,10 @@ class RepoTargetDriver(_RepoDisk):
             chunk_len = self.index.chunk_length(i)
             stop = min(start + chunk_len, end)
             if pos == start and stop == start + chunk_len:
-                piece = bytes(chunk_len) if data is None else data[pos - offset : stop - offset]
-                self._put_chunk(i, piece)
+                if data is None:  # a whole chunk of zeroes: no buffer, no scan
+                    self.index.set(i, ZERO_ADDRESS)
+                else:
+                    self._put_chunk(i, data[pos - offset : stop - offset])
             else:
                 merged = self._read_sync(start, chunk_len)
                 merged[pos - start : stop - start] = (
@@ -226,11 +251,11 @@ class RepoTargetDriver(_RepoDisk):
             return exc
         return io_error(errno.EIO, str(exc))
 
-    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes]]:
+    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes | bytearray]]:
         """Address and encoded blob of each chunk ``data`` covers whole: the costly part
         (hash, compress, encrypt), done outside the lock so requests run it in parallel.
         A zero chunk or one already stored gets an empty blob."""
-        out: dict[int, tuple[bytes, bytes]] = {}
+        out: dict[int, tuple[bytes, bytes | bytearray]] = {}
         end = offset + len(data)
         i = -(-offset // self.chunk)
         while i * self.chunk < end:
@@ -249,7 +274,7 @@ class RepoTargetDriver(_RepoDisk):
         return out
 
     def _apply(
-        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes]]
+        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes | bytearray]]
     ) -> None:
         """Enter prepared chunks into the store and index; merge the partial ones."""
         self.repo.beat_writer()
@@ -272,22 +297,31 @@ class RepoTargetDriver(_RepoDisk):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
-        view = memoryview(data)
         try:
-            prepared = await asyncio.to_thread(self._prepare, offset, view)
-            async with self._lock:
-                await asyncio.to_thread(self._apply, offset, view, prepared)
-                if flags & WriteFlags.FUA:
-                    await asyncio.to_thread(self._flush_sync)
+            await asyncio.to_thread(self._write_blocking, offset, memoryview(data), flags)
         except RepositoryError as exc:
             raise self._wrap(exc) from None
 
+    def _write_blocking(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
+        prepared = self._prepare(offset, view)  # in parallel with other requests
+        with self._lock:
+            self._apply(offset, view, prepared)
+            if flags & WriteFlags.FUA:
+                self._flush_sync()
+
+    def _write_zeroes_sync(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._write_sync(offset, None, length)
+
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._write_sync, offset, None, length)
-            except RepositoryError as exc:
-                raise self._wrap(exc) from None
+        try:
+            await asyncio.to_thread(self._write_zeroes_sync, offset, length)
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
+
+    def _locked_flush(self) -> None:
+        with self._lock:
+            self._flush_sync()
 
     def _flush_sync(self) -> None:
         self.repo.beat_writer()
@@ -298,11 +332,10 @@ class RepoTargetDriver(_RepoDisk):
 
     async def flush(self) -> None:
         """Make every chunk written so far and the disk index durable (no snapshot yet)."""
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._flush_sync)
-            except RepositoryError as exc:
-                raise self._wrap(exc) from None
+        try:
+            await asyncio.to_thread(self._locked_flush)
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
 
     async def close(self) -> None:
         """Retire the writer marker: the commit (if any) happened before the node closes."""
@@ -338,30 +371,37 @@ class RepoSnapshotDriver(_RepoDisk):
     def _addresses(self, offset: int, length: int) -> list[bytes]:
         first = offset // self.chunk
         last = (offset + length - 1) // self.chunk
-        return [self.index.get(i) for i in range(first, last + 1)]
+        with self._lock:
+            return [self.index.get(i) for i in range(first, last + 1)]
 
     def _fetch(self, offset: int, length: int, addresses: list[bytes]) -> bytearray:
         """The bytes of ``addresses`` (from the chunk of ``offset`` on), cut to the range.
-        Only reads the store: safe in parallel threads (nothing is pending in it)."""
+        Neighbouring chunks of a pack come in one read (``read_many``). Only reads the
+        store: safe in parallel threads (nothing is pending in it)."""
         out = bytearray(length)
         first = offset // self.chunk
+        chunks = self.repo.store.read_many([a for a in addresses if a != ZERO_ADDRESS])
         for n, address in enumerate(addresses):
             start = (first + n) * self.chunk
             lo, hi = max(start, offset), min(start + self.chunk, offset + length)
             if address == ZERO_ADDRESS:
                 continue
-            data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
-            out[lo - offset : hi - offset] = data[lo - start : hi - start]
+            data = chunks[address]
+            if isinstance(data, CorruptData):
+                _damaged(data, self.disk, start, self.damaged)
+            with memoryview(data) as view:  # a slice of bytes would be a copy
+                out[lo - offset : hi - offset] = view[lo - start : hi - start]
         return out
+
+    def _read_blocking(self, offset: int, length: int) -> bytearray:
+        return self._fetch(offset, length, self._addresses(offset, length))
 
     async def read(self, offset: int, length: int) -> bytearray:
         """The index lookup (which may load a segment) holds the lock; reading, checking and
         decrypting the chunks does not, so a copy's parallel reads run in parallel."""
         if length == 0:
             return bytearray()
-        async with self._lock:
-            addresses = await asyncio.to_thread(self._addresses, offset, length)
-        return await asyncio.to_thread(self._fetch, offset, length, addresses)
+        return await asyncio.to_thread(self._read_blocking, offset, length)
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
@@ -377,6 +417,10 @@ def _read_chunk(
     try:
         return repo.store.read(address)
     except CorruptData as exc:
-        detail = f"disk {disk} at offset {start}: {exc}"
-        damaged.append(detail)
-        raise io_error(errno.EIO, detail) from None
+        _damaged(exc, disk, start, damaged)
+
+
+def _damaged(exc: CorruptData, disk: str, start: int, damaged: list[str]) -> NoReturn:
+    detail = f"disk {disk} at offset {start}: {exc}"
+    damaged.append(detail)
+    raise io_error(errno.EIO, detail) from None
