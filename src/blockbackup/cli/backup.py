@@ -15,7 +15,7 @@ from blockbackup.cli.backup_run import BackupRequest, backup
 from blockbackup.cli.exitcodes import EXIT_USAGE
 from blockbackup.cli.progress import Output
 from blockbackup.cli.qmpclient import Monitor, StopSignals, add_connect_argument, run_command
-from blockbackup.cli.repo_common import add_secret_args
+from blockbackup.cli.repo_common import add_secret_args, add_storage_args
 from blockbackup.cli.sizes import parse_size
 
 _DESCRIPTION = """\
@@ -55,6 +55,7 @@ def add_parser(sub: Any) -> None:
         "target", metavar="TARGET", nargs="?", help="the backup file to create (not with --repo)"
     )
     backup.add_argument("--repo", metavar="PATH", help="back up IMAGE into this repository")
+    add_storage_args(backup)
     backup.add_argument("--name", help="with --repo: the disk's name (default: IMAGE's base name)")
     backup.add_argument(
         "--base",

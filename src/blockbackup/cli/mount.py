@@ -24,7 +24,9 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     secret_object,
+    storage_options,
 )
+from blockbackup.repository.backend import is_remote
 
 
 def add_parser(sub: Any) -> None:
@@ -42,16 +44,19 @@ def run(args: argparse.Namespace) -> int:
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     secret = open_secret(args)
-    repo = Repository.open(args.repo, secret)
+    repo = Repository.open(args.repo, secret, storage_options(args))
     manifest, disk = repo.select(args.snapshot)  # errors here, before anything is served
     return asyncio.run(_serve(args, secret, manifest.id, disk.name))
 
 
-def _options(repo: str, snapshot: str, disk: str, key: dict[str, Any] | None) -> dict[str, Any]:
+def _options(
+    repo: str, snapshot: str, disk: str, key: dict[str, Any] | None, storage: dict[str, str]
+) -> dict[str, Any]:
     node: dict[str, Any] = {
         "driver": "bb-repo-snapshot",
         "node-name": "snapshot",
-        "repository": os.path.abspath(repo),
+        "repository": repo if is_remote(repo) else os.path.abspath(repo),
+        **storage,
         "snapshot": snapshot,
         "disk": disk,
         "read-only": True,
@@ -74,7 +79,10 @@ async def _serve(args: argparse.Namespace, secret: bytes | None, snapshot: str, 
     argv: list[str] = []
     if key is not None:
         argv += ["--object", f"secret,id={key['id']},data={key['data']},format=base64"]
-    argv += ["--blockdev", json.dumps(_options(args.repo, snapshot, disk, key))]
+    argv += [
+        "--blockdev",
+        json.dumps(_options(args.repo, snapshot, disk, key, storage_options(args))),
+    ]
     argv += ["--nbd-server", f"addr.type=unix,addr.path={sock}"]
     argv += ["--export", f"type=nbd,id=e0,node-name=snapshot,name={name},writable=off"]
     uri = f"nbd+unix:///{name}?socket={sock}"

@@ -14,10 +14,12 @@ from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
     add_secret_args,
+    add_storage_args,
     emit,
     guarded,
     open_repository,
     read_secret,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -30,6 +32,7 @@ def add_parser(sub: Any) -> None:
     init.add_argument("path", metavar="PATH")
     add_secret_args(init)
     init.add_argument("--no-encryption", action="store_true", help="store data unencrypted")
+    add_storage_args(init)
     add_json_arg(init)
     init.set_defaults(run=_init)
 
@@ -70,7 +73,7 @@ def _init(args: argparse.Namespace) -> int:
                 "(or --no-encryption)"
             )
         secret, kind = got
-    repo = Repository.init(args.path, secret, kind)
+    repo = Repository.init(args.path, secret, kind, options=storage_options(args))
     encryption = repo.config["encryption"]
     emit(
         args,
@@ -85,7 +88,7 @@ def _key_list(args: argparse.Namespace) -> int:
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     # the slots are not secret: listing them needs no key
-    slots = Repository.key_slots_at(args.repo)
+    slots = Repository.key_slots_at(args.repo, storage_options(args))
     rows = [
         {"slot": s, "kind": v["kind"], "created": v["created"], "comment": v.get("comment", "")}
         for s, v in sorted(slots.items())

@@ -21,6 +21,7 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     secret_object,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -76,6 +77,7 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "disk": name,
             "size": source.size,
             "base": args.base,
+            **storage_options(args),
         }
         if key is not None:
             target_options["key-secret"] = key["id"]

@@ -21,6 +21,7 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     secret_object,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -68,6 +69,7 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
             "repository": args.repo,
             "snapshot": spec or "latest",
             "read-only": True,
+            **storage_options(args),
         }
         if disk:
             snap_options["disk"] = disk

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from blockbackup.repository import blob
 from blockbackup.repository.backend import Backend
+from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
 
@@ -86,17 +87,30 @@ class ChunkStore:
 
     # -- loading ----------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Learn every stored blob: the pack indexes, then packs that lack one."""
+    def load(self, cache: IndexCache | None = None) -> None:
+        """Learn every stored blob: the pack indexes, then packs that lack one. With a
+        ``cache`` (remote repositories), an index already cached costs no request."""
         indexed: set[str] = set()
         for key in self.backend.list("index/"):
             pack = key.rsplit("/", 1)[1]
+            stored = cache.get(pack) if cache is not None else None
+            if stored is not None and cache is not None:
+                try:
+                    self._learn(pack, stored, f"index {pack}")
+                    indexed.add(pack)
+                    continue
+                except CorruptData:
+                    cache.forget(pack)  # a damaged copy: fetch it again
             try:
                 stored = self.backend.get(key)
             except NotFound:
                 continue  # deleted by a concurrent gc between list and get
             self._learn(pack, stored, f"index {pack}")
             indexed.add(pack)
+            if cache is not None:
+                cache.put(pack, stored)
+        if cache is not None:
+            cache.keep_only(indexed)
         for key in self.backend.list("data/"):
             pack = key.rsplit("/", 1)[1]
             if pack not in indexed:

@@ -35,6 +35,7 @@ from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.errors import CorruptData, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
+from blockbackup.repository.s3config import OPTION_NAMES as STORAGE_OPTIONS
 
 __all__ = ["RepoSnapshotDriver", "RepoTargetDriver", "TargetResult"]
 
@@ -48,9 +49,11 @@ def _secret(node: BlockNode, opts: Options) -> bytes | None:
 
 async def _open_repository(node: BlockNode, opts: Options) -> Repository:
     location = opts.str("repository")
+    # where an s3:// repository is; never credentials (those stay in the environment)
+    storage = {name: opts.str(name, None) for name in STORAGE_OPTIONS}
     secret = _secret(node, opts)
     try:
-        repo = await asyncio.to_thread(Repository.open, location, secret)
+        repo = await asyncio.to_thread(Repository.open, location, secret, storage)
         await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
     except RepositoryError as exc:
         raise BlockBackupError(str(exc)) from None

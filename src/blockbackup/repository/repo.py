@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from blockbackup.repository import catalog
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
+from blockbackup.repository.cache import index_cache
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
 from blockbackup.repository.errors import (
@@ -30,6 +32,8 @@ from blockbackup.repository.keys import Keys
 FORMAT = "blockbackup-repository"
 VERSION = 1
 CHUNK_SIZE = 64 * 1024
+#: Storage settings for ``open_backend`` (endpoint, region, addressing-style), or None.
+StorageOptions = Mapping[str, str | None] | None
 _CONFIG_KEYS = {
     "format",
     "version",
@@ -66,9 +70,11 @@ class Repository:
         secret: bytes | None,
         kind: str = "passphrase",
         pack_size: int = DEFAULT_PACK_SIZE,
+        options: StorageOptions = None,
     ) -> Repository:
-        """Create a repository; ``secret`` None means unencrypted."""
-        backend = open_backend(location)
+        """Create a repository; ``secret`` None means unencrypted; ``options``: the
+        storage settings (``backend.open_backend``)."""
+        backend = open_backend(location, options)
         if backend.exists("config"):
             raise RepositoryError(f"{location} is already a repository")
         if any(True for _ in backend.list("")):
@@ -117,8 +123,10 @@ class Repository:
         return config
 
     @classmethod
-    def open(cls, location: str, secret: bytes | None = None) -> Repository:
-        backend = open_backend(location)
+    def open(
+        cls, location: str, secret: bytes | None = None, options: StorageOptions = None
+    ) -> Repository:
+        backend = open_backend(location, options)
         config = cls.read_config(backend)
         if config["encryption"] == "none":
             return cls(backend, config, Keys(None))
@@ -130,8 +138,8 @@ class Repository:
         return cls(backend, config, Keys(master))
 
     @staticmethod
-    def is_encrypted_at(location: str) -> bool:
-        backend = open_backend(location)
+    def is_encrypted_at(location: str, options: StorageOptions = None) -> bool:
+        backend = open_backend(location, options)
         return bool(Repository.read_config(backend)["encryption"] != "none")
 
     # -- keys -------------------------------------------------------------------------------
@@ -148,9 +156,11 @@ class Repository:
         return slots
 
     @classmethod
-    def key_slots_at(cls, location: str) -> dict[str, dict[str, Any]]:
+    def key_slots_at(
+        cls, location: str, options: StorageOptions = None
+    ) -> dict[str, dict[str, Any]]:
         """The key slots of a repository, read without a key (they hold nothing secret)."""
-        backend = open_backend(location)
+        backend = open_backend(location, options)
         cls.read_config(backend)
         return cls._slots(backend)
 
@@ -180,7 +190,7 @@ class Repository:
         """The chunk store, loaded (every pack index read) on first use."""
         if self._store is None:
             store = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
-            store.load()
+            store.load(index_cache(self.backend, self.id))
             self._store = store
         return self._store
 
