@@ -20,6 +20,7 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_secret,
+    requests_of,
     secret_object,
     storage_options,
 )
@@ -103,6 +104,7 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "stored_bytes": store.stored_bytes,
             "reused_chunks": store.reused_blobs,
             "base": result.record.source.get("base"),
+            "requests": requests_of(driver.repo),
         }
 
 

@@ -164,6 +164,13 @@ def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return wrapper
 
 
+def requests_of(repo: Any) -> dict[str, int] | None:
+    """The requests a remote repository's backend sent so far, by kind (GET, PUT, HEAD,
+    LIST, DELETE; retries included), for ``--json`` output; None for a directory."""
+    counter = getattr(repo.backend, "requests", None)
+    return counter() if callable(counter) else None
+
+
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text)
 

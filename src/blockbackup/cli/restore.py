@@ -20,6 +20,7 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_secret,
+    requests_of,
     secret_object,
     storage_options,
 )
@@ -104,4 +105,5 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
             "size": snapshot.size,
             "out": args.out,
             "snapshot": driver.snapshot_id,
+            "requests": requests_of(driver.repo),
         }

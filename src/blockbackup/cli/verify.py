@@ -20,6 +20,7 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_repository,
+    requests_of,
 )
 
 
@@ -62,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
         where = "its disk index" if d.offset is None else f"offset {d.offset}"
         lines.append(f"damaged: snapshot {d.snapshot} disk {d.disk} {where}: {d.error}")
     lines.append("ok" if report.ok else "DAMAGED")
-    emit(args, report.to_json(), "\n".join(lines))
+    emit(args, {**report.to_json(), "requests": requests_of(repo)}, "\n".join(lines))
     return 0 if report.ok else EXIT_FAILED

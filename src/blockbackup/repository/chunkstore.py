@@ -84,12 +84,14 @@ class ChunkStore:
         self.stored_blobs = 0
         self.stored_bytes = 0
         self.reused_blobs = 0
+        self._cache: IndexCache | None = None
 
     # -- loading ----------------------------------------------------------------------------
 
     def load(self, cache: IndexCache | None = None) -> None:
         """Learn every stored blob: the pack indexes, then packs that lack one. With a
         ``cache`` (remote repositories), an index already cached costs no request."""
+        self._cache = cache
         indexed: set[str] = set()
         for key in self.backend.list("index/"):
             pack = key.rsplit("/", 1)[1]
@@ -138,6 +140,8 @@ class ChunkStore:
         except CorruptData:
             return
         self.backend.put(index_key(pack), header_blob)
+        if self._cache is not None:
+            self._cache.put(pack, header_blob)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -186,6 +190,8 @@ class ChunkStore:
         pack = hashlib.sha256(data).hexdigest()
         self.backend.put(pack_key(pack), data)
         self.backend.put(index_key(pack), header_blob)
+        if self._cache is not None:
+            self._cache.put(pack, bytes(header_blob))
         self.written.add(pack)
         for address, offset, length, plain in entries:
             self._table[address] = Location(pack, offset, length, plain)
