@@ -151,6 +151,10 @@ class FaultProxy:
                 method, path = self.command, self.path
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:  # the client went away mid-request
+                    proxy.record(Entry(method, path, len(body), 0, 0))
+                    self.close_connection = True
+                    return
                 fault = proxy._pick(method, path)
                 kind = fault.kind if fault else None
                 if kind in ("503", "500"):

@@ -1,8 +1,9 @@
-"""``blockbackup repo init|key|backup``: create a repository, manage its keys, back up into it.
+"""``blockbackup repo init|key|sync``: create a repository, manage its keys, copy it.
 
 - ``repo init PATH --passphrase-env VAR | --passphrase-file F | --key-file F | --no-encryption``
 - ``repo key list|add|remove --repo PATH``: key slots wrap one master key; adding or removing
   one re-encrypts no data.
+- ``repo sync SRC DST``: copy a repository between a directory and S3 (``repo_sync``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from blockbackup.cli import repo_sync
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -55,6 +57,8 @@ def add_parser(sub: Any) -> None:
     add_secret_args(remove)
     add_json_arg(remove)
     remove.set_defaults(run=_key_remove)
+
+    repo_sync.add_parser(cmds)
 
 
 @guarded

@@ -85,8 +85,11 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
         target = await bb.blockdev_add(target_options)
         try:
             await copy_with_progress(bb, "source", "target", f"backup {name}", args.json)
-        except BackupFailed:
+        except BackupFailed as exc:
+            error = getattr(target.driver, "storage_error", None)
             await _keep_what_was_stored(bb, target)
+            if error:
+                raise BlockBackupError(f"{error} (no snapshot was committed)") from exc
             raise
         driver = target.driver
         assert isinstance(driver, RepoTargetDriver)

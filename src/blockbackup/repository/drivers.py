@@ -144,6 +144,8 @@ class RepoTargetDriver(_RepoDisk):
         self.source = source
         #: Set by each successful flush: the disk as stored so far.
         self.result: TargetResult | None = None
+        #: The last storage error (e.g. S3 after its retries), for the command's message.
+        self.storage_error: str | None = None
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
@@ -207,6 +209,8 @@ class RepoTargetDriver(_RepoDisk):
     def _wrap(self, exc: OSError | RepositoryError) -> OSError:
         if isinstance(exc, OSError):
             return exc
+        # kept for the command: the job only reports "Input/output error"
+        self.storage_error = str(exc)
         return io_error(errno.EIO, str(exc))
 
     def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes]]:
