@@ -38,7 +38,7 @@ def _kill_after(
         assert proc.poll() is None, "the backup finished before the kill point"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.2))
+    time.sleep(rng.uniform(0, 0.05))
     if how == "kill":
         proc.send_signal(signal.SIGKILL)
     else:
@@ -80,7 +80,9 @@ def test_resume_sends_only_the_rest(
             stderr=subprocess.PIPE,
             text=True,
         )
+        proxy.latency = 0.1  # a distant server: the kill lands mid-backup
         _kill_after(proc, proxy, done + rng.randint(2, 6), how, rng)
+        proxy.latency = 0.0
         assert proc.returncode != 0
     sent_before = proxy.bytes_sent("PUT", "/data/")
     assert json.loads(bb("snapshots", "--repo", cut, "--json", env=env).stdout) == []

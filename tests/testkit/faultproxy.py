@@ -55,6 +55,8 @@ class FaultProxy:
     #: Probability of a random transient fault on each request (randomized tests).
     random_rate: float = 0.0
     random_kinds: tuple[str, ...] = ("503", "500", "reset", "truncate")
+    #: Seconds added before each request is forwarded (a distant server).
+    latency: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
     _rng: random.Random = field(default_factory=lambda: random.Random(1234))
@@ -78,6 +80,7 @@ class FaultProxy:
             self.log.clear()
             self.down = False
             self.random_rate = 0.0
+            self.latency = 0.0
 
     def entries(self) -> list[Entry]:
         with self.lock:
@@ -170,6 +173,8 @@ class FaultProxy:
                     time.sleep(fault.delay if fault else 5.0)
                     self._reset()
                     return
+                if proxy.latency:
+                    time.sleep(proxy.latency)
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 upstream.request(method, path, body=body, headers=headers)
@@ -202,7 +207,11 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client killed mid-request (the tests do that on purpose)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self

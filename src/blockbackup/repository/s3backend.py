@@ -17,9 +17,10 @@ Why these choices:
   condition is then detected by the loser). The window that remains (two writers whose
   PUTs and read-backs interleave exactly) only matters for ``config`` at ``repo init``:
   key slots and snapshot names carry random parts and never collide.
-- Request economy: every HTTP attempt is counted by kind (``requests()``); reads of small
-  ranges of packs go through a read-ahead window (``_ReadAhead``), so a restore reading a
-  pack's neighbouring blobs in order costs one GET per window, not one per 64 KiB chunk.
+- Request economy and latency: every HTTP attempt is counted by kind (``requests()``);
+  small reads of packs go through shared read-ahead windows, and puts of packs and their
+  indexes run behind the packer (``s3pipeline``), so a restore costs one GET per window,
+  not one per 64 KiB chunk, and a backup hashes the next pack while the last one uploads.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from blockbackup.repository import s3config
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
+from blockbackup.repository.s3pipeline import ReadAhead, WriteBehind
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -67,6 +68,18 @@ _READ_BACK_LIMIT = 1 << 20
 _BODY_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, Urllib3Error)
 
 
+_SESSIONS: list[boto3.session.Session] = []
+_SESSION_LOCK = threading.Lock()
+
+
+def _session() -> boto3.session.Session:
+    """One session per process: its service models load once, not per client."""
+    with _SESSION_LOCK:
+        if not _SESSIONS:
+            _SESSIONS.append(boto3.session.Session())
+        return _SESSIONS[0]
+
+
 class RequestCounter:
     """HTTP attempts by kind (GET, PUT, HEAD, LIST, DELETE) and bytes each way; thread-safe."""
 
@@ -83,38 +96,14 @@ class RequestCounter:
             return dict(self.counts)
 
 
-class _ReadAhead:
-    """A few recent windows of packs: a small ranged read is served from a window fetched
-    with one GET of up to ``window`` bytes starting at that read. Windows are immutable
-    (packs never change under their name), so a hit is always right."""
-
-    def __init__(self, window: int, slots: int) -> None:
-        self.window = window
-        self.slots = slots
-        self._lock = threading.Lock()
-        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-
-    def find(self, key: str, offset: int, length: int) -> bytes | None:
-        with self._lock:
-            for (wkey, start), data in reversed(self._windows.items()):
-                if wkey == key and start <= offset and offset + length <= start + len(data):
-                    self._windows.move_to_end((wkey, start))
-                    return data[offset - start : offset - start + length]
-        return None
-
-    def keep(self, key: str, start: int, data: bytes) -> None:
-        with self._lock:
-            self._windows[(key, start)] = data
-            while len(self._windows) > self.slots:
-                self._windows.popitem(last=False)
-
-
 class S3Backend:
     """Objects under ``s3://bucket/prefix/``. Thread-safe (boto3 clients are)."""
 
     #: Read-ahead for small ranged reads under ``data/`` (0 disables it).
     READ_AHEAD = 4 << 20
-    READ_AHEAD_SLOTS = 8
+    READ_AHEAD_SLOTS = 16
+    #: Puts of packs and indexes queued in the background (0: every put waits).
+    WRITE_BEHIND = 2
 
     def __init__(self, location: s3config.S3Location) -> None:
         self.location = location
@@ -137,10 +126,12 @@ class S3Backend:
             response_checksum_validation="when_required",
             tcp_keepalive=True,
         )
-        session = boto3.session.Session()
-        self.client: S3Client = session.client("s3", endpoint_url=location.endpoint, config=config)
+        self.client: S3Client = _session().client(
+            "s3", endpoint_url=location.endpoint, config=config
+        )
         self.client.meta.events.register("before-send.s3", self._count)
-        self._readahead = _ReadAhead(self.READ_AHEAD, self.READ_AHEAD_SLOTS)
+        self._readahead = ReadAhead(self._window, self.READ_AHEAD, self.READ_AHEAD_SLOTS)
+        self._writes = WriteBehind(self.WRITE_BEHIND) if self.WRITE_BEHIND else None
 
     def _count(self, event_name: str = "", **_kwargs: Any) -> None:
         self.counter.add(_OPS.get(event_name.rsplit(".", 1)[-1], "OTHER"))
@@ -178,7 +169,13 @@ class S3Backend:
 
     # -- the protocol ---------------------------------------------------------------------
 
+    def _barrier(self) -> None:
+        """Every call but a pack's or index's put first waits for the queued puts."""
+        if self._writes is not None:
+            self._writes.barrier()
+
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        self._barrier()
         if length == 0:
             return b""
         if (
@@ -187,15 +184,15 @@ class S3Backend:
             and key.startswith("data/")
             and length < self.READ_AHEAD
         ):
-            hit = self._readahead.find(key, offset, length)
-            if hit is not None:
-                return hit
-            window = self._get(key, offset, self.READ_AHEAD, exact=False)
-            self._readahead.keep(key, offset, window)
-            return window[:length]
-        return self._get(key, offset, length, exact=True)
+            return self._readahead.read(key, offset, length)
+        return self._get(key, offset, length, exact=True)[0]
 
-    def _get(self, key: str, offset: int, length: int | None, exact: bool) -> bytes:
+    def _window(self, key: str, offset: int, length: int) -> tuple[bytes, int | None]:
+        return self._get(key, offset, length, exact=False)
+
+    def _get(
+        self, key: str, offset: int, length: int | None, exact: bool
+    ) -> tuple[bytes, int | None]:
         """GET a range; a body shorter than announced (a cut connection) is retried, as
         is a short range when ``exact`` (the object is immutable, so a short answer can
         only be a transfer that broke)."""
@@ -214,13 +211,14 @@ class S3Backend:
                     raise IncompleteReadError(actual_bytes=len(data), expected_bytes=announced)
                 if exact and length is not None and len(data) != length:
                     raise IncompleteReadError(actual_bytes=len(data), expected_bytes=length)
-                return data
+                total = response.get("ContentRange", "").rpartition("/")[2]
+                return data, int(total) if total.isdigit() else None
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _NOT_FOUND:
                     raise NotFound(f"object {key} is missing from {self.describe()}") from None
                 if code == "InvalidRange":
-                    return b""
+                    return b"", None
                 raise self._error(exc, f"GET {key}") from None
             except _BODY_ERRORS as exc:
                 if attempt == self.location.max_attempts:
@@ -233,12 +231,28 @@ class S3Backend:
         raise AssertionError("unreachable")
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, f"PUT {key}") from None
+        body = bytes(data)  # a copy: the caller may reuse its buffer
+        name = self._key(key)
+
+        def send() -> None:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=body)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, f"PUT {key}") from None
+
+        if self._writes is not None and key.startswith(("data/", "index/")):
+            # a pack's index goes after the pack (never an index naming a missing pack)
+            after = None
+            if key.startswith("index/"):
+                pack = key.removeprefix("index/")
+                after = f"data/{pack[:2]}/{pack}"
+            self._writes.submit(key, send, after)
+            return
+        self._barrier()
+        send()
 
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self._barrier()
         body = bytes(data)
         if self.exists(key):
             raise AlreadyExists(f"object {key} already exists")
@@ -254,10 +268,11 @@ class S3Backend:
             raise self._error(exc, f"PUT {key}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"PUT {key}") from None
-        if len(body) <= _READ_BACK_LIMIT and self._get(key, 0, None, exact=True) != body:
+        if len(body) <= _READ_BACK_LIMIT and self._get(key, 0, None, exact=True)[0] != body:
             raise AlreadyExists(f"object {key} already exists (another writer won)")
 
     def list(self, prefix: str) -> Iterator[str]:
+        self._barrier()
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
@@ -267,6 +282,7 @@ class S3Backend:
             raise self._error(exc, f"LIST {prefix or '/'}") from None
 
     def delete(self, key: str) -> None:
+        self._barrier()
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
@@ -277,6 +293,7 @@ class S3Backend:
             raise self._error(exc, f"DELETE {key}") from None
 
     def _head(self, key: str) -> Mapping[str, Any] | None:
+        self._barrier()
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
