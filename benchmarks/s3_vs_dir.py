@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
-from testkit.s3server import client_env, start_server  # noqa: E402
+from testkit.s3server import client_env, start_server
 
 BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20

@@ -76,15 +76,15 @@ def test_hosts_back_up_prune_and_die_on_one_bucket(
                     stderr=subprocess.PIPE,
                 )
             )
-        for args in MAINTENANCE:
-            procs.append(
-                subprocess.Popen(
-                    [*BB, *args, "--repo", repo, "--passphrase-env", "BBP"],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
+        procs.extend(
+            subprocess.Popen(
+                [*BB, *args, "--repo", repo, "--passphrase-env", "BBP"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
+            for args in MAINTENANCE
+        )
         victim = rng.randrange(len(procs))
         time.sleep(rng.uniform(0.5, 3.0))
         if procs[victim].poll() is None:

@@ -28,7 +28,10 @@ def test_sync_both_ways(
 
     remote = f"s3://{bucket}/copy"
     r1 = json.loads(bb("repo", "sync", local, remote, "--json", env=env).stdout)
-    assert r1["created"] and r1["packs"] >= 1 and r1["snapshots"] == 1 and r1["keys"] == 1
+    assert r1["created"]
+    assert r1["packs"] >= 1
+    assert r1["snapshots"] == 1
+    assert r1["keys"] == 1
     out = tmp_path / "from-s3.img"
     bb("restore", "--repo", remote, *pw, "latest", out, env=env)  # the copy restores alone
     assert out.read_bytes() == first
@@ -39,7 +42,9 @@ def test_sync_both_ways(
     bb("backup", img, "--repo", local, *pw, env=env)
     proxy.clear()
     r2 = json.loads(bb("repo", "sync", local, remote, "--json", env=env).stdout)
-    assert not r2["created"] and r2["snapshots"] == 1 and r2["packs"] == 1
+    assert not r2["created"]
+    assert r2["snapshots"] == 1
+    assert r2["packs"] == 1
     assert proxy.count("PUT", "/data/") == 1  # only what the copy lacked
     assert r2["bytes"] < 1 * MiB
 
@@ -78,7 +83,8 @@ def test_sync_refuses_damage_and_strangers(
     pack.write_bytes(bytes(raw))
     dest = f"s3://{bucket}/dest"
     proc = bb("repo", "sync", local, dest, env=env, ok=False)
-    assert "does not match its name" in proc.stderr and pack.name in proc.stderr
+    assert "does not match its name" in proc.stderr
+    assert pack.name in proc.stderr
     snaps = json.loads(bb("snapshots", "--repo", dest, "--json", env=env).stdout)
     assert snaps == []  # nothing that needs the damaged pack was copied
 
