@@ -220,6 +220,14 @@ class Repository:
         """Remove a snapshot's manifest (its data stays until gc). Idempotent."""
         self.backend.delete(catalog.PREFIX + snapshot_id)
 
+    def _missing_packs(self, packs: set[str]) -> list[str]:
+        """Which of ``packs`` are gone: one HEAD each for a few, else one listing of
+        ``data/`` (a request per 1000 packs on S3, instead of one per pack)."""
+        if len(packs) <= 64:
+            return sorted(p for p in packs if not self.backend.exists(pack_key(p)))
+        present = {key.rsplit("/", 1)[1] for key in self.backend.list("data/")}
+        return sorted(packs - present)
+
     def commit(
         self,
         disks: list[DiskRecord],
@@ -241,7 +249,7 @@ class Repository:
         if self._store is not None:
             self._store.flush()
             relied |= self._store.relied | self._store.written
-        missing = sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        missing = self._missing_packs(relied)
         if missing:
             raise RepositoryError(
                 f"{len(missing)} pack(s) this backup relies on were removed meanwhile "
