@@ -100,3 +100,16 @@ def test_commit_checks_many_packs_with_one_listing(tmp_path: Path) -> None:
         backend.put(f"data/{p[:2]}/{p}", b"x")
     assert repo._missing_packs(packs) == [sorted(packs)[-1]]
     assert repo._missing_packs(set(sorted(packs)[:3])) == []
+
+
+def test_conditional_put_that_landed_is_ours(backend: S3Backend, proxy: FaultProxy) -> None:
+    """A conditional put whose answer says "exists" although it was our own attempt that
+    landed (the first answer was lost, the retry got 412) succeeds; another's object not."""
+    proxy.add(Fault("412-after", "PUT", "/snapshots/"))
+    backend.put_if_absent("snapshots/mine", b"manifest with a random part 1234")
+    assert backend.get("snapshots/mine") == b"manifest with a random part 1234"
+    assert proxy.count("PUT", "/snapshots/") == 1
+    backend.put("snapshots/theirs", b"another writer's")
+    proxy.add(Fault("412-after", "PUT", "/snapshots/"))
+    with pytest.raises(AlreadyExists):
+        backend.put_if_absent("snapshots/theirs", b"mine")

@@ -50,6 +50,7 @@ def test_hosts_back_up_prune_and_die_on_one_bucket(
     bases = {d: os.urandom(3 * MiB) for d in ("a", "b")}
     expected: dict[str, str] = {}  # image path -> sha256 of its content
     killed = 0
+    proxy.random_rate = 0.02  # and transient faults on 2% of requests, survived by retries
     for rnd in range(3):
         procs: list[subprocess.Popen[bytes]] = []
         for host in range(3):
@@ -95,6 +96,7 @@ def test_hosts_back_up_prune_and_die_on_one_bucket(
             if n != victim:
                 assert proc.returncode == 0, (seed, err.decode())
 
+    proxy.random_rate = 0.0
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BB_S3_ENDPOINT", "BB_CACHE_DIR"):
         monkeypatch.setenv(key, env[key])
     snapshots = Repository.open(repo, b"the passphrase").snapshots()

@@ -264,12 +264,25 @@ class S3Backend:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _PRECONDITION or status in (409, 412):
+                # our own earlier attempt may have landed (its answer lost, botocore retried)
+                if self._holds(key, body):
+                    return
                 raise AlreadyExists(f"object {key} already exists") from None
             raise self._error(exc, f"PUT {key}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"PUT {key}") from None
-        if len(body) <= _READ_BACK_LIMIT and self._get(key, 0, None, exact=True)[0] != body:
+        if len(body) <= _READ_BACK_LIMIT and not self._holds(key, body):
             raise AlreadyExists(f"object {key} already exists (another writer won)")
+
+    def _holds(self, key: str, body: bytes) -> bool:
+        """Whether ``key`` now holds exactly ``body`` (small objects only; the bodies that
+        need this carry random parts, so equal bytes mean this writer's own)."""
+        if len(body) > _READ_BACK_LIMIT:
+            return False
+        try:
+            return self._get(key, 0, None, exact=True)[0] == body
+        except NotFound:
+            return False
 
     def list(self, prefix: str) -> Iterator[str]:
         self._barrier()
