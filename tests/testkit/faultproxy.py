@@ -3,9 +3,9 @@
 Faults (``Fault.kind``): ``503`` (SlowDown), ``500`` (InternalError), ``reset`` (the
 connection closed with RST, no response), ``timeout`` (no response for ``delay`` seconds),
 ``truncate`` (the response's headers promise the whole body, half of it is sent, then the
-connection closes), ``reset-after`` (the request reaches the server, the response is lost), ``412-after`` (it
-reaches the server, the client is told PreconditionFailed: a retried conditional put whose
-first attempt had landed).
+connection closes), ``reset-after`` (the request reaches the server, the response is
+lost), ``412-after`` (it reaches the server, the client is told PreconditionFailed: a
+retried conditional put whose first attempt had landed).
 A fault applies to requests matching ``method`` and ``contains`` (a substring of the
 path), ``times`` times. ``down`` makes every request fail with a reset (a lost link).
 Every request is logged (method, path, bytes in, bytes out, status) for the tests' counts.
