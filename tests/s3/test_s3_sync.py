@@ -11,6 +11,7 @@ from pathlib import Path
 
 from testkit.faultproxy import FaultProxy
 from testkit.s3cli import bb
+from testkit.s3server import S3Server
 
 MiB = 1 << 20
 
@@ -104,3 +105,25 @@ def test_sync_rate_limit(tmp_path: Path, env: dict[str, str], bucket: str) -> No
     # a lower bound only (the machine is shared): 3 MiB at 1 MiB/s cannot take under 2 s
     assert r["bytes"] > 3 * MiB
     assert time.monotonic() - start >= 2.0
+
+
+def test_sync_with_an_endpoint_per_side(
+    tmp_path: Path, env: dict[str, str], bucket: str, proxy: FaultProxy, s3_server: S3Server
+) -> None:
+    """--source-endpoint and --dest-endpoint reach their own side: the source is read
+    through the proxy, the copy is written to the server directly."""
+    bb("repo", "init", f"s3://{bucket}/src", "--no-encryption", env=env)
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(2 * MiB))
+    bb("backup", img, "--repo", f"s3://{bucket}/src", env=env)
+    bare = {k: v for k, v in env.items() if k != "BB_S3_ENDPOINT"}
+    proxy.clear()
+    bb(
+        "repo", "sync", f"s3://{bucket}/src", f"s3://{bucket}/dst",
+        "--source-endpoint", proxy.endpoint, "--dest-endpoint", s3_server.endpoint, env=bare,
+    )  # fmt: skip
+    assert proxy.count("GET", "/src/data/") >= 1
+    assert proxy.count("PUT") == 0  # nothing written through the source's endpoint
+    out = tmp_path / "out.img"
+    bb("restore", "--repo", f"s3://{bucket}/dst", "latest", out, env=env)
+    assert out.read_bytes() == img.read_bytes()
