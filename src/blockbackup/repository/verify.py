@@ -9,8 +9,9 @@ user knows which backups are hurt, not just that something is.
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blockbackup.repository import blob
@@ -20,6 +21,9 @@ from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
+
+#: Packs fetched ahead of the one being checked.
+READ_AHEAD = 2
 
 
 @dataclass
@@ -106,10 +110,27 @@ def verify(
             needed[location.pack][address] = location
     report.chunks = sum(len(v) for v in needed.values()) + len(bad)
     total = len(needed)
-    for done, (pack, blobs) in enumerate(sorted(needed.items()), 1):
-        _check_pack(repo, pack, blobs, bad, report)
-        if progress is not None:
-            progress(done, total)
+    # the next packs are fetched while one is checked (object storage's latency overlaps
+    # the hashing and decoding); at most READ_AHEAD + 1 packs are held
+    items = iter(sorted(needed.items()))
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="bb-verify") as pool:
+        queue: deque[tuple[str, dict[bytes, Location], Future[bytes | None]]] = deque()
+
+        def ask() -> None:
+            item = next(items, None)
+            if item is not None:
+                queue.append((item[0], item[1], pool.submit(_fetch, repo, item[0])))
+
+        for _ in range(READ_AHEAD):
+            ask()
+        done = 0
+        while queue:
+            pack, blobs, future = queue.popleft()
+            ask()
+            _check_pack(repo, pack, blobs, future.result(), bad, report)
+            done += 1
+            if progress is not None:
+                progress(done, total)
     report.packs = total
     if bad:
         for manifest, disk, index in _indexes(repo, manifests, Report()):
@@ -128,16 +149,23 @@ def verify(
     return report
 
 
+def _fetch(repo: Repository, pack: str) -> bytes | None:
+    """A pack's bytes, None if it is missing."""
+    try:
+        return repo.backend.get(pack_key(pack))
+    except NotFound:
+        return None
+
+
 def _check_pack(
     repo: Repository,
     pack: str,
     blobs: dict[bytes, Location],
+    data: bytes | None,
     bad: dict[bytes, str],
     report: Report,
 ) -> None:
-    try:
-        data = repo.backend.get(pack_key(pack))
-    except NotFound:
+    if data is None:
         report.damaged_packs[pack] = "missing"
         for address in blobs:
             bad[address] = f"pack {pack} is missing"
