@@ -15,7 +15,7 @@ from blockbackup.cli.backup_run import BackupRequest, backup
 from blockbackup.cli.exitcodes import EXIT_USAGE
 from blockbackup.cli.progress import Output
 from blockbackup.cli.qmpclient import Monitor, StopSignals, add_connect_argument, run_command
-from blockbackup.cli.repo_common import add_secret_args
+from blockbackup.cli.repo_common import add_secret_args, add_storage_args
 from blockbackup.cli.sizes import parse_size
 
 _DESCRIPTION = """\
@@ -70,6 +70,7 @@ def add_parser(sub: Any) -> None:
         help="with --repo: the disk's name (default: IMAGE's base name, or the node name); "
         "for several live nodes NODE=NAME, once per node to rename",
     )
+    add_storage_args(backup)
     backup.add_argument(
         "--base",
         default=None,
@@ -232,7 +233,7 @@ def _run_live_into_repository(args: argparse.Namespace) -> int:
         if series is not None and "@" in series:
             return _usage(f"bitmap name {series!r}: '@' is reserved for checkpoints")
     from blockbackup.cli import repo_live  # lazy: start-up cost
-    from blockbackup.cli.repo_common import open_secret  # lazy: start-up cost
+    from blockbackup.cli.repo_common import open_secret, storage_options  # lazy: start-up cost
     from blockbackup.errors import BlockBackupError  # lazy: start-up cost
 
     try:
@@ -249,6 +250,7 @@ def _run_live_into_repository(args: argparse.Namespace) -> int:
         start_bitmap=args.start_bitmap,
         persistent=args.persistent,
         speed=args.speed,
+        storage=storage_options(args),
     )
 
     async def body(stop: StopSignals) -> int:

@@ -39,8 +39,10 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     secret_object,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
+from blockbackup.repository.backend import is_remote
 
 
 def add_parser(sub: Any) -> None:
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_overlay is not None and os.path.lexists(args.keep_overlay):
         raise BlockBackupError(f"{args.keep_overlay} exists: the overlay must be a new file")
     secret = open_secret(args)
-    repo = Repository.open(args.repo, secret)
+    repo = Repository.open(args.repo, secret, storage_options(args))
     manifest, disk = repo.select(args.snapshot)  # errors here, before anything is served
     with contextlib.ExitStack() as cleanup:
         work = _private_dir(args.dir, "blockbackup-mount-", cleanup)
@@ -112,11 +114,14 @@ def _create_overlay(keep: str | None, size: int, cleanup: contextlib.ExitStack) 
     return path
 
 
-def _options(repo: str, snapshot: str, disk: str, key: dict[str, Any] | None) -> dict[str, Any]:
+def _options(
+    repo: str, snapshot: str, disk: str, key: dict[str, Any] | None, storage: dict[str, str]
+) -> dict[str, Any]:
     node: dict[str, Any] = {
         "driver": "bb-repo-snapshot",
         "node-name": "snapshot",
-        "repository": os.path.abspath(repo),
+        "repository": repo if is_remote(repo) else os.path.abspath(repo),
+        **storage,
         "snapshot": snapshot,
         "disk": disk,
         "read-only": True,
@@ -153,7 +158,10 @@ async def _serve(
     argv: list[str] = []
     if key is not None:
         argv += ["--object", f"secret,id={key['id']},data={key['data']},format=base64"]
-    argv += ["--blockdev", json.dumps(_options(args.repo, snapshot, disk, key))]
+    argv += [
+        "--blockdev",
+        json.dumps(_options(args.repo, snapshot, disk, key, storage_options(args))),
+    ]
     exported, writable = "snapshot", "off"
     if overlay is not None:
         argv += ["--blockdev", json.dumps(_overlay_options(overlay))]

@@ -1,8 +1,9 @@
-"""``blockbackup repo init|key|backup``: create a repository, manage its keys, back up into it.
+"""``blockbackup repo init|key|sync``: create a repository, manage its keys, copy it.
 
 - ``repo init PATH --passphrase-env VAR | --passphrase-file F | --key-file F | --no-encryption``
 - ``repo key list|add|remove --repo PATH``: key slots wrap one master key; adding or removing
   one re-encrypts no data.
+- ``repo sync SRC DST``: copy a repository between a directory and S3 (``repo_sync``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from blockbackup.cli import repo_sync
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
     add_secret_args,
+    add_storage_args,
     emit,
     guarded,
     open_repository,
     read_secret,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -31,6 +35,7 @@ def add_parser(sub: Any) -> None:
     add_secret_args(init)
     init.add_argument("--no-encryption", action="store_true", help="store data unencrypted")
     _add_kdf_arg(init)
+    add_storage_args(init)
     add_json_arg(init)
     init.set_defaults(run=_init)
 
@@ -54,6 +59,8 @@ def add_parser(sub: Any) -> None:
     add_secret_args(remove)
     add_json_arg(remove)
     remove.set_defaults(run=_key_remove)
+
+    repo_sync.add_parser(cmds)
 
 
 #: ``repository.keys.KDFS`` (default first), written out so that building the parser does
@@ -105,7 +112,7 @@ def _init(args: argparse.Namespace) -> int:
                 "(or --no-encryption)"
             )
         secret, kind = got
-    repo = Repository.init(args.path, secret, kind, kdf=args.kdf)
+    repo = Repository.init(args.path, secret, kind, kdf=args.kdf, options=storage_options(args))
     encryption = repo.config["encryption"]
     emit(
         args,
@@ -120,7 +127,7 @@ def _key_list(args: argparse.Namespace) -> int:
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     # the slots are not secret: listing them needs no key
-    slots = Repository.key_slots_at(args.repo)
+    slots = Repository.key_slots_at(args.repo, storage_options(args))
     rows = [
         {
             "slot": s,

@@ -20,7 +20,9 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_secret,
+    requests_of,
     secret_object,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -77,14 +79,18 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "disk": name,
             "size": source.size,
             "base": args.base,
+            **storage_options(args),
         }
         if key is not None:
             target_options["key-secret"] = key["id"]
         target = await bb.blockdev_add(target_options)
         try:
             await copy_with_progress(bb, "source", "target", f"backup {name}", args.json)
-        except BackupFailed:
+        except BackupFailed as exc:
+            error = getattr(target.driver, "storage_error", None)
             await _keep_what_was_stored(bb, target)
+            if error:
+                raise BlockBackupError(f"{error} (no snapshot was committed)") from exc
             raise
         driver = target.driver
         assert isinstance(driver, RepoTargetDriver)
@@ -105,6 +111,7 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             "stored_index_bytes": store.stored_index_bytes,
             "reused_chunks": store.reused_blobs,
             "base": result.record.source.get("base"),
+            "requests": requests_of(driver.repo),
         }
 
 

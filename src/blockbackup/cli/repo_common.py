@@ -28,7 +28,38 @@ CHUNK_SIZE = 64 * 1024
 
 
 def add_repo_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", required=True, metavar="PATH", help="the repository")
+    parser.add_argument(
+        "--repo", required=True, metavar="PATH|s3://BUCKET/PREFIX", help="the repository"
+    )
+    add_storage_args(parser)
+
+
+def add_storage_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Where an ``s3://`` repository is (``prefix``: "source-"/"dest-" for sync). Each can
+    also come from the environment or ``~/.config/blockbackup/s3.toml`` (docs/repository.md);
+    credentials come only from the standard AWS chain (environment, profile)."""
+    what = f" of the {prefix.rstrip('-')}" if prefix else ""
+    parser.add_argument(
+        f"--{prefix}endpoint", metavar="URL", help=f"S3 endpoint URL{what} (s3:// only)"
+    )
+    parser.add_argument(f"--{prefix}region", metavar="REGION", help=f"S3 region{what}")
+    parser.add_argument(
+        f"--{prefix}s3-addressing-style",
+        choices=("path", "virtual"),
+        help=f"S3 addressing style{what} (default: path with --endpoint, else virtual)",
+    )
+
+
+def storage_options(args: argparse.Namespace, prefix: str = "") -> dict[str, str]:
+    """The storage settings the arguments give, as ``open_backend`` and the repository
+    nodes take them (absent ones left out)."""
+    attr = prefix.replace("-", "_")
+    values = {
+        "endpoint": getattr(args, f"{attr}endpoint", None),
+        "region": getattr(args, f"{attr}region", None),
+        "addressing-style": getattr(args, f"{attr}s3_addressing_style", None),
+    }
+    return {k: v for k, v in values.items() if v}
 
 
 def add_secret_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -90,14 +121,14 @@ def open_repository(args: argparse.Namespace) -> Any:
     command that reads a repository)."""
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
-    return Repository.open(args.repo, open_secret(args))
+    return Repository.open(args.repo, open_secret(args), storage_options(args))
 
 
 def open_secret(args: argparse.Namespace) -> bytes | None:
     """The secret to open ``args.repo`` with (None for an unencrypted repository)."""
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
-    if not Repository.is_encrypted_at(args.repo):
+    if not Repository.is_encrypted_at(args.repo, storage_options(args)):
         return None
     got = read_secret(args)
     if got is None:
@@ -131,6 +162,13 @@ def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return EXIT_FAILED
 
     return wrapper
+
+
+def requests_of(repo: Any) -> dict[str, int] | None:
+    """The requests a remote repository's backend sent so far, by kind (GET, PUT, HEAD,
+    LIST, DELETE; retries included), for ``--json`` output; None for a directory."""
+    counter = getattr(repo.backend, "requests", None)
+    return counter() if callable(counter) else None
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

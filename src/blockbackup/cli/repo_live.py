@@ -63,6 +63,8 @@ class LiveRequest:
     start_bitmap: str | None = None
     persistent: bool | None = None
     speed: int = 0
+    #: where an s3:// repository is (endpoint, region...): node options, never credentials
+    storage: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -300,7 +302,7 @@ def _plan(
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     try:
-        repo = Repository.open(req.repo, req.secret)
+        repo = Repository.open(req.repo, req.secret, req.storage)
         plans = []
         for i, (node, name) in enumerate(zip(req.nodes, req.names, strict=True)):
             info = nodes[node]
@@ -369,6 +371,7 @@ async def _add_targets(run: _Run, req: LiveRequest) -> None:
             "disk": plan.name,
             "size": plan.size,
             "base": plan.base,
+            **req.storage,
         }
         if key is not None:
             options["key-secret"] = run.secret_id

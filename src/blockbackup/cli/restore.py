@@ -20,7 +20,9 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_secret,
+    requests_of,
     secret_object,
+    storage_options,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -68,6 +70,7 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
             "repository": args.repo,
             "snapshot": spec or "latest",
             "read-only": True,
+            **storage_options(args),
         }
         if disk:
             snap_options["disk"] = disk
@@ -102,4 +105,5 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
             "size": snapshot.size,
             "out": args.out,
             "snapshot": driver.snapshot_id,
+            "requests": requests_of(driver.repo),
         }

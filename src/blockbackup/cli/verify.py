@@ -26,6 +26,7 @@ from blockbackup.cli.repo_common import (
     emit,
     guarded,
     open_repository,
+    requests_of,
 )
 from blockbackup.errors import BlockBackupError
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             selection,
             unreadable,
         )
-    emit(args, report.to_json(), "\n".join(_lines(report, args)))
+    emit(args, {**report.to_json(), "requests": requests_of(repo)}, "\n".join(_lines(report, args)))
     return 0 if report.ok else EXIT_FAILED
 
 

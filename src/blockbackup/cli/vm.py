@@ -17,7 +17,12 @@ from typing import Any
 
 from blockbackup.cli import vm_backup, vm_checkpoints, vm_restore
 from blockbackup.cli.qmpclient import DEFAULT_TIMEOUT
-from blockbackup.cli.repo_common import add_json_arg, add_repo_arg, add_secret_args
+from blockbackup.cli.repo_common import (
+    add_json_arg,
+    add_repo_arg,
+    add_secret_args,
+    add_storage_args,
+)
 
 #: Where the temporary fleece images and the NBD socket go (disk-backed, unlike /tmp on
 #: many systems: a guest that rewrites its disk during a backup fills it with old data).
@@ -71,6 +76,7 @@ def add_parser(sub: Any) -> None:
     )
     _add_qmp(checkpoints)
     checkpoints.add_argument("--repo", metavar="PATH", help="also say what the next backup is")
+    add_storage_args(checkpoints)
     checkpoints.add_argument("--vm", metavar="NAME", help="as for vm backup")
     add_secret_args(checkpoints)
     add_json_arg(checkpoints)

@@ -24,7 +24,12 @@ import sys
 from typing import Any
 
 from blockbackup.cli.qmpclient import CliError, Monitor, StopSignals, run_command
-from blockbackup.cli.repo_common import copy_with_progress, open_secret, secret_object
+from blockbackup.cli.repo_common import (
+    copy_with_progress,
+    open_secret,
+    secret_object,
+    storage_options,
+)
 from blockbackup.errors import BlockBackupError
 
 
@@ -124,7 +129,7 @@ async def _backup(
     from blockbackup.vm.qemu import Qemu  # lazy: start-up cost
 
     try:
-        repo = await asyncio.to_thread(Repository.open, args.repo, secret)
+        repo = await asyncio.to_thread(Repository.open, args.repo, secret, storage_options(args))
     except RepositoryError as exc:
         raise CliError(str(exc)) from None
     async with Monitor(args.qmp, args.timeout, stop).session() as client:
@@ -179,6 +184,7 @@ async def _backup(
                 sources,
                 {"vm": vm} if vm else {},
                 session.release,
+                storage_options(args),
             )
         except BaseException:
             problems = await session.teardown()

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from blockbackup.cli.qmpclient import CliError, Monitor, StopSignals, run_command
-from blockbackup.cli.repo_common import open_secret
+from blockbackup.cli.repo_common import open_secret, storage_options
 from blockbackup.cli.vm_backup import previous_backup, repo_disk_name
 from blockbackup.errors import BlockBackupError
 
@@ -74,7 +74,7 @@ async def _gather(
 
     repo = None
     if args.repo is not None:
-        repo = await asyncio.to_thread(Repository.open, args.repo, secret)
+        repo = await asyncio.to_thread(Repository.open, args.repo, secret, storage_options(args))
     async with Monitor(args.qmp, args.timeout, stop).session() as client:
         qemu = Qemu(client)
         await qemu.check_capabilities()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -171,9 +171,22 @@ class DirectoryBackend:
         return removed
 
 
-def open_backend(location: str) -> Backend:
-    """The backend for a repository location (a directory path; ``s3://`` comes next)."""
+def open_backend(location: str, options: Mapping[str, str | None] | None = None) -> Backend:
+    """The backend for a repository location: ``s3://bucket/prefix`` or a directory.
+
+    ``options`` are the storage settings (``endpoint``, ``region``, ``addressing-style``)
+    from flags or node options; they mean nothing for a directory.
+    """
+    if location.startswith("s3://"):
+        from blockbackup.repository.s3backend import open_s3  # lazy: boto3 start-up cost
+
+        return open_s3(location, options)
     if "://" in location:
         scheme = location.split("://", 1)[0]
-        raise RepositoryError(f"repository scheme {scheme}:// is not supported yet")
+        raise RepositoryError(f"repository scheme {scheme}:// is not supported (s3:// is)")
     return DirectoryBackend(location)
+
+
+def is_remote(location: str) -> bool:
+    """Whether ``location`` names object storage (not a local directory)."""
+    return location.startswith("s3://")

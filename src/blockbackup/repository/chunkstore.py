@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from blockbackup.repository import blob, condemned
 from blockbackup.repository.backend import Backend
+from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
 
@@ -157,20 +158,35 @@ class ChunkStore:
         self.reused_blobs = 0
         self.stored_index_blobs = 0
         self.stored_index_bytes = 0
+        self._cache: IndexCache | None = None
 
     # -- loading ----------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Learn every stored blob: the pack indexes, then packs that lack one."""
+    def load(self, cache: IndexCache | None = None) -> None:
+        """Learn every stored blob: the pack indexes, then packs that lack one. With a
+        ``cache`` (remote repositories), an index already cached costs no request."""
+        self._cache = cache
         indexed: set[str] = set()
         for key in self.backend.list("index/"):
             pack = key.rsplit("/", 1)[1]
+            stored = cache.get(pack) if cache is not None else None
+            if stored is not None and cache is not None:
+                try:
+                    self._learn(pack, stored, f"index {pack}")
+                    indexed.add(pack)
+                    continue
+                except CorruptData:
+                    cache.forget(pack)  # a damaged copy: fetch it again
             try:
                 stored = self.backend.get(key)
             except NotFound:
                 continue  # deleted by a concurrent gc between list and get
             self._learn(pack, stored, f"index {pack}")
             indexed.add(pack)
+            if cache is not None:
+                cache.put(pack, stored)
+        if cache is not None:
+            cache.keep_only(indexed)
         for key in self.backend.list("data/"):
             pack = key.rsplit("/", 1)[1]
             if pack not in indexed and not self._condemned(pack):
@@ -201,6 +217,8 @@ class ChunkStore:
         except CorruptData:
             return
         self.backend.put(index_key(pack), header_blob)
+        if self._cache is not None:
+            self._cache.put(pack, header_blob)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -288,6 +306,8 @@ class ChunkStore:
                     other.future = None
             raise
         self.written.add(pack_id)
+        if self._cache is not None:
+            self._cache.put(pack_id, sealed.header_blob)
         for address, (offset, length, plain) in sealed.pack.entries.items():
             self._table[address] = Location(pack_id, offset, length, plain)
         self._sealed.popleft()

@@ -36,6 +36,7 @@ from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.errors import CorruptData, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
+from blockbackup.repository.s3config import OPTION_NAMES as STORAGE_OPTIONS
 
 __all__ = ["RepoSnapshotDriver", "RepoTargetDriver", "TargetResult"]
 
@@ -51,9 +52,11 @@ async def _open_repository(node: BlockNode, opts: Options, writer: bool = False)
     """Open and load the repository; a ``writer`` announces itself first (its marker must
     exist before it learns any pack, so gc defers deleting what it may rely on)."""
     location = opts.str("repository")
+    # where an s3:// repository is; never credentials (those stay in the environment)
+    storage = {name: opts.str(name, None) for name in STORAGE_OPTIONS}
     secret = _secret(node, opts)
     try:
-        repo = await asyncio.to_thread(Repository.open, location, secret)
+        repo = await asyncio.to_thread(Repository.open, location, secret, storage)
     except RepositoryError as exc:
         raise BlockBackupError(str(exc)) from None
     try:
@@ -174,6 +177,8 @@ class RepoTargetDriver(_RepoDisk):
         self.source = source
         #: Set by each successful flush: the disk as stored so far.
         self.result: TargetResult | None = None
+        #: The last storage error (e.g. S3 after its retries), for the command's message.
+        self.storage_error: str | None = None
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
@@ -249,6 +254,8 @@ class RepoTargetDriver(_RepoDisk):
     def _wrap(self, exc: OSError | RepositoryError) -> OSError:
         if isinstance(exc, OSError):
             return exc
+        # kept for the command: the job only reports "Input/output error"
+        self.storage_error = str(exc)
         return io_error(errno.EIO, str(exc))
 
     def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes | bytearray]]:

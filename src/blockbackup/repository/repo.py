@@ -11,12 +11,14 @@ import json
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from blockbackup.repository import catalog, condemned, refs, writers
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
+from blockbackup.repository.cache import index_cache
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
 from blockbackup.repository.errors import (
@@ -31,6 +33,8 @@ from blockbackup.repository.keys import Keys
 FORMAT = "blockbackup-repository"
 VERSION = 1
 CHUNK_SIZE = 64 * 1024
+#: Storage settings for ``open_backend`` (endpoint, region, addressing-style), or None.
+StorageOptions = Mapping[str, str | None] | None
 _CONFIG_KEYS = {
     "format",
     "version",
@@ -71,9 +75,11 @@ class Repository:
         kind: str = "passphrase",
         pack_size: int = DEFAULT_PACK_SIZE,
         kdf: str = keymod.DEFAULT_KDF,
+        options: StorageOptions = None,
     ) -> Repository:
-        """Create a repository; ``secret`` None means unencrypted."""
-        backend = open_backend(location)
+        """Create a repository; ``secret`` None means unencrypted; ``options``: the
+        storage settings (``backend.open_backend``)."""
+        backend = open_backend(location, options)
         if backend.exists("config"):
             raise RepositoryError(f"{location} is already a repository")
         if any(True for _ in backend.list("")):
@@ -122,8 +128,10 @@ class Repository:
         return config
 
     @classmethod
-    def open(cls, location: str, secret: bytes | None = None) -> Repository:
-        backend = open_backend(location)
+    def open(
+        cls, location: str, secret: bytes | None = None, options: StorageOptions = None
+    ) -> Repository:
+        backend = open_backend(location, options)
         config = cls.read_config(backend)
         if config["encryption"] == "none":
             return cls(backend, config, Keys(None))
@@ -135,8 +143,8 @@ class Repository:
         return cls(backend, config, Keys(master))
 
     @staticmethod
-    def is_encrypted_at(location: str) -> bool:
-        backend = open_backend(location)
+    def is_encrypted_at(location: str, options: StorageOptions = None) -> bool:
+        backend = open_backend(location, options)
         return bool(Repository.read_config(backend)["encryption"] != "none")
 
     # -- keys -------------------------------------------------------------------------------
@@ -153,9 +161,11 @@ class Repository:
         return slots
 
     @classmethod
-    def key_slots_at(cls, location: str) -> dict[str, dict[str, Any]]:
+    def key_slots_at(
+        cls, location: str, options: StorageOptions = None
+    ) -> dict[str, dict[str, Any]]:
         """The key slots of a repository, read without a key (they hold nothing secret)."""
-        backend = open_backend(location)
+        backend = open_backend(location, options)
         cls.read_config(backend)
         return cls._slots(backend)
 
@@ -214,7 +224,7 @@ class Repository:
             relied = relied | refs.referenced_packs(self.store, disks)
         except RepositoryError:  # this object's table may predate another writer's packs
             fresh = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
-            fresh.load()
+            fresh.load(index_cache(self.backend, self.id))
             relied = relied | refs.referenced_packs(fresh, disks)
         condemned_now = condemned.listed(self.backend) & relied
         if condemned_now:
@@ -223,7 +233,7 @@ class Repository:
                 f"concurrent gc (e.g. {min(condemned_now)}); nothing was committed: "
                 "run the backup again"
             )
-        return sorted(p for p in relied if not self.backend.exists(pack_key(p)))
+        return self._missing_packs(relied)
 
     # -- chunks and snapshots ---------------------------------------------------------------
 
@@ -232,7 +242,7 @@ class Repository:
         """The chunk store, loaded (every pack index read) on first use."""
         if self._store is None:
             store = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
-            store.load()
+            store.load(index_cache(self.backend, self.id))
             self._store = store
         return self._store
 
@@ -268,6 +278,14 @@ class Repository:
     def forget(self, snapshot_id: str) -> None:
         """Remove a snapshot's manifest (its data stays until gc). Idempotent."""
         self.backend.delete(catalog.PREFIX + snapshot_id)
+
+    def _missing_packs(self, packs: set[str]) -> list[str]:
+        """Which of ``packs`` are gone: one HEAD each for a few, else one listing of
+        ``data/`` (a request per 1000 packs on S3, instead of one per pack)."""
+        if len(packs) <= 64:
+            return sorted(p for p in packs if not self.backend.exists(pack_key(p)))
+        present = {key.rsplit("/", 1)[1] for key in self.backend.list("data/")}
+        return sorted(packs - present)
 
     def commit(
         self,

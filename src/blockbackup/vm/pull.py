@@ -84,6 +84,7 @@ async def pull_disk(
     repo: str,
     key_secret: str | None,
     copy: Copier,
+    storage: dict[str, str],
 ) -> Pulled:
     """Back up one exported view into a target node; its flushed record (no commit)."""
     source = f"src{n}"
@@ -108,6 +109,7 @@ async def pull_disk(
         "disk": repo_disk,
         "size": node.size,
         "base": view.plan.base if view.plan.mode == INCREMENTAL else "none",
+        **storage,
     }
     if key_secret is not None:
         options["key-secret"] = key_secret
@@ -166,6 +168,7 @@ async def pull_all(
     sources: list[dict[str, Any]],
     tags: dict[str, str],
     release: Callable[[View], Awaitable[object]] | None = None,
+    storage: dict[str, str] | None = None,
 ) -> Result:
     """Every view into the repository, then one manifest for them all (``sources``: what
     each disk's record says about where it came from, the new checkpoint among it;
@@ -177,7 +180,9 @@ async def pull_all(
             key = str(secret_object["id"])
         pulled = []
         for n, (view, name) in enumerate(zip(views, repo_disks, strict=True)):
-            pulled.append(await pull_disk(bb, view, n, socket, name, repo, key, copy))
+            pulled.append(
+                await pull_disk(bb, view, n, socket, name, repo, key, copy, storage or {})
+            )
             if release is not None:
                 await bb.graph.drop(bb.graph.get(f"src{n}"))  # our NBD client first
                 await release(view)

@@ -1,0 +1,115 @@
+"""The repository on a local S3 server (rclone serve s3) against the same on a directory.
+
+One image (half random, a quarter zeroes, a quarter text), backed up, restored and verified
+into a directory repository and into an s3:// repository on a local ``rclone serve s3``
+(fetched from PyPI as the tests do), in one run, through the CLI as a user runs it. Prints
+throughputs, the S3/directory ratios (goals: backup and restore >= 0.7x) and S3 requests
+per GiB of image for each command.
+
+    ./dev bench s3_vs_dir [--size 512M] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from testkit.s3server import client_env, start_server
+
+BB = [sys.executable, "-m", "blockbackup"]
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def make_image(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size // 2))
+        f.write(bytes(size // 4))
+        line = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+        rest = size - size // 2 - size // 4
+        f.write((line * (rest // len(line) + 1))[:rest])
+
+
+def run(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, object]]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*BB, *args, "--json"], env=env, capture_output=True, text=True, check=False
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)}: {proc.stderr}")
+    return elapsed, json.loads(proc.stdout)
+
+
+def per_gib(requests: object, size: int) -> str:
+    if not isinstance(requests, dict):
+        return "-"
+    total = sum(v for k, v in requests.items() if k != "retried-body")
+    detail = " ".join(f"{k}={v}" for k, v in sorted(requests.items()))
+    return f"{total * GiB / size:.0f}/GiB ({detail})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="512M", help="image size (K/M/G suffix)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat and keep the best")
+    opts = parser.parse_args()
+    from blockbackup.cli.sizes import parse_size
+
+    size = parse_size(opts.size)
+    work = Path(tempfile.mkdtemp(prefix="bb-s3bench-"))
+    server = start_server(work / "s3root", work / "rclone.log")
+    try:
+        server.bucket("bench")
+        img = work / "disk.img"
+        make_image(img, size)
+        env = client_env(server.endpoint)
+        env["BB_CACHE_DIR"] = str(work / "cache")
+        results: dict[str, dict[str, float]] = {"dir": {}, "s3": {}}
+        requests: dict[str, object] = {}
+        for rnd in range(opts.rounds):
+            for kind in ("dir", "s3"):
+                repo = str(work / f"dir{rnd}") if kind == "dir" else f"s3://bench/r{rnd}"
+                shutil.rmtree(work / "cache", ignore_errors=True)
+                subprocess.run(
+                    [*BB, "repo", "init", repo, "--no-encryption"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+                steps = {
+                    "backup": ["backup", str(img), "--repo", repo, "--name", "disk"],
+                    "restore": ["restore", "--repo", repo, "latest", str(work / "out.img")],
+                    "verify": ["verify", "--repo", repo],
+                }
+                for step, argv in steps.items():
+                    (work / "out.img").unlink(missing_ok=True)
+                    subprocess.run(["sync"], check=False)
+                    elapsed, out = run(argv, env)
+                    best = results[kind].get(step)
+                    results[kind][step] = elapsed if best is None else min(best, elapsed)
+                    if kind == "s3":
+                        requests[step] = out.get("requests")
+        print(f"image {size / MiB:.0f} MiB, best of {opts.rounds}; rclone serve s3 on loopback")
+        print(f"{'':8} {'directory':>12} {'s3':>12} {'ratio':>7}  s3 requests")
+        for step in ("backup", "restore", "verify"):
+            d, s = results["dir"][step], results["s3"][step]
+            print(
+                f"{step:8} {size / MiB / d:8.1f} MiB/s {size / MiB / s:8.1f} MiB/s"
+                f" {d / s:6.2f}x  {per_gib(requests.get(step), size)}"
+            )
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

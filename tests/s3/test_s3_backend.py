@@ -1,0 +1,115 @@
+"""The S3 backend's calls against the real server, the same contract as the directory's."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blockbackup.repository.backend import DirectoryBackend, open_backend
+from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
+from blockbackup.repository.repo import Repository
+from blockbackup.repository.s3backend import S3Backend
+from testkit.faultproxy import Fault, FaultProxy
+
+
+@pytest.fixture
+def backend(env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch) -> S3Backend:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BB_S3_ENDPOINT", "BB_CONFIG"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("BB_S3_MAX_ATTEMPTS", "3")
+    b = open_backend(f"s3://{bucket}/some/prefix")
+    assert isinstance(b, S3Backend)
+    return b
+
+
+def test_the_calls(backend: S3Backend) -> None:
+    data = os.urandom(100_000)
+    backend.put("data/ab/abc", data)
+    assert backend.get("data/ab/abc") == data
+    assert backend.get("data/ab/abc", 1000, 5000) == data[1000:6000]  # via read-ahead
+    assert backend.size("data/ab/abc") == len(data)
+    assert backend.size("nothing") is None
+    with pytest.raises(NotFound):
+        backend.get("nothing")
+    backend.put_if_absent("snapshots/one", b"first")
+    with pytest.raises(AlreadyExists):
+        backend.put_if_absent("snapshots/one", b"second")
+    assert backend.get("snapshots/one") == b"first"
+    assert sorted(backend.list("")) == ["data/ab/abc", "snapshots/one"]
+    assert list(backend.list("snapshots/")) == ["snapshots/one"]
+    modified = backend.modified("snapshots/one")
+    assert modified is not None
+    assert abs(modified - time.time()) < 300
+    assert backend.modified("nothing") is None
+    backend.delete("snapshots/one")
+    backend.delete("snapshots/one")  # idempotent
+    assert not backend.exists("snapshots/one")
+    with pytest.raises(RepositoryError):
+        backend.get("../escape")
+    requests = backend.requests()
+    assert requests["PUT"] >= 2
+    assert requests["GET"] >= 3
+    assert requests["LIST"] >= 2
+
+
+def test_pack_upload_failure_is_sticky(
+    backend: S3Backend, proxy: FaultProxy, env: dict[str, str]
+) -> None:
+    """A pack put that fails in the background fails every later call, its index is never
+    written, and nothing (a snapshot) can be put on top of it."""
+    proxy.add(Fault("503", "PUT", "/data/", times=100))
+    backend.put("data/aa/aaaa", b"pack bytes")  # queued: returns at once
+    backend.put("index/aaaa", b"its index")
+    with pytest.raises(RepositoryError):
+        backend.put_if_absent("snapshots/s", b"manifest")
+    with pytest.raises(RepositoryError):
+        backend.exists("data/aa/aaaa")
+    assert proxy.count("PUT", "/index/") == 0
+    assert proxy.count("PUT", "/snapshots/") == 0
+
+
+def test_concurrent_readers_share_windows(backend: S3Backend, proxy: FaultProxy) -> None:
+    data = os.urandom(6 << 20)
+    backend.put("data/cc/cccc", data)
+    backend.exists("data/cc/cccc")  # waits for the upload
+    proxy.clear()
+    out: dict[int, bytes] = {}
+
+    def read(i: int) -> None:
+        out[i] = backend.get("data/cc/cccc", i * 65536, 65536)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(0, 90)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(out[i] == data[i * 65536 : (i + 1) * 65536] for i in out)
+    assert proxy.count("GET", "/data/") <= 3  # two windows of 4 MiB (+ one prefetch at most)
+
+
+def test_commit_checks_many_packs_with_one_listing(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "r"), None)
+    backend = repo.backend
+    assert isinstance(backend, DirectoryBackend)
+    packs = {f"{n:064x}" for n in range(100)}
+    for p in sorted(packs)[:-1]:
+        backend.put(f"data/{p[:2]}/{p}", b"x")
+    assert repo._missing_packs(packs) == [sorted(packs)[-1]]
+    assert repo._missing_packs(set(sorted(packs)[:3])) == []
+
+
+def test_conditional_put_that_landed_is_ours(backend: S3Backend, proxy: FaultProxy) -> None:
+    """A conditional put whose answer says "exists" although it was our own attempt that
+    landed (the first answer was lost, the retry got 412) succeeds; another's object not."""
+    proxy.add(Fault("412-after", "PUT", "/snapshots/"))
+    backend.put_if_absent("snapshots/mine", b"manifest with a random part 1234")
+    assert backend.get("snapshots/mine") == b"manifest with a random part 1234"
+    assert proxy.count("PUT", "/snapshots/") == 1
+    backend.put("snapshots/theirs", b"another writer's")
+    proxy.add(Fault("412-after", "PUT", "/snapshots/"))
+    with pytest.raises(AlreadyExists):
+        backend.put_if_absent("snapshots/theirs", b"mine")
