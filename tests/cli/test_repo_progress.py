@@ -67,7 +67,7 @@ def test_progress_on_a_terminal_and_json_shapes(tmp_path: Path) -> None:
     assert "read snapshots" in on_terminal("snapshots", "--repo", repo, *KEY)
 
     restored = as_json("restore", "--repo", repo, "latest", tmp_path / "a.img", *KEY)
-    assert set(restored) == {"disk", "size", "out", "snapshot"}
+    assert set(restored) == {"disk", "size", "out", "snapshot", "requests"}
     assert "restore disk.img" in on_terminal(
         "restore", "--repo", repo, "latest", tmp_path / "b.img", *KEY
     )

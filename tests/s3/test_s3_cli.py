@@ -64,7 +64,7 @@ def test_every_command_on_s3(tmp_path: Path, env: dict[str, str], bucket: str) -
     b2 = json.loads(
         bb("backup", img, "--repo", repo, "--passphrase-env", "NEWP", "--json", env=env2).stdout
     )
-    assert b2["stored_chunks"] == 2
+    assert (b2["stored_chunks"], b2["stored_index_blobs"]) == (1, 1)  # the chunk, its segment
     assert b2["base"] == b1["snapshot"]
 
     snaps = json.loads(bb("snapshots", "--repo", repo, *pw, "--json", env=env).stdout)
