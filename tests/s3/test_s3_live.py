@@ -9,11 +9,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from testkit.faultproxy import FaultProxy
-from testkit.s3cli import bb
+from testkit.s3cli import BB, bb
 
 MiB = 1 << 20
 
@@ -30,8 +29,7 @@ def test_a_live_disk_backed_up_into_s3_restores_exactly(
     content[MiB : 2 * MiB] = bytes(MiB)  # a zero run: costs nothing
     image.write_bytes(bytes(content))
     serve = subprocess.Popen(
-        [sys.executable, "-m", "blockbackup", "serve", str(image), "--dir", str(tmp_path / "run")]
-        + ["--json"],
+        [*BB, "serve", str(image), "--dir", str(tmp_path / "run"), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
