@@ -83,6 +83,11 @@ def test_progress_on_a_terminal_and_json_shapes(tmp_path: Path) -> None:
     pruned = as_json("prune", "--repo", repo, "--keep-last", "1", *KEY)
     assert set(pruned) == {"kept", "removed", "dry_run", "damaged"}
     assert "read snapshots" in on_terminal("prune", "--repo", repo, "--keep-last", "1", *KEY)
+    collected = as_json("gc", "--repo", repo, *KEY)
+    assert {"deleted", "condemned", "kept", "freed_bytes", "dry_run"} <= set(collected)
+    shown = on_terminal("gc", "--repo", repo, *KEY)
+    assert "gc " in shown
+    assert any(step in shown for step in ("reading snapshots", "marking", "checking packs"))
 
     added = as_json("repo", "key", "add", "--repo", repo, *KEY, "--new-passphrase-env", "NEW")
     assert set(added) == {"slot", "kind", "kdf"}

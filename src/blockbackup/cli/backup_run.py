@@ -156,18 +156,7 @@ class _Run:
         self.job_settled = True
 
     async def _step(self, what: str, aw: Coroutine[Any, Any, Any]) -> bool:
-        """Await one undo step; whether it is done (a daemon that is gone took it along)."""
-        if self.daemon_gone:
-            aw.close()
-            return True
-        try:
-            await aw
-        except DaemonGone:
-            self.daemon_gone = True
-        except (ExecuteError, CliError) as err:
-            self.problems.append(f"{what}: {err}")
-            return False
-        return True
+        return await runs.undo_step(self, what, aw)
 
 
 async def backup(monitor: Monitor, req: BackupRequest, stop: StopSignals, out: Output) -> int:

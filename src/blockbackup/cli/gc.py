@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
+from blockbackup.cli.counting import counting
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -44,19 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from blockbackup.repository.gc import collect  # lazy: start-up cost
 
     repo = open_repository(args)
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("gc {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        disable=args.json or not console.is_terminal,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("", total=None)
+    with counting("gc", quiet=args.json) as update:
 
         def show(step: str, done: int, total: int | None) -> None:
-            progress.update(task, description=step, completed=done, total=total)
+            update(done, total, step)
 
         report = collect(repo, args.dry_run, args.forget_writer, show)
     lines = [f"running writer {w['id']} (host {w.get('host', '?')})" for w in report.writers]

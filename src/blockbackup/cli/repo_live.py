@@ -189,17 +189,7 @@ class _Run:
             self.secret_added = False
 
     async def _step(self, what: str, aw: Coroutine[Any, Any, Any]) -> bool:
-        if self.daemon_gone:
-            aw.close()
-            return True
-        try:
-            await aw
-        except DaemonGone:
-            self.daemon_gone = True
-        except (ExecuteError, CliError) as err:
-            self.problems.append(f"{what}: {err}")
-            return False
-        return True
+        return await runs.undo_step(self, what, aw)
 
 
 async def _settle(monitor: Monitor, job_id: str) -> None:

@@ -19,14 +19,14 @@ import asyncio
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError
 
-from blockbackup.cli.qmpclient import CliError, Monitor
+from blockbackup.cli.qmpclient import CliError, DaemonGone, Monitor
 
 _TAG = re.compile(r"^bb-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{6})$")
 _TARGET_SUFFIX = "-target"
@@ -238,3 +238,26 @@ async def clean_dead_runs(monitor: Monitor, say: Callable[[str], None]) -> bool:
         else:
             say(f"cleaned up after a run that died: {what}")
     return clean
+
+
+class Undoing(Protocol):
+    """A run being undone: whether its daemon went away, and what could not be undone."""
+
+    daemon_gone: bool
+    problems: list[str]
+
+
+async def undo_step(run: Undoing, what: str, aw: Coroutine[Any, Any, Any]) -> bool:
+    """Await one undo step of ``run``; whether it is done (a daemon that is gone took it
+    along; a step that failed is noted in ``run.problems``, and the others still run)."""
+    if run.daemon_gone:
+        aw.close()
+        return True
+    try:
+        await aw
+    except DaemonGone:
+        run.daemon_gone = True
+    except (ExecuteError, CliError) as err:
+        run.problems.append(f"{what}: {err}")
+        return False
+    return True

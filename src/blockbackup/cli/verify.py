@@ -14,9 +14,6 @@ import argparse
 from datetime import timedelta
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
 from blockbackup.cli.counting import counting
 from blockbackup.cli.repo_common import (
     EXIT_FAILED,
@@ -91,20 +88,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         skip_within=None if within is None else timedelta(days=within),
     )
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("verify"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        disable=args.json or not console.is_terminal,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("verify", total=None)
+    with counting("verify", quiet=args.json) as update:
         report = verify(
             repo,
             manifests,
-            lambda done, total: progress.update(task, completed=done, total=total),
+            update,
             selection,
             unreadable,
         )
