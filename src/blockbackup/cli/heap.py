@@ -1,18 +1,20 @@
 """Keep freed memory in the process for the next buffer, instead of handing it back.
 
-Why: a repository command's data path allocates a fresh buffer for every request (1 MiB
-reads and the run of a pack that serves them, each chunk's decrypted and decompressed
-bytes), in many threads. glibc gives freed memory at the top of a thread's heap back to
-the kernel once more than about twice the last large block is free, so each new buffer
-is fresh pages again: a page fault and a zeroed page per 4 KiB. Measured (512 MiB restore):
-94,000 page faults for 384 MiB of data, about 20% of its CPU; on a VM whose freed memory
-goes back to the host, touching such a page costs up to 10 us.
+Why: a restore allocates fresh buffers for every request (the 1 MiB it returns, the run
+of a pack that serves it, each chunk's decrypted and decompressed bytes), in many threads.
+glibc gives freed memory at the top of a thread's heap back to the kernel once about
+twice the last large block is free, so each new buffer was fresh pages again: a page
+fault and a zeroed page per 4 KiB. Measured (512 MiB restore): 83,000-135,000 page faults
+for 384 MiB of data, 35,000 with the thresholds below, and 10-15% less CPU (1 GiB,
+alternating). Fixed thresholds (``mallopt``) stop both the trimming and the dynamic mmap
+threshold, so freed buffers are reused; memory stays bounded by what the command has in
+flight at its peak (its RSS did not change), and fewer arenas keep that peak from being
+held once per thread.
 
-Fixed thresholds (``mallopt``) stop both the trimming and the dynamic mmap threshold, so
-freed buffers are reused. Memory stays bounded by what the command has in flight at its
-peak (its buffers are bounded), and fewer arenas keep that peak from being held per
-thread. Only for the short-lived repository commands (backup into a repository, restore,
-verify), not for the daemon.
+Only where it was measured to help: restore. A backup into the repository was no faster
+with it (1 GiB, alternating: CPU within the noise), verify was slower (wall 1.32-1.53 ->
+1.59-1.78 s, RSS +17 MiB; perhaps its three pack-reading threads sharing fewer arenas),
+and a daemon is long-lived: none of them sets it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
-#: Blocks this large or larger are mmapped and unmapped when freed (whole packs read for
-#: verify are 16 MiB: below it, reused).
+#: Blocks this large or larger are mmapped and unmapped when freed (a restore's largest
+#: buffers, 1 MiB requests and pack runs of up to 8 MiB, stay below it and are reused).
 MMAP_THRESHOLD = 32 << 20
 #: Free memory at the top of a heap kept before any is given back.
 TRIM_THRESHOLD = 256 << 20

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from blockbackup.cli.counting import counting
-from blockbackup.cli.heap import keep_freed_memory
 from blockbackup.cli.repo_common import (
     EXIT_FAILED,
     add_json_arg,
@@ -78,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from blockbackup.repository import catalog  # lazy: start-up cost
     from blockbackup.repository.verify import verify  # lazy: start-up cost
     from blockbackup.repository.verify_select import Selection  # lazy: start-up cost
-
-    keep_freed_memory()
 
     if args.seed is not None and args.sample is None:
         raise BlockBackupError("--seed only applies to --sample")
