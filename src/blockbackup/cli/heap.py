@@ -1,20 +1,21 @@
 """Keep freed memory in the process for the next buffer, instead of handing it back.
 
-Why: a restore allocates fresh buffers for every request (the 1 MiB it returns, the run
-of a pack that serves it, each chunk's decrypted and decompressed bytes), in many threads.
-glibc gives freed memory at the top of a thread's heap back to the kernel once about
-twice the last large block is free, so each new buffer was fresh pages again: a page
-fault and a zeroed page per 4 KiB. Measured (512 MiB restore): 83,000-135,000 page faults
-for 384 MiB of data, 35,000 with the thresholds below, and 10-15% less CPU (1 GiB,
-alternating). Fixed thresholds (``mallopt``) stop both the trimming and the dynamic mmap
-threshold, so freed buffers are reused; memory stays bounded by what the command has in
-flight at its peak (its RSS did not change), and fewer arenas keep that peak from being
-held once per thread.
+Why: a restore or a backup into the repository allocates fresh buffers for every
+request (1 MiB reads, the run of a pack that serves one, each chunk's encoded, decrypted
+or decompressed bytes), in many threads. glibc gives freed memory at the top of a
+thread's heap back to the kernel once about twice the last large block is free, so each
+new buffer was fresh pages again: a page fault and a zeroed page per 4 KiB. Measured
+(512 MiB image): a restore took 83,000-135,000 page faults for 384 MiB of data, 35,000
+with the thresholds below (a backup 67,000-76,000 -> 45,000-47,000); restore CPU -10-15%
+(1 GiB, alternating), backup CPU -4% and wall -4% (512 MiB, four alternating pairs, each
+after the benchmark's memory settling). Fixed thresholds (``mallopt``) stop both the
+trimming and the dynamic mmap threshold, so freed buffers are reused; memory stays
+bounded by what the command has in flight at its peak (RSS did not change), and fewer
+arenas keep that peak from being held once per thread.
 
-Only where it was measured to help: restore. A backup into the repository was no faster
-with it (1 GiB, alternating: CPU within the noise), verify was slower (wall 1.32-1.53 ->
-1.59-1.78 s, RSS +17 MiB; perhaps its three pack-reading threads sharing fewer arenas),
-and a daemon is long-lived: none of them sets it.
+Not for verify, which was slower with it (wall 1.32-1.53 -> 1.59-1.78 s at 1 GiB, RSS
++17 MiB; perhaps its three pack-reading threads sharing fewer arenas), nor for the
+long-lived daemon.
 """
 
 from __future__ import annotations
