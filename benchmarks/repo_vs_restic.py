@@ -32,7 +32,9 @@ Usage (``./dev bench repo_vs_restic --size 512M`` while iterating)::
 from __future__ import annotations
 
 import argparse
+import compileall
 import filecmp
+import importlib.util
 import json
 import os
 import random
@@ -86,6 +88,16 @@ def ensure_packages() -> None:
         check=True,
         env=env,
     )
+
+
+def compile_ours() -> None:
+    """Byte-compile our package once, as ``pip install`` does: with
+    ``PYTHONDONTWRITEBYTECODE`` set (as in some shells) an editable checkout is otherwise
+    compiled from source by every command, ~0.12 s each that no installed copy pays."""
+    spec = importlib.util.find_spec("blockbackup")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            compileall.compile_dir(location, quiet=1)
 
 
 def parse_size(text: str) -> int:
@@ -186,6 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     size = parse_size(args.size) // BLOCK * BLOCK
     ensure_packages()
+    compile_ours()
     rng = random.Random(args.seed)
     work = Path(args.keep or tempfile.mkdtemp(prefix="bb-repo-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from blockbackup.repository import blob
 from blockbackup.repository.backend import DirectoryBackend
+from blockbackup.repository.catalog import DiskRecord
 from blockbackup.repository.chunkstore import check_pack_keyless, pack_key
+from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.errors import (
     AlreadyExists,
     CorruptData,
@@ -301,3 +304,31 @@ def test_a_failed_pack_write_keeps_the_store_consistent(tmp_path: Path) -> None:
         again = Repository.open(str(fs / "r"))
         for chunk in added:
             assert again.store.read(again.keys.address(chunk)) == chunk
+
+
+@pytest.mark.parametrize("secret", [PASS, None])
+def test_reads_trust_the_tag_verify_checks_the_address_too(
+    tmp_path: Path, secret: bytes | None
+) -> None:
+    """A blob whose content does not hash to its address but is otherwise intact (a
+    writer that hashed wrongly): encrypted, a read trusts the GCM tag over the address and
+    returns it (no second hash per chunk on restore), and verify still finds it; not
+    encrypted, the hash is the only check, so a read refuses it."""
+    repo = Repository.init(str(tmp_path / "r"), secret)
+    good, wrong = os.urandom(CHUNK), os.urandom(CHUNK)
+    address = repo.keys.address(good)
+    repo.store.add_encoded(address, blob.encode(repo.keys, wrong, address), CHUNK)
+    index = DiskIndex(repo.store, CHUNK, repo.chunk_size)
+    index.set(0, address)
+    record = DiskRecord("d", CHUNK, repo.chunk_size, index.save())
+    repo.store.flush()
+    repo.commit([record])
+    reopened = Repository.open(str(tmp_path / "r"), secret)
+    if secret is None:
+        with pytest.raises(CorruptData, match="does not match its address"):
+            reopened.store.read(address)
+    else:
+        assert reopened.store.read(address) == wrong
+    report = verify(reopened, reopened.snapshots())
+    assert [d.offset for d in report.damage] == [0]
+    assert "does not match its address" in report.damage[0].error

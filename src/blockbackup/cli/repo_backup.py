@@ -14,6 +14,7 @@ import asyncio
 import os
 from typing import Any
 
+from blockbackup.cli.heap import keep_freed_memory
 from blockbackup.cli.imageformat import probe, read_header
 from blockbackup.cli.repo_common import (
     copy_with_progress,
@@ -41,6 +42,7 @@ def image_format(path: str) -> str:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     if not os.path.isfile(args.image):
         raise BlockBackupError(f"{args.image}: no such image file")
     secret = open_secret(args)

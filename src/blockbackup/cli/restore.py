@@ -12,6 +12,7 @@ import asyncio
 import os
 from typing import Any
 
+from blockbackup.cli.heap import keep_freed_memory
 from blockbackup.cli.repo_common import (
     add_json_arg,
     add_repo_arg,
@@ -40,6 +41,7 @@ def add_parser(sub: Any) -> None:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     if os.path.lexists(args.out):
         raise BlockBackupError(f"{args.out} exists: restore writes a new image only")
     secret = open_secret(args)
