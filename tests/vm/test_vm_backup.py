@@ -83,7 +83,10 @@ def restore(repo: str, snapshot: str, disk: str, out: Path) -> bytes:
 
 
 def assert_clean(vm: Vm, scratch: Path) -> None:
+    """Nothing of ours is left, and no guest write failed (HMP qemu-io reports a failed
+    write on QEMU's stdout, not in the monitor's reply)."""
     assert vm.ours_left() == []
+    assert "failed" not in (vm.tmp / "qemu.log").read_text()
     assert not vm.nbd_server_running()
     assert os.listdir(scratch) == []
 
