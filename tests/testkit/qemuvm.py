@@ -76,7 +76,7 @@ class Vm:
                 os.unlink(path)
         log = self.tmp / "qemu.log"
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=out)
+            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=out)
         deadline = time.monotonic() + 60
         while not all(os.path.exists(p) for p in (self.qmp, self.ctl_path, self.writer_path)):
             if self.proc.poll() is not None:

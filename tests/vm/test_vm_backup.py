@@ -7,6 +7,7 @@ point for all disks of a snapshot; QEMU must hold nothing of ours between runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from blockbackup.vm.reserve import reservation
 from testkit.qemuvm import BLOCKBACKUP, QEMU, DiskSpec, MiB, Model, Vm, Writer, make_disk, run_bb
+from testkit.tmpfs import mounted_tmpfs
 
 pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
@@ -80,7 +83,10 @@ def restore(repo: str, snapshot: str, disk: str, out: Path) -> bytes:
 
 
 def assert_clean(vm: Vm, scratch: Path) -> None:
+    """Nothing of ours is left, and no guest write failed (HMP qemu-io reports a failed
+    write on QEMU's stdout, not in the monitor's reply)."""
     assert vm.ours_left() == []
+    assert "failed" not in (vm.tmp / "qemu.log").read_text()
     assert not vm.nbd_server_running()
     assert os.listdir(scratch) == []
 
@@ -561,3 +567,121 @@ def test_what_qemu_7_2_offers_is_read_from_its_schema(tmp_path: Path) -> None:
     assert has_sync
     assert not nothing
     assert has_cbw_error == ((version["major"], version["minor"]) >= (10, 1))
+
+
+# -- the scratch file system: QEMU 7.2 fails a guest's write when its copy-before-write copy
+# cannot be stored, so vm backup reserves each fleece image's worst case before the job
+
+
+def test_no_room_for_the_reservation_stops_before_the_guest_is_touched(
+    tmp_path: Path, repo: str, scratch: Path
+) -> None:
+    size = 64 * MiB
+    disk = make_disk(tmp_path, "drive0", "vd0", size)
+    model = Model([bytes(size)])
+    vm = Vm(tmp_path, [disk]).start()
+    try:
+        writer = Writer(vm, model)
+        with mounted_tmpfs(tmp_path / "small", "16m") as small:
+            failed = run_bb(
+                "vm", "backup", "--qmp", vm.qmp, "--repo", repo, "--scratch-dir", str(small)
+            )
+            assert failed.returncode == 1, failed.stderr
+            assert failed.stderr.splitlines() == [
+                f"blockbackup vm backup: scratch {small} has no room for the copy-before-write "
+                f"image of drive0 (needs {reservation(size)} bytes): use --scratch-dir"
+            ]
+            assert_clean(vm, small)
+            assert vm.bitmaps("drive0") == {}
+            for block in range(16):  # the guest writes as before
+                writer.write(0, block)
+        with writer.running():
+            result, _ = backup(vm, repo, scratch)
+        writer.close()
+        assert_clean(vm, scratch)
+        image = restore(repo, result["snapshot"], "drive0", tmp_path / "out.img")
+        interval = model.interval(0, image)
+        assert interval is not None
+        assert interval[0] >= 16
+    finally:
+        vm.quit()
+
+
+def _fill(directory: Path) -> None:
+    """Take every free byte of ``directory``'s file system."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (MiB, 65536, 4096):  # then what is left smaller than a MiB
+            with contextlib.suppress(OSError):
+                while os.write(fd, bytes(chunk)):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def _stop_once_the_job_runs(
+    vm: Vm, repo: str, scratch: Path, extra: str | None
+) -> subprocess.Popen[str]:
+    """Start a backup and SIGSTOP it as soon as its job exists: the copy-before-write
+    filter is in place and nothing is read (nor the disk released) until SIGCONT."""
+    argv = [BLOCKBACKUP, "vm", "backup", "--qmp", vm.qmp, "--repo", repo]
+    argv += ["--scratch-dir", str(scratch), "--json", *([extra] if extra else [])]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not vm.cmd("query-block-jobs"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGSTOP)
+    return proc
+
+
+@pytest.mark.parametrize("thin", [False, True], ids=["reserved", "thin"])
+def test_a_full_scratch_never_fails_a_guest_rewriting_its_whole_disk(
+    tmp_path: Path, repo: str, thin: bool
+) -> None:
+    """The backup stops (SIGSTOP) once QEMU exports its view; the scratch file system is
+    filled; the guest rewrites its whole disk, so every cluster is copied into the fleece
+    image. Reserved: every write succeeds and the restore is the disk before. Thin
+    (``--thin-scratch``, the behaviour before the reservation): the guest's write fails."""
+    size = 32 * MiB
+    data = os.urandom(size)  # zeroes would be copied as zero clusters, taking no space
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(data)
+    qcow2 = tmp_path / "drive0.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    raw.unlink()
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(os.urandom(size))
+    room = -(-(reservation(size) + MiB) // MiB)  # the reservation and a little more
+    vm = Vm(tmp_path, [DiskSpec("drive0", "vd0", qcow2, size)]).start()
+    try:
+        with mounted_tmpfs(tmp_path / "small", f"{room}m") as small:
+            proc = _stop_once_the_job_runs(vm, repo, small, "--thin-scratch" if thin else None)
+            try:
+                assert len(vm.cmd("query-block-jobs")) == 1  # not released yet
+                _fill(small)
+                line = f'qemu-io -d vd0/virtio-backend "write -s {fresh} 0 {size}"'
+                vm.cmd("human-monitor-command", **{"command-line": line})
+                # the new checkpoint counts what reached the disk; qemu-io says why not
+                (new,) = checkpoints(vm, "drive0")
+                written = vm.bitmaps("drive0")[new]["count"]
+                (fleece,) = small.glob("bbvm-*/0.fleece.qcow2")
+                fleece_size = fleece.stat().st_size
+                (small / "filler").unlink()
+            finally:
+                proc.send_signal(signal.SIGCONT)
+                out, err = proc.communicate(timeout=120)  # the run's teardown frees the tmpfs
+            said = (tmp_path / "qemu.log").read_text()
+            if thin:
+                assert written == 0
+                assert "write failed: No space left on device" in said
+                return
+            assert written == size
+            assert "failed" not in said, said
+            assert fleece_size == reservation(size)  # every copy landed in the reservation
+            assert proc.returncode == 0, err
+            assert_clean(vm, small)
+        result = json.loads(out)
+        assert restore(repo, result["snapshot"], "drive0", tmp_path / "out.img") == data
+    finally:
+        vm.quit()

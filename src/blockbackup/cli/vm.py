@@ -67,6 +67,12 @@ def add_parser(sub: Any) -> None:
         help="where QEMU keeps the old data of blocks the guest rewrites during the backup "
         f"(default {DEFAULT_SCRATCH})",
     )
+    backup.add_argument(
+        "--thin-scratch",
+        action="store_true",
+        help="do not reserve the disks' size in --scratch-dir up front (QEMU before 10.1: "
+        "if the scratch file system fills up during the backup, guest writes fail)",
+    )
     add_secret_args(backup)
     add_json_arg(backup)
     backup.set_defaults(run=vm_backup.run)

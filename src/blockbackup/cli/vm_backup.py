@@ -68,7 +68,8 @@ def select_disks(disks: list[Any], wanted: list[str]) -> list[Any]:
 
 def _warn_scratch_space(scratch: str, disks: int, version: str) -> None:
     """QEMU before 10.1 fails a guest's write when the copy-before-write copy cannot be
-    stored: say so when the scratch space is smaller than the disks."""
+    stored: with ``--thin-scratch`` (nothing reserved), say so when the scratch space is
+    smaller than the disks."""
     try:
         free = shutil.disk_usage(scratch).free
     except OSError:
@@ -150,7 +151,9 @@ async def _backup(
             plans.append((disk, plan))
         session = Session(qemu, names.new_run_id(), args.scratch_dir, args.qmp)
         session.break_snapshot = await qemu.command_takes("blockdev-backup", "on-cbw-error")
-        if not session.break_snapshot:
+        # with on-cbw-error a full scratch breaks the backup, not the guest: no reservation
+        session.reserve = not session.break_snapshot and not args.thin_scratch
+        if not session.break_snapshot and args.thin_scratch:
             _warn_scratch_space(args.scratch_dir, sum(d.size for d, _ in plans), qemu.version)
         repo_disks = [repo_disk_name(vm, d.name) for d, _ in plans]
 

@@ -5,8 +5,9 @@ The sequence (QEMU 7.2; docs/vm-backup.md has the reasons):
 1. ``nbd-server-start`` on a unix socket in the run's owner-only scratch directory (first,
    so that a QEMU already running someone else's NBD server is refused before anything
    changes).
-2. Per disk, ``blockdev-add`` a temporary qcow2 (the *fleece* image) whose backing is the
-   disk's node.
+2. Per disk, create a temporary qcow2 (the *fleece* image), allocate its file's worst
+   case (``vm/reserve.py``: unless ``on-cbw-error`` exists or ``--thin-scratch``), and
+   ``blockdev-add`` it with the disk's node as its backing.
 3. One ``transaction`` for all disks: per disk ``block-dirty-bitmap-add`` (the new
    checkpoint, persistent); for an incremental, a disabled bitmap on the fleece node
    filled by ``block-dirty-bitmap-merge`` from the checkpoint it starts from (a frozen copy
@@ -40,6 +41,7 @@ from blockbackup.block.qcow2.create import create_qcow2_file
 from blockbackup.vm import names
 from blockbackup.vm.checkpoints import INCREMENTAL, Plan, can_keep_checkpoint
 from blockbackup.vm.qemu import Disk, Qemu, QemuGone, QmpFailed, VmError
+from blockbackup.vm.reserve import reserve
 
 #: Seconds to wait for QEMU to finish cancelling a job or deleting an export.
 SETTLE_TIMEOUT = 30.0
@@ -83,6 +85,9 @@ class Session:
     transaction_done: bool = False
     #: QEMU 10.1+: a copy-before-write failure breaks the backup, not the guest's write.
     break_snapshot: bool = False
+    #: Allocate each fleece image's worst case before the job (``vm/reserve.py``), so a
+    #: full scratch file system can never fail a guest's write.
+    reserve: bool = True
 
     def __post_init__(self) -> None:
         # QEMU resolves relative paths against its own working directory, not ours
@@ -141,6 +146,10 @@ class Session:
                 new_checkpoint=checkpoint if can_keep_checkpoint(disk) else None,
             )
             await asyncio.to_thread(create_qcow2_file, view.image, disk.size)
+            if self.reserve:
+                await asyncio.to_thread(
+                    reserve, view.image, disk.size, scratch=self.scratch, disk=disk.name
+                )
             await asyncio.to_thread(self._hand_to_qemu, view.image)
             self.views.append(view)
             await self.qemu.execute(
