@@ -16,6 +16,7 @@ BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20
 ENV = {**os.environ, "BBP": "the passphrase"}
 SECRET = ("--passphrase-env", "BBP")
+HOLD = Path(__file__).parent / "holdcommit"
 
 
 def bb(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -98,12 +99,16 @@ def test_a_killed_backups_marker_is_removed_and_its_data_freed(tmp_path: Path) -
     bb("repo", "init", repo, "--no-encryption")
     img = tmp_path / "big.img"
     img.write_bytes(os.urandom(48 * MiB))
+    held = tmp_path / "held"
+    # the backup stops just before its commit (its data stored): killed there, never late
+    hold = {**ENV, "PYTHONPATH": str(HOLD), "BB_TEST_HELD": str(held)}
     proc = subprocess.Popen(
-        [*BB, "backup", str(img), "--repo", str(repo)], stdin=subprocess.DEVNULL, env=ENV
+        [*BB, "backup", str(img), "--repo", str(repo)], stdin=subprocess.DEVNULL, env=hold
     )
-    deadline = time.monotonic() + 60
-    while not files(repo, "data") and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert held.exists(), "the backup never reached its commit"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     markers = files(repo, "writers")
