@@ -4,6 +4,7 @@ disks must hold at any point of a sequence of writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,14 @@ def run_bb(
     return subprocess.run(
         [BLOCKBACKUP, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
+
+
+def vm_backup(qmp: str, repo: str, scratch: Path, *extra: str) -> tuple[dict[str, Any], str]:
+    """``vm backup --json`` to its end, which must be success: its result and stderr."""
+    argv = ["vm", "backup", "--qmp", qmp, "--repo", repo, "--scratch-dir", str(scratch)]
+    result = run_bb(*argv, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), result.stderr
 
 
 @dataclass

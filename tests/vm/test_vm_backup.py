@@ -19,7 +19,18 @@ from typing import Any
 import pytest
 
 from blockbackup.vm.reserve import reservation
-from testkit.qemuvm import BLOCKBACKUP, QEMU, DiskSpec, MiB, Model, Vm, Writer, make_disk, run_bb
+from testkit.qemuvm import (
+    BLOCKBACKUP,
+    QEMU,
+    DiskSpec,
+    MiB,
+    Model,
+    Vm,
+    Writer,
+    make_disk,
+    run_bb,
+    vm_backup,
+)
 from testkit.tmpfs import mounted_tmpfs
 
 pytestmark = [
@@ -58,20 +69,7 @@ def scratch(tmp_path: Path) -> Path:
 
 
 def backup(vm: Vm, repo: str, scratch: Path, *extra: str) -> tuple[dict[str, Any], str]:
-    result = run_bb(
-        "vm",
-        "backup",
-        "--qmp",
-        vm.qmp,
-        "--repo",
-        repo,
-        "--scratch-dir",
-        str(scratch),
-        "--json",
-        *extra,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout), result.stderr
+    return vm_backup(vm.qmp, repo, scratch, *extra)
 
 
 def restore(repo: str, snapshot: str, disk: str, out: Path) -> bytes:
@@ -204,25 +202,15 @@ def test_a_lost_or_inconsistent_checkpoint_gives_a_full_backup(
         vm.quit()
 
 
+def _spawn_backup(vm: Vm, repo: str, scratch: Path, *extra: str) -> subprocess.Popen[str]:
+    """``vm backup --json`` running in the background, its output piped."""
+    argv = [BLOCKBACKUP, "vm", "backup", "--qmp", vm.qmp, "--repo", repo]
+    argv += ["--scratch-dir", str(scratch), "--json", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _start_backup(vm: Vm, repo: str, scratch: Path, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            BLOCKBACKUP,
-            "vm",
-            "backup",
-            "--qmp",
-            vm.qmp,
-            "--repo",
-            repo,
-            "--scratch-dir",
-            str(scratch),
-            "--json",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _spawn_backup(vm, repo, scratch, *extra)
     deadline = time.monotonic() + 60
     # the export is the last step in QEMU: from then on blockbackup reads (128 MiB)
     while not any(e["id"].startswith("bbvm-") for e in vm.cmd("query-block-exports")):
@@ -355,23 +343,7 @@ def test_each_disk_is_released_as_soon_as_it_is_read(
     raw.unlink()
     vm = Vm(tmp_path, [small, big]).start()
     try:
-        proc = subprocess.Popen(
-            [
-                BLOCKBACKUP,
-                "vm",
-                "backup",
-                "--qmp",
-                vm.qmp,
-                "--repo",
-                repo,
-                "--scratch-dir",
-                str(scratch),
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _spawn_backup(vm, repo, scratch)
         seen = []
         while proc.poll() is None:
             jobs = sorted(j["device"] for j in vm.cmd("query-block-jobs"))
@@ -624,9 +596,7 @@ def _stop_once_the_job_runs(
 ) -> subprocess.Popen[str]:
     """Start a backup and SIGSTOP it as soon as its job exists: the copy-before-write
     filter is in place and nothing is read (nor the disk released) until SIGCONT."""
-    argv = [BLOCKBACKUP, "vm", "backup", "--qmp", vm.qmp, "--repo", repo]
-    argv += ["--scratch-dir", str(scratch), "--json", *([extra] if extra else [])]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _spawn_backup(vm, repo, scratch, *([extra] if extra else []))
     deadline = time.monotonic() + 60
     while not vm.cmd("query-block-jobs"):
         assert proc.poll() is None, proc.communicate()

@@ -10,7 +10,6 @@ sequence number <= M of its residue: the restored disk must have that shape.
 from __future__ import annotations
 
 import glob
-import json
 import lzma
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.qemuvm import MiB, Vm, make_disk, run_bb
+from testkit.qemuvm import MiB, Vm, make_disk, run_bb, vm_backup
 
 BLOCKS = 64
 BLOCK = 4096
@@ -190,19 +189,8 @@ def test_a_booted_guest_writing_during_the_backup_is_restored_at_one_point(tmp_p
         results = []
         for _ in range(2):  # a full backup, then an incremental, both while the guest writes
             before = seq_seen()
-            result = run_bb(
-                "vm",
-                "backup",
-                "--qmp",
-                vm.qmp,
-                "--repo",
-                repo,
-                "--scratch-dir",
-                str(scratch),
-                "--json",
-            )
-            assert result.returncode == 0, result.stderr
-            results.append((json.loads(result.stdout), before))
+            result, _ = vm_backup(vm.qmp, repo, scratch)
+            results.append((result, before))
             assert vm.ours_left() == []
             time.sleep(1)
         after = seq_seen()
