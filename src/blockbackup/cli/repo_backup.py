@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 from typing import Any
 
@@ -93,6 +94,13 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             await _keep_what_was_stored(bb, target)
             if error:
                 raise BlockBackupError(f"{error} (no snapshot was committed)") from exc
+            if str(exc) == os.strerror(errno.ENOSPC):
+                # what this run stored is kept for the next run to reuse: on a full disk
+                # that is the space the user needs back, so say how to get it
+                raise BlockBackupError(
+                    f"{exc}: no snapshot was committed; what this run stored stays for the "
+                    f"next run to reuse (`blockbackup gc --repo {args.repo}` frees it)"
+                ) from exc
             raise
         driver = target.driver
         assert isinstance(driver, RepoTargetDriver)
