@@ -124,7 +124,10 @@ class Monitor:
 def _connect_reason(err: ConnectError) -> str:
     cause = err.exc
     if isinstance(cause, FileNotFoundError):
-        return "no such socket (is the daemon running? `blockbackup serve` prints the path)"
+        return (
+            "no such socket (is it running? `blockbackup serve` prints its QMP socket; "
+            "a QEMU's is the path given to -qmp)"
+        )
     if isinstance(cause, ConnectionRefusedError):
         return "connection refused (the daemon that made this socket is gone)"
     if isinstance(cause, ConnectionResetError | BrokenPipeError):
