@@ -219,10 +219,18 @@ def run_command(
     128 + the signal's number (130 for Ctrl-C).
     """
     quiet_library_logs(verbose)
+    # A signal from here until the loop's handlers are installed is remembered, not lost:
+    # left to Python's default, a Ctrl-C in asyncio.run's start went to asyncio's own
+    # handler, which cancels the main task, and a command waiting for a monitor could miss
+    # it and wait its whole --timeout.
+    early: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _f: early.append(n)) for sig in STOP_SIGNALS}
 
     async def main() -> int:
         stop = StopSignals()
         stop.install()
+        if early:
+            stop._received(early[0])
         return await body(stop)
 
     try:
@@ -236,6 +244,9 @@ def run_command(
     except ExecuteError as err:
         print(f"blockbackup {name}: {err}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def connect(
