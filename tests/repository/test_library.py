@@ -153,9 +153,9 @@ def test_a_version_1_repository_keeps_naming_packs_by_sha256(tmp_path: Path) -> 
     reopened = Repository.open(location, PASS)
     assert verify(reopened, reopened.snapshots()).ok
     assert read_disk(Repository.open(location, PASS), record) == data
+    config["pack_hash"] = "blake3"  # a key version 1 does not have
+    (tmp_path / "r" / "config").write_text(json.dumps(config))
     with pytest.raises(NotARepository, match="config is damaged or unknown"):
-        config["pack_hash"] = "blake3"  # a key version 1 does not have
-        (tmp_path / "r" / "config").write_text(json.dumps(config))
         Repository.open(location, PASS)
 
 
