@@ -43,7 +43,7 @@ def stored_chunks(tmp_path: Path, count: int, pack_size: int) -> tuple[Repositor
 def reader(tmp_path: Path) -> tuple[ChunkStore, CountingBackend]:
     repo = Repository.open(str(tmp_path / "r"), PASS)
     backend = CountingBackend(tmp_path / "r")
-    store = ChunkStore(backend, repo.keys, int(repo.config["pack_size"]))
+    store = ChunkStore(backend, repo.keys, int(repo.config["pack_size"]), repo.pack_hash)
     store.load()
     return store, backend
 

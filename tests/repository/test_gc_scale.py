@@ -4,14 +4,13 @@ about 210 MiB; gc keeps 8 bytes per used chunk)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from blockbackup.repository import blob, catalog
+from blockbackup.repository import blob, catalog, packhash
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import (
     _TRAILER,
@@ -38,7 +37,7 @@ PRUNED = 3  # the oldest ones
 def put_pack(location: Repository, entries: list[tuple[bytes, int, int, int]], body: bytes) -> str:
     header_blob = blob.encode(location.keys, _encode_header(entries), HEADER_AAD)
     data = body + header_blob + _TRAILER.pack(len(header_blob), PACK_END)
-    pack = hashlib.sha256(data).hexdigest()
+    pack = packhash.name_of(data, location.pack_hash)
     location.backend.put(pack_key(pack), data)
     location.backend.put(index_key(pack), header_blob)
     return pack

@@ -4,6 +4,7 @@ checks, bit rot, and the atomic commit of a writer killed with SIGKILL."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -115,9 +116,14 @@ def test_format_checks(tmp_path: Path) -> None:
         Repository.open(str(tmp_path / "missing"))
     Repository.init(str(tmp_path / "r"), None)
     config = json.loads((tmp_path / "r" / "config").read_text())
-    config["version"] = 2
+    config["version"] = 3
     (tmp_path / "r" / "config").write_text(json.dumps(config))
-    with pytest.raises(FormatTooNew, match=r"version 2 is newer .* upgrade"):
+    with pytest.raises(FormatTooNew, match=r"version 3 is newer .* upgrade"):
+        Repository.open(str(tmp_path / "r"))
+    config["version"] = 2
+    config["pack_hash"] = "md5"
+    (tmp_path / "r" / "config").write_text(json.dumps(config))
+    with pytest.raises(NotARepository, match="config is damaged or unknown"):
         Repository.open(str(tmp_path / "r"))
     with pytest.raises(RepositoryError, match="already a repository"):
         Repository.init(str(tmp_path / "r"), None)
@@ -125,6 +131,32 @@ def test_format_checks(tmp_path: Path) -> None:
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(RepositoryError, match="not empty"):
         Repository.init(str(tmp_path / "full"), None)
+
+
+def test_a_version_1_repository_keeps_naming_packs_by_sha256(tmp_path: Path) -> None:
+    """Version 1 had no ``pack_hash``: its packs are SHA-256 names, and new ones too, so
+    that verify, sync and a keyless check keep working on it; version 2 names by BLAKE3."""
+    location = str(tmp_path / "r")
+    Repository.init(location, PASS)
+    config = json.loads((tmp_path / "r" / "config").read_text())
+    assert (config["version"], config["pack_hash"]) == (2, "blake3")
+    del config["pack_hash"]
+    config["version"] = 1
+    (tmp_path / "r" / "config").write_text(json.dumps(config))
+    repo = Repository.open(location, PASS)
+    data = os.urandom(3 * CHUNK)
+    record = store_disk(repo, "d", data)
+    repo.commit([record])
+    (pack,) = packs(tmp_path / "r")
+    assert pack.name == hashlib.sha256(pack.read_bytes()).hexdigest()
+    check_pack_keyless(repo.backend, pack.name, Repository.open(location, PASS).pack_hash)
+    reopened = Repository.open(location, PASS)
+    assert verify(reopened, reopened.snapshots()).ok
+    assert read_disk(Repository.open(location, PASS), record) == data
+    config["pack_hash"] = "blake3"  # a key version 1 does not have
+    (tmp_path / "r" / "config").write_text(json.dumps(config))
+    with pytest.raises(NotARepository, match="config is damaged or unknown"):
+        Repository.open(location, PASS)
 
 
 @pytest.mark.parametrize("secret", [PASS, None])
@@ -142,7 +174,7 @@ def test_bit_rot_names_the_chunk(tmp_path: Path, secret: bytes | None) -> None:
     with pytest.raises(CorruptData, match=f"chunk {first.hex()} in pack {pack.name}"):
         read_disk(reopened, record)
     with pytest.raises(CorruptData, match="does not match its name"):
-        check_pack_keyless(reopened.backend, pack.name)  # no key needed
+        check_pack_keyless(reopened.backend, pack.name, reopened.pack_hash)  # no key needed
 
 
 def test_put_if_absent_has_one_winner(tmp_path: Path) -> None:

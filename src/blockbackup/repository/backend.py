@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from blockbackup.repository import directio
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
 
 TMP_PREFIX = ".tmp-"
@@ -54,7 +55,8 @@ def _check_key(key: str) -> None:
 class DirectoryBackend:
     """Objects as files under a root directory; every put is atomic and durable.
 
-    put: temp file in the final directory, fsync, rename, fsync the directory.
+    put: temp file in the final directory, fsync, rename, fsync the directory (a large
+    object, a pack, bypasses the page cache: :mod:`~blockbackup.repository.directio`).
     put_if_absent: the same temp file linked to the key (``link`` refuses an existing
     name, so of two writers exactly one wins), then the temp name is removed.
     """
@@ -82,11 +84,9 @@ class DirectoryBackend:
     def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = directio.open_new(tmp, memoryview(data).nbytes)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            directio.write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -12,13 +12,12 @@ written and synced by a writer thread.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from blockbackup.repository import blob, condemned
+from blockbackup.repository import blob, condemned, packhash
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
@@ -114,9 +113,10 @@ class _Pack:
 class _Sealed:
     """A closed pack on its way to the backend."""
 
-    def __init__(self, pack: _Pack, header_blob: bytes) -> None:
+    def __init__(self, pack: _Pack, header_blob: bytes, pack_hash: str) -> None:
         self.pack = pack
         self.header_blob = header_blob
+        self.pack_hash = pack_hash
         self.future: Future[str] | None = None
 
 
@@ -124,7 +124,7 @@ def _write_pack(backend: Backend, sealed: _Sealed) -> str:
     """Name, write and index one pack (in the writer thread; hashing releases the GIL).
     Write order: the pack, then its index."""
     with memoryview(sealed.pack.buffer) as whole, whole[: sealed.pack.end] as data:
-        pack = hashlib.sha256(data).hexdigest()
+        pack = packhash.name_of(data, sealed.pack_hash)
         backend.put(pack_key(pack), data)
     backend.put(index_key(pack), sealed.header_blob)
     return pack
@@ -136,10 +136,17 @@ class ChunkStore:
     Blocking methods (they call the backend): run them in a thread, one at a time.
     """
 
-    def __init__(self, backend: Backend, keys: Keys, pack_size: int = DEFAULT_PACK_SIZE) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        keys: Keys,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        pack_hash: str = packhash.ALGORITHMS[0],
+    ) -> None:
         self.backend = backend
         self.keys = keys
         self.pack_size = pack_size
+        self.pack_hash = pack_hash
         self._table: dict[bytes, Location] = {}
         #: The pack being filled, the one being written (by the writer thread), and a
         #: buffer to reuse: fresh 16 MiB buffers cost their page faults every pack.
@@ -283,7 +290,7 @@ class ChunkStore:
         entries = [(a, o, n, p) for a, (o, n, p) in pack.entries.items()]
         header_blob = bytes(blob.encode(self.keys, _encode_header(entries), HEADER_AAD))
         pack.close(header_blob)
-        sealed = _Sealed(pack, header_blob)
+        sealed = _Sealed(pack, header_blob, self.pack_hash)
         sealed.future = self._executor().submit(_write_pack, self.backend, sealed)
         self._sealed.append(sealed)
         self._current = _Pack(self._buffer_size, self._spare.pop() if self._spare else None)
@@ -443,10 +450,11 @@ def decode_pack_header(
     return _decode_header(blob.decode(keys, header_blob, HEADER_AAD, what, 1 << 30), what)
 
 
-def check_pack_keyless(backend: Backend, pack: str) -> None:
-    """The check a server can run without the key: the pack's bytes hash to its name."""
+def check_pack_keyless(backend: Backend, pack: str, pack_hash: str) -> None:
+    """The check a server can run without the key: the pack's bytes hash to its name
+    (``pack_hash``: the config's, which is plain JSON)."""
     data = backend.get(pack_key(pack))
-    if hashlib.sha256(data).hexdigest() != pack:
+    if packhash.name_of(data, pack_hash) != pack:
         raise CorruptData(f"pack {pack}: its content does not match its name")
 
 

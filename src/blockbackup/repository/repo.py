@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from blockbackup.repository import catalog, condemned, refs, writers
+from blockbackup.repository import catalog, condemned, packhash, refs, writers
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
 from blockbackup.repository.cache import index_cache
@@ -31,7 +31,8 @@ from blockbackup.repository.errors import (
 from blockbackup.repository.keys import Keys
 
 FORMAT = "blockbackup-repository"
-VERSION = 1
+#: 2: packs are named by the hash in ``pack_hash`` (BLAKE3); 1: by SHA-256.
+VERSION = 2
 CHUNK_SIZE = 64 * 1024
 #: Storage settings for ``open_backend`` (endpoint, region, addressing-style), or None.
 StorageOptions = Mapping[str, str | None] | None
@@ -45,6 +46,8 @@ _CONFIG_KEYS = {
     "compression",
     "created",
 }
+#: Keys a config has from a version on.
+_CONFIG_KEYS_SINCE = {"pack_hash": 2}
 
 
 def _now() -> str:
@@ -60,10 +63,14 @@ class Repository:
         self.keys = keys
         self.id: str = config["id"]
         self.chunk_size: int = config["chunk_size"]
+        self.pack_hash = packhash.of_config(config)
         self._store: ChunkStore | None = None
         #: This process's writer marker (``writers/<id>``), while it writes.
         self.writer_id: str | None = None
         self._last_beat = 0.0
+
+    def _new_store(self) -> ChunkStore:
+        return ChunkStore(self.backend, self.keys, int(self.config["pack_size"]), self.pack_hash)
 
     # -- create and open --------------------------------------------------------------------
 
@@ -93,6 +100,7 @@ class Repository:
             "encryption": "aes-256-gcm" if secret is not None else "none",
             "compression": "zstd",
             "created": _now(),
+            "pack_hash": packhash.ALGORITHMS[0],
         }
         master = None
         if secret is not None:
@@ -122,8 +130,8 @@ class Repository:
                 f"{where}: repository format version {version} is newer than this "
                 f"blockbackup supports ({VERSION}): upgrade blockbackup"
             )
-        unknown = set(config) - _CONFIG_KEYS
-        if unknown or _CONFIG_KEYS - set(config):
+        expected = _CONFIG_KEYS | {k for k, v in _CONFIG_KEYS_SINCE.items() if version >= v}
+        if set(config) != expected or packhash.of_config(config) not in packhash.ALGORITHMS:
             raise NotARepository(f"{where}: repository config is damaged or unknown")
         return config
 
@@ -223,7 +231,7 @@ class Repository:
         try:
             relied = relied | refs.referenced_packs(self.store, disks)
         except RepositoryError:  # this object's table may predate another writer's packs
-            fresh = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
+            fresh = self._new_store()
             fresh.load(index_cache(self.backend, self.id))
             relied = relied | refs.referenced_packs(fresh, disks)
         condemned_now = condemned.listed(self.backend) & relied
@@ -241,7 +249,7 @@ class Repository:
     def store(self) -> ChunkStore:
         """The chunk store, loaded (every pack index read) on first use."""
         if self._store is None:
-            store = ChunkStore(self.backend, self.keys, int(self.config["pack_size"]))
+            store = self._new_store()
             store.load(index_cache(self.backend, self.id))
             self._store = store
         return self._store

@@ -15,7 +15,6 @@ destination until pruned there.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockbackup.repository import packhash
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.chunkstore import PACK_END, PACK_MAGIC, index_key, pack_key
 from blockbackup.repository.errors import AlreadyExists, CorruptData, NotFound, RepositoryError
@@ -37,6 +37,7 @@ class RateLimiter:
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
         self._lock = threading.Lock()
+        self.pack_hash = packhash.VERSION_1  # the source's, once its config is read
         self._next = time.monotonic()
 
     def take(self, n: int) -> None:
@@ -72,9 +73,10 @@ class SyncReport:
         }
 
 
-def header_of_pack(pack: str, data: bytes) -> bytes:
-    """The pack's header blob (what ``index/<pack>`` holds), after the keyless checks."""
-    if hashlib.sha256(data).hexdigest() != pack:
+def header_of_pack(pack: str, data: bytes, pack_hash: str) -> bytes:
+    """The pack's header blob (what ``index/<pack>`` holds), after the keyless checks
+    (``pack_hash``: the repository's pack-name hash)."""
+    if packhash.name_of(data, pack_hash) != pack:
         raise CorruptData(f"pack {pack}: its content does not match its name")
     if not data.startswith(PACK_MAGIC) or data[-8:] != PACK_END:
         raise CorruptData(f"pack {pack}: not a pack")
@@ -120,7 +122,7 @@ class _Sync:
         except NotFound:
             return  # removed by gc at the source since the listing
         try:
-            header = header_of_pack(pack, data)
+            header = header_of_pack(pack, data, self.pack_hash)
         except CorruptData as exc:
             raise CorruptData(
                 f"{exc} (in {self.src.describe()}): nothing after it was copied and no "
@@ -137,6 +139,7 @@ class _Sync:
         src, dst, report = self.src, self.dst, self.report
         config_bytes = src.get("config")
         config = Repository.read_config(src)
+        self.pack_hash = packhash.of_config(config)
         if dst.exists("config"):
             theirs = Repository.read_config(dst)
             if theirs["id"] != config["id"]:

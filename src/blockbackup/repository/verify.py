@@ -8,14 +8,13 @@ user knows which backups are hurt, not just that something is.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from blockbackup.repository import blob
+from blockbackup.repository import blob, packhash
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import Location, pack_key
 from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
@@ -265,7 +264,7 @@ def check_pack(repo: Repository, pack: str, blobs: dict[bytes, Location]) -> Pac
             checked.bad[address] = f"pack {pack} is missing"
         return checked
     checked.bytes_read = len(data)
-    if hashlib.sha256(data).hexdigest() != pack:
+    if packhash.name_of(data, repo.pack_hash) != pack:
         checked.damaged = "content does not match its name"
     for address, location in blobs.items():
         stored = data[location.offset : location.offset + location.length]
