@@ -91,6 +91,49 @@ def test_concurrent_readers_share_windows(backend: S3Backend, proxy: FaultProxy)
     assert proxy.count("GET", "/data/") <= 3  # two windows of 4 MiB (+ one prefetch at most)
 
 
+def _get_bytes(proxy: FaultProxy, contains: str) -> list[int]:
+    return [e.received for e in proxy.entries() if e.method == "GET" and contains in e.path]
+
+
+def test_reading_packs_through_streams_them(backend: S3Backend, proxy: FaultProxy) -> None:
+    """A reader going through a pack costs a window and one GET for the rest of it; once
+    it reads whole packs, the next pack costs one GET; nothing is fetched twice."""
+    first, second = os.urandom(14 << 20), os.urandom(13 << 20)
+    backend.put("data/dd/dddd", first)
+    backend.put("data/ee/eeee", second)
+    backend.exists("data/ee/eeee")  # waits for the uploads
+    proxy.clear()
+    piece = 1 << 20
+    for name, data in (("dddd", first), ("eeee", second)):
+        for offset in range(0, len(data), piece):
+            assert backend.get(f"data/{name[:2]}/{name}", offset, piece) == data[offset:][:piece]
+    assert _get_bytes(proxy, "/dddd") == [4 << 20, (14 - 4) << 20]
+    assert _get_bytes(proxy, "/eeee") == [13 << 20]
+
+
+def test_random_reads_cost_a_window_each(backend: S3Backend, proxy: FaultProxy) -> None:
+    data = os.urandom(14 << 20)
+    backend.put("data/ff/ffff", data)
+    backend.exists("data/ff/ffff")
+    proxy.clear()
+    for offset in (9 << 20, 1 << 20, (9 << 20) + 5000, 13 << 20):
+        assert backend.get("data/ff/ffff", offset, 65536) == data[offset : offset + 65536]
+    assert _get_bytes(proxy, "/ffff") == [4 << 20, 4 << 20, 2 << 20]
+
+
+def test_a_stream_cut_short_resumes_where_it_stopped(backend: S3Backend, proxy: FaultProxy) -> None:
+    data = os.urandom(12 << 20)
+    backend.put("data/ab/abab", data)
+    backend.exists("data/ab/abab")
+    proxy.clear()
+    assert backend.get("data/ab/abab", 0, 65536) == data[:65536]  # the first window
+    proxy.add(Fault("truncate", "GET", "/data/", times=2))
+    out = [backend.get("data/ab/abab", o, 1 << 20) for o in range(4 << 20, 12 << 20, 1 << 20)]
+    assert b"".join(out) == data[4 << 20 :]
+    assert backend.requests()["retried-body"] == 2
+    assert proxy.count("GET", "/abab") == 4  # the window, the rest, two resumptions
+
+
 def test_commit_checks_many_packs_with_one_listing(tmp_path: Path) -> None:
     repo = Repository.init(str(tmp_path / "r"), None)
     backend = repo.backend
