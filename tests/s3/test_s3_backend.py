@@ -33,6 +33,8 @@ def test_the_calls(backend: S3Backend) -> None:
     backend.put("data/ab/abc", data)
     assert backend.get("data/ab/abc") == data
     assert backend.get("data/ab/abc", 1000, 5000) == data[1000:6000]  # via read-ahead
+    assert backend.get("data/ab/abc", 99_000, 5000) == data[99_000:]  # short at the end
+    assert backend.get("data/ab/abc", 200_000, 10) == b""
     assert backend.size("data/ab/abc") == len(data)
     assert backend.size("nothing") is None
     with pytest.raises(NotFound):

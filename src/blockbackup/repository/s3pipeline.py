@@ -219,7 +219,7 @@ class ReadAhead:
                 break
             parts.append(data)
             offset += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # b"" past the end
 
 
 class WriteBehind:
