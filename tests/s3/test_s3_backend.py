@@ -159,6 +159,15 @@ def test_a_stream_cut_short_resumes_where_it_stopped(backend: S3Backend, proxy: 
     assert proxy.count("GET", "/abab") == 4  # the window, the rest, two resumptions
 
 
+def test_an_exact_read_past_the_end_is_short_after_one_retry(backend: S3Backend) -> None:
+    """A read that asks for more than the object holds (a damaged, short pack) is asked
+    again once for the rest, then returns what there is: the caller names the damage."""
+    data = os.urandom(5 << 20)
+    backend.put("data/ac/acac", data)
+    assert backend.get("data/ac/acac", 1 << 20, 5 << 20) == data[1 << 20 :]
+    assert backend.requests()["retried-body"] == 1
+
+
 def test_commit_checks_many_packs_with_one_listing(tmp_path: Path) -> None:
     repo = Repository.init(str(tmp_path / "r"), None)
     backend = repo.backend

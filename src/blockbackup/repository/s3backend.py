@@ -215,7 +215,9 @@ class S3Backend:
         pieces of ``chunk`` bytes as they arrive (None: the whole body at once). A body
         cut short (after the headers: botocore's retries do not see it) is resumed where it
         stopped, as is a short range when ``exact`` (the object is immutable, so a short
-        answer can only be a transfer that broke), with the same bound on attempts."""
+        answer can only be a transfer that broke), with the same bound on attempts; if the
+        object really ends there, the resumed range is refused and the span stays short
+        (the caller's length check names the damage)."""
         name = self._key(key)
         got = 0
         delay = 0.2
