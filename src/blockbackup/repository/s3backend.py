@@ -18,9 +18,10 @@ Why these choices:
   PUTs and read-backs interleave exactly) only matters for ``config`` at ``repo init``:
   key slots and snapshot names carry random parts and never collide.
 - Request economy and latency: every HTTP attempt is counted by kind (``requests()``);
-  small reads of packs go through shared read-ahead windows, and puts of packs and their
-  indexes run behind the packer (``s3pipeline``), so a restore costs one GET per window,
-  not one per 64 KiB chunk, and a backup hashes the next pack while the last one uploads.
+  small reads of packs go through shared read-ahead spans, and puts of packs and their
+  indexes run behind the packer (``s3pipeline``), so a restore costs one or two GETs per
+  pack, not one per 64 KiB chunk, and a backup hashes the next pack while the last one
+  uploads.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from blockbackup.repository import s3config
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
-from blockbackup.repository.s3pipeline import ReadAhead, WriteBehind
+from blockbackup.repository.s3pipeline import ReadAhead, Span, WriteBehind
+from blockbackup.repository.s3signer import sign_packs_by_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -64,6 +66,9 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 #: Read-back after a conditional put only for objects this small (config, key slots,
 #: manifests, markers); packs and indexes are named by their content.
 _READ_BACK_LIMIT = 1 << 20
+#: Spans streamed for read-ahead arrive in pieces of this size (a reader of the start of a
+#: span goes on before the rest is in).
+_STREAM_CHUNK = 1 << 20
 #: Body errors botocore's retries do not see (they happen after the response headers).
 _BODY_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, Urllib3Error)
 
@@ -99,7 +104,8 @@ class RequestCounter:
 class S3Backend:
     """Objects under ``s3://bucket/prefix/``. Thread-safe (boto3 clients are)."""
 
-    #: Read-ahead for small ranged reads under ``data/`` (0 disables it).
+    #: Read-ahead for small ranged reads under ``data/`` (0 disables it): the window a
+    #: first read fetches, and how many windows' worth of spans are kept.
     READ_AHEAD = 4 << 20
     READ_AHEAD_SLOTS = 16
     #: Puts of packs and indexes queued in the background (0: every put waits).
@@ -130,7 +136,10 @@ class S3Backend:
             "s3", endpoint_url=location.endpoint, config=config
         )
         self.client.meta.events.register("before-send.s3", self._count)
-        self._readahead = ReadAhead(self._window, self.READ_AHEAD, self.READ_AHEAD_SLOTS)
+        sign_packs_by_name(self.client)
+        self._readahead = ReadAhead(
+            self._stream, self.READ_AHEAD, self.READ_AHEAD * self.READ_AHEAD_SLOTS
+        )
         self._writes = WriteBehind(self.WRITE_BEHIND) if self.WRITE_BEHIND else None
 
     def _count(self, event_name: str = "", **_kwargs: Any) -> None:
@@ -185,40 +194,60 @@ class S3Backend:
             and length < self.READ_AHEAD
         ):
             return self._readahead.read(key, offset, length)
-        return self._get(key, offset, length, exact=True)[0]
+        span = Span(key, offset, length)
+        self._fill(key, offset, length, span, exact=True)
+        span.finish()
+        return span.read(offset, length if length is not None else 1 << 62)
 
-    def _window(self, key: str, offset: int, length: int) -> tuple[bytes, int | None]:
-        return self._get(key, offset, length, exact=False)
+    def _stream(self, span: Span) -> None:
+        self._fill(span.key, span.start, span.limit, span, exact=False, chunk=_STREAM_CHUNK)
 
-    def _get(
-        self, key: str, offset: int, length: int | None, exact: bool
-    ) -> tuple[bytes, int | None]:
-        """GET a range; a body shorter than announced (a cut connection) is retried, as
-        is a short range when ``exact`` (the object is immutable, so a short answer can
-        only be a transfer that broke)."""
+    def _fill(
+        self,
+        key: str,
+        offset: int,
+        length: int | None,
+        span: Span,
+        exact: bool,
+        chunk: int | None = None,
+    ) -> None:
+        """GET a range (to the object's end when ``length`` is None) into ``span``, in
+        pieces of ``chunk`` bytes as they arrive (None: the whole body at once). A body
+        cut short (after the headers: botocore's retries do not see it) is resumed where it
+        stopped, as is a short range when ``exact`` (the object is immutable, so a short
+        answer can only be a transfer that broke), with the same bound on attempts; if the
+        object really ends there, the resumed range is refused and the span stays short
+        (the caller's length check names the damage)."""
         name = self._key(key)
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
-        if offset or length is not None:
-            end = "" if length is None else str(offset + length - 1)
-            args["Range"] = f"bytes={offset}-{end}"
+        got = 0
         delay = 0.2
         for attempt in range(1, self.location.max_attempts + 1):
+            args: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
+            first = offset + got
+            if first or length is not None:
+                end = "" if length is None else str(offset + length - 1)
+                args["Range"] = f"bytes={first}-{end}"
             try:
                 response = self.client.get_object(**args)
-                announced = response.get("ContentLength")
-                data = response["Body"].read()
-                if announced is not None and len(data) != announced:
-                    raise IncompleteReadError(actual_bytes=len(data), expected_bytes=announced)
-                if exact and length is not None and len(data) != length:
-                    raise IncompleteReadError(actual_bytes=len(data), expected_bytes=length)
                 total = response.get("ContentRange", "").rpartition("/")[2]
-                return data, int(total) if total.isdigit() else None
+                if got == 0:
+                    span.begin(int(total) if total.isdigit() else None)
+                announced = response.get("ContentLength")
+                body, before = response["Body"], got
+                while data := body.read(chunk):
+                    span.add(data)
+                    got += len(data)  # kept when the body breaks: resume after it
+                if announced is not None and got - before != announced:
+                    raise IncompleteReadError(actual_bytes=got - before, expected_bytes=announced)
+                if exact and length is not None and got != length:
+                    raise IncompleteReadError(actual_bytes=got, expected_bytes=length)
+                return
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _NOT_FOUND:
                     raise NotFound(f"object {key} is missing from {self.describe()}") from None
                 if code == "InvalidRange":
-                    return b"", None
+                    return
                 raise self._error(exc, f"GET {key}") from None
             except _BODY_ERRORS as exc:
                 if attempt == self.location.max_attempts:
@@ -280,7 +309,7 @@ class S3Backend:
         if len(body) > _READ_BACK_LIMIT:
             return False
         try:
-            return self._get(key, 0, None, exact=True)[0] == body
+            return self.get(key) == body
         except NotFound:
             return False
 
