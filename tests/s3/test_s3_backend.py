@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -93,27 +91,6 @@ def test_concurrent_readers_share_windows(backend: S3Backend, proxy: FaultProxy)
         t.join()
     assert all(out[i] == data[i * 65536 : (i + 1) * 65536] for i in out)
     assert proxy.count("GET", "/data/") <= 3  # two windows of 4 MiB (+ one prefetch at most)
-
-
-def test_a_pack_put_is_signed_with_its_name_as_body_hash(backend: S3Backend) -> None:
-    """A pack's name is the SHA-256 of its bytes: its PUT is signed with that name, not
-    with a hash computed again (the bytes here do not match the name, to tell the two
-    apart; rclone does not check the hash, AWS would refuse such a pack). Other objects
-    are signed with the hash of their bytes."""
-    sent: dict[str, str] = {}
-
-    def note(request: Any, **_: Any) -> None:
-        kind = request.url.split("/some/prefix/", 1)[1].split("/", 1)[0]
-        sent[kind] = request.headers["X-Amz-Content-SHA256"].decode()
-
-    backend.client.meta.events.register("before-send.s3.PutObject", note)
-    body = os.urandom(1000)
-    name = "ab" * 32
-    backend.put(f"data/ab/{name}", body)
-    backend.put(f"index/{name}", body)
-    backend.exists(f"data/ab/{name}")  # waits for the uploads
-    assert sent == {"data": name, "index": hashlib.sha256(body).hexdigest()}
-    assert backend.get(f"data/ab/{name}") == body
 
 
 def _get_bytes(proxy: FaultProxy, contains: str) -> list[int]:

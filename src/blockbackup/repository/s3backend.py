@@ -48,7 +48,6 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from blockbackup.repository import s3config
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
 from blockbackup.repository.s3pipeline import ReadAhead, Span, WriteBehind
-from blockbackup.repository.s3signer import sign_packs_by_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -136,7 +135,6 @@ class S3Backend:
             "s3", endpoint_url=location.endpoint, config=config
         )
         self.client.meta.events.register("before-send.s3", self._count)
-        sign_packs_by_name(self.client)
         self._readahead = ReadAhead(
             self._stream, self.READ_AHEAD, self.READ_AHEAD * self.READ_AHEAD_SLOTS
         )
