@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-from collections.abc import Sequence
 
 from blockbackup.cli.exitcodes import EXIT_INTERRUPTED
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The console script: start-up (loading the modules, parsing the options), then the
     command.
 
@@ -26,10 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unless it installs its own (the QMP commands: ``qmpclient.run_command``). SIGTERM and
     SIGHUP keep the system's default until then: they kill, whatever Python is running.
     """
-    startup = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if startup:  # else SIGINT is ignored (a background job of a script): leave it so
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
+        import signal  # here, not above: a Ctrl-C while it loads is caught below
+
+        startup = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if startup:  # else SIGINT is ignored (a background job of a script): leave it so
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             from blockbackup.cli.app import command  # lazy: loading it is start-up too
 
