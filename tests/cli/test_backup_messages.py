@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,17 +154,8 @@ def test_a_full_monitor_backlog_is_a_busy_monitor_too(served: Served) -> None:
     holder = socket.socket(socket.AF_UNIX)
     holder.connect(served.qmp)
     assert holder.recv(4096).startswith(b'{"QMP"')
-    waiting: list[socket.socket] = []
+    waiting = _fill_backlog(served.qmp)
     try:
-        while True:  # fill the backlog
-            sock = socket.socket(socket.AF_UNIX)
-            sock.setblocking(False)
-            try:
-                sock.connect(served.qmp)
-            except BlockingIOError:
-                sock.close()
-                break
-            waiting.append(sock)
         run = bb("jobs", "--connect", served.qmp, "--timeout", "1", check=False)
         assert "another client holds the monitor" in one_line(run.stderr)
         proc = start("jobs", "--connect", served.qmp, "--timeout", "60")
@@ -196,30 +188,117 @@ def test_ctrl_c_while_waiting_for_the_monitor(tmp_path: Path, command: list[str]
     assert not (tmp_path / "b.img").exists()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, not yet found: about one run in three on a fresh clone, a SIGINT at one "
-    "moment of start-up is ignored and `jobs` waits out its --timeout (see the stop note)",
+#: ``python -c`` this with a command's arguments: the console script, plus ``{hook}`` run when
+#: ``cli.main`` starts loading the parser's module. There blockbackup's own start-up has
+#: begun; before it, a Ctrl-C is Python's (a traceback of its start-up, or of the import of
+#: ``blockbackup.cli``), whatever the program.
+CONSOLE_SCRIPT = """
+import os, signal, sys, weakref
+
+class Hook:
+    def find_spec(self, name, path, target=None):
+        if name == "blockbackup.cli.app":
+            sys.meta_path.remove(self)
+            {hook}
+        return None
+
+sys.meta_path.insert(0, Hook())
+from blockbackup.cli import main
+sys.exit(main())
+"""
+#: A Ctrl-C while Python runs a weakref callback, as every import does for its module lock.
+CTRL_C_IN_A_CALLBACK = "weakref.ref(Hook(), lambda _: os.kill(os.getpid(), signal.SIGINT))"
+SAY_STARTED = 'os.write(1, b"started\\n")'
+
+
+def start_hooked(hook: str, *args: str) -> subprocess.Popen[str]:
+    """``blockbackup ARGS`` with ``hook`` run in its start-up (see CONSOLE_SCRIPT)."""
+    script = CONSOLE_SCRIPT.format(hook=hook)
+    return subprocess.Popen([sys.executable, "-c", script, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_ctrl_c_while_python_runs_a_callback_in_start_up(tmp_path: Path) -> None:
+    """Python drops a KeyboardInterrupt raised in a callback ("Exception ignored in"): the
+    command went on as if no Ctrl-C had come (``jobs`` waited its whole --timeout, in about
+    one CI run in three). Start-up leaves Ctrl-C to the system: the process ends at once."""
+    proc = start_hooked(CTRL_C_IN_A_CALLBACK, "jobs", "--connect", str(tmp_path / "qmp.sock"))
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (-signal.SIGINT, "", "")
+
+
+@pytest.mark.parametrize(
+    ("signum", "monitor"),
+    [
+        (signal.SIGINT, "never greets"),
+        (signal.SIGINT, "full backlog"),  # the command retries until --timeout
+        (signal.SIGTERM, "never greets"),
+    ],
+    ids=["sigint", "sigint-full-backlog", "sigterm"],
 )
-def test_ctrl_c_while_the_command_starts(tmp_path: Path) -> None:
-    """Ctrl-C at any moment of start-up, even while the modules load: exit 130 (or the
-    signal itself, before Python handles any), never a traceback."""
+def test_a_signal_while_the_command_starts(tmp_path: Path, signum: int, monitor: str) -> None:
+    """A signal at any moment from blockbackup's start-up on, even while the modules load:
+    exit 128 + its number (or the signal itself, before the command began), never a
+    traceback, never a wait for the --timeout."""
     path = str(tmp_path / "qmp.sock")
     with socket.socket(socket.AF_UNIX) as listener:  # a monitor that never greets
         listener.bind(path)
-        listener.listen(8)
-        for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6):
-            proc = start("jobs", "--connect", path, "--timeout", "300")
-            time.sleep(delay)  # not a wait for something: where in start-up the signal lands
-            proc.send_signal(signal.SIGINT)
-            try:
-                _, err = proc.communicate(timeout=60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()  # collect it and close its pipes
-            assert proc.returncode in (130, -signal.SIGINT), err
-            assert_no_noise(err)
+        listener.listen(1)
+        listener.setblocking(False)
+        backlog = _fill_backlog(path) if monitor == "full backlog" else []
+        try:
+            for step in range(10):
+                _signal_while_it_starts(listener, signum, delay=step * 0.06, empty=not backlog)
+        finally:
+            for sock in backlog:
+                sock.close()
+
+
+def _signal_while_it_starts(
+    listener: socket.socket, signum: int, delay: float, *, empty: bool
+) -> None:
+    """``jobs`` gets ``signum`` ``delay`` seconds into its start-up; ``empty``: hang up on
+    the client it was, if it got in."""
+    path = listener.getsockname()
+    proc = start_hooked(SAY_STARTED, "jobs", "--connect", path, "--timeout", "300")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "started\n"
+        time.sleep(delay)  # not a wait for something: where the signal lands
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()  # collect it and close its pipes
+        if empty:
+            _hang_up_on_every_client(listener)
+    assert proc.returncode in (128 + signum, -signum), err
+    assert_no_noise(err)
+
+
+def _fill_backlog(path: str) -> list[socket.socket]:
+    """Clients that fill a listener's backlog: the next connect fails with EAGAIN."""
+    waiting: list[socket.socket] = []
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return waiting
+        waiting.append(sock)
+
+
+def _hang_up_on_every_client(listener: socket.socket) -> None:
+    """Empty the backlog: the next command gets in and waits for the greeting."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        conn.close()
 
 
 # -- point 11: options that would do nothing are errors ------------------------------------

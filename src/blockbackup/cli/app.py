@@ -15,16 +15,17 @@ The command line: one parser, each subcommand in its own module. Subcommands:
 - ``vm backup|checkpoints|restore``: pull backups of a running QEMU's disks (docs/vm-backup.md).
 
 Each subcommand module has ``add_parser(sub)``, which sets ``run`` as the parser's default:
-``main`` dispatches through it, so adding a command touches its own module and one line here.
+``command`` dispatches through it, so adding a command touches its own module and one line here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from blockbackup import __version__
 from blockbackup.cli import (
@@ -84,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def command(argv: Sequence[str] | None = None) -> Callable[[], int]:
+    """The command ``argv`` asks for, parsed and ready to run (argparse exits here on a
+    usage error): the start-up that ``cli.main`` runs before the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["daemon"]:
         from blockbackup.daemon import main as daemon_main  # lazy: start-up cost
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return daemon_main(argv[1:])
+        return functools.partial(daemon_main, argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -99,4 +102,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(args.run(args))
+    run: Callable[[argparse.Namespace], int] = args.run
+    return functools.partial(run, args)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import signal
-
 EXIT_FAILED = 1
 #: Options that cannot work together, or do nothing (like argparse).
 EXIT_USAGE = 2
-#: Ctrl-C (SIGINT): 128 + the signal's number, as shells report it.
-EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: Ctrl-C: 128 + SIGINT's number (2), as shells report it. No ``import signal`` for it: that
+#: loads enum and functools, and ``cli.main`` wants Ctrl-C handled while they load.
+EXIT_INTERRUPTED = 128 + 2

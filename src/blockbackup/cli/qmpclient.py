@@ -218,13 +218,12 @@ def run_command(
     ``body`` gets the :class:`StopSignals`; a :class:`Stopped` that escapes it exits with
     128 + the signal's number (130 for Ctrl-C).
     """
-    quiet_library_logs(verbose)
-    # A signal from here until the loop's handlers are installed is remembered, not lost:
-    # left to Python's default, a Ctrl-C in asyncio.run's start went to asyncio's own
-    # handler, which cancels the main task, and a command waiting for a monitor could miss
-    # it and wait its whole --timeout.
+    # A signal from here until the loop's handlers are installed is remembered and stops
+    # the command as one that comes later would (it gets no KeyboardInterrupt, and
+    # asyncio.run installs no handler of its own). Before here, see ``cli.main``.
     early: list[int] = []
     previous = {sig: signal.signal(sig, lambda n, _f: early.append(n)) for sig in STOP_SIGNALS}
+    quiet_library_logs(verbose)
 
     async def main() -> int:
         stop = StopSignals()
