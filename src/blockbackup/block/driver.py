@@ -177,6 +177,12 @@ class BlockDriver(ABC):
             # starve the loop (QMP, other clients, a backup taking its point in time).
             await asyncio.sleep(0)
 
+    async def write_many(self, pieces: list[tuple[int, memoryview]], flags: WriteFlags) -> None:
+        """Write several pieces (:meth:`BlockNode.write_many`). The default writes one at
+        a time; a driver whose every write costs a thread round trip writes them in one."""
+        for offset, data in pieces:
+            await self.write(offset, data, flags)
+
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         """Make the range read as zeroes. The default writes zero buffers."""
         if flags & WriteFlags.NO_FALLBACK:
