@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from blockbackup.block.driver import PartialWrite
+from blockbackup.block.drivers.blkdebug import BlkdebugDriver, IOType
 from blockbackup.block.graph import Graph
 from blockbackup.block.node import BlockNode
 
@@ -145,3 +147,24 @@ async def test_write_many_admits_each_piece(node: BlockNode) -> None:
     with pytest.raises(OSError, match=os.strerror(errno.EINVAL)):
         await node.write_many([(0, b"x"), (MiB - 1, b"xx")])
     assert bytes(await node.read(0, 1)) == b"\x61"  # nothing written
+
+
+async def test_write_many_says_how_far_it_got(node: BlockNode, tmp_path: Path) -> None:
+    """A failed piece: the error is its own, and the pieces before it are written."""
+    other = await node.graph.add(
+        {
+            "driver": "blkdebug",
+            "node-name": "d",
+            "image": {"driver": "file", "filename": str(tmp_path / "a.img")},
+        }
+    )
+    assert isinstance(other.driver, BlkdebugDriver)
+    other.driver.add_rule(IOType.WRITE, errno.ENOSPC, offset=65536, length=4096)
+    pieces = [(0, b"\x71" * 4096), (65536, b"\x72" * 4096), (131072, b"\x73" * 4096)]
+    with pytest.raises(PartialWrite) as info:
+        await other.write_many(pieces)
+    assert info.value.written == 1
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.strerror == os.strerror(errno.ENOSPC)
+    assert bytes(await other.read(0, 4096)) == b"\x71" * 4096
+    assert bytes(await other.read(131072, 4096)) == b"\x11" * 4096  # not tried

@@ -36,6 +36,7 @@ from blockbackup.block.driver import (
     Limits,
     WriteFlags,
     io_error,
+    write_each,
 )
 from blockbackup.block.permissions import ChildRole, Link
 from blockbackup.block.reqlist import ReqList, Request
@@ -562,6 +563,8 @@ class BlockNode:
         """Write each ``(offset, data)`` piece: in one driver call
         (:meth:`~blockbackup.block.driver.BlockDriver.write_many`) when every piece can
         be admitted at once (as :meth:`_write_inline` decides), else one :meth:`write` each.
+        A failure raises :class:`~blockbackup.block.driver.PartialWrite` when the pieces
+        before it are known written (any other ``OSError``: none is known written).
 
         Why: a backup from a dirty bitmap writes thousands of isolated clusters, and a
         target whose writes cost a thread round trip (the repository) takes them in one.
@@ -583,8 +586,7 @@ class BlockNode:
                 for offset, view in views
             )
         ):
-            for offset, view in views:
-                await self.write(offset, view, flags)
+            await write_each(self.write, views, flags)
             return
         # What _write_awaited does for one write, inline, for all of them.
         for tracker in self.dirty_trackers:

@@ -29,7 +29,7 @@ from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import tunables
 from blockbackup.block.block_copy.state import CopyState
 from blockbackup.block.copy_range import SourceReadError
-from blockbackup.block.driver import Extent, Status, WriteFlags
+from blockbackup.block.driver import Buffer, Extent, PartialWrite, Status, WriteFlags
 from blockbackup.block.reqlist import Request
 
 if TYPE_CHECKING:
@@ -192,35 +192,33 @@ class CopyMethods(CopyState):
     async def _copy_batch(self, claims: list[tuple[Request, int, int]]) -> None:
         """Copy claimed areas as one: one read of them all, one write call for their data.
 
-        Any failure leaves every one of them dirty again (as a chunk that fails half
-        written does); their claims are released together, after the copy.
+        A failure leaves dirty again every area not known written (a chunk that fails half
+        written is dirty again whole); the claims are released together, after the copy.
         """
-        done = False
+        done = [False] * len(claims)
         try:
-            await self._copy_areas([(offset, length) for _req, offset, length in claims])
-            done = True
-            if self.on_copied is not None:
-                for _req, offset, length in claims:
-                    self.on_copied(offset, length)
+            await self._copy_areas([(offset, length) for _req, offset, length in claims], done)
         finally:
-            for req, offset, length in claims:
-                if not done:
+            for (req, offset, length), copied in zip(claims, done, strict=True):
+                if not copied:
                     self.copy_bitmap.set(offset, length)
+                elif self.on_copied is not None:
+                    self.on_copied(offset, length)
                 self.reqs.remove(req)
             if self.on_progress is not None:
                 self.on_progress()
 
-    async def _copy_areas(self, areas: list[tuple[int, int]]) -> None:
+    async def _copy_areas(self, areas: list[tuple[int, int]], done: list[bool]) -> None:
         """Read the areas in one call into a reused buffer, write their data in one call
-        (areas that read as zeroes become write-zeroes, as in :meth:`_copy_buffered`)."""
+        (areas that read as zeroes become write-zeroes, as in :meth:`_copy_buffered`);
+        ``done[i]`` is set once area ``i`` is on the target."""
         total = sum(length for _offset, length in areas)
         await self._budget.acquire(total)
         buffer: mmap.mmap | None = self._batch_buffers.pop() if self._batch_buffers else None
         if buffer is None or len(buffer) < total:
             buffer = mmap.mmap(-1, max(total, tunables.MAX_BUFFER))
         try:
-            self.data_copied += await self._copy_areas_through(areas, buffer)
-            self.bytes_done += total
+            await self._copy_areas_through(areas, done, buffer)
         except asyncio.CancelledError:
             buffer = None  # a thread call may go on through it without us: it goes with it
             raise
@@ -229,25 +227,44 @@ class CopyMethods(CopyState):
                 self._batch_buffers.append(buffer)
             await self._budget.release(total)
 
-    async def _copy_areas_through(self, areas: list[tuple[int, int]], buffer: mmap.mmap) -> int:
-        """:meth:`_copy_areas` once the buffer is there: the bytes of data written."""
+    async def _copy_areas_through(
+        self, areas: list[tuple[int, int]], done: list[bool], buffer: mmap.mmap
+    ) -> None:
         try:
             with memoryview(buffer) as whole:
                 datas = await self.source.read_many(areas, whole)
         except OSError as err:
             raise CopyError(err, is_read=True) from err
-        pieces = []
-        for (offset, length), data in zip(areas, datas, strict=True):
+        pieces: list[tuple[int, Buffer]] = []
+        indexes = []
+        for i, ((offset, length), data) in enumerate(zip(areas, datas, strict=True)):
             if self._is_zero(data):
                 await self._write_zeroes(offset, length)
+                self._area_done(areas, done, i)
             else:
                 pieces.append((offset, data))
-        if pieces:
-            try:
-                await self.target.write_many(pieces)
-            except OSError as err:
-                raise CopyError(err, is_read=False) from err
-        return sum(len(data) for _offset, data in pieces)
+                indexes.append(i)
+        if not pieces:
+            return
+        try:
+            await self.target.write_many(pieces)
+        except PartialWrite as err:
+            for i in indexes[: err.written]:
+                self._area_done(areas, done, i, data=True)
+            raise CopyError(err, is_read=False) from err
+        except OSError as err:
+            raise CopyError(err, is_read=False) from err
+        for i in indexes:
+            self._area_done(areas, done, i, data=True)
+
+    def _area_done(
+        self, areas: list[tuple[int, int]], done: list[bool], i: int, *, data: bool = False
+    ) -> None:
+        length = areas[i][1]
+        done[i] = True
+        self.bytes_done += length
+        if data:
+            self.data_copied += length
 
     async def _discard_source(self, offset: int, length: int) -> None:
         try:
