@@ -7,7 +7,8 @@ would be), then the timed part: a ``bb-repo-target`` node whose base is the late
 a ``sync=incremental`` backup job with the bitmap into it, and ``Repository.commit``. This is
 the library path the live CLI backup (``backup --connect ... --repo``) runs in a daemon.
 
-Prints one JSON line: seconds (timed part), stored bytes and chunks, the snapshot id.
+Prints one JSON line: seconds and CPU seconds (timed part, all threads), stored bytes and
+chunks, the snapshot id.
 
 Usage (the passphrase in ``$BB_PASSPHRASE``)::
 
@@ -43,7 +44,7 @@ async def main(repo: str, image: str, changes: list[list[int]]) -> dict[str, Any
         for offset, length, seed in changes:
             await src.write(offset, _data(length, seed))
         await src.flush()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         node = await bb.blockdev_add(
             {
                 "driver": "bb-repo-target",
@@ -65,9 +66,11 @@ async def main(repo: str, image: str, changes: list[list[int]]) -> dict[str, Any
             driver.repo.commit, [driver.result.record], None, driver.result.packs
         )
         seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         store = driver.repo.store
         return {
             "seconds": seconds,
+            "cpu": cpu,
             "snapshot": manifest.id,
             "stored_bytes": store.stored_bytes,
             "stored_chunks": store.stored_blobs,

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
-from blockbackup.api import BackupFailed
+from blockbackup.api import BackupFailed, BlockBackup
 from blockbackup.block.dirty_bitmap import bitmaps_of
-from blockbackup.block.drivers.blkdebug import IOType
+from blockbackup.block.driver import WriteFlags
+from blockbackup.block.drivers.blkdebug import BlkdebugDriver, IOType
 from blockbackup.errors import BlockBackupError
+from blockbackup.jobs.backup import BackupPerf
 from testkit.backup_env import Env
-from testkit.images import read_file
+from testkit.images import make_image, raw_node, read_file
 
 pytestmark = pytest.mark.asyncio
 K64 = 65536
@@ -189,3 +192,71 @@ async def test_busy_bitmap_refused(env: Env) -> None:
         await env.bb.wait(job)
     assert bitmaps_of(env.src).get("b0").count == K64  # type: ignore[union-attr]
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_scattered_clusters_go_in_batches(tmp_path: Path, fail: bool) -> None:
+    """Isolated dirty clusters are copied several to a chunk (one read, one write call);
+    guest writes to them while the batches are in flight still leave their T0 content on
+    the target, and a failure inside a batch leaves every cluster of it dirty."""
+    size = 8 * MiB
+    data = os.urandom(size)
+    src_path = make_image(tmp_path / "src.img", size, [(0, data)])
+    tgt_path = make_image(tmp_path / "tgt.img", size, [(0, data)])  # the previous full backup
+    dirty = [c * K64 for c in range(1, 128, 3)]  # 43 isolated clusters
+    async with BlockBackup() as bb:
+        # A plain file source (read in one call per batch); a target that is not a plain
+        # file (so chunks are not file-to-file copies, which are one call each already).
+        src = await bb.blockdev_add(raw_node("src", src_path))
+        tgt = await bb.blockdev_add(
+            {"driver": "blkdebug", "node-name": "tgt", "image": raw_node("tgt-raw", tgt_path)}
+        )
+        assert src.fd_map(0) is not None
+        assert tgt.fd_map(0) is None
+        bitmaps_of(src).create("b0", K64)
+        for o in dirty:
+            await src.write(o + 1000, b"\xd1" * 3000)
+        if fail:
+            assert isinstance(tgt.driver, BlkdebugDriver)
+            tgt.driver.add_rule(IOType.WRITE, errno.EIO, offset=dirty[21], length=4096)
+        batches: list[int] = []
+        write_many = tgt.write_many
+
+        async def counted(
+            pieces: list[tuple[int, bytes]], flags: WriteFlags = WriteFlags.NONE
+        ) -> None:
+            batches.append(len(pieces))
+            await write_many(pieces, flags)
+
+        tgt.write_many = counted  # type: ignore[method-assign]
+        at_t0: list[bytes] = []
+
+        async def snapshot() -> None:
+            at_t0.append(read_file(src_path))
+
+        job = await bb.backup(
+            "src",
+            "tgt",
+            sync="incremental",
+            bitmap="b0",
+            perf=BackupPerf(max_workers=2),
+            at_point_in_time=snapshot,
+        )
+        # Guest writes to dirty clusters, some claimed by batches in flight by now.
+        guests = [src.write(o, b"\x52" * 4096) for o in dirty[::4]]
+        await asyncio.gather(*guests)
+        if fail:
+            with pytest.raises(BackupFailed, match="Input/output error"):
+                await bb.wait(job)
+        else:
+            await bb.wait(job)
+        assert max(batches) > 1  # batched
+        bitmap = bitmaps_of(src).get("b0")
+        assert bitmap is not None
+        got = {o for start, n in bitmap.runs() for o in range(start, start + n, K64)}
+        written = set(dirty[::4])
+        if fail:
+            assert got == set(dirty)  # on-success, failed: all of it again, and the guests'
+        else:
+            assert got == written  # only what guests wrote meanwhile
+            assert read_file(tgt_path) == at_t0[0]

@@ -17,7 +17,7 @@ import enum
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -89,6 +89,38 @@ def io_error(code: int, detail: str | None = None) -> OSError:
     if detail:
         err.add_note(detail)
     return err
+
+
+class PartialWrite(OSError):
+    """A ``write_many`` whose piece ``written`` failed: the pieces before it are written.
+
+    The failed piece's errno and text, so error policies and messages see the same error
+    as from a single write; the count lets a copy keep the pieces that made it.
+    """
+
+    written = 0
+
+    @classmethod
+    def after(cls, err: OSError, written: int) -> PartialWrite:
+        partial = cls(err.errno, err.strerror)
+        partial.written = written
+        for note in getattr(err, "__notes__", ()):
+            partial.add_note(note)
+        return partial
+
+
+async def write_each(
+    write: Callable[[int, memoryview, WriteFlags], Awaitable[None]],
+    pieces: Sequence[tuple[int, memoryview]],
+    flags: WriteFlags,
+) -> None:
+    """``write`` each piece in turn; a failure is a :class:`PartialWrite` counting the
+    pieces written before it."""
+    for n, (offset, data) in enumerate(pieces):
+        try:
+            await write(offset, data, flags)
+        except OSError as err:
+            raise PartialWrite.after(err, n) from err
 
 
 class BlockDriver(ABC):
@@ -176,6 +208,12 @@ class BlockDriver(ABC):
             # Yield once, as a pool call would: a caller looping on writes must not
             # starve the loop (QMP, other clients, a backup taking its point in time).
             await asyncio.sleep(0)
+
+    async def write_many(self, pieces: list[tuple[int, memoryview]], flags: WriteFlags) -> None:
+        """Write several pieces (:meth:`BlockNode.write_many`), raising :class:`PartialWrite`
+        (or any ``OSError``: none known written) for a failure. The default writes one at a
+        time; a driver whose every write costs a thread round trip writes them in one."""
+        await write_each(self.write, pieces, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         """Make the range read as zeroes. The default writes zero buffers."""

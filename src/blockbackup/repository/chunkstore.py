@@ -12,6 +12,7 @@ written and synced by a writer thread.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,10 +86,16 @@ def _header_room(entries: int) -> int:
 
 class _Pack:
     """A pack being filled, in a fixed-size buffer (never resized, so it can be reused
-    and viewed without copies)."""
+    and viewed without copies).
 
-    def __init__(self, size: int, buffer: bytearray | None = None) -> None:
-        self.buffer = buffer if buffer is not None else bytearray(size)
+    The buffer is an anonymous mapping, not a ``bytearray``: that zero-fills all of its
+    17 MiB at once, and on a VM that hands free memory back to its host each fresh page
+    costs about 10 us (54 ms a buffer, measured, three of them per backup), even for a
+    pack that only gets a few chunks. A mapping's pages cost only as they are filled.
+    """
+
+    def __init__(self, size: int, buffer: mmap.mmap | None = None) -> None:
+        self.buffer = buffer if buffer is not None else mmap.mmap(-1, size)
         self.buffer[: len(PACK_MAGIC)] = PACK_MAGIC
         self.end = len(PACK_MAGIC)
         self.entries: dict[bytes, tuple[int, int, int]] = {}  # address -> offset, len, plain
@@ -118,6 +125,12 @@ class _Sealed:
         self.header_blob = header_blob
         self.pack_hash = pack_hash
         self.future: Future[str] | None = None
+
+
+def _written(sealed: _Sealed) -> bool:
+    """Whether a sealed pack's write is over and succeeded (waiting for it costs nothing)."""
+    future = sealed.future
+    return future is not None and future.done() and future.exception() is None
 
 
 def _write_pack(backend: Backend, sealed: _Sealed) -> str:
@@ -153,7 +166,7 @@ class ChunkStore:
         self._buffer_size = len(PACK_MAGIC) + pack_size + _HEADROOM
         self._current = _Pack(self._buffer_size)
         self._sealed: deque[_Sealed] = deque()
-        self._spare: list[bytearray] = []
+        self._spare: list[mmap.mmap] = []
         self._writer: ThreadPoolExecutor | None = None
         #: Packs written by this process, and packs holding blobs it reused (checked at commit).
         self.written: set[str] = set()
@@ -285,6 +298,8 @@ class ChunkStore:
         pack = self._current
         if not pack.entries:
             return
+        while self._sealed and _written(self._sealed[0]):
+            self._finish_sealed()  # its buffer is free again: no fresh one for the next
         while len(self._sealed) >= PACKS_IN_FLIGHT:
             self._finish_sealed()
         entries = [(a, o, n, p) for a, (o, n, p) in pack.entries.items()]

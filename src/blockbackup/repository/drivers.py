@@ -25,6 +25,7 @@ import errno
 import threading
 from typing import ClassVar, NoReturn
 
+from blockbackup._aio import run_blocking
 from blockbackup.block.driver import BlockDriver, Extent, Limits, Status, WriteFlags, io_error
 from blockbackup.block.driver import register as register_driver
 from blockbackup.block.node import BlockNode
@@ -304,15 +305,22 @@ class RepoTargetDriver(_RepoDisk):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, flags: WriteFlags
     ) -> None:
+        await self.write_many([(offset, memoryview(data))], flags)
+
+    async def write_many(self, pieces: list[tuple[int, memoryview]], flags: WriteFlags) -> None:
+        """Every piece in one pool call (a backup from a dirty bitmap writes thousands of
+        isolated clusters: a round trip each cost more than encoding them)."""
         try:
-            await asyncio.to_thread(self._write_blocking, offset, memoryview(data), flags)
+            await run_blocking(self._write_blocking, pieces, flags)
         except RepositoryError as exc:
             raise self._wrap(exc) from None
 
-    def _write_blocking(self, offset: int, view: memoryview, flags: WriteFlags) -> None:
-        prepared = self._prepare(offset, view)  # in parallel with other requests
+    def _write_blocking(self, pieces: list[tuple[int, memoryview]], flags: WriteFlags) -> None:
+        # Encoded in parallel with other requests, entered under the lock.
+        prepared = [self._prepare(offset, view) for offset, view in pieces]
         with self._lock:
-            self._apply(offset, view, prepared)
+            for (offset, view), chunks in zip(pieces, prepared, strict=True):
+                self._apply(offset, view, chunks)
             if flags & WriteFlags.FUA:
                 self._flush_sync()
 
@@ -322,7 +330,7 @@ class RepoTargetDriver(_RepoDisk):
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         try:
-            await asyncio.to_thread(self._write_zeroes_sync, offset, length)
+            await run_blocking(self._write_zeroes_sync, offset, length)
         except RepositoryError as exc:
             raise self._wrap(exc) from None
 

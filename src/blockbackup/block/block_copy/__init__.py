@@ -43,6 +43,7 @@ from blockbackup.block.block_copy.methods import CopyError
 from blockbackup.block.block_copy.state import NO_CLUSTER_INFO_WARNING, backup_cluster_size
 from blockbackup.block.block_copy.tunables import (
     BACKOFF_WORKERS,
+    BATCH_AREAS,
     COPY_PIECE,
     DROP_BEHIND,
     GUEST_RECENT,
@@ -55,6 +56,7 @@ from blockbackup.block.block_copy.tunables import (
 
 __all__ = [
     "BACKOFF_WORKERS",
+    "BATCH_AREAS",
     "COPY_PIECE",
     "DROP_BEHIND",
     "GUEST_RECENT",

@@ -5,7 +5,8 @@ never calls: what it needs to know of guests (whether they need copies now, or d
 moment ago) is in the state (:mod:`.state`).
 
 The pass claims chunks in order, up to ``max_workers`` in flight, each a task it owns;
-zero extents are widened to one chunk however long; the rate limit is charged before a
+zero extents are widened to one chunk however long; short dirty areas (a bitmap's
+scattered clusters) are gathered, several to a chunk; the rate limit is charged before a
 chunk is claimed; while guest writes need copies, at most ``BACKOFF_WORKERS`` chunks run
 (not zero: under a constant guest load the backup must still finish); every
 ``DROP_BEHIND`` bytes of data the target's page cache is dropped. Its blocking calls run
@@ -123,16 +124,22 @@ class BackgroundCopy(CopyMethods):
                         slots.release()
                         continue
                     (offset, length), extent = looked
-                    delay = rate.delay_for(length) if rate is not None else 0.0
+                    # From here to the claim nothing awaits: what is gathered is still dirty.
+                    areas = self._gather(offset, length, extent, chunk)
+                    total = sum(n for _o, n in areas)
+                    delay = rate.delay_for(total) if rate is not None else 0.0
                     if delay > 0:
                         slots.release()  # wait, then look again: the area may be gone
                         await self.throttled_sleep(delay)
                         continue
                     if rate is not None:
-                        rate.charge(length)
-                    req = self._claim(offset, length)
-                    position = offset + length
-                    copy = self._copy_claimed(req, offset, length, budget=True, status=extent)
+                        rate.charge(total)
+                    position = areas[-1][0] + areas[-1][1]
+                    if len(areas) == 1:
+                        req = self._claim(offset, length)
+                        copy = self._copy_claimed(req, offset, length, budget=True, status=extent)
+                    else:
+                        copy = self._copy_batch([(self._claim(o, n), o, n) for o, n in areas])
                     task = self._spawn(copy)
                     running.add(task)
                     task.add_done_callback(finished)
@@ -206,6 +213,33 @@ class BackgroundCopy(CopyMethods):
         if widened is None or widened[0] != offset:
             return None
         return widened, extent
+
+    def _gather(
+        self, offset: int, length: int, extent: Extent | None, chunk: int
+    ) -> list[tuple[int, int]]:
+        """The area to claim, and after a short one the next dirty areas, to copy as one
+        batch (:meth:`_copy_batch`) of up to ``chunk`` bytes and ``BATCH_AREAS`` areas.
+
+        Why: after a few scattered writes, a dirty bitmap is thousands of isolated
+        clusters, and a chunk each cost its task, its read and its write round trips
+        (0.4-0.6 ms of CPU a 64 KiB cluster, measured) for 64 KiB of data. A batch reads
+        the source's status of none of them: they are read, and zeroes among them found
+        in the data, as the buffered copy does; a zero extent goes the chunk's way.
+        """
+        area = (offset, length)
+        if length >= chunk or extent is None or extent.is_zero or not self._batches():
+            return [area]
+        areas = [area]
+        total = length
+        end = self.source.size
+        while total < chunk and len(areas) < tunables.BATCH_AREAS:
+            found = self.copy_bitmap.next_dirty_area(offset + length, end, chunk - total)
+            if found is None:
+                break
+            offset, length = found
+            areas.append(found)
+            total += length
+        return areas
 
     def _guests_copying(self) -> bool:
         """Whether guest writes need copies now or did a moment ago.

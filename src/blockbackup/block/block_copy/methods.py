@@ -29,7 +29,7 @@ from blockbackup.block.bitmap import Bitmap
 from blockbackup.block.block_copy import tunables
 from blockbackup.block.block_copy.state import CopyState
 from blockbackup.block.copy_range import SourceReadError
-from blockbackup.block.driver import Extent, Status, WriteFlags
+from blockbackup.block.driver import Buffer, Extent, PartialWrite, Status, WriteFlags
 from blockbackup.block.reqlist import Request
 
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ class CopyMethods(CopyState):
         #: told to spare the storage (``cache.no-flush``), nor without a page cache.
         self._early_writeback = target.early_writeback()
         self._buffers: list[mmap.mmap] = []
+        #: Buffers that batches of short areas are read into (:meth:`_copy_areas`).
+        self._batch_buffers: list[mmap.mmap] = []
         self._buffers_kept = max(1, memory_limit // tunables.COPY_PIECE)
 
     # -- what the methods can do -------------------------------------------------------------
@@ -130,6 +132,19 @@ class CopyMethods(CopyState):
             and not self.compress
             and not self.skip_unallocated
             and self.cluster_size <= tunables.COPY_PIECE
+        )
+
+    def _batches(self) -> bool:
+        """Whether short areas may be copied as one batch (:meth:`_copy_batch`): a plain
+        read + write copy, with nothing to learn per cluster (allocation for ``sync=top``)
+        and nothing to do per area after it (``discard_source``). Between local files a
+        chunk is one pool call already."""
+        return not (
+            self._between_files
+            or self.use_copy_range
+            or self.compress
+            or self.skip_unallocated
+            or self.discard_source
         )
 
     def _writeback_now(self) -> bool:
@@ -173,6 +188,83 @@ class CopyMethods(CopyState):
             # After the claim is gone: the discard goes through the source's request
             # layer, whose copy-before-write hooks may wait for claims of this range.
             await self._discard_source(offset, end - offset)
+
+    async def _copy_batch(self, claims: list[tuple[Request, int, int]]) -> None:
+        """Copy claimed areas as one: one read of them all, one write call for their data.
+
+        A failure leaves dirty again every area not known written (a chunk that fails half
+        written is dirty again whole); the claims are released together, after the copy.
+        """
+        done = [False] * len(claims)
+        try:
+            await self._copy_areas([(offset, length) for _req, offset, length in claims], done)
+        finally:
+            for (req, offset, length), copied in zip(claims, done, strict=True):
+                if not copied:
+                    self.copy_bitmap.set(offset, length)
+                elif self.on_copied is not None:
+                    self.on_copied(offset, length)
+                self.reqs.remove(req)
+            if self.on_progress is not None:
+                self.on_progress()
+
+    async def _copy_areas(self, areas: list[tuple[int, int]], done: list[bool]) -> None:
+        """Read the areas in one call into a reused buffer, write their data in one call
+        (areas that read as zeroes become write-zeroes, as in :meth:`_copy_buffered`);
+        ``done[i]`` is set once area ``i`` is on the target."""
+        total = sum(length for _offset, length in areas)
+        await self._budget.acquire(total)
+        buffer: mmap.mmap | None = self._batch_buffers.pop() if self._batch_buffers else None
+        if buffer is None or len(buffer) < total:
+            buffer = mmap.mmap(-1, max(total, tunables.MAX_BUFFER))
+        try:
+            await self._copy_areas_through(areas, done, buffer)
+        except asyncio.CancelledError:
+            buffer = None  # a thread call may go on through it without us: it goes with it
+            raise
+        finally:
+            if buffer is not None and len(self._batch_buffers) < self._buffers_kept:
+                self._batch_buffers.append(buffer)
+            await self._budget.release(total)
+
+    async def _copy_areas_through(
+        self, areas: list[tuple[int, int]], done: list[bool], buffer: mmap.mmap
+    ) -> None:
+        try:
+            with memoryview(buffer) as whole:
+                datas = await self.source.read_many(areas, whole)
+        except OSError as err:
+            raise CopyError(err, is_read=True) from err
+        pieces: list[tuple[int, Buffer]] = []
+        indexes = []
+        for i, ((offset, length), data) in enumerate(zip(areas, datas, strict=True)):
+            if self._is_zero(data):
+                await self._write_zeroes(offset, length)
+                self._area_done(areas, done, i)
+            else:
+                pieces.append((offset, data))
+                indexes.append(i)
+        if not pieces:
+            return
+        try:
+            await self.target.write_many(pieces)
+        except PartialWrite as err:
+            for i in indexes[: err.written]:
+                self._area_done(areas, done, i, data=True)
+            raise CopyError(err, is_read=False) from err
+        except OSError as err:
+            raise CopyError(err, is_read=False) from err
+        for i in indexes:
+            self._area_done(areas, done, i, data=True)
+
+    def _area_done(
+        self, areas: list[tuple[int, int]], done: list[bool], i: int, *, data: bool = False
+    ) -> None:
+        length = areas[i][1]
+        done[i] = True
+        self.bytes_done += length
+        if data:
+            self.data_copied += length
 
     async def _discard_source(self, offset: int, length: int) -> None:
         try:
@@ -374,6 +466,8 @@ class CopyMethods(CopyState):
 
     def _free_buffers(self) -> None:
         """Free the copy buffers (no copy may be in flight)."""
+        self._buffers += self._batch_buffers
+        self._batch_buffers.clear()
         while self._buffers:
             buffer = self._buffers.pop()
             try:

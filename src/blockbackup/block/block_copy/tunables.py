@@ -17,6 +17,9 @@ MAX_COPY_RANGE = 16 * 1024 * 1024
 #: stays in the CPU cache between the read and the write, and each write holds the target
 #: file's lock briefly, so a guest's copy-before-write to the same file never waits long.
 COPY_PIECE = 128 * 1024
+#: Short dirty areas (a bitmap's isolated clusters) copied by one background chunk, in one
+#: read and one write call: the chunk's per-call costs, paid once for them all.
+BATCH_AREAS = 16
 #: Background chunks allowed in flight while guest copy-before-writes are active: enough to
 #: keep the backup moving under a constant guest load, few enough not to crowd the guest.
 BACKOFF_WORKERS = 1
