@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from blockbackup.repository import directio
 from blockbackup.repository.backend import DirectoryBackend
+from blockbackup.repository.directio import ALIGN
 from testkit.tmpfs import mounted_tmpfs
 
 MiB = 1 << 20
@@ -32,8 +34,12 @@ def test_every_length_reads_back_exactly(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     backend.put("data/ab/x", data)
     backend.put_if_absent("data/ab/y", memoryview(bytearray(data)))
+    with mmap.mmap(-1, size + ALIGN) as aligned, memoryview(aligned) as view:  # as a pack's
+        view[:size] = data
+        backend.put("data/ab/z", view[:size])
     assert backend.get("data/ab/x") == data
     assert backend.get("data/ab/y") == data
+    assert backend.get("data/ab/z") == data
     assert backend.size("data/ab/x") == size
     assert backend.get("data/ab/x", max(size - 5, 0), 5) == data[max(size - 5, 0) :][:5]
 
@@ -78,3 +84,10 @@ def test_a_full_disk_fails_the_put_and_leaves_nothing(tmp_path: Path) -> None:
         assert not list((root / "data" / "ab").iterdir())
         backend.put("data/ab/y", b"y" * (2 * MiB))  # the space is free again
         assert backend.get("data/ab/y") == b"y" * (2 * MiB)
+
+
+def test_whole_blocks_of_aligned_memory_go_without_a_copy() -> None:
+    with mmap.mmap(-1, 3 * ALIGN) as aligned, memoryview(aligned) as view:
+        assert directio._aligned_prefix(view[: 2 * ALIGN + 5]) == 2 * ALIGN
+        assert directio._aligned_prefix(view[1 : 2 * ALIGN]) == 0  # not on a boundary
+    assert directio._aligned_prefix(memoryview(bytes(3 * ALIGN))) == 0  # read-only
