@@ -391,34 +391,34 @@ class ChunkStore:
         return out
 
     def read_into(
-        self, out: memoryview, places: dict[bytes, list[int]]
+        self, out: memoryview, places: dict[bytes, list[tuple[int, int]]]
     ) -> dict[bytes, CorruptData]:
-        """Decode each address's plaintext into ``out`` at each of its positions; what could
-        not be read, by address (its places then hold no trusted bytes). A restore's 1 MiB
-        request is one ranged read (one GET on an object store), and an uncompressed chunk
-        is decrypted straight into its place (:func:`blob.decode_into`).
+        """Decode each address's plaintext into ``out`` at each of its places (position,
+        length: the chunk's length on the disk); what could not be read, by address (its
+        places then hold no trusted bytes). A restore's 1 MiB request is one ranged read
+        (one GET on an object store), and an uncompressed chunk is decrypted straight into
+        its place (:func:`blob.decode_into`).
 
-        Trusts the GCM tag as :meth:`_check` does; every place must be as long as the
-        chunk's plaintext. Safe in parallel threads once nothing is pending."""
+        Trusts the GCM tag as :meth:`_check` does. Safe in parallel threads once nothing
+        is pending."""
         failed: dict[bytes, CorruptData] = {}
         for address, stored in self._read_runs(places, failed):
             location = stored.location
-            first, *others = places[address]
+            (first, length), *others = places[address]
             what = f"chunk {address.hex()} in pack {location.pack}"
             try:
                 if len(stored.data) != location.length:
                     raise CorruptData(f"{what}: the pack is truncated")
-                target = out[first : first + location.plain]
-                if len(target) != location.plain:
+                if any(n != location.plain for _at, n in places[address]):
                     raise CorruptData(f"{what}: content does not match its address")
-                blob.decode_into(self.keys, stored.data, address, what, target)
-                if not self.keys.encrypted and self.keys.address(target) != address:
-                    raise CorruptData(f"{what}: content does not match its address")
+                with out[first : first + length] as target:
+                    blob.decode_into(self.keys, stored.data, address, what, target)
+                    if not self.keys.encrypted and self.keys.address(target) != address:
+                        raise CorruptData(f"{what}: content does not match its address")
+                    for at, _n in others:  # the same chunk again in the range
+                        out[at : at + length] = target
             except CorruptData as exc:
                 failed[address] = exc
-                continue
-            for at in others:  # the same chunk again in the range (deduplicated)
-                out[at : at + location.plain] = target
         return failed
 
     def _read_runs(

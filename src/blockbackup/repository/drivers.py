@@ -397,7 +397,7 @@ class RepoSnapshotDriver(_RepoDisk):
         if length == 0:
             return
         first = offset // self.chunk
-        places: dict[bytes, list[int]] = {}
+        places: dict[bytes, list[tuple[int, int]]] = {}
         partial: list[tuple[int, bytes]] = []
         for n, address in enumerate(self._addresses(offset, length)):
             start = (first + n) * self.chunk
@@ -405,12 +405,12 @@ class RepoSnapshotDriver(_RepoDisk):
             if address == ZERO_ADDRESS:
                 view[lo - offset : hi - offset] = self._zeroes[: hi - lo]
             elif lo == start and hi == start + self.index.chunk_length(first + n):
-                places.setdefault(address, []).append(lo - offset)
+                places.setdefault(address, []).append((lo - offset, hi - lo))
             else:
                 partial.append((start, address))
         failed = self.repo.store.read_into(view, places)
         for address, exc in failed.items():
-            _damaged(exc, self.disk, offset + places[address][0], self.damaged)
+            _damaged(exc, self.disk, offset + places[address][0][0], self.damaged)
         for start, address in partial:  # a request that starts or ends inside a chunk
             data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
             lo, hi = max(start, offset), min(start + self.chunk, offset + length)
