@@ -115,3 +115,63 @@ def test_chunks_added_while_packs_are_written_behind_are_known_and_durable(
     assert len(again.store) == len(chunks)
     for chunk in chunks:
         assert again.store.read(again.keys.address(chunk)) == chunk
+
+
+def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path) -> None:
+    """``read_into``: each chunk lands at each of its places (a chunk used twice in one
+    request is read and decoded once); neighbours in a pack come in one read."""
+    repo, chunks = stored_chunks(tmp_path, 6, 16 << 20)
+    store, backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    order = [0, 1, 2, 1, 3, 4, 5, 0]  # chunks 0 and 1 twice
+    places: dict[bytes, list[tuple[int, int]]] = {}
+    for n, k in enumerate(order):
+        places.setdefault(addresses[k], []).append((n * CHUNK_SIZE, CHUNK_SIZE))
+    out = bytearray(len(order) * CHUNK_SIZE)
+    assert store.read_into(memoryview(out), places) == {}
+    assert bytes(out) == b"".join(chunks[k] for k in order)
+    assert backend.pack_reads == 1
+
+
+def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path) -> None:
+    repo, chunks = stored_chunks(tmp_path, 4, 16 << 20)
+    store, _backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    victim = store.locate(addresses[2])
+    path = tmp_path / "r" / pack_key(victim.pack)
+    raw = bytearray(path.read_bytes())
+    raw[victim.offset + victim.length - 3] ^= 1  # in the GCM tag
+    path.write_bytes(bytes(raw))
+    out = bytearray(4 * CHUNK_SIZE)
+    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+    failed = store.read_into(memoryview(out), places)
+    assert list(failed) == [addresses[2]]
+    assert addresses[2].hex() in str(failed[addresses[2]])
+    assert "authentication failed" in str(failed[addresses[2]])
+    for n in (0, 1, 3):
+        assert out[n * CHUNK_SIZE : (n + 1) * CHUNK_SIZE] == chunks[n]
+
+
+def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path) -> None:
+    """A place longer than the stored chunk would keep stale bytes of a reused buffer:
+    the chunk is refused instead, named."""
+    repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
+    store, _backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    places = {addresses[0]: [(0, CHUNK_SIZE + 512)], addresses[1]: [(2 * CHUNK_SIZE, CHUNK_SIZE)]}
+    out = bytearray(3 * CHUNK_SIZE)
+    failed = store.read_into(memoryview(out), places)
+    assert list(failed) == [addresses[0]]
+    assert "does not match" in str(failed[addresses[0]])
+    assert out[2 * CHUNK_SIZE :] == chunks[1]
+
+
+def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path) -> None:
+    repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
+    store, _backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    (tmp_path / "r" / pack_key(store.locate(addresses[0]).pack)).unlink()
+    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+    failed = store.read_into(memoryview(bytearray(3 * CHUNK_SIZE)), places)
+    assert set(failed) == set(addresses)
+    assert all("missing" in str(e) for e in failed.values())

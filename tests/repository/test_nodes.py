@@ -121,6 +121,29 @@ async def test_backup_restore_incremental(tmp_path: Path) -> None:
     assert out.read_bytes() == data  # the first snapshot is whole, no chain walk
 
 
+async def test_restore_of_repeated_chunks_scattered_zeroes_and_a_short_last_chunk(
+    tmp_path: Path,
+) -> None:
+    """A restore reads each request's chunks into one buffer: a chunk used twice in it,
+    zero chunks between data (left as holes) and a last chunk shorter than the rest all
+    come back byte for byte."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    same = os.urandom(CHUNK)
+    data = bytearray(os.urandom(3 * MiB + 1000))
+    data[0:CHUNK] = data[2 * CHUNK : 3 * CHUNK] = data[MiB : MiB + CHUNK] = same
+    data[5 * CHUNK : 6 * CHUNK] = data[MiB + 3 * CHUNK : MiB + 5 * CHUNK] = bytes(CHUNK)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(data))
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    out = tmp_path / "out.img"
+    await restore(repo_path, "latest", out, len(data))
+    assert out.read_bytes() == bytes(data)
+    with open(out, "rb") as f:  # the zero chunk was not written
+        assert os.lseek(f.fileno(), 5 * CHUNK, os.SEEK_DATA) == 6 * CHUNK
+
+
 async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -> None:
     repo_path = tmp_path / "repo"
     repo = Repository.init(str(repo_path), PASS)

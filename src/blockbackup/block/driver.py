@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from blockbackup._aio import inline_may_skip_yield
 
 if TYPE_CHECKING:
+    from blockbackup.block.copy_range import Reader
     from blockbackup.block.node import BlockNode
     from blockbackup.block.options import Options
     from blockbackup.block.permissions import Perm
@@ -262,6 +263,14 @@ class BlockDriver(ABC):
         """The local file descriptor and file offset holding byte ``offset`` verbatim, if any.
 
         Used for ``copy_file_range`` between local files; ``None`` means "not a plain file".
+        """
+        return None
+
+    def reader(self, offset: int) -> tuple[Reader, int] | None:
+        """What fills a copy's buffer from byte ``offset`` on in the copying thread, by
+        itself, and the offset to ask it for, when this node is not a plain file (those go
+        by :meth:`fd_map`). A copy into a local file then costs one thread call per chunk
+        (:func:`~blockbackup.block.copy_range.copy_through_buffer`). The default: none.
         """
         return None
 

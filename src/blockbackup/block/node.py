@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from blockbackup._aio import inline_may_skip_yield, run_blocking
 from blockbackup.block import permissions
-from blockbackup.block.copy_range import copy_file_range_all, copy_through_buffer, read_ranges
+from blockbackup.block.copy_range import (
+    FileReader,
+    Reader,
+    copy_file_range_all,
+    copy_through_buffer,
+    read_ranges,
+)
 from blockbackup.block.driver import (
     BUFFER_TYPES,
     BlockDriver,
@@ -807,8 +813,10 @@ class BlockNode:
         Raises ``OSError(ENOTSUP)`` when either side is not a plain local file; callers
         fall back to read + write. ``writeback``: start writing the copy back to storage.
         """
-        await self._copy_between_files(
-            source, src_offset, offset, length, copy_file_range_all, writeback
+        source._check_range(src_offset, length)
+        src = source.fd_map(src_offset)
+        await self._copy_into_file(
+            source, src_offset, offset, length, src, copy_file_range_all, writeback
         )
 
     async def copy_through_buffer_from(
@@ -829,16 +837,18 @@ class BlockNode:
         ``grain``s (0: whole buffers) that read as all zeroes are not written: they are
         returned as
         ``(offset, length)`` runs relative to ``offset`` for the caller to zero. Raises
-        ``OSError(ENOTSUP)`` when either side is not a plain local file, and
-        :class:`~blockbackup.block.copy_range.SourceReadError` when the read failed.
-        ``writeback``: start writing the copy back to storage. ``holes_read_zero``: see
-        :func:`~blockbackup.block.copy_range.copy_through_buffer`.
+        ``OSError(ENOTSUP)`` when this node is not a plain local file or ``source`` has no
+        :meth:`reader`, and :class:`~blockbackup.block.copy_range.SourceReadError` when the
+        read failed. ``writeback``: start writing the copy back to storage.
+        ``holes_read_zero``: see :func:`~blockbackup.block.copy_range.copy_through_buffer`.
         """
-        return await self._copy_between_files(
+        source._check_range(src_offset, length)
+        return await self._copy_into_file(
             source,
             src_offset,
             offset,
             length,
+            source.reader(src_offset),
             copy_through_buffer,
             buffer,
             zeroes,
@@ -847,17 +857,18 @@ class BlockNode:
             holes_read_zero,
         )
 
-    async def _copy_between_files(
+    async def _copy_into_file(
         self,
         source: BlockNode,
         src_offset: int,
         offset: int,
         length: int,
+        src: tuple[object, int] | None,
         copy: Callable[..., T],
         *args: object,
     ) -> T:
-        source._check_range(src_offset, length)
-        src = source.fd_map(src_offset)
+        """Run ``copy(src, src_off, dst_fd, dst_off, length, *args)`` in a thread, with
+        both nodes' requests tracked as for a read of ``source`` and a write of this node."""
         dst = self.fd_map(offset)
         if src is None or dst is None:
             raise io_error(errno.ENOTSUP, "copy offload needs local files on both sides")
@@ -870,6 +881,17 @@ class BlockNode:
         if self.limits.request_alignment != 1:
             return None
         return self.driver.fd_map(offset)
+
+    def reader(self, offset: int) -> tuple[Reader, int] | None:
+        """What a copy through a buffer reads from byte ``offset`` on, in its own thread
+        (a local file, or what the driver offers: :meth:`BlockDriver.reader`), and the
+        offset to ask it for; None: the copy must read through the node."""
+        if self.limits.request_alignment != 1:
+            return None
+        mapped = self.driver.fd_map(offset)
+        if mapped is not None:
+            return FileReader(mapped[0]), mapped[1]
+        return self.driver.reader(offset)
 
 
 def _all_pass_now(

@@ -65,24 +65,67 @@ def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> byte
     return out
 
 
-def decode(keys: Keys, stored: bytes | memoryview, aad: bytes, what: str, size: int) -> bytes:
-    """The plaintext of a blob (at most ``size`` bytes), or :class:`CorruptData` naming ``what``."""
+def _payload(keys: Keys, stored: bytes | memoryview, what: str) -> tuple[int, memoryview]:
+    """The flags and payload of a blob, its flags checked."""
     if not stored:
         raise CorruptData(f"{what}: empty blob")
     flags = stored[0]
-    payload: bytes | memoryview = memoryview(stored)[1:]
     if flags & ~(COMPRESSED | ENCRYPTED):
         raise CorruptData(f"{what}: unknown blob flags {flags:#x}")
     if bool(flags & ENCRYPTED) != keys.encrypted:
         raise CorruptData(f"{what}: encryption flag does not match the repository")
-    if keys.aead is not None:
+    return flags, memoryview(stored)[1:]
+
+
+def _decrypt(keys: Keys, view: memoryview, aad: bytes, what: str) -> bytes | memoryview:
+    """The payload decrypted (as is when the repository is not encrypted)."""
+    if keys.aead is None:
+        return view
+    try:
+        return keys.aead.decrypt(view[:12], view[12:], aad)
+    except InvalidTag:
+        raise CorruptData(f"{what}: authentication failed (damaged or tampered)") from None
+
+
+def _decompress(payload: bytes | memoryview, size: int, what: str) -> bytes:
+    try:
+        return _decompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"{what}: cannot decompress: {exc}") from None
+
+
+def decode(keys: Keys, stored: bytes | memoryview, aad: bytes, what: str, size: int) -> bytes:
+    """The plaintext of a blob (at most ``size`` bytes), or :class:`CorruptData` naming ``what``."""
+    flags, view = _payload(keys, stored, what)
+    payload = _decrypt(keys, view, aad, what)
+    if flags & COMPRESSED:
+        payload = _decompress(payload, size, what)
+    return bytes(payload)
+
+
+def decode_into(
+    keys: Keys, stored: bytes | memoryview, aad: bytes, what: str, out: memoryview
+) -> None:
+    """Decode a blob whose plaintext is exactly ``len(out)`` bytes into ``out``, or raise
+    :class:`CorruptData` naming ``what`` (``out`` may then hold part of it).
+
+    Why: a restore assembles each request from its chunks. An uncompressed chunk (random
+    data: most of a disk's stored bytes) is decrypted straight into its place, with no
+    plaintext object to allocate and copy; a compressed one is copied once, from zstd's
+    output."""
+    flags, view = _payload(keys, stored, what)
+    size = len(out)
+    if keys.aead is not None and not flags & COMPRESSED:
+        if len(view) != 12 + size + 16:
+            raise CorruptData(f"{what}: content does not match its address")
         try:
-            payload = keys.aead.decrypt(payload[:12], payload[12:], aad)
+            keys.aead.decrypt_into(view[:12], view[12:], aad, out)
         except InvalidTag:
             raise CorruptData(f"{what}: authentication failed (damaged or tampered)") from None
+        return
+    payload = _decrypt(keys, view, aad, what)
     if flags & COMPRESSED:
-        try:
-            payload = _decompressor().decompress(payload, max_output_size=size)
-        except zstandard.ZstdError as exc:
-            raise CorruptData(f"{what}: cannot decompress: {exc}") from None
-    return bytes(payload)
+        payload = _decompress(payload, size, what)
+    if len(payload) != size:
+        raise CorruptData(f"{what}: content does not match its address")
+    out[:] = payload

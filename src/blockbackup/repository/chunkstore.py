@@ -15,8 +15,10 @@ from __future__ import annotations
 import mmap
 import struct
 from collections import deque
+from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from blockbackup.repository import blob, condemned, packhash
 from blockbackup.repository.backend import Backend
@@ -49,6 +51,14 @@ class Location:
     offset: int
     length: int
     plain: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A blob's stored bytes as read, and where they are."""
+
+    location: Location
+    data: memoryview
 
 
 def _encode_header(entries: list[tuple[bytes, int, int, int]]) -> bytes:
@@ -390,14 +400,57 @@ class ChunkStore:
 
     def read_many(self, addresses: list[bytes]) -> dict[bytes, bytes | CorruptData]:
         """The plaintext of each address (or the :class:`CorruptData` that names it), with
-        one ranged read per run of neighbouring blobs of a pack instead of one per blob: a
-        restore's 1 MiB request is then one read (one GET on an object store).
+        one ranged read per run of neighbouring blobs of a pack instead of one per blob.
 
         Only reads the table and the backend: safe in parallel threads once nothing is
         pending (a snapshot's reader)."""
         out: dict[bytes, bytes | CorruptData] = {}
+        for address, stored in self._read_runs(set(addresses), out):
+            try:
+                out[address] = self._check(address, stored.location, stored.data)
+            except CorruptData as exc:
+                out[address] = exc
+        return out
+
+    def read_into(
+        self, out: memoryview, places: dict[bytes, list[tuple[int, int]]]
+    ) -> dict[bytes, CorruptData]:
+        """Decode each address's plaintext into ``out`` at each of its places (position,
+        length: the chunk's length on the disk); what could not be read, by address (its
+        places then hold no trusted bytes). A restore's 1 MiB request is one ranged read
+        (one GET on an object store), and an uncompressed chunk is decrypted straight into
+        its place (:func:`blob.decode_into`).
+
+        Trusts the GCM tag as :meth:`_check` does. Safe in parallel threads once nothing
+        is pending."""
+        failed: dict[bytes, CorruptData] = {}
+        for address, stored in self._read_runs(places, failed):
+            location = stored.location
+            (first, length), *others = places[address]
+            what = f"chunk {address.hex()} in pack {location.pack}"
+            try:
+                if len(stored.data) != location.length:
+                    raise CorruptData(f"{what}: the pack is truncated")
+                if any(n != location.plain for _at, n in places[address]):
+                    raise CorruptData(f"{what}: content does not match its address")
+                with out[first : first + length] as target:
+                    blob.decode_into(self.keys, stored.data, address, what, target)
+                    if not self.keys.encrypted and self.keys.address(target) != address:
+                        raise CorruptData(f"{what}: content does not match its address")
+                    for at, _n in others:  # the same chunk again in the range
+                        out[at : at + length] = target
+            except CorruptData as exc:
+                failed[address] = exc
+        return failed
+
+    def _read_runs(
+        self, addresses: Iterable[bytes], missing: MutableMapping[bytes, Any]
+    ) -> Iterator[tuple[bytes, _Stored]]:
+        """(address, stored bytes) of each address, read one run of neighbouring blobs of
+        a pack at a time (gaps up to ``READ_GAP``, runs up to ``MAX_READ``). A blob whose
+        pack is missing gets its :class:`CorruptData` in ``missing`` instead."""
         located: list[tuple[str, int, bytes, Location]] = []
-        for address in set(addresses):
+        for address in addresses:
             location = self._table.get(address)
             if location is None:
                 raise NotFound(f"chunk {address.hex()} is not in the repository")
@@ -410,32 +463,30 @@ class ChunkStore:
                 or item[1] - (run[-1][1] + run[-1][3].length) > READ_GAP
                 or item[1] + item[3].length - run[0][1] > MAX_READ
             ):
-                self._read_run(run, out)
+                yield from self._read_run(run, missing)
                 run = []
             run.append(item)
         if run:
-            self._read_run(run, out)
-        return out
+            yield from self._read_run(run, missing)
 
     def _read_run(
-        self, run: list[tuple[str, int, bytes, Location]], out: dict[bytes, bytes | CorruptData]
-    ) -> None:
+        self, run: list[tuple[str, int, bytes, Location]], missing: MutableMapping[bytes, Any]
+    ) -> Iterator[tuple[bytes, _Stored]]:
         pack, start = run[0][0], run[0][1]
         end = run[-1][1] + run[-1][3].length
         try:
             data = memoryview(self.backend.get(pack_key(pack), start, end - start))
         except NotFound:
             for _p, _o, address, _l in run:
-                out[address] = CorruptData(
+                missing[address] = CorruptData(
                     f"chunk {address.hex()} in pack {pack}: the pack is missing"
                 )
             return
         for _p, offset, address, location in run:
-            try:
-                stored = data[offset - start : offset - start + location.length]
-                out[address] = self._check(address, location, stored)
-            except CorruptData as exc:
-                out[address] = exc
+            yield (
+                address,
+                _Stored(location, data[offset - start : offset - start + location.length]),
+            )
 
     def __len__(self) -> int:
         sealed = sum(len(s.pack.entries) for s in self._sealed)

@@ -81,6 +81,19 @@ class DiskIndex:
         start = entry * ADDRESS_SIZE
         return bytes(self._segment(segment)[start : start + ADDRESS_SIZE])
 
+    def stored_addresses(self) -> set[bytes]:
+        """Every address of a stored chunk the disk uses, once each (zero chunks and zero
+        segments have none): what a verify must check, read a segment at a time instead of
+        an entry at a time (a 2 GiB disk has 32,768 entries)."""
+        out: set[bytes] = set()
+        for segment, address in enumerate(self.segments):
+            if address == ZERO_ADDRESS and segment not in self._dirty:
+                continue
+            raw = bytes(self._segment(segment))
+            out.update(raw[at : at + ADDRESS_SIZE] for at in range(0, len(raw), ADDRESS_SIZE))
+        out.discard(ZERO_ADDRESS)
+        return out
+
     def set(self, index: int, address: bytes) -> None:
         segment, entry = divmod(index, SEGMENT_ENTRIES)
         start = entry * ADDRESS_SIZE

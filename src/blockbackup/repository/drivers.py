@@ -88,6 +88,7 @@ class _RepoDisk(BlockDriver):
         self.index = index
         self.disk = name
         self.chunk = index.chunk_size
+        self._zeroes = memoryview(bytes(self.chunk))  # sliced without copies
         #: One request at a time touches the index and the store (they are not thread-safe).
         #: A thread lock, taken by the thread that does the work: a write then costs one
         #: hop to a thread (hash and encode in parallel, then enter under the lock), not
@@ -364,6 +365,9 @@ class RepoSnapshotDriver(_RepoDisk):
     driver_name: ClassVar[str] = "bb-repo-snapshot"
     #: The id of the snapshot this node serves.
     snapshot_id: str = ""
+    #: A copy through a buffer asks for this much at once (:meth:`reader`): a whole
+    #: request of the copy engine, so its chunks come in one pack read per run.
+    piece: int = 1 << 20
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoSnapshotDriver:
@@ -389,27 +393,55 @@ class RepoSnapshotDriver(_RepoDisk):
         with self._lock:
             return [self.index.get(i) for i in range(first, last + 1)]
 
-    def _fetch(self, offset: int, length: int, addresses: list[bytes]) -> bytearray:
-        """The bytes of ``addresses`` (from the chunk of ``offset`` on), cut to the range.
-        Neighbouring chunks of a pack come in one read (``read_many``). Only reads the
-        store: safe in parallel threads (nothing is pending in it)."""
-        out = bytearray(length)
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with the disk's bytes from ``offset``: blocking, for a thread.
+
+        Zero chunks are zero-filled; the others are decoded straight into their place, the
+        neighbouring ones of a pack in one read (``ChunkStore.read_into``). Damaged data
+        raises EIO naming the chunk (and is kept in :attr:`damaged`). Only the index
+        lookup takes the lock: parallel calls decode in parallel (nothing is pending in
+        the store of a snapshot)."""
+        length = len(view)
+        if length == 0:
+            return
         first = offset // self.chunk
-        chunks = self.repo.store.read_many([a for a in addresses if a != ZERO_ADDRESS])
-        for n, address in enumerate(addresses):
+        places: dict[bytes, list[tuple[int, int]]] = {}
+        partial: list[tuple[int, bytes]] = []
+        for n, address in enumerate(self._addresses(offset, length)):
             start = (first + n) * self.chunk
-            lo, hi = max(start, offset), min(start + self.chunk, offset + length)
+            lo, hi = max(start, offset), min(start + self.chunk, offset + length, self.size)
             if address == ZERO_ADDRESS:
-                continue
-            data = chunks[address]
-            if isinstance(data, CorruptData):
-                _damaged(data, self.disk, start, self.damaged)
-            with memoryview(data) as view:  # a slice of bytes would be a copy
-                out[lo - offset : hi - offset] = view[lo - start : hi - start]
-        return out
+                view[lo - offset : hi - offset] = self._zeroes[: hi - lo]
+            elif lo == start and hi == start + self.index.chunk_length(first + n):
+                places.setdefault(address, []).append((lo - offset, hi - lo))
+            else:
+                partial.append((start, address))
+        failed = self.repo.store.read_into(view, places)
+        for address, exc in failed.items():
+            _damaged(exc, self.disk, offset + places[address][0][0], self.damaged)
+        for start, address in partial:  # a request that starts or ends inside a chunk
+            data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
+            lo, hi = max(start, offset), min(start + self.chunk, offset + length)
+            view[lo - offset : hi - offset] = memoryview(data)[lo - start : hi - start]
+
+    def reader(self, offset: int) -> tuple[RepoSnapshotDriver, int]:
+        """This node reads into a copy's buffer by itself (:meth:`read_into`), so a restore
+        into a local file is one thread call per request: decode, then write."""
+        return self, offset
+
+    def data_before(self, offset: int, length: int) -> int:
+        extent = self._status_sync(offset, length)
+        return 0 if extent.is_zero else extent.length
+
+    def hole_before(self, offset: int, length: int) -> int:
+        extent = self._status_sync(offset, length)
+        return extent.length if extent.is_zero else 0
 
     def _read_blocking(self, offset: int, length: int) -> bytearray:
-        return self._fetch(offset, length, self._addresses(offset, length))
+        out = bytearray(length)
+        with memoryview(out) as view:
+            self.read_into(view, offset)
+        return out
 
     async def read(self, offset: int, length: int) -> bytearray:
         """The index lookup (which may load a segment) holds the lock; reading, checking and

@@ -19,7 +19,6 @@ from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import Location, pack_key
 from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
-from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
 from blockbackup.repository.verify_select import Chosen, Selection, choose, forget, record
 
@@ -107,13 +106,11 @@ def verify(
     (id -> why), reported as damage."""
     report = Report(snapshots=len(manifests) + len(unreadable or {}))
     report.damaged_snapshots = dict(unreadable or {})
+    selection = selection or Selection()
     bad: dict[bytes, str] = {}
     needed: dict[str, dict[bytes, Location]] = defaultdict(dict)
     for _m, _d, index in _indexes(repo, manifests, report):
-        for i in range(index.chunks):
-            address = index.get(i)
-            if address == ZERO_ADDRESS:
-                continue
+        for address in index.stored_addresses():
             try:
                 location = repo.store.locate(address)
             except NotFound as exc:
@@ -122,16 +119,17 @@ def verify(
             needed[location.pack][address] = location
     report.chunks = sum(len(v) for v in needed.values()) + len(bad)
     now = datetime.now(UTC)
-    chosen = _choose(repo, needed, selection or Selection(), now, report)
+    chosen = _choose(repo, needed, selection, now, report)
     for pack in (*chosen.skipped_recent, *chosen.skipped_sample):
         _check_present(repo, pack, needed[pack], bad, report)
     total = len(chosen.packs)
-    checks = check_packs(repo, ((pack, needed[pack]) for pack in chosen.packs))
+    checks = check_packs(
+        repo,
+        ((pack, needed[pack]) for pack in chosen.packs),
+        now if selection.record else None,
+    )
     for done, checked in enumerate(checks, 1):
         _merge(checked, bad, report)
-        _record_if_passed(
-            repo, checked.pack, needed[checked.pack], bad, report, selection or Selection(), now
-        )
         if progress is not None:
             progress(done, total)
     report.packs = total
@@ -168,30 +166,6 @@ def _choose(
     return chosen
 
 
-def _record_if_passed(
-    repo: Repository,
-    pack: str,
-    blobs: dict[bytes, Location],
-    bad: dict[bytes, str],
-    report: Report,
-    selection: Selection,
-    now: datetime,
-) -> None:
-    """Write ``verified/<pack>`` if the pack and every blob checked in it passed; remove an
-    older record if it did not (so a later ``--skip-verified-within`` reads it again)."""
-    if not selection.record:
-        return
-    passed = pack not in report.damaged_packs and not any(a in bad for a in blobs)
-    try:
-        if passed:
-            record(repo, pack, now)
-        else:
-            forget(repo, pack)
-    except (OSError, RepositoryError) as exc:
-        if report.record_error is None:
-            report.record_error = str(exc)
-
-
 def _check_present(
     repo: Repository,
     pack: str,
@@ -222,6 +196,12 @@ class PackCheck:
     bytes_read: int = 0
     damaged: str | None = None
     bad: dict[bytes, str] = field(default_factory=dict)
+    #: Why recording the result failed (the check itself is unaffected).
+    record_error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.damaged is None and not self.bad
 
 
 #: Packs checked at once: reading, hashing and decompressing release the GIL, so two
@@ -230,19 +210,40 @@ VERIFY_THREADS = 3
 
 
 def check_packs(
-    repo: Repository, packs: Iterable[tuple[str, dict[bytes, Location]]]
+    repo: Repository,
+    packs: Iterable[tuple[str, dict[bytes, Location]]],
+    record_at: datetime | None = None,
 ) -> Iterator[PackCheck]:
     """Check packs (each: its name and the blobs to decode in it) in parallel threads,
     read whole, one request each; results come in the order given. At most
-    ``VERIFY_THREADS`` + 1 packs are in memory."""
+    ``VERIFY_THREADS`` + 1 packs are in memory. ``record_at``: record each pack that
+    passed as verified then, and forget the record of each that did not (in the same
+    thread, so those small durable writes overlap the other packs' checks)."""
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="bb-verify") as pool:
         pending: deque[Future[PackCheck]] = deque()
         for pack, blobs in packs:
-            pending.append(pool.submit(check_pack, repo, pack, blobs))
+            pending.append(pool.submit(_check_and_record, repo, pack, blobs, record_at))
             if len(pending) > VERIFY_THREADS:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _check_and_record(
+    repo: Repository, pack: str, blobs: dict[bytes, Location], record_at: datetime | None
+) -> PackCheck:
+    """:func:`check_pack`, then write ``verified/<pack>`` if it passed or remove an older
+    record if it did not (so a later ``--skip-verified-within`` reads it again)."""
+    checked = check_pack(repo, pack, blobs)
+    if record_at is not None:
+        try:
+            if checked.passed:
+                record(repo, pack, record_at)
+            else:
+                forget(repo, pack)
+        except (OSError, RepositoryError) as exc:
+            checked.record_error = str(exc)
+    return checked
 
 
 def _merge(checked: PackCheck, bad: dict[bytes, str], report: Report) -> None:
@@ -250,6 +251,8 @@ def _merge(checked: PackCheck, bad: dict[bytes, str], report: Report) -> None:
     if checked.damaged is not None:
         report.damaged_packs[checked.pack] = checked.damaged
     bad.update(checked.bad)
+    if report.record_error is None:
+        report.record_error = checked.record_error
 
 
 def check_pack(repo: Repository, pack: str, blobs: dict[bytes, Location]) -> PackCheck:

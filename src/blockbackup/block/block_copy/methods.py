@@ -3,7 +3,8 @@
 Above the state (:mod:`.state`), below the two paths that claim regions (the background
 pass and the guest path). A claimed region is copied by the first method that fits:
 write-zeroes (or nothing) for a zero extent, ``copy_file_range`` offload, one thread call
-through a reused buffer between two local files, a read + write on the loop thread when
+through a reused buffer into a local file (from a local file, or from a node that reads
+into the buffer by itself: a repository snapshot), a read + write on the loop thread when
 the source data is cached (a guest's copy), or a read + write through the nodes, within
 a memory budget. Whatever the method, a failure leaves the region dirty again, and
 ``discard-source`` discards what was copied.
@@ -93,16 +94,21 @@ class CopyMethods(CopyState):
         self.discard_source = False
         self._budget = _ByteBudget(memory_limit)
         self._zeroes = bytes(max(tunables.MAX_BUFFER, cluster_size))
-        #: Copy between local files in one blocking call through reused buffers: both
-        #: sides are plain files (until a copy says otherwise).
-        self._between_files = source.fd_map(0) is not None and target.fd_map(0) is not None
+        #: Copy into a local file in one blocking call through reused buffers: the target
+        #: is a plain file and the source one too, or a node that reads into a buffer by
+        #: itself (a repository snapshot: restore), until a copy says otherwise.
+        reader = source.reader(0)
+        self._between_files = reader is not None and target.fd_map(0) is not None
+        #: The reused buffers' size: a piece (see ``COPY_PIECE``), or what the source reads
+        #: well in one call (a snapshot decodes a whole request's chunks at once).
+        self._piece = max(tunables.COPY_PIECE, reader[0].piece if reader is not None else 0)
         #: Writing back as the copy goes (and dropping behind) suits the target: not when
         #: told to spare the storage (``cache.no-flush``), nor without a page cache.
         self._early_writeback = target.early_writeback()
         self._buffers: list[mmap.mmap] = []
         #: Buffers that batches of short areas are read into (:meth:`_copy_areas`).
         self._batch_buffers: list[mmap.mmap] = []
-        self._buffers_kept = max(1, memory_limit // tunables.COPY_PIECE)
+        self._buffers_kept = max(1, memory_limit // self._piece)
 
     # -- what the methods can do -------------------------------------------------------------
 
@@ -123,7 +129,7 @@ class CopyMethods(CopyState):
         return chunk
 
     def _mixed_chunks(self) -> bool:
-        """Whether a chunk may span data and holes: a copy between local files that
+        """Whether a chunk may span data and holes: a copy through a buffer that
         writes no zero cluster (so a sparse target stays sparse) and needs no allocation
         status per cluster (``sync=top``)."""
         return (
@@ -396,7 +402,7 @@ class CopyMethods(CopyState):
         """
         if in_background() or self.compress or length > tunables.COPY_PIECE:
             return False
-        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, tunables.COPY_PIECE)
+        buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, self._piece)
         try:
             with memoryview(buffer) as whole, whole[:length] as view:
                 data = self.source.read_now(offset, length, view)
@@ -416,12 +422,13 @@ class CopyMethods(CopyState):
             buffer.close()
 
     async def _copy_between_files(self, offset: int, length: int) -> bool:
-        """Read + write between two local files through a reused buffer, in one thread hop.
+        """Read + write into a local file through a reused buffer, in one thread hop.
 
         A fresh buffer per chunk costs its page faults and its unmapping on every chunk;
-        this path costs neither. False (nothing done) when either side is not a local file.
+        this path costs neither, nor a second thread hop for the write. False (nothing
+        done) when the target is not a local file or the source has no reader.
         """
-        piece = tunables.COPY_PIECE
+        piece = self._piece
         buffer = self._buffers.pop() if self._buffers else mmap.mmap(-1, piece)
         reuse = True
         try:
