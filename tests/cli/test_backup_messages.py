@@ -195,6 +195,10 @@ def test_ctrl_c_while_waiting_for_the_monitor(tmp_path: Path, command: list[str]
 CONSOLE_SCRIPT = """
 import os, signal, sys, weakref
 
+# As started from a terminal: a test run started in the background (``./dev test &``)
+# passes on an ignored SIGINT, which Python and blockbackup rightly keep ignoring.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class Hook:
     def find_spec(self, name, path, target=None):
         if name == "blockbackup.cli.app":
