@@ -11,7 +11,6 @@ import argparse
 import sys
 from typing import Any
 
-from blockbackup.cli.backup_run import BackupRequest, backup
 from blockbackup.cli.exitcodes import EXIT_USAGE
 from blockbackup.cli.progress import Output
 from blockbackup.cli.qmpclient import Monitor, StopSignals, add_connect_argument, run_command
@@ -145,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"blockbackup backup: {flag} is for backups into a repository", file=sys.stderr)
         return EXIT_USAGE
     args.node, args.target = positional
+    from blockbackup.cli.backup_run import BackupRequest, backup  # lazy: the engine's start-up
+
     request = BackupRequest(
         node=args.node,
         target=args.target,

@@ -26,7 +26,6 @@ from typing import Any
 from blockbackup.cli.daemonize import Daemonized, daemonize
 from blockbackup.cli.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED
 from blockbackup.cli.imageformat import SERVABLE, probe, qcow2_other_files, read_header
-from blockbackup.cli.imagelock import ImageLock
 from blockbackup.cli.pidfile import PidFile
 from blockbackup.cli.rundir import RunDir
 from blockbackup.cli.serveerror import ServeError
@@ -296,6 +295,8 @@ async def serve(
             held.callback(pid.release)
         work = RunDir.acquire(directory)
         held.push(lambda exc_type, _exc, _tb: work.release(failed=exc_type is not None))
+        from blockbackup.cli.imagelock import ImageLock  # lazy: the engine's start-up
+
         for image in images:
             held.callback(ImageLock.acquire(image, writable=not read_only).release)
         names = node_names(images)
