@@ -3,43 +3,26 @@ and the mistakes (one line on stderr, exit 1)."""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
-BB = [sys.executable, "-m", "blockbackup"]
+from testkit import repocli
+
+BB = repocli.BB
 MiB = 1 << 20
 ENV = {**os.environ, "BBP": "the passphrase"}
 SECRET = ("--passphrase-env", "BBP")
 HOLD = Path(__file__).parent / "holdcommit"
 
 
-def bb(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*BB, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        check=False,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    else:
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
-        assert proc.stderr.count("\n") == 1, proc.stderr
-    return proc
+bb = functools.partial(repocli.bb, env=ENV, timeout=120)
 
 
-def js(proc: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(proc.stdout)
+js = repocli.js
 
 
 def files(root: Path, sub: str) -> list[Path]:

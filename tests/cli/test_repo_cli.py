@@ -3,48 +3,29 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from testkit import repocli
 from testkit.tmpfs import mounted_tmpfs
 
-BB = [sys.executable, "-m", "blockbackup"]
+BB = repocli.BB
 MiB = 1 << 20
 ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one"}
 
 
-def bb(
-    *args: str | Path, ok: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*BB, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env or ENV,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        check=False,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    else:
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
-        assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
-    return proc
+bb = functools.partial(repocli.bb, env=ENV, timeout=120)
 
 
-def js(proc: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(proc.stdout)
+js = repocli.js
 
 
 def image(path: Path) -> bytes:

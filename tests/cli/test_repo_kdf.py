@@ -3,12 +3,10 @@ mixed in one repository, each opening it; a wrong passphrase is one line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,27 +14,16 @@ from blockbackup.cli import repo as repo_cli
 from blockbackup.repository import keys
 from blockbackup.repository.errors import CorruptData, WrongKey
 from blockbackup.repository.repo import Repository
+from testkit import repocli
 
-BB = [sys.executable, "-m", "blockbackup"]
+BB = repocli.BB
 ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one", "BAD": "not it"}
 
 
-def bb(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*BB, *map(str, args)], capture_output=True, text=True, env=ENV,
-        stdin=subprocess.DEVNULL, timeout=120, check=False,
-    )  # fmt: skip
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    else:
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
-        assert proc.stderr.count("\n") == 1, proc.stderr
-    return proc
+bb = functools.partial(repocli.bb, env=ENV, timeout=120)
 
 
-def js(proc: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(proc.stdout)
+js = repocli.js
 
 
 def test_the_cli_offers_the_library_kdfs() -> None:

@@ -4,14 +4,14 @@ snapshot keeps working. And verify's --sample / --skip-verified-within as comman
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from testkit import repocli
 
 BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20
@@ -28,8 +28,7 @@ def bb(*args: str | Path, code: int = 0) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def js(proc: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(proc.stdout)
+js = repocli.js
 
 
 def rot(path: Path, how: str) -> None:

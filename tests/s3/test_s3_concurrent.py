@@ -21,7 +21,7 @@ import pytest
 
 from blockbackup.repository.repo import Repository
 from testkit.faultproxy import FaultProxy
-from testkit.s3cli import BB, bb
+from testkit.repocli import BB, bb
 
 MiB = 1 << 20
 #: Repository maintenance run concurrently with the backups each round (args after BB).

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from testkit.faultproxy import Fault, FaultProxy
-from testkit.s3cli import bb
+from testkit.repocli import bb
 
 MiB = 1 << 20
 

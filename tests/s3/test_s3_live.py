@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from testkit.faultproxy import FaultProxy
-from testkit.s3cli import BB, bb
+from testkit.repocli import BB, bb
 
 MiB = 1 << 20
 

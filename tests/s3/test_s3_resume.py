@@ -16,7 +16,7 @@ import pytest
 
 from blockbackup.repository.repo import Repository
 from testkit.faultproxy import FaultProxy
-from testkit.s3cli import BB, bb
+from testkit.repocli import BB, bb
 
 MiB = 1 << 20
 PACK = 1 * MiB

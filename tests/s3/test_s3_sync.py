@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from testkit.faultproxy import FaultProxy
-from testkit.s3cli import bb
+from testkit.repocli import bb
 from testkit.s3server import S3Server
 
 MiB = 1 << 20

@@ -1,7 +1,8 @@
-"""Running the CLI against the test S3 server."""
+"""The installed CLI as a user runs it (as a subprocess), and what a failure must look like."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from typing import Any
@@ -29,3 +30,8 @@ def bb(
         assert proc.stderr.startswith(f"blockbackup {args[0]}: "), proc.stderr
         assert proc.stderr.count("\n") == 1, proc.stderr
     return proc
+
+
+def js(proc: subprocess.CompletedProcess[str]) -> Any:
+    """A ``--json`` command's output."""
+    return json.loads(proc.stdout)
