@@ -20,6 +20,7 @@ from blockbackup.repository.errors import RepositoryError
 from blockbackup.repository.gc import GcReport, collect
 from blockbackup.repository.marks import MarkSet
 from blockbackup.repository.repo import Repository
+from blockbackup.repository.verify import verify
 
 CHUNK = 64 * 1024
 PASS = b"gc test passphrase"
@@ -157,6 +158,37 @@ def test_a_snapshot_committed_after_the_mark_restores_the_pack(repo: Path) -> No
     p1 = pack_of(repo, 1)  # the index is back
     assert exists(repo, p1)
     assert not (repo / condemned.marker_key(p1)).exists()
+
+
+def test_a_snapshot_whose_pack_is_condemned_is_readable_until_the_sweep(repo: Path) -> None:
+    """Committed after gc's mark and before its condemn, a snapshot names a pack whose
+    index gc then deletes; until the sweep puts it back, readers (restore, verify) still
+    find its chunks in the condemned pack, and writers do not deduplicate against it."""
+    a = backup(repo, [1, 2])
+    Repository.open(str(repo), PASS).forget(a.id)
+    writer = Writer(repo)
+    writer.write(0, 1)
+    committed: list[Manifest] = []
+    seen: list[bool] = []
+
+    def hook(step: str) -> None:
+        if step == "marked":
+            committed.append(writer.commit())
+        if step == "condemned":
+            p1 = pack_of(repo, 1)
+            assert not (repo / index_key(p1)).exists()  # condemned: no index
+            restores(repo, committed[0], [1])
+            reader = Repository.open(str(repo), PASS)
+            seen.append(verify(reader, [committed[0]]).ok)
+            late = Writer(repo)
+            late.write(0, 1)
+            seen.append(late.repo.store.stored_blobs == 1)  # stored anew, not deduplicated
+            late.repo.retire_writer()
+
+    report = gc(repo, hook)
+    assert seen == [True, True]
+    assert report.restored >= 1
+    restores(repo, committed[0], [1])
 
 
 def test_a_writer_committing_between_listing_and_deleting(repo: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -189,6 +190,11 @@ class ChunkStore:
         self.stored_index_blobs = 0
         self.stored_index_bytes = 0
         self._cache: IndexCache | None = None
+        #: Packs gc condemned (index deleted) that still exist at load, and what they
+        #: hold, learnt on a reader's first miss: never deduplicated against, only read.
+        self._condemned_packs: list[str] = []
+        self._condemned_table: dict[bytes, Location] | None = None
+        self._condemned_lock = threading.Lock()
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -219,7 +225,11 @@ class ChunkStore:
             cache.keep_only(indexed)
         for key in self.backend.list("data/"):
             pack = key.rsplit("/", 1)[1]
-            if pack not in indexed and not self._condemned(pack):
+            if pack in indexed:
+                continue
+            if self._condemned(pack):
+                self._condemned_packs.append(pack)
+            else:
                 self._recover(pack)
 
     def _condemned(self, pack: str) -> bool:
@@ -363,10 +373,35 @@ class ChunkStore:
     # -- reading ----------------------------------------------------------------------------
 
     def locate(self, address: bytes) -> Location:
+        """Where a stored blob is, for reading it. A blob of a snapshot committed just
+        before a gc condemned its pack (gc's mark had not listed it yet) is only in the
+        condemned pack until the next sweep puts the pack's index back: a reader finds it
+        there (the sweep deletes no pack a listed snapshot uses)."""
         location = self._table.get(address)
+        if location is None:
+            location = self._condemned_blobs().get(address)
         if location is None:
             raise NotFound(f"chunk {address.hex()} is not in the repository")
         return location
+
+    def _condemned_blobs(self) -> dict[bytes, Location]:
+        """What the condemned packs seen at load hold (their headers read once, on the
+        first miss; a pack deleted or damaged since is left out)."""
+        with self._condemned_lock:
+            if self._condemned_table is None:
+                table: dict[bytes, Location] = {}
+                for pack in self._condemned_packs:
+                    try:
+                        header_blob = read_pack_header(self.backend, pack)
+                        if header_blob is None:
+                            continue
+                        entries = decode_pack_header(self.keys, header_blob, f"pack {pack}")
+                    except (NotFound, CorruptData):
+                        continue
+                    for address, offset, length, plain in entries:
+                        table.setdefault(address, Location(pack, offset, length, plain))
+                self._condemned_table = table
+            return self._condemned_table
 
     def read(self, address: bytes) -> bytes:
         """The plaintext of a stored blob, checked against its address."""
@@ -451,9 +486,7 @@ class ChunkStore:
         pack is missing gets its :class:`CorruptData` in ``missing`` instead."""
         located: list[tuple[str, int, bytes, Location]] = []
         for address in addresses:
-            location = self._table.get(address)
-            if location is None:
-                raise NotFound(f"chunk {address.hex()} is not in the repository")
+            location = self.locate(address)
             located.append((location.pack, location.offset, address, location))
         located.sort()
         run: list[tuple[str, int, bytes, Location]] = []
