@@ -30,6 +30,13 @@ class CountingBackend(DirectoryBackend):
             self.pack_reads += 1
         return super().get(key, offset, length)
 
+    def get_buffer(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> bytes | memoryview:
+        if key.startswith("data/"):
+            self.pack_reads += 1
+        return super().get_buffer(key, offset, length)
+
 
 def stored_chunks(tmp_path: Path, count: int, pack_size: int) -> tuple[Repository, list[bytes]]:
     repo = Repository.init(str(tmp_path / "r"), PASS, pack_size=pack_size)

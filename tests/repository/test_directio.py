@@ -14,6 +14,7 @@ import pytest
 from blockbackup.repository import directio
 from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.directio import ALIGN
+from blockbackup.repository.errors import NotFound
 from testkit.tmpfs import mounted_tmpfs
 
 MiB = 1 << 20
@@ -91,3 +92,94 @@ def test_whole_blocks_of_aligned_memory_go_without_a_copy() -> None:
         assert directio._aligned_prefix(view[: 2 * ALIGN + 5]) == 2 * ALIGN
         assert directio._aligned_prefix(view[1 : 2 * ALIGN]) == 0  # not on a boundary
     assert directio._aligned_prefix(memoryview(bytes(3 * ALIGN))) == 0  # read-only
+
+
+# -- reads past the page cache ---------------------------------------------------------------
+
+OBJECT = 3 * MiB + 1234  # not a whole number of blocks
+RANGES = [
+    (0, directio.DIRECT_READ_MIN - 1),  # the longest buffered one
+    (0, directio.DIRECT_READ_MIN),
+    (1, directio.DIRECT_READ_MIN),  # neither end on a block boundary
+    (ALIGN - 1, MiB + 2),
+    (MiB, MiB),
+    (OBJECT - directio.DIRECT_READ_MIN - 3, directio.DIRECT_READ_MIN),  # the last block
+    (OBJECT - 100, directio.DIRECT_READ_MIN),  # past the end: what there is
+    (OBJECT, directio.DIRECT_READ_MIN),  # at the end: nothing
+    (OBJECT + ALIGN, directio.DIRECT_READ_MIN),  # beyond it: nothing
+]
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> tuple[DirectoryBackend, bytes]:
+    backend = DirectoryBackend(tmp_path)
+    data = os.urandom(OBJECT)
+    backend.put("data/ab/x", data)
+    return backend, data
+
+
+@pytest.mark.parametrize(("offset", "length"), RANGES)
+def test_every_range_reads_exactly_what_a_buffered_read_gives(
+    stored: tuple[DirectoryBackend, bytes], offset: int, length: int
+) -> None:
+    backend, data = stored
+    got = backend.get_buffer("data/ab/x", offset, length)
+    assert bytes(got) == data[offset : offset + length] == backend.get("data/ab/x", offset, length)
+
+
+def test_a_whole_object_reads_exactly(stored: tuple[DirectoryBackend, bytes]) -> None:
+    backend, data = stored
+    assert bytes(backend.get_buffer("data/ab/x")) == data
+    assert bytes(backend.get_buffer("data/ab/x", 5)) == data[5:]
+    backend.put("data/ab/small", b"s" * 100)  # too short to read directly
+    assert backend.get_buffer("data/ab/small") == b"s" * 100
+    with pytest.raises(NotFound):
+        backend.get_buffer("data/ab/absent", 0, MiB)
+    with pytest.raises(NotFound):
+        backend.get_buffer("data/ab/absent")
+
+
+def test_a_long_range_is_read_directly_and_a_short_one_buffered(
+    stored: tuple[DirectoryBackend, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend, _data = stored
+    real_preadv = os.preadv
+    direct: list[bool] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    backend.get_buffer("data/ab/x", 7, MiB)
+    assert direct and all(direct)
+    direct.clear()
+    backend.get_buffer("data/ab/x", 7, directio.DIRECT_READ_MIN - 1)
+    assert not direct  # read by a buffered file object, not preadv
+
+
+@pytest.mark.parametrize("refused_at", ["open", "read"])
+def test_a_file_system_that_refuses_direct_reads_gets_buffered_ones(
+    stored: tuple[DirectoryBackend, bytes], monkeypatch: pytest.MonkeyPatch, refused_at: str
+) -> None:
+    backend, data = stored
+    real_open, real_preadv = os.open, os.preadv
+    refused: list[str] = []
+
+    def open_(path: str, flags: int, *args: int) -> int:
+        if refused_at == "open" and flags & os.O_DIRECT:
+            refused.append("open")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append("read")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "preadv", preadv)
+    assert bytes(backend.get_buffer("data/ab/x", 3, 2 * MiB)) == data[3 : 3 + 2 * MiB]
+    assert bytes(backend.get_buffer("data/ab/x")) == data
+    assert refused and set(refused) == {refused_at}

@@ -32,10 +32,12 @@ class CountingBackend(DirectoryBackend):
         super().__init__(root)
         self.whole_pack_reads: Counter[str] = Counter()
 
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    def get_buffer(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> bytes | memoryview:
         if key.startswith("data/") and offset == 0 and length is None:
             self.whole_pack_reads[key.rsplit("/", 1)[1]] += 1
-        return super().get(key, offset, length)
+        return super().get_buffer(key, offset, length)
 
 
 def opened(path: Path) -> tuple[Repository, CountingBackend]:

@@ -25,6 +25,14 @@ class Backend(Protocol):
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
 
+    def get_buffer(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> bytes | memoryview:
+        """As :meth:`get`, for large reads of pack data (a restore's runs of chunks, a
+        verify's whole pack): the bytes may come as a view of a buffer the backend filled
+        its own way (a directory: past the page cache)."""
+        ...
+
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
 
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
@@ -72,14 +80,28 @@ class DirectoryBackend:
         return self.root / key
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                if offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
+            return self._read(self._path(key), offset, length)
         except FileNotFoundError:
             raise NotFound(f"object {key} is missing from {self.root}") from None
+
+    def get_buffer(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> bytes | memoryview:
+        """A large range is read past the page cache (:func:`directio.read`)."""
+        path = self._path(key)
+        try:
+            direct = directio.read(path, offset, length)
+            return direct if direct is not None else self._read(path, offset, length)
+        except FileNotFoundError:
+            raise NotFound(f"object {key} is missing from {self.root}") from None
+
+    @staticmethod
+    def _read(path: Path, offset: int, length: int | None) -> bytes:
+        with open(path, "rb") as f:
+            if offset:
+                f.seek(offset)
+            return f.read() if length is None else f.read(length)
 
     def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -508,7 +508,7 @@ class ChunkStore:
         pack, start = run[0][0], run[0][1]
         end = run[-1][1] + run[-1][3].length
         try:
-            data = memoryview(self.backend.get(pack_key(pack), start, end - start))
+            data = memoryview(self.backend.get_buffer(pack_key(pack), start, end - start))
         except NotFound:
             for _p, _o, address, _l in run:
                 missing[address] = CorruptData(
@@ -552,7 +552,7 @@ def decode_pack_header(
 def check_pack_keyless(backend: Backend, pack: str, pack_hash: str) -> None:
     """The check a server can run without the key: the pack's bytes hash to its name
     (``pack_hash``: the config's, which is plain JSON)."""
-    data = backend.get(pack_key(pack))
+    data = backend.get_buffer(pack_key(pack))
     if packhash.name_of(data, pack_hash) != pack:
         raise CorruptData(f"pack {pack}: its content does not match its name")
 

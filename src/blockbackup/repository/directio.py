@@ -1,4 +1,5 @@
-"""Writing a large object to a file without passing it through the page cache.
+"""Writing a large object to a file, and reading a large range of one, without passing
+the bytes through the page cache.
 
 Why: every pack is synced as soon as it is written, so a buffered write only adds work.
 Measured here (32 packs of 16 MiB, written and fsynced): buffered 520-890 MiB/s for
@@ -12,6 +13,12 @@ from its buffer (an anonymous mapping, so page-aligned); other data goes through
 page-aligned bounce buffer (a copy into memory that stays hot); the last block is padded
 and the file then cut to its length. A file system that refuses
 ``O_DIRECT`` (tmpfs, some FUSE ones) gets a plain buffered write.
+
+Reads of a large range (a restore's run of neighbouring chunks, a verify's whole pack)
+go to the disk directly too: the page cache would copy every byte once more and be filled
+with packs that nobody reads again soon (a restore of 2 GiB: 0.3-0.4 s less system time,
+measured). The range is widened to whole blocks and read into an aligned part of a fresh
+buffer; the caller gets a view of the bytes it asked for.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import threading
 #: Objects at least this large are written directly (packs); smaller ones (indexes,
 #: manifests) are not worth it.
 DIRECT_MIN = 1 << 20
+#: Ranges at least this long are read directly (a restore's runs of chunks, whole packs);
+#: shorter ones (headers, one chunk) from the page cache.
+DIRECT_READ_MIN = 128 << 10
 #: Alignment that satisfies every logical block size in use (512 or 4096 bytes).
 ALIGN = 4096
 BOUNCE_SIZE = 1 << 20
@@ -104,3 +114,52 @@ def open_new(path: str | os.PathLike[str], length: int) -> int:
             if exc.errno != errno.EINVAL:
                 raise
     return os.open(path, flags, 0o644)
+
+
+def read(path: str | os.PathLike[str], offset: int, length: int | None) -> memoryview | None:
+    """``length`` bytes of the file at ``path`` from ``offset`` (None: to its end; fewer
+    at its end), read past the page cache; None when not worth it (a short range) or the
+    file system refuses ``O_DIRECT``: then read it buffered. ``FileNotFoundError`` if
+    the file is absent."""
+    if length is not None and length < DIRECT_READ_MIN:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+    try:
+        if length is None:
+            length = max(os.fstat(fd).st_size - offset, 0)
+            if length < DIRECT_READ_MIN:
+                return None
+        return _read_direct(fd, offset, length)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # refused at the first read
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_direct(fd: int, offset: int, length: int) -> memoryview:
+    start = offset - offset % ALIGN
+    end = -(-(offset + length) // ALIGN) * ALIGN
+    # A heap buffer (its memory is reused from freed ones: fresh pages cost more on a VM
+    # than the copy saved), an aligned part of it read into.
+    buffer = bytearray(end - start + ALIGN)
+    whole = memoryview(buffer)
+    anchor = ctypes.c_char.from_buffer(whole)
+    pad = -ctypes.addressof(anchor) % ALIGN
+    del anchor
+    got = 0
+    while start + got < end:
+        n = os.preadv(fd, [whole[pad + got : pad + end - start]], start + got)
+        if n == 0:  # end of file (a block read past it returns what there is)
+            break
+        got += n
+        if n % ALIGN:  # only the file's last block is short
+            break
+    first = pad + offset - start
+    return whole[first : first + max(min(length, got - (offset - start)), 0)]

@@ -197,6 +197,11 @@ class S3Backend:
         span.finish()
         return span.read(offset, length if length is not None else 1 << 62)
 
+    def get_buffer(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> bytes | memoryview:
+        return self.get(key, offset, length)
+
     def _stream(self, span: Span) -> None:
         self._fill(span.key, span.start, span.limit, span, exact=False, chunk=_STREAM_CHUNK)
 

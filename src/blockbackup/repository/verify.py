@@ -260,7 +260,7 @@ def check_pack(repo: Repository, pack: str, blobs: dict[bytes, Location]) -> Pac
     check each of ``blobs`` in it. Touches nothing shared: safe in parallel threads."""
     checked = PackCheck(pack)
     try:
-        data = memoryview(repo.backend.get(pack_key(pack)))
+        data = memoryview(repo.backend.get_buffer(pack_key(pack)))
     except NotFound:
         checked.damaged = "missing"
         for address in blobs:
