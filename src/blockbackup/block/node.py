@@ -594,19 +594,12 @@ class BlockNode:
         ):
             await write_each(self.write, views, flags)
             return
-        # What _write_awaited does for one write, inline, for all of them.
+        # What _write_awaited does for one write, for all of them.
         for tracker in self.dirty_trackers:
             for offset, view in views:
                 tracker.mark_dirty(offset, len(view))
-        self._in_flight_changes += 1
-        self._changes_idle.clear()
-        try:
-            with self._tracked():
-                await self.driver.write_many(views, flags)
-        finally:
-            self._in_flight_changes -= 1
-            if not self._in_flight_changes:
-                self._changes_idle.set()
+        with self._counted_change():
+            await self.driver.write_many(views, flags)
 
     def write_now(self, offset: int, data: Buffer, flags: WriteFlags = WriteFlags.NONE) -> bool:
         """:meth:`submit_write` for a caller that can only write at once (a copy through
