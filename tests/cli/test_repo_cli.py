@@ -325,6 +325,28 @@ def test_prune(tmp_path: Path) -> None:
     assert out.read_bytes() == data
 
 
+def test_a_restore_onto_a_full_disk_says_where_and_leaves_nothing(tmp_path: Path) -> None:
+    """The image to restore does not fit on a 2 MiB tmpfs: one line naming the file and the
+    room it needs, exit 1, no partial image; the repository is untouched."""
+    repo = tmp_path / "repo"
+    disk = tmp_path / "disk.img"
+    data = image(disk)
+    bb("repo", "init", repo, "--passphrase-env", "BBP")
+    bb("backup", disk, "--repo", repo, "--passphrase-env", "BBP")
+    with mounted_tmpfs(tmp_path / "fs", "2m") as fs:
+        out = fs / "out.img"
+        err = bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP", ok=False)
+        assert err.returncode == 1
+        line = err.stderr.strip()
+        assert "\n" not in line
+        assert line.startswith(f"blockbackup restore: No space left on device writing {out}")
+        assert f"needs {len(data)} bytes" in line
+        assert not list(fs.iterdir())
+    out = tmp_path / "out.img"
+    bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
+    assert out.read_bytes() == data
+
+
 def test_full_disk_leaves_no_snapshot_and_the_next_backup_works(tmp_path: Path) -> None:
     """The repository on a 24 MiB tmpfs: a 40 MiB random image cannot fit. The backup fails
     with one line, commits nothing, leaves the repository readable; a smaller image then

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 from typing import Any
 
@@ -100,6 +101,11 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
             if driver.damaged:  # the chunk, not just "Input/output error"
                 raise BlockBackupError(
                     f"damaged data, nothing restored: {driver.damaged[0]}"
+                ) from exc
+            if str(exc) == os.strerror(errno.ENOSPC):  # say where, and what is left
+                raise BlockBackupError(
+                    f"{exc} writing {args.out}: nothing restored (the partial image is "
+                    f"removed; it needs {snapshot.size} bytes, less its holes)"
                 ) from exc
             raise
         return {
