@@ -114,7 +114,7 @@ class _Pack:
     def fits(self, length: int) -> bool:
         return self.end + length + _header_room(len(self.entries) + 1) <= len(self.buffer)
 
-    def append(self, address: bytes, stored: bytes | bytearray, plain: int) -> None:
+    def append(self, address: bytes, stored: bytes | bytearray | memoryview, plain: int) -> None:
         end = self.end + len(stored)
         self.buffer[self.end : end] = stored
         self.entries[address] = (self.end, len(stored), plain)
@@ -279,7 +279,11 @@ class ChunkStore:
         return self.add_encoded(address, blob.encode(self.keys, data, address), len(data), index)
 
     def add_encoded(
-        self, address: bytes, stored: bytes | bytearray, plain: int, index: bool = False
+        self,
+        address: bytes,
+        stored: bytes | bytearray | memoryview,
+        plain: int,
+        index: bool = False,
     ) -> bool:
         """As :meth:`add`, with the blob already encoded (``blob.encode(keys, data,
         address)``, done in parallel by the caller); ``stored`` may be empty when the

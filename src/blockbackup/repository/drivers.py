@@ -21,6 +21,7 @@ one manifest for all the disks of the backup (the CLI after the job completed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import threading
 from typing import ClassVar, NoReturn
@@ -34,6 +35,7 @@ from blockbackup.errors import BlockBackupError
 from blockbackup.repository import blob, catalog
 from blockbackup.repository.catalog import DiskRecord
 from blockbackup.repository.diskindex import DiskIndex
+from blockbackup.repository.encoders import Encoded, EncoderPool, default_workers
 from blockbackup.repository.errors import CorruptData, RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS
 from blockbackup.repository.repo import Repository
@@ -173,10 +175,18 @@ class RepoTargetDriver(_RepoDisk):
     driver_name: ClassVar[str] = "bb-repo-target"
 
     def __init__(
-        self, node: BlockNode, repo: Repository, index: DiskIndex, name: str, source: dict[str, str]
+        self,
+        node: BlockNode,
+        repo: Repository,
+        index: DiskIndex,
+        name: str,
+        source: dict[str, str],
+        encoders: EncoderPool | None = None,
     ) -> None:
         super().__init__(node, repo, index, name)
         self.source = source
+        #: The processes that hash and encode whole chunks (None: this process does).
+        self.encoders = encoders
         #: Set by each successful flush: the disk as stored so far.
         self.result: TargetResult | None = None
         #: The last storage error (e.g. S3 after its retries), for the command's message.
@@ -184,16 +194,28 @@ class RepoTargetDriver(_RepoDisk):
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
-        repo = await _open_repository(node, opts, writer=True)
+        workers = opts.int("encoder-processes", default_workers())
+        if workers < 0:
+            raise BlockBackupError("encoder-processes must be non-negative")
+        # started first: their interpreters start while the repository opens
+        encoders = await asyncio.to_thread(EncoderPool, workers) if workers else None
         try:
-            return await cls._open_target(node, opts, repo)
+            repo = await _open_repository(node, opts, writer=True)
+            try:
+                if encoders is not None:
+                    await asyncio.to_thread(encoders.unlock, repo.keys.master)
+                return await cls._open_target(node, opts, repo, encoders)
+            except BaseException:
+                await asyncio.to_thread(repo.retire_writer)
+                raise
         except BaseException:
-            await asyncio.to_thread(repo.retire_writer)
+            if encoders is not None:
+                await asyncio.to_thread(encoders.close)
             raise
 
     @classmethod
     async def _open_target(
-        cls, node: BlockNode, opts: Options, repo: Repository
+        cls, node: BlockNode, opts: Options, repo: Repository, encoders: EncoderPool | None
     ) -> RepoTargetDriver:
         name = opts.str("disk")
         size = opts.int("size")
@@ -210,7 +232,7 @@ class RepoTargetDriver(_RepoDisk):
             segments = base[1].segments
             source = {"base": base[0]}
         index = DiskIndex(repo.store, size, repo.chunk_size, segments)
-        return cls(node, repo, index, name, source)
+        return cls(node, repo, index, name, source, encoders)
 
     @staticmethod
     def _base(repo: Repository, name: str, spec: str) -> tuple[str, DiskRecord] | None:
@@ -260,11 +282,10 @@ class RepoTargetDriver(_RepoDisk):
         self.storage_error = str(exc)
         return io_error(errno.EIO, str(exc))
 
-    def _prepare(self, offset: int, data: memoryview) -> dict[int, tuple[bytes, bytes | bytearray]]:
-        """Address and encoded blob of each chunk ``data`` covers whole: the costly part
-        (hash, compress, encrypt), done outside the lock so requests run it in parallel.
-        A zero chunk or one already stored gets an empty blob."""
-        out: dict[int, tuple[bytes, bytes | bytearray]] = {}
+    def _whole_chunks(self, offset: int, data: memoryview) -> list[tuple[int, memoryview]]:
+        """(index, bytes) of each chunk ``data`` covers whole: the ones a write stores as
+        they are (the others are merged with their current content first)."""
+        out = []
         end = offset + len(data)
         i = -(-offset // self.chunk)
         while i * self.chunk < end:
@@ -272,19 +293,20 @@ class RepoTargetDriver(_RepoDisk):
             length = self.index.chunk_length(i)
             if start + length > end:
                 break
-            piece = data[start - offset : start - offset + length]
-            if _is_zero(piece):
-                out[i] = (ZERO_ADDRESS, b"")
-            else:
-                address = self.repo.keys.address(piece)
-                known = self.repo.store.has(address)  # a race only costs a needless encode
-                out[i] = (address, b"" if known else blob.encode(self.repo.keys, piece, address))
+            out.append((i, data[start - offset : start - offset + length]))
             i += 1
         return out
 
-    def _apply(
-        self, offset: int, data: memoryview, prepared: dict[int, tuple[bytes, bytes | bytearray]]
-    ) -> None:
+    def _encode_here(self, piece: memoryview) -> tuple[bytes, bytes | bytearray]:
+        """Address and encoded blob of a whole chunk, in this process (empty blob: a zero
+        chunk, or one already stored)."""
+        if _is_zero(piece):
+            return ZERO_ADDRESS, b""
+        address = self.repo.keys.address(piece)
+        known = self.repo.store.has(address)  # a race only costs a needless encode
+        return address, b"" if known else blob.encode(self.repo.keys, piece, address)
+
+    def _apply(self, offset: int, data: memoryview, prepared: dict[int, Encoded]) -> None:
         """Enter prepared chunks into the store and index; merge the partial ones."""
         self.repo.beat_writer()
         store = self.repo.store
@@ -317,13 +339,23 @@ class RepoTargetDriver(_RepoDisk):
             raise self._wrap(exc) from None
 
     def _write_blocking(self, pieces: list[tuple[int, memoryview]], flags: WriteFlags) -> None:
-        # Encoded in parallel with other requests, entered under the lock.
-        prepared = [self._prepare(offset, view) for offset, view in pieces]
-        with self._lock:
-            for (offset, view), chunks in zip(pieces, prepared, strict=True):
-                self._apply(offset, view, chunks)
-            if flags & WriteFlags.FUA:
-                self._flush_sync()
+        """Hash and encode the whole chunks (in the encoder processes, or here), in
+        parallel with other requests; then enter everything under the lock."""
+        whole = [self._whole_chunks(offset, view) for offset, view in pieces]
+        chunks = [piece for request in whole for _i, piece in request]
+        with contextlib.ExitStack() as stack:
+            encoded: list[Encoded] | None = None
+            if self.encoders is not None and chunks:
+                encoded = stack.enter_context(self.encoders.encoded(chunks, self.repo.store.has))
+            if encoded is None:
+                encoded = [self._encode_here(piece) for piece in chunks]
+            results = iter(encoded)
+            prepared = [{i: next(results) for i, _piece in request} for request in whole]
+            with self._lock:
+                for (offset, view), done in zip(pieces, prepared, strict=True):
+                    self._apply(offset, view, done)
+                if flags & WriteFlags.FUA:
+                    self._flush_sync()
 
     def _write_zeroes_sync(self, offset: int, length: int) -> None:
         with self._lock:
@@ -354,7 +386,10 @@ class RepoTargetDriver(_RepoDisk):
             raise self._wrap(exc) from None
 
     async def close(self) -> None:
-        """Retire the writer marker: the commit (if any) happened before the node closes."""
+        """Retire the writer marker: the commit (if any) happened before the node closes.
+        Stop the encoder processes."""
+        if self.encoders is not None:
+            await asyncio.to_thread(self.encoders.close)
         await asyncio.to_thread(self.repo.retire_writer)
 
 

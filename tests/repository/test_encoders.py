@@ -1,0 +1,203 @@
+"""Chunks hashed and encoded in worker processes: the same addresses and blobs as this
+process makes, only what is not stored yet encoded, and every way a worker or its parent
+can end (a killed worker fails the write that used it; a killed parent leaves no worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from blockbackup.errors import BlockBackupError
+from blockbackup.repository import blob
+from blockbackup.repository.encoders import HALF, EncoderPool
+from blockbackup.repository.errors import RepositoryError
+from blockbackup.repository.keys import ZERO_ADDRESS, Keys, new_master_key
+from blockbackup.repository.repo import Repository
+from repository.test_nodes import PASS, backup_image_driver
+
+CHUNK = 64 * 1024
+MASTERS = {"encrypted": new_master_key(), "not encrypted": None}
+
+
+def started(master: bytes | None, workers: int) -> EncoderPool:
+    pool = EncoderPool(workers)
+    pool.unlock(master)
+    return pool
+
+
+def chunks() -> list[memoryview]:
+    text = b"some text that compresses well " * (CHUNK // 31 + 1)
+    return [
+        memoryview(os.urandom(CHUNK)),
+        memoryview(bytes(CHUNK)),  # zero: no address, no blob
+        memoryview(text[:CHUNK]),
+        memoryview(os.urandom(CHUNK - 1000)),  # a disk's short last chunk
+    ]
+
+
+@pytest.mark.parametrize("kind", MASTERS)
+def test_workers_give_the_addresses_and_blobs_this_process_gives(kind: str) -> None:
+    master = MASTERS[kind]
+    keys = Keys(master)
+    pieces = chunks()
+    pool = started(master, 2)
+    try:
+        with pool.encoded(pieces, lambda _address: False) as encoded:
+            assert encoded is not None
+            for piece, (address, stored) in zip(pieces, encoded, strict=True):
+                if not any(piece):
+                    assert address == ZERO_ADDRESS
+                    assert not stored
+                    continue
+                assert address == keys.address(piece)
+                plain = blob.decode(keys, bytes(stored), address, "test", len(piece))
+                assert plain == piece
+            stored_sizes = [len(s) for _a, s in encoded]
+        assert stored_sizes[2] < CHUNK // 4  # the text was compressed
+    finally:
+        pool.close()
+
+
+def test_only_chunks_not_stored_yet_are_encoded() -> None:
+    master = new_master_key()
+    keys = Keys(master)
+    pieces = chunks()
+    stored_already = {keys.address(pieces[0])}
+    pool = started(master, 1)
+    try:
+        with pool.encoded(pieces, stored_already.__contains__) as encoded:
+            assert encoded is not None
+            assert encoded[0] == (keys.address(pieces[0]), b"")  # known: hashed only
+            assert len(encoded[2][1]) > 0
+            assert len(encoded[3][1]) > 0
+    finally:
+        pool.close()
+
+
+def test_a_request_larger_than_a_worker_takes_is_left_to_this_process() -> None:
+    pool = started(None, 1)
+    try:
+        too_many = [memoryview(bytes(CHUNK))] * (HALF // CHUNK + 1)
+        with pool.encoded(too_many, lambda _a: False) as encoded:
+            assert encoded is None
+    finally:
+        pool.close()
+
+
+def test_parallel_requests_each_get_their_own_worker() -> None:
+    master = new_master_key()
+    keys = Keys(master)
+    pool = started(master, 2)
+
+    def one(_n: int) -> bool:
+        pieces = [memoryview(os.urandom(CHUNK)) for _ in range(8)]
+        with pool.encoded(pieces, lambda _a: False) as encoded:
+            assert encoded is not None
+            return all(
+                blob.decode(keys, bytes(s), a, "t", CHUNK) == p
+                for p, (a, s) in zip(pieces, encoded, strict=True)
+            )
+
+    try:
+        with ThreadPoolExecutor(6) as threads:
+            assert all(threads.map(one, range(24)))
+    finally:
+        pool.close()
+
+
+def test_a_killed_worker_fails_the_write_that_uses_it() -> None:
+    pool = started(new_master_key(), 1)
+    try:
+        (worker,) = pool._workers
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(timeout=10)
+        with (
+            pytest.raises(RepositoryError, match="an encoder process"),
+            pool.encoded(chunks(), lambda _a: False),
+        ):
+            pass
+    finally:
+        pool.close()
+
+
+def test_close_stops_every_worker() -> None:
+    pool = started(new_master_key(), 3)
+    processes = [w.process for w in pool._workers]
+    assert all(p.poll() is None for p in processes)
+    pool.close()
+    assert all(p.returncode == 0 for p in processes)
+
+
+PARENT = """
+import sys, time
+from blockbackup.repository.encoders import EncoderPool
+pool = EncoderPool(2)
+pool.unlock(None)
+print(" ".join(str(w.process.pid) for w in pool._workers), flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_of_a_killed_parent_exit(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    ) as parent:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        parent.send_signal(signal.SIGKILL)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.05)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited worker of a killed parent is reaped by init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.asyncio
+async def test_a_backup_stores_the_same_disk_with_workers_or_without(tmp_path: Path) -> None:
+    """Through the engine: the target node with its encoder processes (the default) and
+    with none (``encoder-processes`` 0) make the same chunks: a backup of the same image
+    the other way stores nothing new and ends with the same disk index."""
+    image = tmp_path / "disk.img"
+    data = bytearray(os.urandom(3 << 20))
+    data[1 << 20 : 2 << 20] = bytes(1 << 20)
+    data[2 << 20 : (2 << 20) + CHUNK] = b"text " * (CHUNK // 5) + b"t"
+    image.write_bytes(bytes(data) + os.urandom(1000))  # a short last chunk
+    repo = tmp_path / "repo"
+    Repository.init(str(repo), PASS)
+    first = await backup_image_driver(repo, image, "d")
+    assert first.encoders is not None
+    assert first.result is not None
+    assert first.repo.store.stored_blobs == 2 * 16 + 1 + 1  # data, the short one, the index
+    for options in ({"encoder-processes": 0}, {}):
+        again = await backup_image_driver(repo, image, "d", base="none", **options)
+        assert (again.encoders is None) == bool(options)
+        assert again.result is not None
+        assert again.repo.store.stored_blobs == 0  # every chunk found: the same addresses
+        assert again.result.record.segments == first.result.record.segments
+
+
+@pytest.mark.asyncio
+async def test_a_negative_number_of_workers_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(CHUNK))
+    Repository.init(str(tmp_path / "repo"), PASS)
+    with pytest.raises(BlockBackupError, match="encoder-processes must be non-negative"):
+        await backup_image_driver(tmp_path / "repo", image, "d", **{"encoder-processes": -1})
