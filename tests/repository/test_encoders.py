@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blockbackup.errors import BlockBackupError
-from blockbackup.repository import blob
+from blockbackup.repository import blob, encoders
 from blockbackup.repository.encoders import HALF, EncoderPool
 from blockbackup.repository.errors import RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys, new_master_key
@@ -24,12 +24,6 @@ from repository.test_nodes import PASS, backup_image_driver
 
 CHUNK = 64 * 1024
 MASTERS = {"encrypted": new_master_key(), "not encrypted": None}
-
-
-def started(master: bytes | None, workers: int) -> EncoderPool:
-    pool = EncoderPool(workers)
-    pool.unlock(master)
-    return pool
 
 
 def chunks() -> list[memoryview]:
@@ -47,7 +41,7 @@ def test_workers_give_the_addresses_and_blobs_this_process_gives(kind: str) -> N
     master = MASTERS[kind]
     keys = Keys(master)
     pieces = chunks()
-    pool = started(master, 2)
+    pool = EncoderPool(master, 2)
     try:
         with pool.encoded(pieces, lambda _address: False) as encoded:
             assert encoded is not None
@@ -70,7 +64,7 @@ def test_only_chunks_not_stored_yet_are_encoded() -> None:
     keys = Keys(master)
     pieces = chunks()
     stored_already = {keys.address(pieces[0])}
-    pool = started(master, 1)
+    pool = EncoderPool(master, 1)
     try:
         with pool.encoded(pieces, stored_already.__contains__) as encoded:
             assert encoded is not None
@@ -82,7 +76,7 @@ def test_only_chunks_not_stored_yet_are_encoded() -> None:
 
 
 def test_a_request_larger_than_a_worker_takes_is_left_to_this_process() -> None:
-    pool = started(None, 1)
+    pool = EncoderPool(None, 1)
     try:
         too_many = [memoryview(bytes(CHUNK))] * (HALF // CHUNK + 1)
         with pool.encoded(too_many, lambda _a: False) as encoded:
@@ -94,7 +88,7 @@ def test_a_request_larger_than_a_worker_takes_is_left_to_this_process() -> None:
 def test_parallel_requests_each_get_their_own_worker() -> None:
     master = new_master_key()
     keys = Keys(master)
-    pool = started(master, 2)
+    pool = EncoderPool(master, 2)
 
     def one(_n: int) -> bool:
         pieces = [memoryview(os.urandom(CHUNK)) for _ in range(8)]
@@ -112,10 +106,12 @@ def test_parallel_requests_each_get_their_own_worker() -> None:
         pool.close()
 
 
-def test_a_killed_worker_fails_the_write_that_uses_it() -> None:
-    pool = started(new_master_key(), 1)
+def test_a_killed_worker_fails_the_write_that_uses_it_and_is_replaced() -> None:
+    master = new_master_key()
+    keys = Keys(master)
+    pool = EncoderPool(master, 1)
     try:
-        (worker,) = pool._workers
+        (worker,) = pool._free
         worker.process.send_signal(signal.SIGKILL)
         worker.process.wait(timeout=10)
         with (
@@ -123,24 +119,51 @@ def test_a_killed_worker_fails_the_write_that_uses_it() -> None:
             pool.encoded(chunks(), lambda _a: False),
         ):
             pass
+        (replacement,) = pool._free
+        assert replacement.process.pid != worker.process.pid
+        piece = memoryview(os.urandom(CHUNK))
+        with pool.encoded([piece], lambda _a: False) as encoded:
+            assert encoded is not None
+            assert encoded[0][0] == keys.address(piece)
     finally:
         pool.close()
 
 
 def test_close_stops_every_worker() -> None:
-    pool = started(new_master_key(), 3)
-    processes = [w.process for w in pool._workers]
+    pool = EncoderPool(new_master_key(), 3)
+    processes = [w.process for w in pool._free]
     assert all(p.poll() is None for p in processes)
     pool.close()
     assert all(p.returncode == 0 for p in processes)
 
 
+def test_one_pool_per_key_serves_every_user_until_the_last_leaves() -> None:
+    key, other = new_master_key(), new_master_key()
+    first = encoders.shared(key, 2)
+    second = encoders.shared(key, 3)  # the first user decided how many
+    third = encoders.shared(other, 1)
+    try:
+        assert second is first
+        assert third is not first
+        processes = [w.process for w in first._free]
+        assert len(processes) == 2
+        encoders.release(first)
+        assert all(p.poll() is None for p in processes)  # still used by the second
+        encoders.release(second)
+        assert all(p.returncode == 0 for p in processes)
+        fresh = encoders.shared(key, 1)
+        assert fresh is not first  # a new one for the next user
+        encoders.release(fresh)
+    finally:
+        encoders.release(third)
+    assert not encoders._pools
+
+
 PARENT = """
 import sys, time
 from blockbackup.repository.encoders import EncoderPool
-pool = EncoderPool(2)
-pool.unlock(None)
-print(" ".join(str(w.process.pid) for w in pool._workers), flush=True)
+pool = EncoderPool(None, 2)
+print(" ".join(str(w.process.pid) for w in pool._free), flush=True)
 time.sleep(60)
 """
 

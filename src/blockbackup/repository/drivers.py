@@ -33,6 +33,7 @@ from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
 from blockbackup.repository import blob, catalog
+from blockbackup.repository import encoders as encoder_pools
 from blockbackup.repository.catalog import DiskRecord
 from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.encoders import Encoded, EncoderPool, default_workers
@@ -197,20 +198,16 @@ class RepoTargetDriver(_RepoDisk):
         workers = opts.int("encoder-processes", default_workers())
         if workers < 0:
             raise BlockBackupError("encoder-processes must be non-negative")
-        # started first: their interpreters start while the repository opens
-        encoders = await asyncio.to_thread(EncoderPool, workers) if workers else None
+        repo = await _open_repository(node, opts, writer=True)
+        encoders = None
         try:
-            repo = await _open_repository(node, opts, writer=True)
-            try:
-                if encoders is not None:
-                    await asyncio.to_thread(encoders.unlock, repo.keys.master)
-                return await cls._open_target(node, opts, repo, encoders)
-            except BaseException:
-                await asyncio.to_thread(repo.retire_writer)
-                raise
+            if workers:
+                encoders = await asyncio.to_thread(encoder_pools.shared, repo.keys.master, workers)
+            return await cls._open_target(node, opts, repo, encoders)
         except BaseException:
             if encoders is not None:
-                await asyncio.to_thread(encoders.close)
+                await asyncio.to_thread(encoder_pools.release, encoders)
+            await asyncio.to_thread(repo.retire_writer)
             raise
 
     @classmethod
@@ -389,7 +386,7 @@ class RepoTargetDriver(_RepoDisk):
         """Retire the writer marker: the commit (if any) happened before the node closes.
         Stop the encoder processes."""
         if self.encoders is not None:
-            await asyncio.to_thread(self.encoders.close)
+            await asyncio.to_thread(encoder_pools.release, self.encoders)
         await asyncio.to_thread(self.repo.retire_writer)
 
 

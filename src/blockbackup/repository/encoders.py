@@ -13,9 +13,10 @@ addresses, and asks to encode only those the repository does not hold yet (a bac
 unchanged disk hashes and stores nothing). The encoded blobs are read from the output half
 until the request releases the worker.
 
-Lifetime: the workers start with the target node and stop with it. A worker that dies
-fails the write that used it (the backup fails with its message; nothing is committed).
-A parent that dies closes its ends, and the workers exit.
+Lifetime: one pool per repository key and process, started by its first target node and
+stopped with the last (:func:`shared`, :func:`release`). A worker that dies fails the
+write that used it (the backup fails with its message; nothing is committed) and is
+replaced. A parent that dies closes its ends, and the workers exit.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import queue
 import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -53,27 +54,31 @@ def default_workers() -> int:
 class _Worker:
     process: subprocess.Popen[bytes]
     sock: socket.socket
-    shm: mmap.mmap | None = None
-    view: memoryview | None = None
+    shm: mmap.mmap
+    view: memoryview
+    #: Set when a request to it failed: it is replaced, not used again.
+    failed: bool = False
 
     def ask(self, message: bytes) -> bytes:
         try:
             self.sock.send(message)
             reply = self.sock.recv(_MAX_REPLY)
         except OSError as exc:
+            self.failed = True
             raise RepositoryError(f"an encoder process failed: {exc}") from None
         if not reply:
-            code = self.process.poll()
-            raise RepositoryError(
-                f"an encoder process ended (exit status {code}): nothing was committed"
-            )
+            self.failed = True
+            try:
+                code = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                raise RepositoryError("an encoder process stopped answering") from None
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            raise RepositoryError(f"an encoder process ended ({how})")
         return reply
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-        if self.shm is not None:
-            self.shm.close()  # every view lent out was released with its request
+        self.view.release()
+        self.shm.close()  # every view lent out was released with its request
         self.sock.close()  # the worker sees the end and exits
         try:
             self.process.wait(timeout=5)
@@ -88,38 +93,48 @@ Encoded = tuple[bytes, bytes | bytearray | memoryview]
 
 
 class EncoderPool:
-    """Worker processes that hash and encode chunks (blocking methods: call them from
-    the repository node's pool threads, any number at once).
+    """Worker processes that hash and encode chunks with one repository's key (blocking
+    methods: call them from the repository node's pool threads, any number at once).
 
-    Started before the repository is open (their interpreters start while the key is
-    derived and the indexes load), then given the key: :meth:`unlock`."""
+    One pool per key serves every target node of the process (:func:`shared`): a live
+    backup of eight disks runs as many workers as one of a single disk."""
 
-    def __init__(self, workers: int) -> None:
-        self._free: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._workers: list[_Worker] = []
+    def __init__(self, master: bytes | None, workers: int) -> None:
+        self._master = master
+        self._lock = threading.Condition()
+        self._free: list[_Worker] = []
+        self._live = 0
         try:
             for _ in range(workers):
-                self._workers.append(_start())
+                self._free.append(_start(master))
+                self._live += 1
         except BaseException:
             self.close()
             raise
 
-    def unlock(self, master: bytes | None) -> None:
-        """Give every worker the repository's master key (None: not encrypted) and its
-        shared memory; from now on requests go to them."""
-        for worker in self._workers:
-            fd = os.memfd_create("bb-encoder", os.MFD_CLOEXEC)
+    def _acquire(self) -> _Worker:
+        with self._lock:
+            while not self._free:
+                if not self._live:
+                    raise RepositoryError("no encoder process is left to hash and encode")
+                self._lock.wait()
+            return self._free.pop()
+
+    def _release(self, worker: _Worker) -> None:
+        """Back to the free list; a failed worker is replaced by a fresh one (so one that
+        was killed fails one request, not every later backup of a daemon)."""
+        if worker.failed:
+            worker.close()
             try:
-                os.ftruncate(fd, 2 * HALF)
-                worker.shm = mmap.mmap(fd, 2 * HALF)
-                worker.view = memoryview(worker.shm)
-                try:
-                    socket.send_fds(worker.sock, [master or b""], [fd])
-                except OSError as exc:
-                    raise RepositoryError(f"an encoder process failed: {exc}") from None
-            finally:
-                os.close(fd)
-            self._free.put(worker)
+                worker = _start(self._master)
+            except (OSError, RepositoryError):
+                with self._lock:
+                    self._live -= 1
+                    self._lock.notify_all()
+                return
+        with self._lock:
+            self._free.append(worker)
+            self._lock.notify()
 
     @contextlib.contextmanager
     def encoded(
@@ -131,14 +146,14 @@ class EncoderPool:
         if sum(len(p) for p in pieces) > HALF:
             yield None
             return
-        worker = self._free.get()
+        worker = self._acquire()
         lent: list[memoryview] = []
         try:
             yield self._encode(worker, pieces, known, lent)
         finally:
             for view in lent:  # a blob kept past the block would read the next request's
                 view.release()
-            self._free.put(worker)
+            self._release(worker)
 
     @staticmethod
     def _encode(
@@ -169,13 +184,48 @@ class EncoderPool:
         return out
 
     def close(self) -> None:
-        while self._workers:
-            self._workers.pop().close()
+        """Stop the workers (none may be in use)."""
+        with self._lock:
+            while self._free:
+                self._free.pop().close()
+                self._live -= 1
 
 
-def _start() -> _Worker:
+_pools: dict[bytes | None, tuple[EncoderPool, int]] = {}
+_pools_lock = threading.Lock()
+
+
+def shared(master: bytes | None, workers: int) -> EncoderPool:
+    """The process's pool for the key ``master`` (None: unencrypted), started with
+    ``workers`` workers by its first user; give it back with :func:`release`."""
+    with _pools_lock:
+        pool, users = _pools.get(master) or (None, 0)
+        if pool is None:
+            pool = EncoderPool(master, workers)
+        _pools[master] = (pool, users + 1)
+        return pool
+
+
+def release(pool: EncoderPool) -> None:
+    """One user less; the last one stops the workers."""
+    with _pools_lock:
+        for master, (known, users) in _pools.items():
+            if known is pool:
+                if users > 1:
+                    _pools[master] = (pool, users - 1)
+                    return
+                del _pools[master]
+                break
+    pool.close()
+
+
+def _start(master: bytes | None) -> _Worker:
+    """A worker process, given the key and its shared memory."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = os.memfd_create("bb-encoder", os.MFD_CLOEXEC)
     try:
+        os.ftruncate(fd, 2 * HALF)
+        shm = mmap.mmap(fd, 2 * HALF)
         env = {**os.environ, "BB_ENCODER_FD": str(child.fileno())}
         process = subprocess.Popen(
             [sys.executable, "-m", "blockbackup.repository.encoder_worker"],
@@ -184,9 +234,16 @@ def _start() -> _Worker:
             stdin=subprocess.DEVNULL,
             process_group=0,  # a terminal's Ctrl-C is the parent's to handle
         )
+        worker = _Worker(process, parent, shm, memoryview(shm))
+        try:
+            socket.send_fds(parent, [master or b""], [fd])
+        except OSError as exc:
+            worker.close()
+            raise RepositoryError(f"an encoder process failed: {exc}") from None
     except BaseException:
         parent.close()
         raise
     finally:
         child.close()
-    return _Worker(process, parent)
+        os.close(fd)
+    return worker
