@@ -39,6 +39,7 @@ from blockbackup.repository.errors import RepositoryError
 HALF = 2 << 20
 _PAIR = struct.Struct("<II")
 _ADDRESS = 32
+_ZERO = bytes(_ADDRESS)  # the address a worker gives a zero chunk
 _MAX_REPLY = 1 << 16
 
 
@@ -163,7 +164,6 @@ class EncoderPool:
         lent: list[memoryview],
     ) -> list[Encoded]:
         view = worker.view
-        assert view is not None, "a worker in the free queue has its memory"
         places = []
         pos = 0
         for piece in pieces:
@@ -174,7 +174,7 @@ class EncoderPool:
         addresses = [reply[i : i + _ADDRESS] for i in range(0, len(reply), _ADDRESS)]
         if len(addresses) != len(pieces):
             raise RepositoryError("an encoder process answered for the wrong chunks")
-        wanted = [n for n, a in enumerate(addresses) if a != bytes(_ADDRESS) and not known(a)]
+        wanted = [n for n, a in enumerate(addresses) if a != _ZERO and not known(a)]
         out: list[Encoded] = [(address, b"") for address in addresses]
         if wanted:
             reply = worker.ask(b"E" + struct.pack(f"<{len(wanted)}I", *wanted))
