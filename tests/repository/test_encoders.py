@@ -81,6 +81,14 @@ def test_a_request_larger_than_a_worker_takes_is_left_to_this_process() -> None:
         too_many = [memoryview(bytes(CHUNK))] * (HALF // CHUNK + 1)
         with pool.encoded(too_many, lambda _a: False) as encoded:
             assert encoded is None
+        # exactly a half of random chunks: their blobs would not fit the output half
+        full = [memoryview(os.urandom(CHUNK)) for _ in range(HALF // CHUNK)]
+        with pool.encoded(full, lambda _a: False) as encoded:
+            assert encoded is None
+        fits = full[:-1]
+        with pool.encoded(fits, lambda _a: False) as encoded:
+            assert encoded is not None
+            assert all(len(stored) == 1 + CHUNK for _a, stored in encoded)  # flags, data
     finally:
         pool.close()
 

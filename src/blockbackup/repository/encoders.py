@@ -40,6 +40,8 @@ HALF = 2 << 20
 _PAIR = struct.Struct("<II")
 _ADDRESS = 32
 _ZERO = bytes(_ADDRESS)  # the address a worker gives a zero chunk
+#: The most a blob adds to its chunk: flags, nonce and tag (29 bytes), rounded up.
+_BLOB_OVERHEAD = 64
 _MAX_REPLY = 1 << 16
 
 
@@ -144,8 +146,8 @@ class EncoderPool:
         """The address and blob of each piece (a whole chunk); None when they do not fit
         a worker's memory (encode them in this process). The blobs are views of the
         worker's memory: valid inside the ``with`` block only."""
-        if sum(len(p) for p in pieces) > HALF:
-            yield None
+        if sum(len(p) for p in pieces) + _BLOB_OVERHEAD * len(pieces) > HALF:
+            yield None  # their blobs might not fit the output half
             return
         worker = self._acquire()
         lent: list[memoryview] = []
