@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,12 +120,17 @@ OTHER_FORMATS = ["qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks
 
 def other_image(tmp_path: Path, fmt: str) -> Path:
     path = tmp_path / f"disk.{fmt}"
-    extra = ["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0"] if fmt == "luks" else []
-    for _ in range(5):  # luks times its key derivation, which fails now and then under load
+    luks = ["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10"]
+    extra = luks if fmt == "luks" else []
+    # luks times its key derivation with the thread's CPU clock, which qemu-img finds going
+    # backwards now and then on a loaded VM (5 tries in a row failed once in CI): short
+    # timings (iter-time 10 ms), tried until one works
+    for _ in range(40):
         made = run("qemu-img", "create", "-q", "-f", fmt, *extra, str(path), "8M", check=False)
         if made.returncode == 0:
             return path
         assert "Unable to get accurate CPU usage" in made.stderr, made.stderr
+        time.sleep(0.05)
     raise AssertionError(made.stderr)
 
 
