@@ -258,6 +258,26 @@ def test_a_signal_while_the_command_starts(tmp_path: Path, signum: int, monitor:
                 sock.close()
 
 
+QMP_LIBRARY_CRITICAL = """
+import logging, sys
+from blockbackup.cli.qmpclient import quiet_library_logs
+logging.basicConfig(level=logging.WARNING)  # as the command sets it up
+quiet_library_logs(verbose=sys.argv[1] == "verbose")
+logging.getLogger("qemu.qmp.protocol.blockbackup").critical("Unexpected bottom half exception")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_qmp_library_says_nothing_unless_verbose(verbose: bool) -> None:
+    """Even its CRITICAL "a bug in the QMP library" traceback, which it logged once when a
+    Ctrl-C cancelled its disconnect during a socket error (a fresh run of
+    ``test_a_signal_while_the_command_starts[sigint-full-backlog]``): the command's own
+    "interrupted" is the one line."""
+    argv = [sys.executable, "-c", QMP_LIBRARY_CRITICAL, "verbose" if verbose else "quiet"]
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert ("bottom half" in ran.stderr) is verbose, ran.stderr
+
+
 def _signal_while_it_starts(
     listener: socket.socket, signum: int, delay: float, *, empty: bool
 ) -> None:
