@@ -38,6 +38,15 @@ class CountingBackend(DirectoryBackend):
         return super().get_buffer(key, offset, length)
 
 
+def flip_stored_byte(tmp_path: Path, store: ChunkStore, address: bytes, at: int) -> None:
+    """Damage one byte of a chunk's stored bytes in its pack (``at`` < 0: from its end)."""
+    victim = store.locate(address)
+    path = tmp_path / "r" / pack_key(victim.pack)
+    raw = bytearray(path.read_bytes())
+    raw[victim.offset + (at if at >= 0 else victim.length + at)] ^= 1
+    path.write_bytes(bytes(raw))
+
+
 def stored_chunks(tmp_path: Path, count: int, pack_size: int) -> tuple[Repository, list[bytes]]:
     repo = Repository.init(str(tmp_path / "r"), PASS, pack_size=pack_size)
     chunks = [os.urandom(CHUNK_SIZE) for _ in range(count)]
@@ -79,11 +88,7 @@ def test_a_damaged_chunk_is_named_and_its_neighbours_are_returned(tmp_path: Path
     repo, chunks = stored_chunks(tmp_path, 8, 16 << 20)
     store, _backend = reader(tmp_path)
     addresses = [repo.keys.address(c) for c in chunks]
-    victim = store.locate(addresses[3])
-    path = tmp_path / "r" / pack_key(victim.pack)
-    raw = bytearray(path.read_bytes())
-    raw[victim.offset + 40] ^= 1
-    path.write_bytes(bytes(raw))
+    flip_stored_byte(tmp_path, store, addresses[3], 40)
     got = store.read_many(addresses)
     damaged = got[addresses[3]]
     assert isinstance(damaged, CorruptData)
@@ -144,11 +149,7 @@ def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path) -> Non
     repo, chunks = stored_chunks(tmp_path, 4, 16 << 20)
     store, _backend = reader(tmp_path)
     addresses = [repo.keys.address(c) for c in chunks]
-    victim = store.locate(addresses[2])
-    path = tmp_path / "r" / pack_key(victim.pack)
-    raw = bytearray(path.read_bytes())
-    raw[victim.offset + victim.length - 3] ^= 1  # in the GCM tag
-    path.write_bytes(bytes(raw))
+    flip_stored_byte(tmp_path, store, addresses[2], -3)  # in the GCM tag
     out = bytearray(4 * CHUNK_SIZE)
     places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
     failed = store.read_into(memoryview(out), places)
