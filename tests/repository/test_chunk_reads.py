@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from blockbackup.repository import directio
 from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.chunkstore import ChunkStore, pack_key
 from blockbackup.repository.errors import CorruptData
@@ -31,11 +32,15 @@ class CountingBackend(DirectoryBackend):
         return super().get(key, offset, length)
 
     def get_buffer(
-        self, key: str, offset: int = 0, length: int | None = None
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        into: directio.ReadBuffer | None = None,
     ) -> bytes | memoryview:
         if key.startswith("data/"):
             self.pack_reads += 1
-        return super().get_buffer(key, offset, length)
+        return super().get_buffer(key, offset, length, into)
 
 
 def flip_stored_byte(tmp_path: Path, store: ChunkStore, address: bytes, at: int) -> None:

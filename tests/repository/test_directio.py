@@ -127,6 +127,23 @@ def test_every_range_reads_exactly_what_a_buffered_read_gives(
     assert bytes(got) == data[offset : offset + length] == backend.get("data/ab/x", offset, length)
 
 
+def test_reads_into_one_reused_buffer_give_the_same_bytes(
+    stored: tuple[DirectoryBackend, bytes],
+) -> None:
+    backend, data = stored
+    into = directio.ReadBuffer()
+    for offset, length in RANGES:
+        got = backend.get_buffer("data/ab/x", offset, length, into=into)
+        assert bytes(got) == data[offset : offset + length]
+    # A larger read than any before takes new memory; a view of the old stays as it was.
+    small = backend.get_buffer("data/ab/x", 0, directio.DIRECT_READ_MIN, into=into)
+    whole = backend.get_buffer("data/ab/x", into=into)
+    assert bytes(small) == data[: directio.DIRECT_READ_MIN]
+    assert bytes(whole) == data
+    again = backend.get_buffer("data/ab/x", ALIGN + 1, MiB, into=into)  # reuses it
+    assert bytes(again) == data[ALIGN + 1 : ALIGN + 1 + MiB]
+
+
 def test_a_whole_object_reads_exactly(stored: tuple[DirectoryBackend, bytes]) -> None:
     backend, data = stored
     assert bytes(backend.get_buffer("data/ab/x")) == data

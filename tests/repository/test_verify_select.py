@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blockbackup.repository import catalog
+from blockbackup.repository import catalog, directio
 from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.chunkstore import pack_key
 from blockbackup.repository.repo import CHUNK_SIZE, Repository
@@ -33,11 +33,15 @@ class CountingBackend(DirectoryBackend):
         self.whole_pack_reads: Counter[str] = Counter()
 
     def get_buffer(
-        self, key: str, offset: int = 0, length: int | None = None
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        into: directio.ReadBuffer | None = None,
     ) -> bytes | memoryview:
         if key.startswith("data/") and offset == 0 and length is None:
             self.whole_pack_reads[key.rsplit("/", 1)[1]] += 1
-        return super().get_buffer(key, offset, length)
+        return super().get_buffer(key, offset, length, into)
 
 
 def opened(path: Path) -> tuple[Repository, CountingBackend]:

@@ -26,11 +26,16 @@ class Backend(Protocol):
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
 
     def get_buffer(
-        self, key: str, offset: int = 0, length: int | None = None
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        into: directio.ReadBuffer | None = None,
     ) -> bytes | memoryview:
         """As :meth:`get`, for large reads of pack data (a restore's runs of chunks, a
         verify's whole pack): the bytes may come as a view of a buffer the backend filled
-        its own way (a directory: past the page cache)."""
+        its own way (a directory: past the page cache), ``into``'s memory if it likes
+        (the caller's, reused for its next read)."""
         ...
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
@@ -86,12 +91,16 @@ class DirectoryBackend:
             raise NotFound(f"object {key} is missing from {self.root}") from None
 
     def get_buffer(
-        self, key: str, offset: int = 0, length: int | None = None
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        into: directio.ReadBuffer | None = None,
     ) -> bytes | memoryview:
         """A large range is read past the page cache (:func:`directio.read`)."""
         path = self._path(key)
         try:
-            direct = directio.read(path, offset, length)
+            direct = directio.read(path, offset, length, into)
             return direct if direct is not None else self._read(path, offset, length)
         except FileNotFoundError:
             raise NotFound(f"object {key} is missing from {self.root}") from None

@@ -116,11 +116,38 @@ def open_new(path: str | os.PathLike[str], length: int) -> int:
     return os.open(path, flags, 0o644)
 
 
-def read(path: str | os.PathLike[str], offset: int, length: int | None) -> memoryview | None:
+class ReadBuffer:
+    """Memory that one thread's direct reads reuse, for a caller that is done with each
+    read's bytes before its next read (a verify's pack checks).
+
+    Why: a fresh buffer per read is zero-filled while holding the GIL, and its pages, once
+    freed, go back to the kernel and come back as fresh ones. A 2 GiB verify reads 16 MiB
+    packs in three threads: 0.1-0.2 s of its ~2.2 s went to that (measured). An anonymous
+    mapping, so page-aligned; it grows to the largest read and is kept until dropped.
+    """
+
+    def __init__(self) -> None:
+        self._memory: mmap.mmap | None = None
+
+    def view(self, size: int) -> memoryview:
+        """``size`` bytes of page-aligned memory; what they hold is undefined."""
+        if self._memory is None or len(self._memory) < size:
+            # A view of the old mapping the caller still holds keeps it alive.
+            self._memory = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        return memoryview(self._memory)[:size]
+
+
+def read(
+    path: str | os.PathLike[str],
+    offset: int,
+    length: int | None,
+    into: ReadBuffer | None = None,
+) -> memoryview | None:
     """``length`` bytes of the file at ``path`` from ``offset`` (None: to its end; fewer
     at its end), read past the page cache; None when not worth it (a short range) or the
     file system refuses ``O_DIRECT``: then read it buffered. ``FileNotFoundError`` if
-    the file is absent."""
+    the file is absent. ``into``: read into its memory (the result is then a view of it,
+    valid until its next use) instead of a fresh buffer."""
     if length is not None and length < DIRECT_READ_MIN:
         return None
     try:
@@ -134,7 +161,7 @@ def read(path: str | os.PathLike[str], offset: int, length: int | None) -> memor
             length = max(os.fstat(fd).st_size - offset, 0)
             if length < DIRECT_READ_MIN:
                 return None
-        return _read_direct(fd, offset, length)
+        return _read_direct(fd, offset, length, into)
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # refused at the first read
             return None
@@ -143,16 +170,18 @@ def read(path: str | os.PathLike[str], offset: int, length: int | None) -> memor
         os.close(fd)
 
 
-def _read_direct(fd: int, offset: int, length: int) -> memoryview:
+def _read_direct(fd: int, offset: int, length: int, into: ReadBuffer | None) -> memoryview:
     start = offset - offset % ALIGN
     end = -(-(offset + length) // ALIGN) * ALIGN
-    # A heap buffer (its memory is reused from freed ones: fresh pages cost more on a VM
-    # than the copy saved), an aligned part of it read into.
-    buffer = bytearray(end - start + ALIGN)
-    whole = memoryview(buffer)
-    anchor = ctypes.c_char.from_buffer(whole)
-    pad = -ctypes.addressof(anchor) % ALIGN
-    del anchor
+    if into is not None:
+        whole, pad = into.view(end - start), 0
+    else:
+        # A heap buffer (its memory is reused from freed ones: fresh pages cost more on a
+        # VM than the copy saved), an aligned part of it read into.
+        whole = memoryview(bytearray(end - start + ALIGN))
+        anchor = ctypes.c_char.from_buffer(whole)
+        pad = -ctypes.addressof(anchor) % ALIGN
+        del anchor
     got = 0
     while start + got < end:
         n = os.preadv(fd, [whole[pad + got : pad + end - start]], start + got)

@@ -45,7 +45,7 @@ from botocore.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from blockbackup.repository import s3config
+from blockbackup.repository import directio, s3config
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
 from blockbackup.repository.s3pipeline import ReadAhead, Span, WriteBehind
 
@@ -198,7 +198,11 @@ class S3Backend:
         return span.read(offset, length if length is not None else 1 << 62)
 
     def get_buffer(
-        self, key: str, offset: int = 0, length: int | None = None
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        into: directio.ReadBuffer | None = None,
     ) -> bytes | memoryview:
         return self.get(key, offset, length)
 

@@ -8,13 +8,14 @@ user knows which backups are hurt, not just that something is.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from blockbackup.repository import blob, packhash
+from blockbackup.repository import blob, directio, packhash
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import Location, pack_key
 from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
@@ -234,7 +235,7 @@ def _check_and_record(
 ) -> PackCheck:
     """:func:`check_pack`, then write ``verified/<pack>`` if it passed or remove an older
     record if it did not (so a later ``--skip-verified-within`` reads it again)."""
-    checked = check_pack(repo, pack, blobs)
+    checked = check_pack(repo, pack, blobs, _read_buffer())
     if record_at is not None:
         try:
             if checked.passed:
@@ -255,12 +256,30 @@ def _merge(checked: PackCheck, bad: dict[bytes, str], report: Report) -> None:
         report.record_error = checked.record_error
 
 
-def check_pack(repo: Repository, pack: str, blobs: dict[bytes, Location]) -> PackCheck:
-    """Read ``pack`` whole, check it against its name (the keyless check), and decode and
-    check each of ``blobs`` in it. Touches nothing shared: safe in parallel threads."""
+_local = threading.local()
+
+
+def _read_buffer() -> directio.ReadBuffer:
+    """The calling pool thread's memory for whole packs (each done with before the next;
+    it goes with the thread when :func:`check_packs` ends)."""
+    buffer: directio.ReadBuffer | None = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = directio.ReadBuffer()
+    return buffer
+
+
+def check_pack(
+    repo: Repository,
+    pack: str,
+    blobs: dict[bytes, Location],
+    into: directio.ReadBuffer | None = None,
+) -> PackCheck:
+    """Read ``pack`` whole (into ``into``'s memory, if given), check it against its name
+    (the keyless check), and decode and check each of ``blobs`` in it. Touches nothing
+    shared: safe in parallel threads."""
     checked = PackCheck(pack)
     try:
-        data = memoryview(repo.backend.get_buffer(pack_key(pack)))
+        data = memoryview(repo.backend.get_buffer(pack_key(pack), into=into))
     except NotFound:
         checked.damaged = "missing"
         for address in blobs:
