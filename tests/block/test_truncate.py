@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import pytest_asyncio
 
 from blockbackup.block.drivers.file import FileDriver
 from blockbackup.block.graph import Graph
+from testkit.loopdev import attached_loop
 
 pytestmark = pytest.mark.asyncio
 MiB = 1 << 20
@@ -128,19 +127,8 @@ async def test_block_device_growth_refused(tmp_path: Path, graph: Graph) -> None
 
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
-    backing = _sparse(tmp_path / "loop.img", 2 * MiB)
-    res = subprocess.run(
-        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        pytest.skip(f"no loop device: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
+    with attached_loop(_sparse(tmp_path / "loop.img", 2 * MiB)) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 async def test_real_block_device_growth_refused(loop_device: str, graph: Graph) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from testkit import repocli
+from testkit.loopdev import attached_loop
 from testkit.tmpfs import mounted_tmpfs
 
 BB = repocli.BB
 MiB = 1 << 20
+CHUNK = 64 * 1024  # the repository's chunk size
 ENV = {**os.environ, "BBP": "the passphrase", "OTHER": "another one"}
 
 
@@ -137,6 +139,9 @@ def test_mistakes_are_one_line_errors(tmp_path: Path) -> None:
             ok=False,
         ).stderr
     )
+    for not_an_image, why in ((tmp_path, "is a directory"), ("/dev/null", "not an image file")):
+        err = bb("backup", not_an_image, "--repo", repo, "--passphrase-env", "BBP", ok=False)
+        assert why in err.stderr
     config = json.loads((repo / "config").read_text())
     config["version"] = 9
     (repo / "config").write_text(json.dumps(config))
@@ -323,6 +328,30 @@ def test_prune(tmp_path: Path) -> None:
     out = tmp_path / "out.img"
     bb("restore", "--repo", repo, "latest", out)
     assert out.read_bytes() == data
+
+
+def test_a_block_device_is_an_image_at_rest(tmp_path: Path) -> None:
+    """An LVM volume or a disk is backed up as a file is (named by its base name), its
+    second backup stores only what changed, and both restore byte-exact."""
+    repo = tmp_path / "repo"
+    data = bytearray(image(tmp_path / "backing.img"))
+    with attached_loop(tmp_path / "backing.img") as dev:
+        bb("repo", "init", repo, "--passphrase-env", "BBP")
+        first = js(bb("backup", dev, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+        assert first["stored_chunks"] == 4 * MiB // CHUNK  # the 2 MiB of zeroes cost nothing
+        before = bytes(data)
+        change = os.urandom(CHUNK)
+        with open(dev, "r+b") as f:
+            f.seek(2 * MiB)
+            f.write(change)
+        data[2 * MiB : 2 * MiB + CHUNK] = change
+        second = js(bb("backup", dev, "--repo", repo, "--passphrase-env", "BBP", "--json"))
+        assert second["stored_chunks"] == 1
+        name = os.path.basename(dev)
+        for snapshot, expected in ((first["snapshot"], before), ("latest", bytes(data))):
+            out = tmp_path / f"{snapshot}.img"
+            bb("restore", "--repo", repo, f"{snapshot}:{name}", out, "--passphrase-env", "BBP")
+            assert out.read_bytes() == expected
 
 
 def test_a_restore_onto_a_full_disk_says_where_and_leaves_nothing(tmp_path: Path) -> None:

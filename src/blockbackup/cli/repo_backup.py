@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import errno
 import os
+import stat
 from typing import Any
 
 from blockbackup.cli.heap import keep_freed_memory
@@ -41,11 +42,25 @@ def image_format(path: str) -> str:
     return fmt
 
 
+def _check_image_path(path: str) -> None:
+    """An image at rest is a file or a block device (an LVM volume, a disk); say which
+    mistake it is before anything opens the repository."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BlockBackupError(f"{path}: no such image file") from None
+    except OSError as exc:
+        raise BlockBackupError(f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise BlockBackupError(f"{path} is a directory: give an image file or a block device")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise BlockBackupError(f"{path} is not an image file or a block device")
+
+
 @guarded
 def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
-    if not os.path.isfile(args.image):
-        raise BlockBackupError(f"{args.image}: no such image file")
+    _check_image_path(args.image)
     secret = open_secret(args)
     name = args.name or os.path.basename(args.image)
     result = asyncio.run(_backup(args, secret, name))
