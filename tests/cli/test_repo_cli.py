@@ -319,6 +319,10 @@ def test_prune(tmp_path: Path) -> None:
     bb("repo", "init", repo, "--no-encryption")
     ids = [js(bb("backup", disk, "--repo", repo, "--json"))["snapshot"] for _ in range(3)]
     assert "at least one --keep" in bb("prune", "--repo", repo, ok=False).stderr
+    zero = bb("prune", "--repo", repo, "--keep-last", "0", ok=False)
+    assert "above 0" in zero.stderr  # keeps nothing: refused, not taken as "remove all"
+    negative = bb("prune", "--repo", repo, "--keep-daily", "-1", ok=False)
+    assert "must not be negative" in negative.stderr
     dry = js(bb("prune", "--repo", repo, "--keep-last", "1", "--dry-run", "--json"))
     assert dry["removed"] == ids[:2]
     assert len(js(bb("snapshots", "--repo", repo, "--json"))) == 3  # nothing removed

@@ -46,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from blockbackup.repository.prune import Policy, plan  # lazy: start-up cost
 
     policy = Policy(**{rule: getattr(args, f"keep_{rule}") for rule in KEEP})
-    if policy.empty():
-        raise BlockBackupError("give at least one --keep-* option (prune never removes all)")
     if any(getattr(args, f"keep_{rule}") < 0 for rule in KEEP):
         raise BlockBackupError("--keep-* counts must not be negative")
+    if policy.empty():
+        raise BlockBackupError(
+            "give at least one --keep-* option above 0 (prune never removes every snapshot)"
+        )
     repo = open_repository(args)
     with counting("read snapshots", quiet=args.json) as update:
         manifests, damaged = catalog.read_many(repo.backend, repo.keys, repo.snapshot_ids(), update)
