@@ -262,7 +262,7 @@ async def test_incremental_from_a_dirty_bitmap_stores_the_changed_clusters(
         assert incremental.result is not None
         repo.commit([incremental.result.record], packs=incremental.result.packs)
         # the dirty chunks (1 + 1 + 16 + 1) and one disk index segment, of 256 chunks
-        assert incremental.repo.store.stored_blobs == 1 + 1 + 16 + 1 + 1
+        assert incremental.counts.stored_blobs == 1 + 1 + 16 + 1 + 1
     expected = bytearray(original)
     for offset, data in writes:
         expected[offset : offset + len(data)] = data
@@ -315,3 +315,75 @@ async def test_failed_backup_commits_nothing_and_its_chunks_are_reused(tmp_path:
     out = tmp_path / "out.img"
     await restore(repo_path, "latest", out, len(data))
     assert out.read_bytes() == data
+
+
+async def test_target_nodes_of_one_graph_share_the_opened_repository(tmp_path: Path) -> None:
+    """Two disks of one live backup: one opened repository (one writer marker, one table)
+    for both target nodes, written in parallel; each node counts what it stored itself; the
+    marker stays until the last node closes; one snapshot of both restores byte-exact. A
+    node with another secret opens (and is refused) by itself."""
+    repo_path = tmp_path / "repo"
+    Repository.init(str(repo_path), PASS)
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    datas = [make_image(images[0]), make_image(images[1])]
+
+    def markers() -> list[str]:
+        return sorted(p.name for p in (repo_path / "writers").iterdir())
+
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        bb.object_add({"qom-type": "secret", "id": "wrong", "data": "not the passphrase"})
+        targets = []
+        for n, image in enumerate(images):
+            src = await bb.blockdev_add(raw(f"src{n}", image, **{"read-only": True}))
+            node = await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": f"t{n}",
+                    "repository": str(repo_path),
+                    "disk": f"vd{n}",
+                    "size": src.size,
+                    "key-secret": "k",
+                }
+            )
+            assert isinstance(node.driver, drivers.RepoTargetDriver)
+            targets.append(node)
+        first, second = (t.driver for t in targets)
+        assert isinstance(first, drivers.RepoTargetDriver)
+        assert isinstance(second, drivers.RepoTargetDriver)
+        assert first.repo is second.repo
+        assert len(markers()) == 1
+        with pytest.raises(BlockBackupError, match="wrong passphrase"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": "t9",
+                    "repository": str(repo_path),
+                    "disk": "vd9",
+                    "size": MiB,
+                    "key-secret": "wrong",
+                }
+            )
+        jobs = [await bb.backup(f"src{n}", f"t{n}", sync="full") for n in range(2)]
+        for job in jobs:
+            await bb.wait(job)
+        assert first.result is not None
+        assert second.result is not None
+        manifest = first.repo.commit(
+            [first.result.record, second.result.record],
+            packs=first.result.packs | second.result.packs,
+        )
+        # 5 MiB of data in each image (8 MiB less a 3 MiB zero run), and a segment each
+        for driver in (first, second):
+            assert driver.counts.stored_blobs == 5 * MiB // CHUNK + 1
+            assert driver.counts.stored_index_blobs == 1
+        store = first.repo.store
+        assert first.counts + second.counts == store.tally()
+        await bb.graph.drop(targets[0])
+        assert len(markers()) == 1  # the other node still writes with that table
+        await bb.graph.drop(targets[1])
+        assert markers() == []
+    for n, data in enumerate(datas):
+        out = tmp_path / f"out{n}.img"
+        await restore(repo_path, f"{manifest.id}:vd{n}", out, len(data))
+        assert out.read_bytes() == data

@@ -124,17 +124,17 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
             raise BlockBackupError("the backup finished without flushing its target")
         result.record.source["image"] = os.path.abspath(args.image)
         manifest = await asyncio.to_thread(driver.repo.commit, [result.record], None, result.packs)
-        store = driver.repo.store
+        counts = driver.counts
         return {
             "snapshot": manifest.id,
             "disk": name,
             "size": source.size,
             # data chunks and the disk index's segment blobs, counted apart
-            "stored_chunks": store.stored_blobs - store.stored_index_blobs,
-            "stored_index_blobs": store.stored_index_blobs,
-            "stored_bytes": store.stored_bytes,
-            "stored_index_bytes": store.stored_index_bytes,
-            "reused_chunks": store.reused_blobs,
+            "stored_chunks": counts.stored_blobs - counts.stored_index_blobs,
+            "stored_index_blobs": counts.stored_index_blobs,
+            "stored_bytes": counts.stored_bytes,
+            "stored_index_bytes": counts.stored_index_bytes,
+            "reused_chunks": counts.reused_blobs,
             "base": result.record.source.get("base"),
             "requests": requests_of(driver.repo),
         }

@@ -44,6 +44,33 @@ def index_key(pack: str) -> str:
     return f"index/{pack}"
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a chunk store stored and reused: its counters at one moment, or the part of
+    them one writer added (a store may be shared: ``repository/opened.py``)."""
+
+    stored_blobs: int = 0
+    stored_bytes: int = 0
+    reused_blobs: int = 0
+    stored_index_blobs: int = 0
+    stored_index_bytes: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(a + b for a, b in zip(self._values(), other._values(), strict=True)))
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(*(a - b for a, b in zip(self._values(), other._values(), strict=True)))
+
+    def _values(self) -> tuple[int, int, int, int, int]:
+        return (
+            self.stored_blobs,
+            self.stored_bytes,
+            self.reused_blobs,
+            self.stored_index_blobs,
+            self.stored_index_bytes,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a blob is: its pack, and its stored bytes' range and plaintext length."""
@@ -195,6 +222,16 @@ class ChunkStore:
         self._condemned_packs: list[str] = []
         self._condemned_table: dict[bytes, Location] | None = None
         self._condemned_lock = threading.Lock()
+
+    def tally(self) -> Counts:
+        """The counters now."""
+        return Counts(
+            self.stored_blobs,
+            self.stored_bytes,
+            self.reused_blobs,
+            self.stored_index_blobs,
+            self.stored_index_bytes,
+        )
 
     # -- loading ----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import threading
+from collections.abc import Iterator
 from typing import ClassVar, NoReturn
 
 from blockbackup._aio import run_blocking
@@ -32,9 +33,10 @@ from blockbackup.block.driver import register as register_driver
 from blockbackup.block.node import BlockNode
 from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
-from blockbackup.repository import blob, catalog
+from blockbackup.repository import blob, catalog, opened
 from blockbackup.repository import encoders as encoder_pools
 from blockbackup.repository.catalog import DiskRecord
+from blockbackup.repository.chunkstore import Counts
 from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.encoders import Encoded, EncoderPool, default_workers
 from blockbackup.repository.errors import CorruptData, RepositoryError
@@ -52,12 +54,16 @@ def _secret(node: BlockNode, opts: Options) -> bytes | None:
     return node.graph.objects.secret(secret_id).data
 
 
+def _storage(opts: Options) -> dict[str, str | None]:
+    # where an s3:// repository is; never credentials (those stay in the environment)
+    return {name: opts.str(name, None) for name in STORAGE_OPTIONS}
+
+
 async def _open_repository(node: BlockNode, opts: Options, writer: bool = False) -> Repository:
     """Open and load the repository; a ``writer`` announces itself first (its marker must
     exist before it learns any pack, so gc defers deleting what it may rely on)."""
     location = opts.str("repository")
-    # where an s3:// repository is; never credentials (those stay in the environment)
-    storage = {name: opts.str(name, None) for name in STORAGE_OPTIONS}
+    storage = _storage(opts)
     secret = _secret(node, opts)
     try:
         repo = await asyncio.to_thread(Repository.open, location, secret, storage)
@@ -178,14 +184,20 @@ class RepoTargetDriver(_RepoDisk):
     def __init__(
         self,
         node: BlockNode,
-        repo: Repository,
+        shared: opened.Shared,
         index: DiskIndex,
         name: str,
         source: dict[str, str],
         encoders: EncoderPool | None = None,
     ) -> None:
-        super().__init__(node, repo, index, name)
+        super().__init__(node, shared.repo, index, name)
+        #: The repository, shared with the graph's other target nodes that write into it
+        #: (``repository/opened.py``): so is the lock, which is the store's.
+        self.shared = shared
+        self._lock = shared.lock
         self.source = source
+        #: What this node stored and reused (the store's counters are every node's).
+        self.counts = Counts()
         #: The processes that hash and encode whole chunks (None: this process does).
         self.encoders = encoders
         #: Set by each successful flush: the disk as stored so far.
@@ -198,22 +210,37 @@ class RepoTargetDriver(_RepoDisk):
         workers = opts.int("encoder-processes", default_workers())
         if workers < 0:
             raise BlockBackupError("encoder-processes must be non-negative")
-        repo = await _open_repository(node, opts, writer=True)
+        key = opened.key_of(opts.str("repository"), _storage(opts), _secret(node, opts))
+        shared = await opened.acquire(
+            node.graph, key, lambda: _open_repository(node, opts, writer=True)
+        )
         encoders = None
         try:
             if workers:
-                encoders = await asyncio.to_thread(encoder_pools.shared, repo.keys.master, workers)
-            return await cls._open_target(node, opts, repo, encoders)
+                master = shared.repo.keys.master
+                encoders = await asyncio.to_thread(encoder_pools.shared, master, workers)
+            return await cls._open_target(node, opts, shared, encoders)
         except BaseException:
             if encoders is not None:
                 await asyncio.to_thread(encoder_pools.release, encoders)
-            await asyncio.to_thread(repo.retire_writer)
+            await cls._release(node, shared)
             raise
+
+    @staticmethod
+    async def _release(node: BlockNode, shared: opened.Shared) -> None:
+        """One user of the shared repository less; the last retires its writer marker."""
+        if opened.release(node.graph, shared):
+            await asyncio.to_thread(shared.repo.retire_writer)
 
     @classmethod
     async def _open_target(
-        cls, node: BlockNode, opts: Options, repo: Repository, encoders: EncoderPool | None
+        cls,
+        node: BlockNode,
+        opts: Options,
+        shared: opened.Shared,
+        encoders: EncoderPool | None,
     ) -> RepoTargetDriver:
+        repo = shared.repo
         name = opts.str("disk")
         size = opts.int("size")
         base_spec = opts.str("base", "latest")
@@ -229,7 +256,7 @@ class RepoTargetDriver(_RepoDisk):
             segments = base[1].segments
             source = {"base": base[0]}
         index = DiskIndex(repo.store, size, repo.chunk_size, segments)
-        return cls(node, repo, index, name, source, encoders)
+        return cls(node, shared, index, name, source, encoders)
 
     @staticmethod
     def _base(repo: Repository, name: str, spec: str) -> tuple[str, DiskRecord] | None:
@@ -348,14 +375,14 @@ class RepoTargetDriver(_RepoDisk):
                 encoded = [self._encode_here(piece) for piece in chunks]
             results = iter(encoded)
             prepared = [{i: next(results) for i, _piece in request} for request in whole]
-            with self._lock:
+            with self._storing():
                 for (offset, view), done in zip(pieces, prepared, strict=True):
                     self._apply(offset, view, done)
                 if flags & WriteFlags.FUA:
                     self._flush_sync()
 
     def _write_zeroes_sync(self, offset: int, length: int) -> None:
-        with self._lock:
+        with self._storing():
             self._write_sync(offset, None, length)
 
     async def write_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
@@ -365,8 +392,19 @@ class RepoTargetDriver(_RepoDisk):
             raise self._wrap(exc) from None
 
     def _locked_flush(self) -> None:
-        with self._lock:
+        with self._storing():
             self._flush_sync()
+
+    @contextlib.contextmanager
+    def _storing(self) -> Iterator[None]:
+        """The store's lock, with what this node adds to the store meanwhile counted as
+        its own (another node that shares the store counts its own the same way)."""
+        with self._lock:
+            before = self.repo.store.tally()
+            try:
+                yield
+            finally:
+                self.counts += self.repo.store.tally() - before
 
     def _flush_sync(self) -> None:
         self.repo.beat_writer()
@@ -383,11 +421,11 @@ class RepoTargetDriver(_RepoDisk):
             raise self._wrap(exc) from None
 
     async def close(self) -> None:
-        """Retire the writer marker: the commit (if any) happened before the node closes.
-        Stop the encoder processes."""
+        """Give back the shared repository (the last node retires the writer marker: the
+        commit, if any, happened before the nodes close) and the encoder processes."""
         if self.encoders is not None:
             await asyncio.to_thread(encoder_pools.release, self.encoders)
-        await asyncio.to_thread(self.repo.retire_writer)
+        await self._release(self.node, self.shared)
 
 
 @register_driver

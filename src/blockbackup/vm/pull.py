@@ -198,7 +198,7 @@ async def pull_all(
         return Result(
             snapshot=manifest.id,
             pulled=pulled,
-            stored_chunks=sum(t.repo.store.stored_blobs for t in targets),
-            stored_bytes=sum(t.repo.store.stored_bytes for t in targets),
-            reused_chunks=sum(t.repo.store.reused_blobs for t in targets),
+            stored_chunks=sum(t.counts.stored_blobs for t in targets),
+            stored_bytes=sum(t.counts.stored_bytes for t in targets),
+            reused_chunks=sum(t.counts.reused_blobs for t in targets),
         )

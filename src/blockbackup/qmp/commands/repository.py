@@ -125,16 +125,16 @@ async def repo_commit(ctx: Context, args: Args) -> dict[str, Any]:
         raise BlockBackupError(str(exc)) from None
     disks = []
     for name, (_, driver) in zip(names, targets, strict=True):
-        store = driver.repo.store
+        counts = driver.counts  # the node's own: the store may be shared
         disks.append(
             {
                 "node": name,
                 "disk": driver.disk,
                 "size": driver.size,
                 "base": driver.source.get("base", "none"),
-                "stored-chunks": store.stored_blobs,
-                "stored-bytes": store.stored_bytes,
-                "reused-chunks": store.reused_blobs,
+                "stored-chunks": counts.stored_blobs,
+                "stored-bytes": counts.stored_bytes,
+                "reused-chunks": counts.reused_blobs,
             }
         )
     return {"snapshot": manifest.id, "time": manifest.time, "disks": disks}
