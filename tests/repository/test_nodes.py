@@ -3,6 +3,7 @@ job, restores from a bb-repo-snapshot node with the same job, on real files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from blockbackup.api import BackupFailed, BlockBackup
 from blockbackup.block.dirty_bitmap import bitmaps_of
 from blockbackup.block.driver import Status
 from blockbackup.errors import BlockBackupError
+from blockbackup.jobs.status import JobStatus
 from blockbackup.repository import drivers
 from blockbackup.repository.repo import Repository
 
@@ -384,6 +386,50 @@ async def test_target_nodes_of_one_graph_share_the_opened_repository(tmp_path: P
         await bb.graph.drop(targets[1])
         assert markers() == []
     for n, data in enumerate(datas):
+        out = tmp_path / f"out{n}.img"
+        await restore(repo_path, f"{manifest.id}:vd{n}", out, len(data))
+        assert out.read_bytes() == data
+
+
+async def test_a_commit_while_another_backup_writes_into_the_shared_store(
+    tmp_path: Path,
+) -> None:
+    """Two backups of one daemon into one repository, the second still copying (rate
+    limited) when the first commits: the commit flushes the shared store under its lock,
+    and both snapshots restore byte-exact."""
+    repo_path = tmp_path / "repo"
+    Repository.init(str(repo_path), PASS)
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    datas = [make_image(images[0]), make_image(images[1])]
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        drivers_ = []
+        for n, image in enumerate(images):
+            src = await bb.blockdev_add(raw(f"src{n}", image, **{"read-only": True}))
+            node = await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-target",
+                    "node-name": f"t{n}",
+                    "repository": str(repo_path),
+                    "disk": f"vd{n}",
+                    "size": src.size,
+                    "key-secret": "k",
+                }
+            )
+            assert isinstance(node.driver, drivers.RepoTargetDriver)
+            drivers_.append(node.driver)
+        slow = await bb.backup("src1", "t1", sync="full", speed=4 * MiB)  # ~1.5 s
+        await bb.wait(await bb.backup("src0", "t0", sync="full"))
+        first, second = drivers_
+        assert first.result is not None
+        assert slow.status is JobStatus.RUNNING  # still writing into the same store
+        one = await asyncio.to_thread(first.commit, [first.result.record], None, first.result.packs)
+        await bb.wait(slow)
+        assert second.result is not None
+        two = await asyncio.to_thread(
+            second.commit, [second.result.record], None, second.result.packs
+        )
+    for n, (manifest, data) in enumerate(zip((one, two), datas, strict=True)):
         out = tmp_path / f"out{n}.img"
         await restore(repo_path, f"{manifest.id}:vd{n}", out, len(data))
         assert out.read_bytes() == data

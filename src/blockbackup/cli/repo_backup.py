@@ -123,7 +123,7 @@ async def _backup(args: argparse.Namespace, secret: bytes | None, name: str) -> 
         if result is None:
             raise BlockBackupError("the backup finished without flushing its target")
         result.record.source["image"] = os.path.abspath(args.image)
-        manifest = await asyncio.to_thread(driver.repo.commit, [result.record], None, result.packs)
+        manifest = await asyncio.to_thread(driver.commit, [result.record], None, result.packs)
         counts = driver.counts
         return {
             "snapshot": manifest.id,

@@ -35,7 +35,7 @@ from blockbackup.block.options import Options
 from blockbackup.errors import BlockBackupError
 from blockbackup.repository import blob, catalog, opened
 from blockbackup.repository import encoders as encoder_pools
-from blockbackup.repository.catalog import DiskRecord
+from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import Counts
 from blockbackup.repository.diskindex import DiskIndex
 from blockbackup.repository.encoders import Encoded, EncoderPool, default_workers
@@ -390,6 +390,17 @@ class RepoTargetDriver(_RepoDisk):
             await run_blocking(self._write_zeroes_sync, offset, length)
         except RepositoryError as exc:
             raise self._wrap(exc) from None
+
+    def commit(
+        self,
+        disks: list[DiskRecord],
+        tags: dict[str, str] | None = None,
+        packs: set[str] | frozenset[str] = frozenset(),
+    ) -> Manifest:
+        """:meth:`Repository.commit` (blocking: run it in a thread) under the store's lock:
+        the store may be shared with nodes that are still writing (the commit flushes it)."""
+        with self._lock:
+            return self.repo.commit(disks, tags, packs)
 
     def _locked_flush(self) -> None:
         with self._storing():

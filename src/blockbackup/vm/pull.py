@@ -194,7 +194,7 @@ async def pull_all(
             item.record.source.update(source)
             records.append(item.record)
             packs |= item.packs
-        manifest = await asyncio.to_thread(targets[0].repo.commit, records, tags, packs)
+        manifest = await asyncio.to_thread(targets[0].commit, records, tags, packs)
         return Result(
             snapshot=manifest.id,
             pulled=pulled,

@@ -120,7 +120,7 @@ async def repo_commit(ctx: Context, args: Args) -> dict[str, Any]:
         records.append(record)
         packs |= result.packs
     try:
-        manifest = await asyncio.to_thread(first.commit, records, tags, packs)
+        manifest = await asyncio.to_thread(targets[0][1].commit, records, tags, packs)
     except RepositoryError as exc:
         raise BlockBackupError(str(exc)) from None
     disks = []
