@@ -7,12 +7,18 @@ own, so one damaged chunk is named and its neighbours are returned intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from blockbackup.repository import directio
 from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.chunkstore import ChunkStore, pack_key
+from blockbackup.repository.encoders import EncoderPool
 from blockbackup.repository.errors import CorruptData
 from blockbackup.repository.repo import CHUNK_SIZE, Repository
 
@@ -134,9 +140,27 @@ def test_chunks_added_while_packs_are_written_behind_are_known_and_durable(
         assert again.store.read(again.keys.address(chunk)) == chunk
 
 
-def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def decoders_for(repo: Repository, where: str) -> Iterator[EncoderPool | None]:
+    """None (this thread decodes) or a pool of one worker process with the repository's key."""
+    if where == "here":
+        yield None
+        return
+    pool = EncoderPool(repo.keys.master, 1)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+DECODERS = ["here", "in a worker"]
+
+
+@pytest.mark.parametrize("where", DECODERS)
+def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path, where: str) -> None:
     """``read_into``: each chunk lands at each of its places (a chunk used twice in one
-    request is read and decoded once); neighbours in a pack come in one read."""
+    request is read and decoded once); neighbours in a pack come in one read (by the
+    worker, which reads the pack file itself, when there is one)."""
     repo, chunks = stored_chunks(tmp_path, 6, 16 << 20)
     store, backend = reader(tmp_path)
     addresses = [repo.keys.address(c) for c in chunks]
@@ -145,19 +169,45 @@ def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path) -> N
     for n, k in enumerate(order):
         places.setdefault(addresses[k], []).append((n * CHUNK_SIZE, CHUNK_SIZE))
     out = bytearray(len(order) * CHUNK_SIZE)
-    assert store.read_into(memoryview(out), places) == {}
+    with decoders_for(repo, where) as decoders:
+        assert store.read_into(memoryview(out), places, decoders) == {}
     assert bytes(out) == b"".join(chunks[k] for k in order)
-    assert backend.pack_reads == 1
+    assert backend.pack_reads == (1 if decoders is None else 0)
 
 
-def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path) -> None:
+def test_a_killed_decoder_leaves_the_request_to_this_thread_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
+    store, backend = reader(tmp_path)
+    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
+    with decoders_for(repo, "in a worker") as decoders:
+        assert decoders is not None
+        (worker,) = decoders._free
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(timeout=10)
+        out = bytearray(3 * CHUNK_SIZE)
+        assert store.read_into(memoryview(out), places, decoders) == {}
+        assert bytes(out) == b"".join(chunks)
+        assert backend.pack_reads == 1  # read here
+        (replacement,) = decoders._free
+        assert replacement.process.pid != worker.process.pid
+        out = bytearray(3 * CHUNK_SIZE)
+        assert store.read_into(memoryview(out), places, decoders) == {}
+        assert bytes(out) == b"".join(chunks)
+        assert backend.pack_reads == 1  # by the new worker
+
+
+@pytest.mark.parametrize("where", DECODERS)
+def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path, where: str) -> None:
     repo, chunks = stored_chunks(tmp_path, 4, 16 << 20)
     store, _backend = reader(tmp_path)
     addresses = [repo.keys.address(c) for c in chunks]
     flip_stored_byte(tmp_path, store, addresses[2], -3)  # in the GCM tag
     out = bytearray(4 * CHUNK_SIZE)
     places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
-    failed = store.read_into(memoryview(out), places)
+    with decoders_for(repo, where) as decoders:
+        failed = store.read_into(memoryview(out), places, decoders)
     assert list(failed) == [addresses[2]]
     assert addresses[2].hex() in str(failed[addresses[2]])
     assert "authentication failed" in str(failed[addresses[2]])
@@ -165,7 +215,8 @@ def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path) -> Non
         assert out[n * CHUNK_SIZE : (n + 1) * CHUNK_SIZE] == chunks[n]
 
 
-def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", DECODERS)
+def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path, where: str) -> None:
     """A place longer than the stored chunk would keep stale bytes of a reused buffer:
     the chunk is refused instead, named."""
     repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
@@ -173,18 +224,21 @@ def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path) -> Non
     addresses = [repo.keys.address(c) for c in chunks]
     places = {addresses[0]: [(0, CHUNK_SIZE + 512)], addresses[1]: [(2 * CHUNK_SIZE, CHUNK_SIZE)]}
     out = bytearray(3 * CHUNK_SIZE)
-    failed = store.read_into(memoryview(out), places)
+    with decoders_for(repo, where) as decoders:
+        failed = store.read_into(memoryview(out), places, decoders)
     assert list(failed) == [addresses[0]]
     assert "does not match" in str(failed[addresses[0]])
     assert out[2 * CHUNK_SIZE :] == chunks[1]
 
 
-def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", DECODERS)
+def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path, where: str) -> None:
     repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
     store, _backend = reader(tmp_path)
     addresses = [repo.keys.address(c) for c in chunks]
     (tmp_path / "r" / pack_key(store.locate(addresses[0]).pack)).unlink()
     places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
-    failed = store.read_into(memoryview(bytearray(3 * CHUNK_SIZE)), places)
+    with decoders_for(repo, where) as decoders:
+        failed = store.read_into(memoryview(bytearray(3 * CHUNK_SIZE)), places, decoders)
     assert set(failed) == set(addresses)
     assert all("missing" in str(e) for e in failed.values())

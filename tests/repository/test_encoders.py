@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from blockbackup.api import BlockBackup
 from blockbackup.errors import BlockBackupError
 from blockbackup.repository import blob, encoders
+from blockbackup.repository.drivers import RepoSnapshotDriver
 from blockbackup.repository.encoders import HALF, EncoderPool
 from blockbackup.repository.errors import RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys, new_master_key
 from blockbackup.repository.repo import Repository
-from repository.test_nodes import PASS, backup_image_driver
+from repository.test_nodes import PASS, backup_image_driver, raw
 
 CHUNK = 64 * 1024
 MASTERS = {"encrypted": new_master_key(), "not encrypted": None}
@@ -232,3 +234,41 @@ async def test_a_negative_number_of_workers_is_refused(tmp_path: Path) -> None:
     Repository.init(str(tmp_path / "repo"), PASS)
     with pytest.raises(BlockBackupError, match="encoder-processes must be non-negative"):
         await backup_image_driver(tmp_path / "repo", image, "d", **{"encoder-processes": -1})
+
+
+@pytest.mark.asyncio
+async def test_a_restore_reads_the_same_disk_with_decoders_or_without(tmp_path: Path) -> None:
+    """Through the engine: a snapshot node of a local repository has decoder processes
+    by default (``encoder-processes`` 0: none); both restore the disk byte-exact."""
+    image = tmp_path / "disk.img"
+    data = bytearray(os.urandom(3 << 20))
+    data[1 << 20 : 2 << 20] = bytes(1 << 20)
+    data[2 << 20 : (2 << 20) + CHUNK] = b"text " * (CHUNK // 5) + b"t"
+    image.write_bytes(bytes(data) + os.urandom(1000))  # a short last chunk
+    repo = tmp_path / "repo"
+    Repository.init(str(repo), PASS)
+    result = (await backup_image_driver(repo, image, "d")).result
+    assert result is not None
+    Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
+    for options in ({}, {"encoder-processes": 0}):
+        out = tmp_path / "out.img"
+        out.write_bytes(b"")
+        os.truncate(out, image.stat().st_size)
+        async with BlockBackup() as bb:
+            bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+            snap = await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "snap",
+                    "repository": str(repo),
+                    "snapshot": "latest",
+                    "key-secret": "k",
+                    "read-only": True,
+                    **options,
+                }
+            )
+            assert isinstance(snap.driver, RepoSnapshotDriver)
+            assert (snap.driver.decoders is None) == bool(options)
+            await bb.blockdev_add(raw("out", out))
+            await bb.wait(await bb.backup("snap", "out", sync="full"))
+        assert out.read_bytes() == image.read_bytes()

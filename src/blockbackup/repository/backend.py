@@ -40,6 +40,11 @@ class Backend(Protocol):
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
 
+    def local_path(self, key: str) -> Path | None:
+        """The local file that holds ``key`` (None: not a local file), for a helper process
+        that reads it by itself (a restore's decoders)."""
+        ...
+
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
 
     def list(self, prefix: str) -> Iterator[str]: ...
@@ -83,6 +88,9 @@ class DirectoryBackend:
     def _path(self, key: str) -> Path:
         _check_key(key)
         return self.root / key
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         try:

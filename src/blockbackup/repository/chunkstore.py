@@ -13,19 +13,23 @@ written and synced by a writer thread.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockbackup.repository import blob, condemned, packhash
+from blockbackup.repository import blob, condemned, encoder_worker, packhash
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
+
+if TYPE_CHECKING:
+    from blockbackup.repository.encoders import EncoderPool
 
 PACK_MAGIC = b"BBPACK1\n"
 PACK_END = b"BBPKEND1"
@@ -489,16 +493,22 @@ class ChunkStore:
         return out
 
     def read_into(
-        self, out: memoryview, places: dict[bytes, list[tuple[int, int]]]
+        self,
+        out: memoryview,
+        places: dict[bytes, list[tuple[int, int]]],
+        decoders: EncoderPool | None = None,
     ) -> dict[bytes, CorruptData]:
         """Decode each address's plaintext into ``out`` at each of its places (position,
         length: the chunk's length on the disk); what could not be read, by address (its
         places then hold no trusted bytes). A restore's 1 MiB request is one ranged read
         (one GET on an object store), and an uncompressed chunk is decrypted straight into
-        its place (:func:`blob.decode_into`).
+        its place (:func:`blob.decode_into`). ``decoders``: worker processes that read and
+        decode the runs when the packs are local files (:meth:`_decode_in_workers`).
 
         Trusts the GCM tag as :meth:`_check` does. Safe in parallel threads once nothing
         is pending."""
+        if decoders is not None and self._decode_in_workers(out, places, decoders):
+            return {}
         failed: dict[bytes, CorruptData] = {}
         for address, stored in self._read_runs(places, failed):
             location = stored.location
@@ -519,12 +529,51 @@ class ChunkStore:
                 failed[address] = exc
         return failed
 
-    def _read_runs(
-        self, addresses: Iterable[bytes], missing: MutableMapping[bytes, Any]
-    ) -> Iterator[tuple[bytes, _Stored]]:
-        """(address, stored bytes) of each address, read one run of neighbouring blobs of
-        a pack at a time (gaps up to ``READ_GAP``, runs up to ``MAX_READ``). A blob whose
-        pack is missing gets its :class:`CorruptData` in ``missing`` instead."""
+    def _decode_in_workers(
+        self,
+        out: memoryview,
+        places: dict[bytes, list[tuple[int, int]]],
+        decoders: EncoderPool,
+    ) -> bool:
+        """:meth:`read_into` by a worker process that reads each run of the pack files
+        itself and decodes it; False (nothing done that counts) when the packs are not
+        local files, the request does not fit the worker's memory, the worker failed, or
+        a blob did not decode and check: then this thread decodes, naming any damage."""
+        message = bytearray()
+        order: list[bytes] = []
+        for run in self._runs(places):
+            path = self.backend.local_path(pack_key(run[0][0]))
+            if path is None:
+                return False
+            name = os.fsencode(path)
+            start = run[0][1]
+            end = run[-1][1] + run[-1][3].length
+            message += encoder_worker.RUN.pack(len(name), start, end - start, len(run))
+            message += name
+            for _pack, offset, address, location in run:
+                if any(n != location.plain for _at, n in places[address]):
+                    return False  # a disk index that disagrees: named by the caller
+                message += encoder_worker.BLOB.pack(
+                    offset - start, location.length, location.plain, address
+                )
+                order.append(address)
+        plain = sum(places[address][0][1] for address in order)
+        try:
+            with decoders.decoded(bytes(message), plain) as decoded:
+                if decoded is None:
+                    return False
+                pos = 0
+                for address in order:
+                    for at, length in places[address]:
+                        out[at : at + length] = decoded[pos : pos + length]
+                    pos += places[address][0][1]
+        except RepositoryError:
+            return False  # the worker failed (it is replaced): decode here instead
+        return True
+
+    def _runs(self, addresses: Iterable[bytes]) -> Iterator[list[tuple[str, int, bytes, Location]]]:
+        """The blobs of ``addresses`` in runs of neighbouring blobs of a pack (gaps up to
+        ``READ_GAP``, runs up to ``MAX_READ``): (pack, offset, address, location) each."""
         located: list[tuple[str, int, bytes, Location]] = []
         for address in addresses:
             location = self.locate(address)
@@ -537,10 +586,19 @@ class ChunkStore:
                 or item[1] - (run[-1][1] + run[-1][3].length) > READ_GAP
                 or item[1] + item[3].length - run[0][1] > MAX_READ
             ):
-                yield from self._read_run(run, missing)
+                yield run
                 run = []
             run.append(item)
         if run:
+            yield run
+
+    def _read_runs(
+        self, addresses: Iterable[bytes], missing: MutableMapping[bytes, Any]
+    ) -> Iterator[tuple[bytes, _Stored]]:
+        """(address, stored bytes) of each address, read one run of neighbouring blobs of
+        a pack at a time (:meth:`_runs`). A blob whose pack is missing gets its
+        :class:`CorruptData` in ``missing`` instead."""
+        for run in self._runs(addresses):
             yield from self._read_run(run, missing)
 
     def _read_run(

@@ -446,6 +446,8 @@ class RepoSnapshotDriver(_RepoDisk):
     driver_name: ClassVar[str] = "bb-repo-snapshot"
     #: The id of the snapshot this node serves.
     snapshot_id: str = ""
+    #: The processes that read and decode a request's chunks (None: this thread does).
+    decoders: EncoderPool | None = None
     #: A copy through a buffer asks for this much at once (:meth:`reader`): a whole
     #: request of the copy engine, so its chunks come in one pack read per run.
     piece: int = 1 << 20
@@ -466,7 +468,20 @@ class RepoSnapshotDriver(_RepoDisk):
         index = DiskIndex(repo.store, record.size, record.chunk_size, record.segments)
         driver = cls(node, repo, index, record.name)
         driver.snapshot_id = manifest.id
+        workers = opts.int("encoder-processes", default_workers())
+        if workers < 0:
+            raise BlockBackupError("encoder-processes must be non-negative")
+        if workers and repo.backend.local_path("config") is not None:
+            # packs on local files: worker processes read and decode a restore's runs
+            driver.decoders = await asyncio.to_thread(
+                encoder_pools.shared, repo.keys.master, workers
+            )
         return driver
+
+    async def close(self) -> None:
+        if self.decoders is not None:
+            await asyncio.to_thread(encoder_pools.release, self.decoders)
+            self.decoders = None
 
     def _addresses(self, offset: int, length: int) -> list[bytes]:
         first = offset // self.chunk
@@ -497,7 +512,7 @@ class RepoSnapshotDriver(_RepoDisk):
                 places.setdefault(address, []).append((lo - offset, hi - lo))
             else:
                 partial.append((start, address))
-        failed = self.repo.store.read_into(view, places)
+        failed = self.repo.store.read_into(view, places, self.decoders)
         for address, exc in failed.items():
             _damaged(exc, self.disk, offset + places[address][0][0], self.damaged)
         for start, address in partial:  # a request that starts or ends inside a chunk

@@ -11,6 +11,12 @@ Messages (one datagram each, little-endian):
   reply is their addresses, 32 bytes each (all zero: a zero chunk);
 - ``E`` + u32 indexes into the last ``H``: encode those chunks into the output half, one
   after another; the reply is (offset, length) u32 pairs, one per index.
+- ``D`` + runs (a restore's decoding): each run is ``RUN`` (path length, offset, length,
+  blob count), the pack file's path, then ``BLOB`` per blob (offset in the run, stored
+  length, plaintext length, address). The worker reads each run from the file itself and
+  decodes its blobs into the output half, one after another; the reply is one byte per
+  blob, 0 when it decoded and checked, 1 when not (the parent then decodes the request
+  itself, to name the damage as it always does).
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import socket
 import struct
 import sys
 
-from blockbackup.repository import blob
+from blockbackup.repository import blob, directio
+from blockbackup.repository.errors import CorruptData
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys
 
 _PAIR = struct.Struct("<II")
+RUN = struct.Struct("<HQIH")
+BLOB = struct.Struct("<III32s")
 MAX_MESSAGE = 1 << 16
 
 
@@ -41,6 +50,7 @@ def serve(sock: socket.socket) -> None:
     zeroes = bytes(1 << 20)
     places: list[tuple[int, int]] = []
     addresses: list[bytes] = []
+    reads = directio.ReadBuffer()
     while True:
         message = sock.recv(MAX_MESSAGE)
         if not message:
@@ -70,8 +80,63 @@ def serve(sock: socket.socket) -> None:
                 out.append(_PAIR.pack(pos, len(stored)))
                 pos = end
             sock.send(b"".join(out))
+        elif kind == b"D":
+            sock.send(_decode_runs(keys, body, view[half:], reads))
         else:
             raise RuntimeError(f"unknown message {kind!r}")
+
+
+def _decode_runs(
+    keys: Keys, body: memoryview, out: memoryview, reads: directio.ReadBuffer
+) -> bytes:
+    """Read each run of a ``D`` message and decode its blobs into ``out``; a status byte
+    per blob."""
+    status = bytearray()
+    pos = at = 0
+    while at < len(body):
+        path_length, offset, length, count = RUN.unpack_from(body, at)
+        at += RUN.size
+        path = os.fsdecode(bytes(body[at : at + path_length]))
+        at += path_length
+        blobs = [BLOB.unpack_from(body, at + n * BLOB.size) for n in range(count)]
+        at += count * BLOB.size
+        data = _read(path, offset, length, reads)
+        for start, stored_length, plain, address in blobs:
+            target = out[pos : pos + plain]
+            pos += plain
+            stored = data[start : start + stored_length] if data is not None else b""
+            status.append(0 if _decoded(keys, stored, stored_length, address, target) else 1)
+    return bytes(status)
+
+
+def _read(
+    path: str, offset: int, length: int, reads: directio.ReadBuffer
+) -> memoryview | bytes | None:
+    """A run of a pack file (past the page cache when worth it); None if it cannot be
+    read (gone, or refused: the parent reads it again and says why)."""
+    try:
+        direct = directio.read(path, offset, length, reads)
+        if direct is not None:
+            return direct
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    except OSError:
+        return None
+
+
+def _decoded(
+    keys: Keys, stored: memoryview | bytes, length: int, address: bytes, target: memoryview
+) -> bool:
+    """Whether the blob decoded into ``target`` and checked, as ``ChunkStore.read_into``
+    checks it."""
+    if len(stored) != length:
+        return False
+    try:
+        blob.decode_into(keys, stored, address, "", target)
+    except CorruptData:
+        return False
+    return keys.encrypted or keys.address(target) == address
 
 
 def main() -> None:

@@ -197,6 +197,9 @@ class S3Backend:
         span.finish()
         return span.read(offset, length if length is not None else 1 << 62)
 
+    def local_path(self, key: str) -> None:
+        return None
+
     def get_buffer(
         self,
         key: str,
