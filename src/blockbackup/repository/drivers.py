@@ -454,6 +454,9 @@ class RepoSnapshotDriver(_RepoDisk):
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoSnapshotDriver:
+        workers = opts.int("encoder-processes", default_workers())
+        if workers < 0:
+            raise BlockBackupError("encoder-processes must be non-negative")
         repo = await _open_repository(node, opts)
         spec = opts.str("snapshot", "latest")
         disk = opts.str("disk", None)
@@ -468,9 +471,6 @@ class RepoSnapshotDriver(_RepoDisk):
         index = DiskIndex(repo.store, record.size, record.chunk_size, record.segments)
         driver = cls(node, repo, index, record.name)
         driver.snapshot_id = manifest.id
-        workers = opts.int("encoder-processes", default_workers())
-        if workers < 0:
-            raise BlockBackupError("encoder-processes must be non-negative")
         if workers and repo.backend.local_path("config") is not None:
             # packs on local files: worker processes read and decode a restore's runs
             driver.decoders = await asyncio.to_thread(
