@@ -234,6 +234,19 @@ async def test_a_negative_number_of_workers_is_refused(tmp_path: Path) -> None:
     Repository.init(str(tmp_path / "repo"), PASS)
     with pytest.raises(BlockBackupError, match="encoder-processes must be non-negative"):
         await backup_image_driver(tmp_path / "repo", image, "d", **{"encoder-processes": -1})
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        with pytest.raises(BlockBackupError, match="encoder-processes must be non-negative"):
+            await bb.blockdev_add(
+                {
+                    "driver": "bb-repo-snapshot",
+                    "node-name": "snap",
+                    "repository": str(tmp_path / "repo"),
+                    "key-secret": "k",
+                    "read-only": True,
+                    "encoder-processes": -1,
+                }
+            )
 
 
 @pytest.mark.asyncio
