@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockbackup.repository import blob, condemned, encoder_worker, packhash
@@ -60,19 +60,10 @@ class Counts:
     stored_index_bytes: int = 0
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(*(a + b for a, b in zip(self._values(), other._values(), strict=True)))
+        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def __sub__(self, other: Counts) -> Counts:
-        return Counts(*(a - b for a, b in zip(self._values(), other._values(), strict=True)))
-
-    def _values(self) -> tuple[int, int, int, int, int]:
-        return (
-            self.stored_blobs,
-            self.stored_bytes,
-            self.reused_blobs,
-            self.stored_index_blobs,
-            self.stored_index_bytes,
-        )
+        return Counts(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(frozen=True, slots=True)
