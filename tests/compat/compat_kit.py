@@ -183,15 +183,16 @@ async def _connect(name: str, sock: Path) -> QMPClient:
     qemu-storage-daemon creates its socket file before it listens (a client can get
     ECONNREFUSED) and has been seen to fail the first capabilities negotiation right
     after startup; retries end at the caller's timeout. qemu.qmp reports such a failure
-    as a ConnectError, or (seen once in CI, against qemu-storage-daemon) as an
-    AssertionError of its own state check after the failed negotiation; the client is
-    disconnected either way, so that its socket does not leak into the next test.
+    as a ConnectError, or (seen in CI and in a fresh clone, against qemu-storage-daemon)
+    as an AssertionError of its own state check after the failed negotiation, or as the
+    EOFError of the connection the daemon closed meanwhile; the client is disconnected
+    either way, so that its socket does not leak into the next test.
     """
     while True:
         client = QMPClient(name)
         try:
             await client.connect(str(sock))
-        except (ConnectError, AssertionError):
+        except (ConnectError, AssertionError, EOFError):
             await client.disconnect()
             await asyncio.sleep(0.05)
             continue
