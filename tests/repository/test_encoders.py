@@ -22,7 +22,7 @@ from blockbackup.repository.encoders import HALF, EncoderPool
 from blockbackup.repository.errors import RepositoryError
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys, new_master_key
 from blockbackup.repository.repo import Repository
-from repository.test_nodes import PASS, backup_image_driver, raw
+from repository.test_nodes import PASS, backup_image_driver, raw, snapshot_node
 
 CHUNK = 64 * 1024
 MASTERS = {"encrypted": new_master_key(), "not encrypted": None}
@@ -237,16 +237,7 @@ async def test_a_negative_number_of_workers_is_refused(tmp_path: Path) -> None:
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         with pytest.raises(BlockBackupError, match="encoder-processes must be non-negative"):
-            await bb.blockdev_add(
-                {
-                    "driver": "bb-repo-snapshot",
-                    "node-name": "snap",
-                    "repository": str(tmp_path / "repo"),
-                    "key-secret": "k",
-                    "read-only": True,
-                    "encoder-processes": -1,
-                }
-            )
+            await bb.blockdev_add(snapshot_node(tmp_path / "repo", **{"encoder-processes": -1}))
 
 
 @pytest.mark.asyncio
@@ -269,17 +260,7 @@ async def test_a_restore_reads_the_same_disk_with_decoders_or_without(tmp_path: 
         os.truncate(out, image.stat().st_size)
         async with BlockBackup() as bb:
             bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
-            snap = await bb.blockdev_add(
-                {
-                    "driver": "bb-repo-snapshot",
-                    "node-name": "snap",
-                    "repository": str(repo),
-                    "snapshot": "latest",
-                    "key-secret": "k",
-                    "read-only": True,
-                    **options,
-                }
-            )
+            snap = await bb.blockdev_add(snapshot_node(repo, **options))
             assert isinstance(snap.driver, RepoSnapshotDriver)
             assert (snap.driver.decoders is None) == bool(options)
             await bb.blockdev_add(raw("out", out))

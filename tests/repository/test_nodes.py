@@ -13,6 +13,7 @@ import pytest
 from blockbackup.api import BackupFailed, BlockBackup
 from blockbackup.block.dirty_bitmap import bitmaps_of
 from blockbackup.block.driver import Status
+from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.status import JobStatus
 from blockbackup.repository import drivers
@@ -63,21 +64,44 @@ async def backup_image_driver(
         return driver
 
 
+def snapshot_node(repo: Path, **extra: Any) -> dict[str, Any]:
+    """The options of a read-only ``snap`` node of ``repo`` (key ``k``)."""
+    return {
+        "driver": "bb-repo-snapshot",
+        "node-name": "snap",
+        "repository": str(repo),
+        "key-secret": "k",
+        "read-only": True,
+        **extra,
+    }
+
+
+async def target_nodes(bb: BlockBackup, repo: Path, images: list[Path]) -> list[BlockNode]:
+    """A ``src{n}`` node per image and a ``t{n}`` target node (disk ``vd{n}``) for it."""
+    nodes = []
+    for n, image in enumerate(images):
+        src = await bb.blockdev_add(raw(f"src{n}", image, **{"read-only": True}))
+        node = await bb.blockdev_add(
+            {
+                "driver": "bb-repo-target",
+                "node-name": f"t{n}",
+                "repository": str(repo),
+                "disk": f"vd{n}",
+                "size": src.size,
+                "key-secret": "k",
+            }
+        )
+        assert isinstance(node.driver, drivers.RepoTargetDriver)
+        nodes.append(node)
+    return nodes
+
+
 async def restore(repo: Path, spec: str, out: Path, size: int) -> None:
     with open(out, "wb") as f:  # a new raw image of the disk's size
         f.truncate(size)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
-        await bb.blockdev_add(
-            {
-                "driver": "bb-repo-snapshot",
-                "node-name": "snap",
-                "repository": str(repo),
-                "snapshot": spec,
-                "key-secret": "k",
-                "read-only": True,
-            }
-        )
+        await bb.blockdev_add(snapshot_node(repo, snapshot=spec))
         await bb.blockdev_add(raw("out", out))
         await bb.wait(await bb.backup("snap", "out", sync="full"))
 
@@ -155,15 +179,7 @@ async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -
     repo.commit([result.record], packs=result.packs)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
-        node = await bb.blockdev_add(
-            {
-                "driver": "bb-repo-snapshot",
-                "node-name": "snap",
-                "repository": str(repo_path),
-                "key-secret": "k",
-                "read-only": True,
-            }
-        )
+        node = await bb.blockdev_add(snapshot_node(repo_path))
         zero = await node.driver.block_status(2 * MiB, 8 * MiB)
         assert zero.status & Status.ZERO
         assert zero.length == 3 * MiB
@@ -335,21 +351,7 @@ async def test_target_nodes_of_one_graph_share_the_opened_repository(tmp_path: P
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         bb.object_add({"qom-type": "secret", "id": "wrong", "data": "not the passphrase"})
-        targets = []
-        for n, image in enumerate(images):
-            src = await bb.blockdev_add(raw(f"src{n}", image, **{"read-only": True}))
-            node = await bb.blockdev_add(
-                {
-                    "driver": "bb-repo-target",
-                    "node-name": f"t{n}",
-                    "repository": str(repo_path),
-                    "disk": f"vd{n}",
-                    "size": src.size,
-                    "key-secret": "k",
-                }
-            )
-            assert isinstance(node.driver, drivers.RepoTargetDriver)
-            targets.append(node)
+        targets = await target_nodes(bb, repo_path, images)
         first, second = (t.driver for t in targets)
         assert isinstance(first, drivers.RepoTargetDriver)
         assert isinstance(second, drivers.RepoTargetDriver)
@@ -403,24 +405,12 @@ async def test_a_commit_while_another_backup_writes_into_the_shared_store(
     datas = [make_image(images[0]), make_image(images[1])]
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
-        drivers_ = []
-        for n, image in enumerate(images):
-            src = await bb.blockdev_add(raw(f"src{n}", image, **{"read-only": True}))
-            node = await bb.blockdev_add(
-                {
-                    "driver": "bb-repo-target",
-                    "node-name": f"t{n}",
-                    "repository": str(repo_path),
-                    "disk": f"vd{n}",
-                    "size": src.size,
-                    "key-secret": "k",
-                }
-            )
-            assert isinstance(node.driver, drivers.RepoTargetDriver)
-            drivers_.append(node.driver)
+        drivers_ = [node.driver for node in await target_nodes(bb, repo_path, images)]
         slow = await bb.backup("src1", "t1", sync="full", speed=4 * MiB)  # ~1.5 s
         await bb.wait(await bb.backup("src0", "t0", sync="full"))
         first, second = drivers_
+        assert isinstance(first, drivers.RepoTargetDriver)
+        assert isinstance(second, drivers.RepoTargetDriver)
         assert first.result is not None
         assert slow.status is JobStatus.RUNNING  # still writing into the same store
         one = await asyncio.to_thread(first.commit, [first.result.record], None, first.result.packs)
