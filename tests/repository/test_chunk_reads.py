@@ -8,6 +8,7 @@ own, so one damaged chunk is named and its neighbours are returned intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 from collections.abc import Iterator
@@ -242,3 +243,92 @@ def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path, wh
         failed = store.read_into(memoryview(bytearray(3 * CHUNK_SIZE)), places, decoders)
     assert set(failed) == set(addresses)
     assert all("missing" in str(e) for e in failed.values())
+
+
+def write_target(tmp_path: Path, size: int) -> Path:
+    """A file of ``size`` bytes of 0xEE: what a write left alone still shows."""
+    path = tmp_path / "target.img"
+    path.write_bytes(b"\xee" * size)
+    return path
+
+
+def test_a_worker_writes_a_range_into_the_file_but_for_its_zero_grains(tmp_path: Path) -> None:
+    """``write_in_workers``: every chunk at each of its places, the zero chunks between
+    them as zeroes inside a grain that holds data, and a grain of zero chunks only left
+    alone and returned as skipped; the worker reads the pack itself."""
+    repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
+    store, backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    order = [0, None, 1, 1, None, None, 2, 0]  # None: a zero chunk (no place)
+    places: dict[bytes, list[tuple[int, int]]] = {}
+    for n, k in enumerate(order):
+        if k is not None:
+            places.setdefault(addresses[k], []).append((n * CHUNK_SIZE, CHUNK_SIZE))
+    length = len(order) * CHUNK_SIZE
+    offset = 3 * CHUNK_SIZE
+    target = write_target(tmp_path, offset + length + CHUNK_SIZE)
+    with decoders_for(repo, "in a worker") as decoders, open(target, "r+b") as f:
+        assert decoders is not None
+        skipped = store.write_in_workers(
+            f.fileno(), offset, length, places, 2 * CHUNK_SIZE, decoders
+        )
+    assert skipped == [(4 * CHUNK_SIZE, 2 * CHUNK_SIZE)]
+    expected = [chunks[k] if k is not None else bytes(CHUNK_SIZE) for k in order]
+    expected[4:6] = [b"\xee" * CHUNK_SIZE] * 2  # skipped: not written
+    data = target.read_bytes()
+    assert data[:offset] == b"\xee" * offset
+    assert data[offset + length :] == b"\xee" * CHUNK_SIZE
+    assert data[offset : offset + length] == b"".join(expected)
+    assert backend.pack_reads == 0
+
+
+def test_a_worker_writes_nothing_when_a_chunk_is_damaged(tmp_path: Path) -> None:
+    """None, and the file untouched: the copy then reads the range here, which names
+    the damaged chunk (as ``read_into`` does), and writes no wrong byte."""
+    repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
+    store, _backend = reader(tmp_path)
+    addresses = [repo.keys.address(c) for c in chunks]
+    flip_stored_byte(tmp_path, store, addresses[1], 40)
+    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+    target = write_target(tmp_path, 3 * CHUNK_SIZE)
+    with decoders_for(repo, "in a worker") as decoders, open(target, "r+b") as f:
+        assert decoders is not None
+        assert (
+            store.write_in_workers(f.fileno(), 0, 3 * CHUNK_SIZE, places, CHUNK_SIZE, decoders)
+            is None
+        )
+    assert target.read_bytes() == b"\xee" * (3 * CHUNK_SIZE)
+
+
+def test_a_worker_that_cannot_write_raises_the_write_error(tmp_path: Path) -> None:
+    repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
+    store, _backend = reader(tmp_path)
+    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
+    target = write_target(tmp_path, 2 * CHUNK_SIZE)
+    with decoders_for(repo, "in a worker") as decoders, open(target, "rb") as f:
+        assert decoders is not None
+        with pytest.raises(OSError, match="Bad file descriptor") as caught:
+            store.write_in_workers(f.fileno(), 0, 2 * CHUNK_SIZE, places, CHUNK_SIZE, decoders)
+    assert caught.value.errno == errno.EBADF  # a descriptor open for reading only
+
+
+def test_a_killed_worker_leaves_the_write_to_the_caller_and_is_replaced(tmp_path: Path) -> None:
+    repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
+    store, _backend = reader(tmp_path)
+    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
+    target = write_target(tmp_path, 2 * CHUNK_SIZE)
+    with decoders_for(repo, "in a worker") as decoders, open(target, "r+b") as f:
+        assert decoders is not None
+        (worker,) = decoders._free
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(timeout=10)
+        assert (
+            store.write_in_workers(f.fileno(), 0, 2 * CHUNK_SIZE, places, CHUNK_SIZE, decoders)
+            is None
+        )
+        assert target.read_bytes() == b"\xee" * (2 * CHUNK_SIZE)
+        assert (
+            store.write_in_workers(f.fileno(), 0, 2 * CHUNK_SIZE, places, CHUNK_SIZE, decoders)
+            == []
+        )
+    assert target.read_bytes() == b"".join(chunks)

@@ -241,9 +241,20 @@ async def test_a_negative_number_of_workers_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_restore_reads_the_same_disk_with_decoders_or_without(tmp_path: Path) -> None:
+async def test_a_restore_reads_the_same_disk_with_decoders_or_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the engine: a snapshot node of a local repository has decoder processes
-    by default (``encoder-processes`` 0: none); both restore the disk byte-exact."""
+    by default (``encoder-processes`` 0: none); both restore the disk byte-exact. With
+    them, no request's data passes through this process: the decoders write it."""
+    here: list[int] = []
+    read_into = RepoSnapshotDriver.read_into
+
+    def counted(driver: RepoSnapshotDriver, view: memoryview, offset: int) -> None:
+        here.append(offset)
+        read_into(driver, view, offset)
+
+    monkeypatch.setattr(RepoSnapshotDriver, "read_into", counted)
     image = tmp_path / "disk.img"
     data = bytearray(os.urandom(3 << 20))
     data[1 << 20 : 2 << 20] = bytes(1 << 20)
@@ -255,6 +266,7 @@ async def test_a_restore_reads_the_same_disk_with_decoders_or_without(tmp_path: 
     assert result is not None
     Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
     for options in ({}, {"encoder-processes": 0}):
+        here.clear()
         out = tmp_path / "out.img"
         out.write_bytes(b"")
         os.truncate(out, image.stat().st_size)
@@ -266,3 +278,4 @@ async def test_a_restore_reads_the_same_disk_with_decoders_or_without(tmp_path: 
             await bb.blockdev_add(raw("out", out))
             await bb.wait(await bb.backup("snap", "out", sync="full"))
         assert out.read_bytes() == image.read_bytes()
+        assert bool(here) == bool(options)

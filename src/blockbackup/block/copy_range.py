@@ -19,6 +19,7 @@ import os
 from typing import Protocol
 
 from blockbackup.block.driver import io_error
+from blockbackup.block.sparse_write import extend_runs, write_data
 
 #: errnos meaning "this pair of files cannot be offloaded": fall back to read + write.
 _UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
@@ -92,6 +93,16 @@ class Reader(Protocol):
         being read (a hole): 0 when unsure."""
         ...
 
+    def write_to(
+        self, dst_fd: int, dst_off: int, offset: int, length: int, grain: int
+    ) -> list[tuple[int, int]] | None:
+        """Write the bytes from ``offset`` into ``dst_fd`` itself, but for all-zero
+        ``grain``s (:func:`~blockbackup.block.sparse_write.write_data`), and return those;
+        a snapshot's decoder processes write a restore so. None when it cannot: the copy
+        then reads into its buffer and writes. A failed write raises the plain
+        ``OSError``."""
+        ...
+
 
 class FileReader:
     """A local file as a :class:`Reader`: ``preadv``, holes by ``SEEK_DATA``/``SEEK_HOLE``."""
@@ -109,6 +120,11 @@ class FileReader:
 
     def hole_before(self, offset: int, length: int) -> int:
         return _hole_before(self.fd, offset, length)
+
+    def write_to(
+        self, dst_fd: int, dst_off: int, offset: int, length: int, grain: int
+    ) -> list[tuple[int, int]] | None:
+        return None  # between files, copy_file_range is the offload
 
 
 class SourceReadError(OSError):
@@ -137,18 +153,6 @@ def copy_file_range_all(
         length -= n
     if writeback:
         start_writeback(dst_fd, start, total)
-
-
-def _pwrite_view(fd: int, view: memoryview, offset: int) -> None:
-    """Write all of ``view``.
-
-    Callers pass a view they release in a ``with`` block: a failed write's traceback keeps
-    this frame, and an unreleased view in it would pin the caller's reused buffer (which
-    then cannot be closed: ``BufferError``).
-    """
-    written = 0
-    while written < len(view):
-        written += os.pwritev(fd, [view[written:]], offset + written)
 
 
 def copy_through_buffer(
@@ -191,40 +195,24 @@ def copy_through_buffer(
         # a hole fills page cache with zeroes, which costs more than copying data.
         lead = 0 if all_data else reader.hole_before(src_off + done, n) // grain * grain
         if lead:
-            _extend(skipped, done, lead)
-        with memoryview(buffer) as whole, whole[lead:n] as view:
-            try:
-                reader.read_into(view, src_off + done + lead)
-            except OSError as err:
-                raise SourceReadError(err.errno, err.strerror) from err
-            data_from = None  # start of the run of data grains not written yet
-            for at in range(0, n - lead, grain):
-                # A memcmp that stops at the first non-zero byte: random data costs nothing.
-                if not zeroes.startswith(view[at : at + grain]):
-                    data_from = at if data_from is None else data_from
-                    continue
-                if data_from is not None:
-                    with view[data_from:at] as part:
-                        _pwrite_view(dst_fd, part, dst_off + done + lead + data_from)
-                    data_from = None
-                _extend(skipped, done + lead + at, min(grain, n - lead - at))
-            if data_from is not None:
-                with view[data_from:] as part:
-                    _pwrite_view(dst_fd, part, dst_off + done + lead + data_from)
+            extend_runs(skipped, done, lead)
+        at = done + lead
+        runs = reader.write_to(dst_fd, dst_off + at, src_off + at, n - lead, grain)
+        if runs is None:
+            with memoryview(buffer) as whole, whole[lead:n] as view:
+                try:
+                    reader.read_into(view, src_off + at)
+                except OSError as err:
+                    raise SourceReadError(err.errno, err.strerror) from err
+                runs = write_data(dst_fd, view, dst_off + at, grain, zeroes)
+        for start, k in runs:
+            extend_runs(skipped, at + start, k)
         done += n
     if writeback:
         start_writeback(dst_fd, dst_off, length)
     if holes_read_zero:
         return [(at, n) for at, n in skipped if _hole_before(dst_fd, dst_off + at, n) != n]
     return skipped
-
-
-def _extend(runs: list[tuple[int, int]], start: int, length: int) -> None:
-    """Add ``[start, start+length)`` to sorted ``runs``, merged with the last if adjacent."""
-    if runs and sum(runs[-1]) == start:
-        runs[-1] = (runs[-1][0], runs[-1][1] + length)
-    else:
-        runs.append((start, length))
 
 
 def _data_before(fd: int, offset: int, length: int) -> int:

@@ -530,24 +530,10 @@ class ChunkStore:
         itself and decodes it; False (nothing done that counts) when the packs are not
         local files, the request does not fit the worker's memory, the worker failed, or
         a blob did not decode and check: then this thread decodes, naming any damage."""
-        message = bytearray()
-        order: list[bytes] = []
-        for run in self._runs(places):
-            path = self.backend.local_path(pack_key(run[0][0]))
-            if path is None:
-                return False
-            name = os.fsencode(path)
-            start = run[0][1]
-            end = run[-1][1] + run[-1][3].length
-            message += encoder_worker.RUN.pack(len(name), start, end - start, len(run))
-            message += name
-            for _pack, offset, address, location in run:
-                if any(n != location.plain for _at, n in places[address]):
-                    return False  # a disk index that disagrees: named by the caller
-                message += encoder_worker.BLOB.pack(
-                    offset - start, location.length, location.plain, address
-                )
-                order.append(address)
+        runs = self._worker_runs(places)
+        if runs is None:
+            return False
+        message, order = runs
         plain = sum(places[address][0][1] for address in order)
         try:
             with decoders.decoded(bytes(message), plain) as decoded:
@@ -561,6 +547,62 @@ class ChunkStore:
         except RepositoryError:
             return False  # the worker failed (it is replaced): decode here instead
         return True
+
+    def write_in_workers(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        places: dict[bytes, list[tuple[int, int]]],
+        grain: int,
+        decoders: EncoderPool,
+    ) -> list[tuple[int, int]] | None:
+        """What :meth:`read_into` would decode into a range of ``length`` bytes (the rest
+        of it zeroes), written into the file ``fd`` at ``offset`` by a worker process, but
+        for its all-zero ``grain``s: those, as (offset, length) runs in the range. None
+        when nothing was written: as for :meth:`_decode_in_workers`, the caller then
+        reads the range into a buffer (naming any damage) and writes it. A restore's
+        data then goes from the pack files to the image without this process touching
+        it. A failed write raises ``OSError``."""
+        runs = self._worker_runs(places)
+        if runs is None:
+            return None
+        message, order = runs
+        header = encoder_worker.WRITE.pack(offset, length, grain, len(message))
+        for address in order:
+            ats = [at for at, _n in places[address]]
+            message += encoder_worker.PLACES.pack(len(ats))
+            message += struct.pack(f"<{len(ats)}I", *ats)
+        try:
+            return decoders.write(header + message, len(order), fd)
+        except RepositoryError:
+            return None  # the worker failed (it is replaced): copy here instead
+
+    def _worker_runs(
+        self, places: dict[bytes, list[tuple[int, int]]]
+    ) -> tuple[bytearray, list[bytes]] | None:
+        """The runs of ``places`` as a worker reads them (``encoder_worker.RUN`` and
+        ``BLOB``s), and the addresses in their order; None when the packs are not local
+        files or the places disagree with the repository (the caller names that)."""
+        message = bytearray()
+        order: list[bytes] = []
+        for run in self._runs(places):
+            path = self.backend.local_path(pack_key(run[0][0]))
+            if path is None:
+                return None
+            name = os.fsencode(path)
+            start = run[0][1]
+            end = run[-1][1] + run[-1][3].length
+            message += encoder_worker.RUN.pack(len(name), start, end - start, len(run))
+            message += name
+            for _pack, offset, address, location in run:
+                if any(n != location.plain for _at, n in places[address]):
+                    return None  # a disk index that disagrees: named by the caller
+                message += encoder_worker.BLOB.pack(
+                    offset - start, location.length, location.plain, address
+                )
+                order.append(address)
+        return message, order
 
     def _runs(self, addresses: Iterable[bytes]) -> Iterator[list[tuple[str, int, bytes, Location]]]:
         """The blobs of ``addresses`` in runs of neighbouring blobs of a pack (gaps up to

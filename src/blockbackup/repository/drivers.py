@@ -500,18 +500,9 @@ class RepoSnapshotDriver(_RepoDisk):
         length = len(view)
         if length == 0:
             return
-        first = offset // self.chunk
-        places: dict[bytes, list[tuple[int, int]]] = {}
-        partial: list[tuple[int, bytes]] = []
-        for n, address in enumerate(self._addresses(offset, length)):
-            start = (first + n) * self.chunk
-            lo, hi = max(start, offset), min(start + self.chunk, offset + length, self.size)
-            if address == ZERO_ADDRESS:
-                view[lo - offset : hi - offset] = self._zeroes[: hi - lo]
-            elif lo == start and hi == start + self.index.chunk_length(first + n):
-                places.setdefault(address, []).append((lo - offset, hi - lo))
-            else:
-                partial.append((start, address))
+        places, zeroes, partial = self._plan(offset, length)
+        for lo, hi in zeroes:
+            view[lo:hi] = self._zeroes[: hi - lo]
         failed = self.repo.store.read_into(view, places, self.decoders)
         for address, exc in failed.items():
             _damaged(exc, self.disk, offset + places[address][0][0], self.damaged)
@@ -519,6 +510,44 @@ class RepoSnapshotDriver(_RepoDisk):
             data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
             lo, hi = max(start, offset), min(start + self.chunk, offset + length)
             view[lo - offset : hi - offset] = memoryview(data)[lo - start : hi - start]
+
+    def write_to(
+        self, dst_fd: int, dst_off: int, offset: int, length: int, grain: int
+    ) -> list[tuple[int, int]] | None:
+        """Have a decoder process write the disk's bytes from ``offset`` into ``dst_fd``
+        (a restore into a local file): the pack runs go from the files to the image
+        without passing through this process. None (the copy reads into its buffer
+        instead) without decoders, for a range that starts or ends inside a chunk, and
+        whenever the worker cannot (see ``ChunkStore.write_in_workers``)."""
+        if self.decoders is None or length == 0:
+            return None
+        places, _zeroes, partial = self._plan(offset, length)
+        if partial:
+            return None
+        return self.repo.store.write_in_workers(
+            dst_fd, dst_off, length, places, grain, self.decoders
+        )
+
+    def _plan(
+        self, offset: int, length: int
+    ) -> tuple[dict[bytes, list[tuple[int, int]]], list[tuple[int, int]], list[tuple[int, bytes]]]:
+        """Where the disk's bytes from ``offset`` come from: each stored chunk's places
+        (offset in the range, length), the zero chunks' spans (start, end) in the range,
+        and the chunks the range holds only part of (disk offset, address)."""
+        first = offset // self.chunk
+        places: dict[bytes, list[tuple[int, int]]] = {}
+        zeroes: list[tuple[int, int]] = []
+        partial: list[tuple[int, bytes]] = []
+        for n, address in enumerate(self._addresses(offset, length)):
+            start = (first + n) * self.chunk
+            lo, hi = max(start, offset), min(start + self.chunk, offset + length, self.size)
+            if address == ZERO_ADDRESS:
+                zeroes.append((lo - offset, hi - offset))
+            elif lo == start and hi == start + self.index.chunk_length(first + n):
+                places.setdefault(address, []).append((lo - offset, hi - lo))
+            else:
+                partial.append((start, address))
+        return places, zeroes, partial
 
     def reader(self, offset: int) -> tuple[RepoSnapshotDriver, int]:
         """This node reads into a copy's buffer by itself (:meth:`read_into`), so a restore

@@ -17,17 +17,27 @@ Messages (one datagram each, little-endian):
   decodes its blobs into the output half, one after another; the reply is one byte per
   blob, 0 when it decoded and checked, 1 when not (the parent then decodes the request
   itself, to name the damage as it always does).
+- ``W`` + ``WRITE`` (destination offset, length, grain, the runs' size) + runs as for ``D``
+  + each blob's places in the range (``PLACES`` count, then u32 offsets), with the
+  destination file's descriptor attached (a restore's writing): the worker decodes every
+  blob into its places in the output half, zeroes what no blob covers, and writes the
+  range but for its all-zero grains (``sparse_write.write_data``). The reply: the status
+  bytes as for ``D`` (any 1: nothing was written), an i32 errno of the write (0: written),
+  then the skipped runs as (offset, length) u32 pairs.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
 import socket
 import struct
 import sys
+from collections.abc import Callable
 
+from blockbackup.block.sparse_write import write_data
 from blockbackup.repository import blob, directio
 from blockbackup.repository.errors import CorruptData
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys
@@ -35,6 +45,9 @@ from blockbackup.repository.keys import ZERO_ADDRESS, Keys
 _PAIR = struct.Struct("<II")
 RUN = struct.Struct("<HQIH")
 BLOB = struct.Struct("<III32s")
+WRITE = struct.Struct("<QIII")
+PLACES = struct.Struct("<H")
+ERRNO = struct.Struct("<i")
 MAX_MESSAGE = 1 << 16
 
 
@@ -47,15 +60,23 @@ def serve(sock: socket.socket) -> None:
     half = len(shm) // 2
     view = memoryview(shm)
     keys = Keys(master or None)
-    zeroes = bytes(1 << 20)
+    zeroes = bytes(half)
     places: list[tuple[int, int]] = []
     addresses: list[bytes] = []
     reads = directio.ReadBuffer()
     while True:
-        message = sock.recv(MAX_MESSAGE)
+        message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
         if not message:
             return  # the parent closed its end (or died)
         kind, body = message[:1], memoryview(message)[1:]
+        if kind == b"W" and len(fds) == 1:
+            try:
+                sock.send(_write(keys, body, view[half:], reads, fds[0], zeroes))
+            finally:
+                os.close(fds[0])
+            continue
+        for fd in fds:
+            os.close(fd)
         if kind == b"H":
             places = list(_PAIR.iter_unpack(body))
             addresses = []
@@ -81,18 +102,30 @@ def serve(sock: socket.socket) -> None:
                 pos = end
             sock.send(b"".join(out))
         elif kind == b"D":
-            sock.send(_decode_runs(keys, body, view[half:], reads))
+            sock.send(_decode_runs(keys, body, _one_after_another(view[half:]), reads))
         else:
             raise RuntimeError(f"unknown message {kind!r}")
 
 
+def _one_after_another(out: memoryview) -> Callable[[int], memoryview]:
+    """The places of a ``D`` message's plaintexts: one after another in ``out``."""
+    pos = 0
+
+    def place(length: int) -> memoryview:
+        nonlocal pos
+        pos += length
+        return out[pos - length : pos]
+
+    return place
+
+
 def _decode_runs(
-    keys: Keys, body: memoryview, out: memoryview, reads: directio.ReadBuffer
+    keys: Keys, body: memoryview, place: Callable[[int], memoryview], reads: directio.ReadBuffer
 ) -> bytes:
-    """Read each run of a ``D`` message and decode its blobs into ``out``; a status byte
-    per blob."""
+    """Read each run of ``body`` and decode each of its blobs into ``place(its length)``;
+    a status byte per blob."""
     status = bytearray()
-    pos = at = 0
+    at = 0
     while at < len(body):
         path_length, offset, length, count = RUN.unpack_from(body, at)
         at += RUN.size
@@ -102,11 +135,66 @@ def _decode_runs(
         at += count * BLOB.size
         data = _read(path, offset, length, reads)
         for start, stored_length, plain, address in blobs:
-            target = out[pos : pos + plain]
-            pos += plain
+            target = place(plain)
             stored = data[start : start + stored_length] if data is not None else b""
             status.append(0 if _decoded(keys, stored, stored_length, address, target) else 1)
     return bytes(status)
+
+
+def _write(
+    keys: Keys,
+    body: memoryview,
+    out: memoryview,
+    reads: directio.ReadBuffer,
+    fd: int,
+    zeroes: bytes,
+) -> bytes:
+    """Decode a ``W`` message's blobs into their places in ``out`` and write the range
+    into ``fd``; the reply (see the module docstring)."""
+    dst_off, length, grain, runs_size = WRITE.unpack_from(body)
+    runs = body[WRITE.size : WRITE.size + runs_size]
+    places = _places(body[WRITE.size + runs_size :])
+    out = out[:length]
+    decoded: list[tuple[list[int], int]] = []  # each blob's places, and its length
+
+    def place(plain: int) -> memoryview:
+        where = places[len(decoded)]
+        decoded.append((where, plain))
+        return out[where[0] : where[0] + plain]
+
+    status = _decode_runs(keys, runs, place, reads)
+    if any(status) or len(decoded) != len(places):
+        return status
+    for (first, *others), plain in decoded:  # the same chunk again in the range
+        for at in others:
+            out[at : at + plain] = out[first : first + plain]
+    _zero_between(out, sorted((at, at + plain) for where, plain in decoded for at in where))
+    try:
+        skipped = write_data(fd, out, dst_off, grain, zeroes)
+    except OSError as exc:
+        return status + ERRNO.pack(exc.errno or errno.EIO)
+    return status + ERRNO.pack(0) + b"".join(_PAIR.pack(*run) for run in skipped)
+
+
+def _places(body: memoryview) -> list[list[int]]:
+    """Each blob's offsets in a ``W`` message's range."""
+    places = []
+    at = 0
+    while at < len(body):
+        (count,) = PLACES.unpack_from(body, at)
+        at += PLACES.size
+        places.append(list(struct.unpack_from(f"<{count}I", body, at)))
+        at += 4 * count
+    return places
+
+
+def _zero_between(out: memoryview, spans: list[tuple[int, int]]) -> None:
+    """Zero what no span (sorted, not overlapping) covers: the range's zero chunks."""
+    pos = 0
+    for start, end in [*spans, (len(out), len(out))]:
+        if start > pos:
+            out[pos:start] = bytes(start - pos)
+        pos = end
 
 
 def _read(

@@ -17,7 +17,9 @@ The same workers decode for a restore: a snapshot node of a repository on local 
 sends the runs of chunks a request needs (pack file, range, blobs), and the worker reads
 them past the page cache and decodes them into its output half, which the request copies
 out. A thread that decodes is one GIL hand-off per request instead of one per pack read,
-zstd call and write (measured: a restore spent ~10% of its CPU in those hand-offs).
+zstd call and write (measured: a restore spent ~10% of its CPU in those hand-offs). A
+restore into a local file sends the file's descriptor along, and the worker writes the
+range itself (:meth:`EncoderPool.write`): the data never passes through this process.
 
 Lifetime: one pool per repository key and process, started by its first repository node
 and stopped with the last (:func:`shared`, :func:`release`). A worker that dies fails the
@@ -38,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from blockbackup.repository import encoder_worker
 from blockbackup.repository.errors import RepositoryError
 
 #: Each half of a worker's shared memory: a request's chunks (at most a copy engine's
@@ -68,9 +71,13 @@ class _Worker:
     #: Set when a request to it failed: it is replaced, not used again.
     failed: bool = False
 
-    def ask(self, message: bytes) -> bytes:
+    def ask(self, message: bytes, fd: int | None = None) -> bytes:
+        """Send ``message`` (with the descriptor ``fd`` attached, if any); the reply."""
         try:
-            self.sock.send(message)
+            if fd is None:
+                self.sock.send(message)
+            else:
+                socket.send_fds(self.sock, [message], [fd])
             reply = self.sock.recv(_MAX_REPLY)
         except OSError as exc:
             self.failed = True
@@ -211,6 +218,28 @@ class EncoderPool:
                 yield out
         finally:
             self._release(worker)
+
+    def write(self, message: bytes, blobs: int, fd: int) -> list[tuple[int, int]] | None:
+        """Have a worker read, decode and write the range of a ``W`` message (the body:
+        ``encoder_worker`` has its layout) of ``blobs`` blobs into the file ``fd``: the
+        runs it skipped as all zeroes; None if the range does not fit a worker's memory
+        or a blob did not decode and check (nothing was written: the caller copies the
+        range itself, and names what is damaged). A failed write raises ``OSError``."""
+        _offset, length, grain, _runs = encoder_worker.WRITE.unpack_from(message)
+        reply_room = blobs + encoder_worker.ERRNO.size + _PAIR.size * (length // grain + 1)
+        if length > HALF or len(message) + 1 > _MAX_REPLY or reply_room > _MAX_REPLY:
+            return None
+        worker = self._acquire()
+        try:
+            reply = worker.ask(b"W" + message, fd)
+        finally:
+            self._release(worker)
+        if any(reply[:blobs]) or len(reply) < blobs + encoder_worker.ERRNO.size:
+            return None
+        (code,) = encoder_worker.ERRNO.unpack_from(reply, blobs)
+        if code:
+            raise OSError(code, os.strerror(code))
+        return list(_PAIR.iter_unpack(reply[blobs + encoder_worker.ERRNO.size :]))
 
     def close(self) -> None:
         """Stop the workers (none may be in use)."""
