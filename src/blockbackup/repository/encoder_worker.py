@@ -34,7 +34,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 from collections.abc import Callable
 
 from blockbackup.block.sparse_write import write_data
@@ -241,4 +240,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
+    # Nothing to flush or clean up (memory and descriptors go with the process): skip the
+    # interpreter's finalisation, ~30 ms that the parent's close would wait for.
+    os._exit(0)

@@ -93,9 +93,17 @@ class _Worker:
         return reply
 
     def close(self) -> None:
+        self.hang_up()
+        self.reap()
+
+    def hang_up(self) -> None:
+        """Close this end: the worker sees it and exits."""
         self.view.release()
         self.shm.close()  # every view lent out was released with its request
-        self.sock.close()  # the worker sees the end and exits
+        self.sock.close()
+
+    def reap(self) -> None:
+        """Wait for the worker to exit (after :meth:`hang_up`)."""
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -244,9 +252,13 @@ class EncoderPool:
     def close(self) -> None:
         """Stop the workers (none may be in use)."""
         with self._lock:
-            while self._free:
-                self._free.pop().close()
-                self._live -= 1
+            stopping, self._free = self._free, []
+            self._live -= len(stopping)
+        # All hung up first: they exit in parallel (each takes ~20 ms to shut down).
+        for worker in stopping:
+            worker.hang_up()
+        for worker in stopping:
+            worker.reap()
 
 
 _pools: dict[bytes | None, tuple[EncoderPool, int]] = {}
