@@ -78,3 +78,31 @@ def test_no_encryption_takes_no_kdf(tmp_path: Path) -> None:
     assert "--no-encryption takes no --kdf" in err.stderr
     assert not (tmp_path / "r" / "config").exists()
     bb("repo", "init", tmp_path / "r", "--no-encryption")
+
+
+@pytest.mark.parametrize("secret", [b"secret", b"wrong"])
+def test_an_unlock_started_ahead_is_the_one_the_opening_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret: bytes
+) -> None:
+    """The command line starts unlocking while it imports the engine: the opening takes
+    that outcome (the slots are tried once in all), opened or refused alike."""
+    repo = Repository.init(str(tmp_path / "r"), b"secret", kdf="scrypt")
+    repo.add_key(b"other", kdf="scrypt")
+    unlocks: list[bytes] = []
+    unlock = keys._unlock
+
+    def counted(slots: dict[str, dict[str, object]], secret: bytes, repo_id: str) -> object:
+        unlocks.append(secret)
+        return unlock(slots, secret, repo_id)
+
+    monkeypatch.setattr(keys, "_unlock", counted)
+    Repository.unlock_ahead(str(tmp_path / "r"), secret)
+    if secret == b"secret":
+        assert Repository.open(str(tmp_path / "r"), secret).keys.master == repo.keys.master
+    else:
+        with pytest.raises(WrongKey, match="wrong passphrase"):
+            Repository.open(str(tmp_path / "r"), secret)
+    assert unlocks == [secret]
+    assert keys._ahead == {}  # taken: nothing is kept
+    assert Repository.open(str(tmp_path / "r"), b"other").keys.master == repo.keys.master
+    assert unlocks == [secret, b"other"]  # nothing ahead: unlocked as always

@@ -126,6 +126,7 @@ def open_repository(args: argparse.Namespace) -> Any:
 
 def open_secret(args: argparse.Namespace) -> bytes | None:
     """The secret to open ``args.repo`` with (None for an unencrypted repository)."""
+    from blockbackup.repository.errors import RepositoryError  # lazy: start-up cost
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     if not Repository.is_encrypted_at(args.repo, storage_options(args)):
@@ -136,6 +137,11 @@ def open_secret(args: argparse.Namespace) -> bytes | None:
             f"{args.repo} is encrypted: give --passphrase-env VAR, --passphrase-file FILE "
             "or --key-file FILE (or run on a terminal to be asked)"
         )
+    if "://" not in args.repo:  # on object storage, reading the slots twice costs requests
+        try:  # while the command imports the engine
+            Repository.unlock_ahead(args.repo, got[0], storage_options(args))
+        except (RepositoryError, OSError):
+            pass  # the opening finds it again, and says so
     return got[0]
 
 

@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,8 +168,45 @@ def open_slot(slot: dict[str, Any], secret: bytes, repo_id: str, slot_id: str) -
         raise CorruptData(f"key slot {slot_id} is damaged: {exc}") from None
 
 
+#: Unlocks started ahead of their use (:func:`unlock_ahead`), each taken once.
+_ahead: dict[bytes, Future[tuple[bytes, str]]] = {}
+
+
+def unlock_ahead(slots: dict[str, dict[str, Any]], secret: bytes, repo_id: str) -> None:
+    """Start :func:`unlock` in a thread; an :func:`unlock` with the same slots, secret and
+    repository then takes its outcome (once: the master key, or the error) instead of
+    deriving again.
+
+    For a command line process, which opens the repository right after importing the
+    engine: the key derivation (~0.1 s of Argon2id, in C, without the GIL) then overlaps
+    the imports. A daemon does not call it, so it never holds a key nobody asked for."""
+    future: Future[tuple[bytes, str]] = Future()
+    _ahead[_ahead_key(slots, secret, repo_id)] = future
+
+    def run() -> None:
+        try:
+            future.set_result(_unlock(slots, secret, repo_id))
+        except Exception as exc:  # the unlock that takes it raises it, as its own
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="bb-unlock-ahead", daemon=True).start()
+
+
+def _ahead_key(slots: dict[str, dict[str, Any]], secret: bytes, repo_id: str) -> bytes:
+    what = json.dumps([slots, repo_id], sort_keys=True).encode()
+    return hashlib.sha256(what).digest() + hashlib.sha256(secret).digest()
+
+
 def unlock(slots: dict[str, dict[str, Any]], secret: bytes, repo_id: str) -> tuple[bytes, str]:
-    """(master key, slot id) from the first slot ``secret`` opens, else :class:`WrongKey`."""
+    """(master key, slot id) from the first slot ``secret`` opens, else :class:`WrongKey`
+    (or the outcome of the same unlock started ahead)."""
+    ahead = _ahead.pop(_ahead_key(slots, secret, repo_id), None)
+    if ahead is not None:
+        return ahead.result()
+    return _unlock(slots, secret, repo_id)
+
+
+def _unlock(slots: dict[str, dict[str, Any]], secret: bytes, repo_id: str) -> tuple[bytes, str]:
     for slot_id, slot in sorted(slots.items()):
         master = open_slot(slot, secret, repo_id, slot_id)
         if master is not None:

@@ -150,6 +150,14 @@ class Repository:
         master, _slot = keymod.unlock(cls._slots(backend), secret, config["id"])
         return cls(backend, config, Keys(master))
 
+    @classmethod
+    def unlock_ahead(cls, location: str, secret: bytes, options: StorageOptions = None) -> None:
+        """Start unlocking in a thread what a coming :meth:`open` with ``secret`` unlocks
+        (:func:`keys.unlock_ahead`: for a command line process, not a daemon)."""
+        backend = open_backend(location, options)
+        config = cls.read_config(backend)
+        keymod.unlock_ahead(cls._slots(backend), secret, config["id"])
+
     @staticmethod
     def is_encrypted_at(location: str, options: StorageOptions = None) -> bool:
         backend = open_backend(location, options)
