@@ -279,3 +279,31 @@ async def test_a_restore_reads_the_same_disk_with_decoders_or_without(
             await bb.wait(await bb.backup("snap", "out", sync="full"))
         assert out.read_bytes() == image.read_bytes()
         assert bool(here) == bool(options)
+
+
+@pytest.mark.asyncio
+async def test_reads_inside_a_chunk_are_served_at_once_by_a_node_with_decoders(
+    tmp_path: Path,
+) -> None:
+    """What an NBD client of a mount sends: 4 KiB reads inside 64 KiB chunks, and reads of
+    zero chunks only. Their requests hold no whole stored chunk, so the decoders get no
+    work; no request may wait for a worker's answer to nothing (one used to take the
+    5 s an answer is waited for, and cost the worker)."""
+    image = tmp_path / "disk.img"
+    data = os.urandom(4 * CHUNK) + bytes(2 * CHUNK) + os.urandom(2 * CHUNK)
+    image.write_bytes(data)
+    repo = tmp_path / "repo"
+    Repository.init(str(repo), PASS)
+    result = (await backup_image_driver(repo, image, "d")).result
+    assert result is not None
+    Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        snap = await bb.blockdev_add(snapshot_node(repo))
+        assert isinstance(snap.driver, RepoSnapshotDriver)
+        assert snap.driver.decoders is not None
+        workers = {w.process.pid for w in snap.driver.decoders._free}
+        for offset, length in ((4096, 4096), (CHUNK + 512, 8192), (4 * CHUNK, 2 * CHUNK)):
+            got = await snap.read(offset, length)
+            assert bytes(got) == data[offset : offset + length]
+        assert {w.process.pid for w in snap.driver.decoders._free} == workers  # none replaced

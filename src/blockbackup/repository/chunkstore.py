@@ -530,6 +530,8 @@ class ChunkStore:
         itself and decodes it; False (nothing done that counts) when the packs are not
         local files, the request does not fit the worker's memory, the worker failed, or
         a blob did not decode and check: then this thread decodes, naming any damage."""
+        if not places:
+            return True  # a request inside one chunk, or of zero chunks: nothing to decode
         runs = self._worker_runs(places)
         if runs is None:
             return False

@@ -186,6 +186,8 @@ class EncoderPool:
         known: Callable[[bytes], bool],
         lent: list[memoryview],
     ) -> list[Encoded]:
+        if not pieces:  # an empty answer would mean "worker gone"
+            return []
         view = worker.view
         places = []
         pos = 0
@@ -215,6 +217,9 @@ class EncoderPool:
         caller then decodes them itself, and names what is damaged)."""
         if plain > HALF or len(message) + 1 > _MAX_REPLY:
             yield None
+            return
+        if not message:  # no blob: its answer would be empty, which means "worker gone"
+            yield memoryview(b"")
             return
         worker = self._acquire()
         try:
