@@ -199,6 +199,49 @@ async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -
         await restore(repo_path, "latest", tmp_path / "out.img", 10 * MiB)
 
 
+async def test_reads_of_parts_of_a_chunk_fetch_and_decode_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NBD client's 4 KiB reads (a guest booting from a mount): each chunk is read from
+    its pack (a GET on S3) and decoded once for all its parts, which are then answered at
+    once, without a thread; the chunks kept stay within ``RECENT_BYTES``."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    content = make_image(image)
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    fetched: list[bytes] = []
+    read_chunk = drivers._read_chunk
+
+    def counted(repo: Repository, address: bytes, *args: Any) -> bytes:
+        fetched.append(address)
+        return read_chunk(repo, address, *args)
+
+    monkeypatch.setattr(drivers, "_read_chunk", counted)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        node = await bb.blockdev_add(snapshot_node(repo_path, **{"encoder-processes": 0}))
+        for offset in range(0, 2 * CHUNK, 4096):
+            got = await node.read(offset, 4096)
+            assert bytes(got) == content[offset : offset + 4096]
+        assert len(fetched) == 2 == len(set(fetched))
+        assert isinstance(node.driver, drivers.RepoSnapshotDriver)
+        kept = node.driver.submit_read(CHUNK - 100, 200)  # both chunks kept: at once
+        assert isinstance(kept, bytearray)
+        assert bytes(kept) == content[CHUNK - 100 : CHUNK + 100]
+        later = node.driver.submit_read(2 * CHUNK + 5, 10)  # not kept: in a thread
+        assert not isinstance(later, (bytes, bytearray, memoryview))
+        later.close()
+        zeroes = node.driver.submit_read(3 * MiB, 100)  # a zero chunk: nothing to read
+        assert zeroes == bytes(100)
+        for offset in range(0, 8 * MiB, CHUNK):  # part of every chunk: 80 of data
+            got = await node.read(offset + 100, 100)
+            assert bytes(got) == content[offset + 100 : offset + 200]
+        assert len(fetched) == 80  # the first two again from what was kept
+        assert len(node.driver._recent) == drivers.RECENT_BYTES // CHUNK
+
+
 async def test_bad_options_are_clear_errors(tmp_path: Path) -> None:
     repo_path = tmp_path / "repo"
     Repository.init(str(repo_path), PASS)
