@@ -4,7 +4,9 @@ job, restores from a bb-repo-snapshot node with the same job, on real files."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from blockbackup.block.node import BlockNode
 from blockbackup.errors import BlockBackupError
 from blockbackup.jobs.status import JobStatus
 from blockbackup.repository import drivers
+from blockbackup.repository.errors import CorruptData
 from blockbackup.repository.repo import Repository
 
 pytestmark = pytest.mark.asyncio
@@ -240,6 +243,53 @@ async def test_reads_of_parts_of_a_chunk_fetch_and_decode_it_once(
             assert bytes(got) == content[offset + 100 : offset + 200]
         assert len(fetched) == 80  # the first two again from what was kept
         assert len(node.driver._recent) == drivers.RECENT_BYTES // CHUNK
+
+
+async def test_parallel_reads_of_parts_of_one_chunk_fetch_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's queue of 4 KiB reads of one chunk: the first fetches and decodes it,
+    the others wait for it (the fetch is slowed so that they all arrive meanwhile); a
+    damaged chunk fails every one of them, named once."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    content = make_image(image)
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    fetched: list[bytes] = []
+    read_chunk = drivers._read_chunk
+
+    def slow(repo: Repository, address: bytes, *args: Any) -> bytes:
+        fetched.append(address)
+        time.sleep(0.2)
+        return read_chunk(repo, address, *args)
+
+    monkeypatch.setattr(drivers, "_read_chunk", slow)
+    async with BlockBackup() as bb:
+        bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
+        node = await bb.blockdev_add(snapshot_node(repo_path))
+        offsets = range(CHUNK, 2 * CHUNK, 8192)
+        got = await asyncio.gather(*(node.read(o, 4096) for o in offsets))
+        assert [bytes(g) for g in got] == [content[o : o + 4096] for o in offsets]
+        assert len(fetched) == 1
+        assert isinstance(node.driver, drivers.RepoSnapshotDriver)
+        victim = node.driver.index.get(5)
+        damaged: list[str] = []
+
+        def bad(*args: Any) -> bytes:
+            time.sleep(0.2)
+            drivers._damaged(CorruptData("bad"), "d", 5 * CHUNK, damaged)
+
+        monkeypatch.setattr(drivers, "_read_chunk", bad)
+        results = await asyncio.gather(
+            *(node.read(5 * CHUNK + o, 4096) for o in range(0, CHUNK, 16384)),  # 4 < threads
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+        assert damaged == ["disk d at offset 327680: bad"]
+        assert victim not in node.driver._recent
+        assert not node.driver._fetching
 
 
 async def test_bad_options_are_clear_errors(tmp_path: Path) -> None:

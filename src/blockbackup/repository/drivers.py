@@ -26,6 +26,7 @@ import errno
 import threading
 from collections import OrderedDict
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
 from typing import Any, ClassVar, NoReturn
 
 from blockbackup._aio import run_blocking
@@ -473,6 +474,8 @@ class RepoSnapshotDriver(_RepoDisk):
         super().__init__(node, repo, index, name)
         #: Chunks read for a part of a request, the most recent last (:meth:`_partial_chunk`).
         self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        #: Chunks being read for that, by address: parallel readers wait for the first.
+        self._fetching: dict[bytes, Future[bytes]] = {}
         self._recent_lock = threading.Lock()
 
     @classmethod
@@ -540,17 +543,29 @@ class RepoSnapshotDriver(_RepoDisk):
     def _partial_chunk(self, address: bytes, start: int) -> bytes:
         """The chunk at disk offset ``start``, of which a request needs only a part: kept
         for the next such reads, which an NBD client sends in a row (a guest booting from
-        a mount reads 4 KiB at a time: 16 reads, and on S3 16 GETs, of each chunk)."""
+        a mount reads 4 KiB at a time: 16 reads, and on S3 16 GETs, of each chunk).
+        Parallel reads of one chunk wait for the first (a client's queue of 4 KiB reads)."""
         with self._recent_lock:
             data = self._recent.get(address)
             if data is not None:
                 self._recent.move_to_end(address)
                 return data
-        data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
+            fetching = self._fetching.get(address)
+            if fetching is None:
+                self._fetching[address] = Future()
+        if fetching is not None:
+            return fetching.result()  # the first reader's chunk, or its error
+        try:
+            data = _read_chunk(self.repo, address, self.disk, start, self.damaged)
+        except BaseException as exc:
+            with self._recent_lock:
+                self._fetching.pop(address).set_exception(exc)
+            raise
         with self._recent_lock:
             self._recent[address] = data
             while len(self._recent) > max(1, RECENT_BYTES // self.chunk):
                 self._recent.popitem(last=False)
+            self._fetching.pop(address).set_result(data)
         return data
 
     def write_to(
