@@ -543,7 +543,7 @@ class RepoSnapshotDriver(_RepoDisk):
     def _partial_chunk(self, address: bytes, start: int) -> bytes:
         """The chunk at disk offset ``start``, of which a request needs only a part: kept
         for the next such reads, which an NBD client sends in a row (a guest booting from
-        a mount reads 4 KiB at a time: 16 reads, and on S3 16 GETs, of each chunk).
+        a mount reads 4 KiB at a time: each chunk was read and decoded 16 times).
         Parallel reads of one chunk wait for the first (a client's queue of 4 KiB reads)."""
         with self._recent_lock:
             data = self._recent.get(address)
