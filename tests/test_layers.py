@@ -26,6 +26,7 @@ BLOCK_LAYERS: dict[str, int] = {
     "reqlist": 1,
     "bitmap": 1,
     "copy_range": 1,
+    "sparse_write": 1,
     "ratelimit": 1,
     "throttle_groups": 1,
     "objects": 1,
