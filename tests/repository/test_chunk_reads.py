@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from blockbackup.repository import directio
+from blockbackup.repository import blob, directio
 from blockbackup.repository.backend import DirectoryBackend
 from blockbackup.repository.chunkstore import ChunkStore, pack_key
 from blockbackup.repository.encoders import EncoderPool
@@ -68,9 +68,18 @@ def stored_chunks(tmp_path: Path, count: int, pack_size: int) -> tuple[Repositor
     return repo, chunks
 
 
-def reader(tmp_path: Path) -> tuple[ChunkStore, CountingBackend]:
+class NoLocalPathsBackend(CountingBackend):
+    """The directory backend, showing no local paths, as an object store shows none: a
+    worker then decodes runs that this process read into its memory."""
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+
+def reader(tmp_path: Path, where: str = "here") -> tuple[ChunkStore, CountingBackend]:
     repo = Repository.open(str(tmp_path / "r"), PASS)
-    backend = CountingBackend(tmp_path / "r")
+    kind = NoLocalPathsBackend if where == STAGED else CountingBackend
+    backend = kind(tmp_path / "r")
     store = ChunkStore(backend, repo.keys, int(repo.config["pack_size"]), repo.pack_hash)
     store.load()
     return store, backend
@@ -154,16 +163,22 @@ def decoders_for(repo: Repository, where: str) -> Iterator[EncoderPool | None]:
         pool.close()
 
 
-DECODERS = ["here", "in a worker"]
+STAGED = "in a worker, the runs read here"
+DECODERS = ["here", "in a worker", STAGED]
 
 
 @pytest.mark.parametrize("where", DECODERS)
-def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path, where: str) -> None:
+def test_chunks_are_decoded_into_their_places_with_one_read(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``read_into``: each chunk lands at each of its places (a chunk used twice in one
     request is read and decoded once); neighbours in a pack come in one read (by the
-    worker, which reads the pack file itself, when there is one)."""
+    worker, which reads the pack file itself, when there is one); a worker decodes,
+    not this process."""
+    if where != "here":
+        monkeypatch.setattr(blob, "decode_into", _not_here)
     repo, chunks = stored_chunks(tmp_path, 6, 16 << 20)
-    store, backend = reader(tmp_path)
+    store, backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     order = [0, 1, 2, 1, 3, 4, 5, 0]  # chunks 0 and 1 twice
     places: dict[bytes, list[tuple[int, int]]] = {}
@@ -173,7 +188,7 @@ def test_chunks_are_decoded_into_their_places_with_one_read(tmp_path: Path, wher
     with decoders_for(repo, where) as decoders:
         assert store.read_into(memoryview(out), places, decoders) == {}
     assert bytes(out) == b"".join(chunks[k] for k in order)
-    assert backend.pack_reads == (1 if decoders is None else 0)
+    assert backend.pack_reads == (0 if where == "in a worker" else 1)
 
 
 def test_a_killed_decoder_leaves_the_request_to_this_thread_and_is_replaced(
@@ -202,7 +217,7 @@ def test_a_killed_decoder_leaves_the_request_to_this_thread_and_is_replaced(
 @pytest.mark.parametrize("where", DECODERS)
 def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path, where: str) -> None:
     repo, chunks = stored_chunks(tmp_path, 4, 16 << 20)
-    store, _backend = reader(tmp_path)
+    store, _backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     flip_stored_byte(tmp_path, store, addresses[2], -3)  # in the GCM tag
     out = bytearray(4 * CHUNK_SIZE)
@@ -221,7 +236,7 @@ def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path, where:
     """A place longer than the stored chunk would keep stale bytes of a reused buffer:
     the chunk is refused instead, named."""
     repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
-    store, _backend = reader(tmp_path)
+    store, _backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     places = {addresses[0]: [(0, CHUNK_SIZE + 512)], addresses[1]: [(2 * CHUNK_SIZE, CHUNK_SIZE)]}
     out = bytearray(3 * CHUNK_SIZE)
@@ -235,7 +250,7 @@ def test_a_chunk_whose_length_is_not_its_place_is_refused(tmp_path: Path, where:
 @pytest.mark.parametrize("where", DECODERS)
 def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path, where: str) -> None:
     repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
-    store, _backend = reader(tmp_path)
+    store, _backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     (tmp_path / "r" / pack_key(store.locate(addresses[0]).pack)).unlink()
     places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
@@ -245,6 +260,10 @@ def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path, wh
     assert all("missing" in str(e) for e in failed.values())
 
 
+def _not_here(*args: object) -> None:
+    raise AssertionError("decoded in this process")
+
+
 def write_target(tmp_path: Path, size: int) -> Path:
     """A file of ``size`` bytes of 0xEE: what a write left alone still shows."""
     path = tmp_path / "target.img"
@@ -252,12 +271,17 @@ def write_target(tmp_path: Path, size: int) -> Path:
     return path
 
 
-def test_a_worker_writes_a_range_into_the_file_but_for_its_zero_grains(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["in a worker", STAGED])
+def test_a_worker_writes_a_range_into_the_file_but_for_its_zero_grains(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``write_in_workers``: every chunk at each of its places, the zero chunks between
     them as zeroes inside a grain that holds data, and a grain of zero chunks only left
-    alone and returned as skipped; the worker reads the pack itself."""
+    alone and returned as skipped; the worker reads the pack itself (from local files)
+    and decodes."""
+    monkeypatch.setattr(blob, "decode_into", _not_here)
     repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
-    store, backend = reader(tmp_path)
+    store, backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     order = [0, None, 1, 1, None, None, 2, 0]  # None: a zero chunk (no place)
     places: dict[bytes, list[tuple[int, int]]] = {}
@@ -279,7 +303,7 @@ def test_a_worker_writes_a_range_into_the_file_but_for_its_zero_grains(tmp_path:
     assert data[:offset] == b"\xee" * offset
     assert data[offset + length :] == b"\xee" * CHUNK_SIZE
     assert data[offset : offset + length] == b"".join(expected)
-    assert backend.pack_reads == 0
+    assert backend.pack_reads == (1 if where == STAGED else 0)
 
 
 def test_a_worker_writes_nothing_when_a_chunk_is_damaged(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
 
 if TYPE_CHECKING:
-    from blockbackup.repository.encoders import EncoderPool
+    from blockbackup.repository.encoders import EncoderPool, WorkerRun
 
 PACK_MAGIC = b"BBPACK1\n"
 PACK_END = b"BBPKEND1"
@@ -493,8 +493,9 @@ class ChunkStore:
         length: the chunk's length on the disk); what could not be read, by address (its
         places then hold no trusted bytes). A restore's 1 MiB request is one ranged read
         (one GET on an object store), and an uncompressed chunk is decrypted straight into
-        its place (:func:`blob.decode_into`). ``decoders``: worker processes that read and
-        decode the runs when the packs are local files (:meth:`_decode_in_workers`).
+        its place (:func:`blob.decode_into`). ``decoders``: worker processes that decode
+        the runs, and read them too when the packs are local files
+        (:meth:`_decode_in_workers`).
 
         Trusts the GCM tag as :meth:`_check` does. Safe in parallel threads once nothing
         is pending."""
@@ -527,18 +528,18 @@ class ChunkStore:
         decoders: EncoderPool,
     ) -> bool:
         """:meth:`read_into` by a worker process that reads each run of the pack files
-        itself and decodes it; False (nothing done that counts) when the packs are not
-        local files, the request does not fit the worker's memory, the worker failed, or
-        a blob did not decode and check: then this thread decodes, naming any damage."""
+        itself (or is given it: S3) and decodes it; False (nothing done that counts) when a
+        pack is missing, the request does not fit the worker's memory, the worker failed,
+        or a blob did not decode and check: then this thread decodes, naming any damage."""
         if not places:
             return True  # a request inside one chunk, or of zero chunks: nothing to decode
-        runs = self._worker_runs(places)
-        if runs is None:
+        prepared = self._worker_runs(places)
+        if prepared is None:
             return False
-        message, order = runs
+        runs, order = prepared
         plain = sum(places[address][0][1] for address in order)
         try:
-            with decoders.decoded(bytes(message), plain) as decoded:
+            with decoders.decoded(runs, plain) as decoded:
                 if decoded is None:
                     return False
                 pos = 0
@@ -564,47 +565,53 @@ class ChunkStore:
         for its all-zero ``grain``s: those, as (offset, length) runs in the range. None
         when nothing was written: as for :meth:`_decode_in_workers`, the caller then
         reads the range into a buffer (naming any damage) and writes it. A restore's
-        data then goes from the pack files to the image without this process touching
-        it. A failed write raises ``OSError``."""
-        runs = self._worker_runs(places)
-        if runs is None:
+        data then goes to the image without this process decoding or writing it. A
+        failed write raises ``OSError``."""
+        prepared = self._worker_runs(places)
+        if prepared is None:
             return None
-        message, order = runs
-        header = encoder_worker.WRITE.pack(offset, length, grain, len(message))
+        runs, order = prepared
+        where = bytearray()
         for address in order:
             ats = [at for at, _n in places[address]]
-            message += encoder_worker.PLACES.pack(len(ats))
-            message += struct.pack(f"<{len(ats)}I", *ats)
+            where += encoder_worker.PLACES.pack(len(ats))
+            where += struct.pack(f"<{len(ats)}I", *ats)
         try:
-            return decoders.write(header + message, len(order), fd)
+            return decoders.write(runs, bytes(where), len(order), (offset, length, grain), fd)
         except RepositoryError:
             return None  # the worker failed (it is replaced): copy here instead
 
     def _worker_runs(
         self, places: dict[bytes, list[tuple[int, int]]]
-    ) -> tuple[bytearray, list[bytes]] | None:
-        """The runs of ``places`` as a worker reads them (``encoder_worker.RUN`` and
-        ``BLOB``s), and the addresses in their order; None when the packs are not local
-        files or the places disagree with the repository (the caller names that)."""
-        message = bytearray()
+    ) -> tuple[list[WorkerRun], list[bytes]] | None:
+        """The runs of ``places`` for a worker: each pack file's path when the packs are
+        local files (the worker reads them), else each run's bytes, read here (one ranged
+        GET each on S3). With the addresses in their order; None when a pack is missing
+        or the places disagree with the repository (the caller names that)."""
+        runs: list[WorkerRun] = []
         order: list[bytes] = []
         for run in self._runs(places):
-            path = self.backend.local_path(pack_key(run[0][0]))
-            if path is None:
-                return None
-            name = os.fsencode(path)
+            key = pack_key(run[0][0])
             start = run[0][1]
             end = run[-1][1] + run[-1][3].length
-            message += encoder_worker.RUN.pack(len(name), start, end - start, len(run))
-            message += name
+            blobs = bytearray()
             for _pack, offset, address, location in run:
                 if any(n != location.plain for _at, n in places[address]):
                     return None  # a disk index that disagrees: named by the caller
-                message += encoder_worker.BLOB.pack(
+                blobs += encoder_worker.BLOB.pack(
                     offset - start, location.length, location.plain, address
                 )
                 order.append(address)
-        return message, order
+            path = self.backend.local_path(key)
+            if path is not None:
+                runs.append((os.fsencode(path), start, end - start, len(run), bytes(blobs)))
+                continue
+            try:
+                data = memoryview(self.backend.get_buffer(key, start, end - start))
+            except NotFound:
+                return None
+            runs.append((data, 0, end - start, len(run), bytes(blobs)))
+        return runs, order
 
     def _runs(self, addresses: Iterable[bytes]) -> Iterator[list[tuple[str, int, bytes, Location]]]:
         """The blobs of ``addresses`` in runs of neighbouring blobs of a pack (gaps up to

@@ -497,8 +497,7 @@ class RepoSnapshotDriver(_RepoDisk):
         index = DiskIndex(repo.store, record.size, record.chunk_size, record.segments)
         driver = cls(node, repo, index, record.name)
         driver.snapshot_id = manifest.id
-        if workers and repo.backend.local_path("config") is not None:
-            # packs on local files: worker processes read and decode a restore's runs
+        if workers:  # worker processes decode (and write) a restore's runs
             driver.decoders = await asyncio.to_thread(
                 encoder_pools.shared, repo.keys.master, workers
             )

@@ -13,8 +13,10 @@ Messages (one datagram each, little-endian):
   after another; the reply is (offset, length) u32 pairs, one per index.
 - ``D`` + runs (a restore's decoding): each run is ``RUN`` (path length, offset, length,
   blob count), the pack file's path, then ``BLOB`` per blob (offset in the run, stored
-  length, plaintext length, address). The worker reads each run from the file itself and
-  decodes its blobs into the output half, one after another; the reply is one byte per
+  length, plaintext length, address). The worker reads each run from the file itself (a
+  path length of 0: the parent put the run into the input half at that offset, as it does
+  for a repository on S3) and decodes its blobs into the output half, one after another;
+  the reply is one byte per
   blob, 0 when it decoded and checked, 1 when not (the parent then decodes the request
   itself, to name the damage as it always does).
 - ``W`` + ``WRITE`` (destination offset, length, grain, the runs' size) + runs as for ``D``
@@ -70,7 +72,7 @@ def serve(sock: socket.socket) -> None:
         kind, body = message[:1], memoryview(message)[1:]
         if kind == b"W" and len(fds) == 1:
             try:
-                sock.send(_write(keys, body, view[half:], reads, fds[0], zeroes))
+                sock.send(_write(keys, body, view[:half], view[half:], reads, fds[0], zeroes))
             finally:
                 os.close(fds[0])
             continue
@@ -101,7 +103,8 @@ def serve(sock: socket.socket) -> None:
                 pos = end
             sock.send(b"".join(out))
         elif kind == b"D":
-            sock.send(_decode_runs(keys, body, _one_after_another(view[half:]), reads))
+            place = _one_after_another(view[half:])
+            sock.send(_decode_runs(keys, body, view[:half], place, reads))
         else:
             raise RuntimeError(f"unknown message {kind!r}")
 
@@ -119,10 +122,14 @@ def _one_after_another(out: memoryview) -> Callable[[int], memoryview]:
 
 
 def _decode_runs(
-    keys: Keys, body: memoryview, place: Callable[[int], memoryview], reads: directio.ReadBuffer
+    keys: Keys,
+    body: memoryview,
+    staged: memoryview,
+    place: Callable[[int], memoryview],
+    reads: directio.ReadBuffer,
 ) -> bytes:
-    """Read each run of ``body`` and decode each of its blobs into ``place(its length)``;
-    a status byte per blob."""
+    """Read each run of ``body`` (from its pack file, or from ``staged``, the input half)
+    and decode each of its blobs into ``place(its length)``; a status byte per blob."""
     status = bytearray()
     at = 0
     while at < len(body):
@@ -132,7 +139,8 @@ def _decode_runs(
         at += path_length
         blobs = [BLOB.unpack_from(body, at + n * BLOB.size) for n in range(count)]
         at += count * BLOB.size
-        data = _read(path, offset, length, reads)
+        # a path of length 0: the parent put the run into the input half, at ``offset``
+        data = _read(path, offset, length, reads) if path_length else staged[offset:][:length]
         for start, stored_length, plain, address in blobs:
             target = place(plain)
             stored = data[start : start + stored_length] if data is not None else b""
@@ -143,6 +151,7 @@ def _decode_runs(
 def _write(
     keys: Keys,
     body: memoryview,
+    staged: memoryview,
     out: memoryview,
     reads: directio.ReadBuffer,
     fd: int,
@@ -161,7 +170,7 @@ def _write(
         decoded.append((where, plain))
         return out[where[0] : where[0] + plain]
 
-    status = _decode_runs(keys, runs, place, reads)
+    status = _decode_runs(keys, runs, staged, place, reads)
     if any(status) or len(decoded) != len(places):
         return status
     for (first, *others), plain in decoded:  # the same chunk again in the range

@@ -13,13 +13,14 @@ addresses, and asks to encode only those the repository does not hold yet (a bac
 unchanged disk hashes and stores nothing). The encoded blobs are read from the output half
 until the request releases the worker.
 
-The same workers decode for a restore: a snapshot node of a repository on local files
-sends the runs of chunks a request needs (pack file, range, blobs), and the worker reads
-them past the page cache and decodes them into its output half, which the request copies
-out. A thread that decodes is one GIL hand-off per request instead of one per pack read,
-zstd call and write (measured: a restore spent ~10% of its CPU in those hand-offs). A
-restore into a local file sends the file's descriptor along, and the worker writes the
-range itself (:meth:`EncoderPool.write`): the data never passes through this process.
+The same workers decode for a restore: a snapshot node sends the runs of chunks a request
+needs (pack file, range, blobs), and the worker reads them past the page cache (on S3 the
+request reads them, into the worker's input half) and decodes them into its output half,
+which the request copies out. A thread that decodes is one GIL hand-off per request
+instead of one per pack read, zstd call and write (measured: a restore spent ~10% of its
+CPU in those hand-offs). A restore into a local file sends the file's descriptor along,
+and the worker writes the range itself (:meth:`EncoderPool.write`): the data never passes
+through this process.
 
 Lifetime: one pool per repository key and process, started by its first repository node
 and stopped with the last (:func:`shared`, :func:`release`). A worker that dies fails the
@@ -114,6 +115,10 @@ class _Worker:
 #: What a request gets back per chunk: its address and its encoded blob (empty when the
 #: chunk is zero or already stored).
 Encoded = tuple[bytes, bytes | bytearray | memoryview]
+#: A run of a pack for a worker to decode: the pack file's path and the run's offset in it
+#: (the worker reads it), or the run's bytes (read here: a repository on S3) and 0; the
+#: run's length, its number of blobs, and their ``encoder_worker.BLOB`` entries.
+WorkerRun = tuple[bytes | memoryview, int, int, int, bytes]
 
 
 class EncoderPool:
@@ -209,21 +214,22 @@ class EncoderPool:
         return out
 
     @contextlib.contextmanager
-    def decoded(self, message: bytes, plain: int) -> Iterator[memoryview | None]:
-        """Have a worker read and decode the runs of a ``D`` message (the body:
-        ``encoder_worker`` has its layout) whose blobs hold ``plain`` bytes of plaintext:
-        their plaintexts one after another, a view of the worker's memory valid inside the
-        ``with`` block; None if they do not fit it, or a blob did not decode and check (the
-        caller then decodes them itself, and names what is damaged)."""
-        if plain > HALF or len(message) + 1 > _MAX_REPLY:
+    def decoded(self, runs: list[WorkerRun], plain: int) -> Iterator[memoryview | None]:
+        """Have a worker read and decode ``runs`` (a ``D`` message) whose blobs hold
+        ``plain`` bytes of plaintext: their plaintexts one after another, a view of the
+        worker's memory valid inside the ``with`` block; None if they do not fit it, or a
+        blob did not decode and check (the caller then decodes them itself, and names what
+        is damaged)."""
+        if plain > HALF:
             yield None
             return
-        if not message:  # no blob: its answer would be empty, which means "worker gone"
+        if not runs:  # no blob: its answer would be empty, which means "worker gone"
             yield memoryview(b"")
             return
         worker = self._acquire()
         try:
-            status = worker.ask(b"D" + message)
+            message = _runs_message(worker, runs)
+            status = worker.ask(b"D" + message) if message is not None else b"\1"
             if any(status):
                 yield None
                 return
@@ -232,18 +238,28 @@ class EncoderPool:
         finally:
             self._release(worker)
 
-    def write(self, message: bytes, blobs: int, fd: int) -> list[tuple[int, int]] | None:
-        """Have a worker read, decode and write the range of a ``W`` message (the body:
-        ``encoder_worker`` has its layout) of ``blobs`` blobs into the file ``fd``: the
-        runs it skipped as all zeroes; None if the range does not fit a worker's memory
-        or a blob did not decode and check (nothing was written: the caller copies the
-        range itself, and names what is damaged). A failed write raises ``OSError``."""
-        _offset, length, grain, _runs = encoder_worker.WRITE.unpack_from(message)
+    def write(
+        self, runs: list[WorkerRun], places: bytes, blobs: int, where: tuple[int, int, int], fd: int
+    ) -> list[tuple[int, int]] | None:
+        """Have a worker read and decode ``runs`` of ``blobs`` blobs, put them at their
+        ``places`` (a ``W`` message) in a range of ``where`` = (offset in the file, length,
+        grain), and write the range into the file ``fd``: the runs it skipped as all
+        zeroes; None if the range does not fit a worker's memory or a blob did not decode
+        and check (nothing was written: the caller copies the range itself, and names what
+        is damaged). A failed write raises ``OSError``."""
+        offset, length, grain = where
         reply_room = blobs + encoder_worker.ERRNO.size + _PAIR.size * (length // grain + 1)
-        if length > HALF or len(message) + 1 > _MAX_REPLY or reply_room > _MAX_REPLY:
+        if length > HALF or reply_room > _MAX_REPLY:
             return None
         worker = self._acquire()
         try:
+            message = _runs_message(worker, runs)
+            if message is None:
+                return None
+            header = encoder_worker.WRITE.pack(offset, length, grain, len(message))
+            message = header + message + places
+            if len(message) + 1 > _MAX_REPLY:
+                return None
             reply = worker.ask(b"W" + message, fd)
         finally:
             self._release(worker)
@@ -264,6 +280,26 @@ class EncoderPool:
             worker.hang_up()
         for worker in stopping:
             worker.reap()
+
+
+def _runs_message(worker: _Worker, runs: list[WorkerRun]) -> bytes | None:
+    """The runs as a worker reads them (``encoder_worker.RUN``, path, ``BLOB``s), the
+    bytes of those read here put into its input half; None if they do not fit it, or the
+    message would not fit a datagram."""
+    parts = []
+    staged = 0
+    for source, offset, length, count, blobs in runs:
+        if isinstance(source, bytes):
+            parts += [encoder_worker.RUN.pack(len(source), offset, length, count), source]
+        else:
+            if staged + length > HALF:
+                return None
+            worker.view[staged : staged + length] = source
+            parts.append(encoder_worker.RUN.pack(0, staged, length, count))
+            staged += length
+        parts.append(blobs)
+    message = b"".join(parts)
+    return message if len(message) + 64 <= _MAX_REPLY else None
 
 
 _pools: dict[bytes | None, tuple[EncoderPool, int]] = {}
