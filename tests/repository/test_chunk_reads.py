@@ -196,7 +196,7 @@ def test_a_killed_decoder_leaves_the_request_to_this_thread_and_is_replaced(
 ) -> None:
     repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
     store, backend = reader(tmp_path)
-    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
+    places = in_order([repo.keys.address(c) for c in chunks])
     with decoders_for(repo, "in a worker") as decoders:
         assert decoders is not None
         (worker,) = decoders._free
@@ -221,7 +221,7 @@ def test_a_chunk_decoded_into_place_is_named_when_damaged(tmp_path: Path, where:
     addresses = [repo.keys.address(c) for c in chunks]
     flip_stored_byte(tmp_path, store, addresses[2], -3)  # in the GCM tag
     out = bytearray(4 * CHUNK_SIZE)
-    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+    places = in_order(addresses)
     with decoders_for(repo, where) as decoders:
         failed = store.read_into(memoryview(out), places, decoders)
     assert list(failed) == [addresses[2]]
@@ -253,11 +253,27 @@ def test_chunks_of_a_missing_pack_are_each_named_by_read_into(tmp_path: Path, wh
     store, _backend = reader(tmp_path, where)
     addresses = [repo.keys.address(c) for c in chunks]
     (tmp_path / "r" / pack_key(store.locate(addresses[0]).pack)).unlink()
-    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+    places = in_order(addresses)
     with decoders_for(repo, where) as decoders:
         failed = store.read_into(memoryview(bytearray(3 * CHUNK_SIZE)), places, decoders)
     assert set(failed) == set(addresses)
     assert all("missing" in str(e) for e in failed.values())
+
+
+def in_order(addresses: list[bytes]) -> dict[bytes, list[tuple[int, int]]]:
+    """Each chunk in one place, one after another."""
+    return {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
+
+
+def write_case(
+    tmp_path: Path, count: int
+) -> tuple[Repository, list[bytes], ChunkStore, dict[bytes, list[tuple[int, int]]], Path]:
+    """``count`` stored chunks, a store reading them, their places one after another, and
+    a target file of 0xEE bytes as long."""
+    repo, chunks = stored_chunks(tmp_path, count, 16 << 20)
+    store, _backend = reader(tmp_path)
+    places = in_order([repo.keys.address(c) for c in chunks])
+    return repo, chunks, store, places, write_target(tmp_path, count * CHUNK_SIZE)
 
 
 def _not_here(*args: object) -> None:
@@ -309,12 +325,8 @@ def test_a_worker_writes_a_range_into_the_file_but_for_its_zero_grains(
 def test_a_worker_writes_nothing_when_a_chunk_is_damaged(tmp_path: Path) -> None:
     """None, and the file untouched: the copy then reads the range here, which names
     the damaged chunk (as ``read_into`` does), and writes no wrong byte."""
-    repo, chunks = stored_chunks(tmp_path, 3, 16 << 20)
-    store, _backend = reader(tmp_path)
-    addresses = [repo.keys.address(c) for c in chunks]
-    flip_stored_byte(tmp_path, store, addresses[1], 40)
-    places = {a: [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, a in enumerate(addresses)}
-    target = write_target(tmp_path, 3 * CHUNK_SIZE)
+    repo, chunks, store, places, target = write_case(tmp_path, 3)
+    flip_stored_byte(tmp_path, store, repo.keys.address(chunks[1]), 40)
     with decoders_for(repo, "in a worker") as decoders, open(target, "r+b") as f:
         assert decoders is not None
         assert (
@@ -325,10 +337,7 @@ def test_a_worker_writes_nothing_when_a_chunk_is_damaged(tmp_path: Path) -> None
 
 
 def test_a_worker_that_cannot_write_raises_the_write_error(tmp_path: Path) -> None:
-    repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
-    store, _backend = reader(tmp_path)
-    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
-    target = write_target(tmp_path, 2 * CHUNK_SIZE)
+    repo, _chunks, store, places, target = write_case(tmp_path, 2)
     with decoders_for(repo, "in a worker") as decoders, open(target, "rb") as f:
         assert decoders is not None
         with pytest.raises(OSError, match="Bad file descriptor") as caught:
@@ -337,10 +346,7 @@ def test_a_worker_that_cannot_write_raises_the_write_error(tmp_path: Path) -> No
 
 
 def test_a_killed_worker_leaves_the_write_to_the_caller_and_is_replaced(tmp_path: Path) -> None:
-    repo, chunks = stored_chunks(tmp_path, 2, 16 << 20)
-    store, _backend = reader(tmp_path)
-    places = {repo.keys.address(c): [(n * CHUNK_SIZE, CHUNK_SIZE)] for n, c in enumerate(chunks)}
-    target = write_target(tmp_path, 2 * CHUNK_SIZE)
+    repo, chunks, store, places, target = write_case(tmp_path, 2)
     with decoders_for(repo, "in a worker") as decoders, open(target, "r+b") as f:
         assert decoders is not None
         (worker,) = decoders._free

@@ -203,16 +203,30 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def sample_image(tmp_path: Path) -> Path:
+    """3 MiB: random data, a zero MiB, a chunk of text, and a short last chunk."""
+    image = tmp_path / "disk.img"
+    data = bytearray(os.urandom(3 << 20))
+    data[1 << 20 : 2 << 20] = bytes(1 << 20)
+    data[2 << 20 : (2 << 20) + CHUNK] = b"text " * (CHUNK // 5) + b"t"
+    image.write_bytes(bytes(data) + os.urandom(1000))
+    return image
+
+
+async def committed(repo: Path, image: Path) -> None:
+    """A new repository at ``repo`` holding one snapshot of ``image`` (disk ``d``)."""
+    Repository.init(str(repo), PASS)
+    result = (await backup_image_driver(repo, image, "d")).result
+    assert result is not None
+    Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
+
+
 @pytest.mark.asyncio
 async def test_a_backup_stores_the_same_disk_with_workers_or_without(tmp_path: Path) -> None:
     """Through the engine: the target node with its encoder processes (the default) and
     with none (``encoder-processes`` 0) make the same chunks: a backup of the same image
     the other way stores nothing new and ends with the same disk index."""
-    image = tmp_path / "disk.img"
-    data = bytearray(os.urandom(3 << 20))
-    data[1 << 20 : 2 << 20] = bytes(1 << 20)
-    data[2 << 20 : (2 << 20) + CHUNK] = b"text " * (CHUNK // 5) + b"t"
-    image.write_bytes(bytes(data) + os.urandom(1000))  # a short last chunk
+    image = sample_image(tmp_path)
     repo = tmp_path / "repo"
     Repository.init(str(repo), PASS)
     first = await backup_image_driver(repo, image, "d")
@@ -255,16 +269,9 @@ async def test_a_restore_reads_the_same_disk_with_decoders_or_without(
         read_into(driver, view, offset)
 
     monkeypatch.setattr(RepoSnapshotDriver, "read_into", counted)
-    image = tmp_path / "disk.img"
-    data = bytearray(os.urandom(3 << 20))
-    data[1 << 20 : 2 << 20] = bytes(1 << 20)
-    data[2 << 20 : (2 << 20) + CHUNK] = b"text " * (CHUNK // 5) + b"t"
-    image.write_bytes(bytes(data) + os.urandom(1000))  # a short last chunk
+    image = sample_image(tmp_path)
     repo = tmp_path / "repo"
-    Repository.init(str(repo), PASS)
-    result = (await backup_image_driver(repo, image, "d")).result
-    assert result is not None
-    Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
+    await committed(repo, image)
     for options in ({}, {"encoder-processes": 0}):
         here.clear()
         out = tmp_path / "out.img"
@@ -293,10 +300,7 @@ async def test_reads_inside_a_chunk_are_served_at_once_by_a_node_with_decoders(
     data = os.urandom(4 * CHUNK) + bytes(2 * CHUNK) + os.urandom(2 * CHUNK)
     image.write_bytes(data)
     repo = tmp_path / "repo"
-    Repository.init(str(repo), PASS)
-    result = (await backup_image_driver(repo, image, "d")).result
-    assert result is not None
-    Repository.open(str(repo), PASS).commit([result.record], packs=result.packs)
+    await committed(repo, image)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         snap = await bb.blockdev_add(snapshot_node(repo))

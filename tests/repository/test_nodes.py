@@ -118,6 +118,32 @@ def make_image(path: Path) -> bytes:
     return bytes(data) + bytes(2 * MiB)
 
 
+async def committed_image(tmp_path: Path) -> tuple[Path, bytes]:
+    """A repository holding one snapshot of :func:`make_image`'s image; its content."""
+    repo_path = tmp_path / "repo"
+    repo = Repository.init(str(repo_path), PASS)
+    image = tmp_path / "disk.img"
+    content = make_image(image)
+    result = await backup_image(repo_path, image, "d")
+    repo.commit([result.record], packs=result.packs)
+    return repo_path, content
+
+
+def count_fetches(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[bytes]:
+    """The addresses a snapshot node reads for parts of requests, in order (each read
+    slowed by ``delay`` seconds)."""
+    fetched: list[bytes] = []
+    read_chunk = drivers._read_chunk
+
+    def counted(repo: Repository, address: bytes, *args: Any) -> bytes:
+        fetched.append(address)
+        time.sleep(delay)
+        return read_chunk(repo, address, *args)
+
+    monkeypatch.setattr(drivers, "_read_chunk", counted)
+    return fetched
+
+
 async def test_backup_restore_incremental(tmp_path: Path) -> None:
     repo_path = tmp_path / "repo"
     repo = Repository.init(str(repo_path), PASS, pack_size=2 * MiB)
@@ -174,12 +200,7 @@ async def test_restore_of_repeated_chunks_scattered_zeroes_and_a_short_last_chun
 
 
 async def test_snapshot_node_reports_zeroes_and_refuses_damage(tmp_path: Path) -> None:
-    repo_path = tmp_path / "repo"
-    repo = Repository.init(str(repo_path), PASS)
-    image = tmp_path / "disk.img"
-    content = make_image(image)
-    result = await backup_image(repo_path, image, "d")
-    repo.commit([result.record], packs=result.packs)
+    repo_path, content = await committed_image(tmp_path)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         node = await bb.blockdev_add(snapshot_node(repo_path))
@@ -208,20 +229,8 @@ async def test_reads_of_parts_of_a_chunk_fetch_and_decode_it_once(
     """An NBD client's 4 KiB reads (a guest booting from a mount): each chunk is read from
     its pack (a GET on S3) and decoded once for all its parts, which are then answered at
     once, without a thread; the chunks kept stay within ``RECENT_BYTES``."""
-    repo_path = tmp_path / "repo"
-    repo = Repository.init(str(repo_path), PASS)
-    image = tmp_path / "disk.img"
-    content = make_image(image)
-    result = await backup_image(repo_path, image, "d")
-    repo.commit([result.record], packs=result.packs)
-    fetched: list[bytes] = []
-    read_chunk = drivers._read_chunk
-
-    def counted(repo: Repository, address: bytes, *args: Any) -> bytes:
-        fetched.append(address)
-        return read_chunk(repo, address, *args)
-
-    monkeypatch.setattr(drivers, "_read_chunk", counted)
+    repo_path, content = await committed_image(tmp_path)
+    fetched = count_fetches(monkeypatch)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         node = await bb.blockdev_add(snapshot_node(repo_path, **{"encoder-processes": 0}))
@@ -251,21 +260,8 @@ async def test_parallel_reads_of_parts_of_one_chunk_fetch_it_once(
     """A client's queue of 4 KiB reads of one chunk: the first fetches and decodes it,
     the others wait for it (the fetch is slowed so that they all arrive meanwhile); a
     damaged chunk fails every one of them, named once."""
-    repo_path = tmp_path / "repo"
-    repo = Repository.init(str(repo_path), PASS)
-    image = tmp_path / "disk.img"
-    content = make_image(image)
-    result = await backup_image(repo_path, image, "d")
-    repo.commit([result.record], packs=result.packs)
-    fetched: list[bytes] = []
-    read_chunk = drivers._read_chunk
-
-    def slow(repo: Repository, address: bytes, *args: Any) -> bytes:
-        fetched.append(address)
-        time.sleep(0.2)
-        return read_chunk(repo, address, *args)
-
-    monkeypatch.setattr(drivers, "_read_chunk", slow)
+    repo_path, content = await committed_image(tmp_path)
+    fetched = count_fetches(monkeypatch, delay=0.2)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         node = await bb.blockdev_add(snapshot_node(repo_path))
