@@ -185,15 +185,18 @@ async def _connect(name: str, sock: Path) -> QMPClient:
     after startup; retries end at the caller's timeout. qemu.qmp reports such a failure
     as a ConnectError, or (seen in CI and in a fresh clone, against qemu-storage-daemon)
     as an AssertionError of its own state check after the failed negotiation, or as the
-    EOFError of the connection the daemon closed meanwhile; the client is disconnected
-    either way, so that its socket does not leak into the next test.
+    EOFError of the connection the daemon closed meanwhile. The client is disconnected
+    either way, so that its socket does not leak into the next test; that disconnect
+    re-raises what the client's reader saw (seen in CI: the EOFError of the closed
+    connection), which is the failure already being retried, so it is not raised again.
     """
     while True:
         client = QMPClient(name)
         try:
             await client.connect(str(sock))
         except (ConnectError, AssertionError, EOFError):
-            await client.disconnect()
+            with contextlib.suppress(ConnectError, AssertionError, EOFError, OSError):
+                await client.disconnect()
             await asyncio.sleep(0.05)
             continue
         return client
