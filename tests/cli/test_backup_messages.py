@@ -13,8 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,61 @@ def test_a_daemon_that_was_killed(tmp_path: Path) -> None:
             "(the daemon that made this socket is gone)"
         )
     assert partials(tmp_path) == []
+
+
+@contextmanager
+def hanging_up_daemon(path: str) -> Iterator[None]:
+    """A monitor that greets, answers the capabilities negotiation, and hangs up, each time
+    (qemu-storage-daemon was seen to do it once, right after it started)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+                conn.recv(4096)
+                conn.sendall(b'{"return": {}}\r\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=10)
+
+
+def test_a_daemon_that_hangs_up_after_negotiating(tmp_path: Path) -> None:
+    """One line, exit 1: depending on when the hang-up is seen, while connecting or at the
+    first command."""
+    path = str(tmp_path / "qmp.sock")
+    repo = tmp_path / "repo"
+    bb("repo", "init", str(repo), "--no-encryption")
+    commands = (
+        ["backup", "disk", str(tmp_path / "b.img")],
+        ["backup", "disk", "--repo", str(repo)],
+        ["jobs"],
+        ["bitmaps", "list"],
+    )
+    with hanging_up_daemon(path):
+        for command in commands:
+            run = bb(command[0], "--connect", path, *command[1:], check=False)
+            assert run.returncode == 1
+            assert one_line(run.stderr) in (
+                f"blockbackup {command[0]}: cannot connect to {path}: "
+                "the daemon hung up right after its greeting",
+                f"blockbackup {command[0]}: lost the connection to the daemon at {path}",
+            )
+    assert partials(tmp_path) == []
+    assert not (tmp_path / "b.img").exists()
+    assert bb("snapshots", "--repo", str(repo)).stdout == "no snapshots\n"
 
 
 def test_a_monitor_held_by_another_client(served: Served, tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
 #: Seconds between two tries to get into a monitor's full backlog.
 BUSY_RETRY = 0.05
+#: Sessions a daemon may end right after negotiating before it counts as gone.
+NEGOTIATION_HANGUPS = 3
 #: The signals that stop a command: Ctrl-C, ``kill``, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -265,9 +267,14 @@ async def connect(
     connection made (the first read then fails with EINVAL). Both mean "busy": try again
     until ``timeout``, as for a greeting that does not come. A signal in ``stop`` ends the
     wait (:class:`Stopped`).
+
+    A daemon that hangs up right after answering the capabilities negotiation makes
+    ``qemu.qmp`` fail its own state assertion (AssertionError). qemu-storage-daemon has
+    been seen to do that once right after it started, so that is tried again, a few times.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    hangups = 0
     while True:
         client = QMPClient("blockbackup")
         try:
@@ -277,6 +284,13 @@ async def connect(
         except TimeoutError:
             await _disconnect(client)  # collect what the cut-off attempt left running
             raise _held(socket, timeout) from None
+        except AssertionError:
+            await _disconnect(client)
+            hangups += 1
+            if hangups >= NEGOTIATION_HANGUPS:
+                raise DaemonGone(
+                    f"cannot connect to {socket}: the daemon hung up right after its greeting"
+                ) from None
         except ConnectError as err:
             await _disconnect(client)
             if not _busy(err):
