@@ -274,6 +274,23 @@ class BlockDriver(ABC):
         """
         return None
 
+    def pulls(self) -> bool:
+        """Whether this node, as a copy's target, reads the source itself (:meth:`pull`).
+        The default: no."""
+        return False
+
+    def pull(self, reader: Reader, src_off: int, offset: int, length: int) -> bool:
+        """Blocking (run in a thread): write at ``offset`` the ``length`` bytes ``reader``
+        has at ``src_off``, reading them where they are needed; False when it cannot
+        (nothing written: the copy reads and writes as usual). A failed read raises
+        :class:`~blockbackup.block.copy_range.SourceReadError`, a failed write the plain
+        ``OSError``.
+
+        Why: a repository target reads a backup's chunks straight into its encoder
+        processes' memory, in one thread call per chunk of the copy, where a read and a
+        write cost two thread calls, a fresh buffer and a copy of every byte."""
+        return False
+
     def can_compress(self) -> bool:
         """Whether ``WriteFlags.COMPRESSED`` writes are supported."""
         return False

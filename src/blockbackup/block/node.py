@@ -850,6 +850,19 @@ class BlockNode:
             holes_read_zero,
         )
 
+    async def pull_from(self, source: BlockNode, src_offset: int, offset: int, length: int) -> bool:
+        """Have this node's driver read ``length`` bytes of ``source`` at ``src_offset`` and
+        write them at ``offset`` itself (:meth:`BlockDriver.pull`), in one thread call, both
+        nodes' requests tracked as for a read of ``source`` and a write of this node. False
+        when it cannot (nothing written): the caller reads and writes."""
+        reader = source.reader(src_offset)
+        if reader is None or not self.driver.pulls():
+            return False
+        source._check_range(src_offset, length)
+        async with self._change(offset, length):
+            with source._tracked():
+                return await run_blocking(self.driver.pull, reader[0], reader[1], offset, length)
+
     async def _copy_into_file(
         self,
         source: BlockNode,

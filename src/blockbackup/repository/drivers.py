@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any, ClassVar, NoReturn
 
 from blockbackup._aio import run_blocking
+from blockbackup.block.copy_range import Reader, SourceReadError
 from blockbackup.block.driver import (
     BlockDriver,
     Buffer,
@@ -348,14 +349,18 @@ class RepoTargetDriver(_RepoDisk):
         known = self.repo.store.has(address)  # a race only costs a needless encode
         return address, b"" if known else blob.encode(self.repo.keys, piece, address)
 
-    def _apply(self, offset: int, data: memoryview, prepared: dict[int, Encoded]) -> None:
-        """Enter prepared chunks into the store and index; merge the partial ones."""
+    def _enter(self, prepared: dict[int, Encoded]) -> None:
+        """Enter prepared chunks (index: address and blob) into the store and index."""
         self.repo.beat_writer()
         store = self.repo.store
         for i, (address, stored) in prepared.items():
             if address != ZERO_ADDRESS:
                 store.add_encoded(address, stored, self.index.chunk_length(i))
             self.index.set(i, address)
+
+    def _apply(self, offset: int, data: memoryview, prepared: dict[int, Encoded]) -> None:
+        """Enter prepared chunks into the store and index; merge the partial ones."""
+        self._enter(prepared)
         if not prepared:
             self._write_sync(offset, data, len(data))
             return
@@ -398,6 +403,47 @@ class RepoTargetDriver(_RepoDisk):
                     self._apply(offset, view, done)
                 if flags & WriteFlags.FUA:
                     self._flush_sync()
+
+    def pulls(self) -> bool:
+        return self.encoders is not None
+
+    def pull(self, reader: Reader, src_off: int, offset: int, length: int) -> bool:
+        """Read whole chunks straight into an encoder process's memory, which hashes and
+        encodes them (chunks in holes of the source are zeroes there, not read); False for
+        a range that is not whole chunks (the copy then writes it as usual)."""
+        if self.encoders is None or offset % self.chunk:
+            return False
+        first = offset // self.chunk
+        lengths: list[int] = []
+        covered = 0
+        while covered < length:
+            lengths.append(self.index.chunk_length(first + len(lengths)))
+            covered += lengths[-1]
+        if covered != length:
+            return False
+
+        def fill(into: memoryview) -> None:
+            all_data = reader.data_before(src_off, length) == length
+            pos = 0
+            try:
+                for n in lengths:
+                    if all_data or reader.hole_before(src_off + pos, n) < n:
+                        reader.read_into(into[pos : pos + n], src_off + pos)
+                    else:
+                        into[pos : pos + n] = bytes(n)
+                    pos += n
+            except OSError as err:
+                raise SourceReadError(err.errno, err.strerror) from err
+
+        try:
+            with self.encoders.encoded_from(fill, lengths, self.repo.store.has) as encoded:
+                if encoded is None:
+                    return False
+                with self._storing():
+                    self._enter(dict(enumerate(encoded, first)))
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
+        return True
 
     def _write_zeroes_sync(self, offset: int, length: int) -> None:
         with self._storing():

@@ -172,13 +172,34 @@ class EncoderPool:
         """The address and blob of each piece (a whole chunk); None when they do not fit
         a worker's memory (encode them in this process). The blobs are views of the
         worker's memory: valid inside the ``with`` block only."""
-        if sum(len(p) for p in pieces) + _BLOB_OVERHEAD * len(pieces) > HALF:
+
+        def stage(into: memoryview) -> None:
+            pos = 0
+            for piece in pieces:
+                into[pos : pos + len(piece)] = piece
+                pos += len(piece)
+
+        with self.encoded_from(stage, [len(p) for p in pieces], known) as encoded:
+            yield encoded
+
+    @contextlib.contextmanager
+    def encoded_from(
+        self, fill: Callable[[memoryview], None], lengths: list[int], known: Callable[[bytes], bool]
+    ) -> Iterator[list[Encoded] | None]:
+        """As :meth:`encoded`, for chunks of ``lengths`` that ``fill`` puts one after
+        another into the memoryview it is given: the worker's input half, so that a copy
+        reads its source straight there (no buffer of its own, no copy into the worker).
+        What ``fill`` raises is raised here."""
+        total = sum(lengths)
+        if total + _BLOB_OVERHEAD * len(lengths) > HALF:
             yield None  # their blobs might not fit the output half
             return
         worker = self._acquire()
         lent: list[memoryview] = []
         try:
-            yield self._encode(worker, pieces, known, lent)
+            with worker.view[:total] as into:
+                fill(into)
+            yield self._encode(worker, lengths, known, lent)
         finally:
             for view in lent:  # a blob kept past the block would read the next request's
                 view.release()
@@ -187,22 +208,22 @@ class EncoderPool:
     @staticmethod
     def _encode(
         worker: _Worker,
-        pieces: list[memoryview],
+        lengths: list[int],
         known: Callable[[bytes], bool],
         lent: list[memoryview],
     ) -> list[Encoded]:
-        if not pieces:  # an empty answer would mean "worker gone"
+        """Hash the staged chunks, then encode those not ``known``."""
+        if not lengths:  # an empty answer would mean "worker gone"
             return []
         view = worker.view
         places = []
         pos = 0
-        for piece in pieces:
-            view[pos : pos + len(piece)] = piece
-            places.append(_PAIR.pack(pos, len(piece)))
-            pos += len(piece)
+        for length in lengths:
+            places.append(_PAIR.pack(pos, length))
+            pos += length
         reply = worker.ask(b"H" + b"".join(places))
         addresses = [reply[i : i + _ADDRESS] for i in range(0, len(reply), _ADDRESS)]
-        if len(addresses) != len(pieces):
+        if len(addresses) != len(lengths):
             raise RepositoryError("an encoder process answered for the wrong chunks")
         wanted = [n for n, a in enumerate(addresses) if a != _ZERO and not known(a)]
         out: list[Encoded] = [(address, b"") for address in addresses]

@@ -4,7 +4,8 @@ Above the state (:mod:`.state`), below the two paths that claim regions (the bac
 pass and the guest path). A claimed region is copied by the first method that fits:
 write-zeroes (or nothing) for a zero extent, ``copy_file_range`` offload, one thread call
 through a reused buffer into a local file (from a local file, or from a node that reads
-into the buffer by itself: a repository snapshot), a read + write on the loop thread when
+into the buffer by itself: a repository snapshot), one thread call of a target that reads
+the source itself (a repository target), a read + write on the loop thread when
 the source data is cached (a guest's copy), or a read + write through the nodes, within
 a memory budget. Whatever the method, a failure leaves the region dirty again, and
 ``discard-source`` discards what was copied.
@@ -99,6 +100,9 @@ class CopyMethods(CopyState):
         #: itself (a repository snapshot: restore), until a copy says otherwise.
         reader = source.reader(0)
         self._between_files = reader is not None and target.fd_map(0) is not None
+        #: The target reads the source itself (a repository target: straight into its
+        #: encoder processes), chunk by chunk, where it can (:meth:`BlockNode.pull_from`).
+        self._target_pulls = reader is not None and target.driver.pulls()
         #: The reused buffers' size: a piece (see ``COPY_PIECE``), or what the source reads
         #: well in one call (a snapshot decodes a whole request's chunks at once).
         self._piece = max(tunables.COPY_PIECE, reader[0].piece if reader is not None else 0)
@@ -130,10 +134,11 @@ class CopyMethods(CopyState):
 
     def _mixed_chunks(self) -> bool:
         """Whether a chunk may span data and holes: a copy through a buffer that
-        writes no zero cluster (so a sparse target stays sparse) and needs no allocation
+        writes no zero cluster (so a sparse target stays sparse), or a target that reads
+        the source itself (and stores zero clusters as such), and needs no allocation
         status per cluster (``sync=top``)."""
         return (
-            self._between_files
+            (self._between_files or self._target_pulls)
             and not self.use_copy_range
             and not self.compress
             and not self.skip_unallocated
@@ -361,13 +366,11 @@ class CopyMethods(CopyState):
         if budget:
             await self._budget.acquire(length)
         try:
-            if (
-                self._between_files
-                and not self.compress
-                and in_background()
-                and await self._copy_between_files(offset, length)
-            ):
-                return
+            if not self.compress and in_background():
+                if self._between_files and await self._copy_between_files(offset, length):
+                    return
+                if self._target_pulls and await self._pull(offset, length):
+                    return
             try:
                 data = await self.source.read(offset, length)
             except OSError as err:
@@ -461,6 +464,15 @@ class CopyMethods(CopyState):
         for start, n in zero_runs:
             await self._write_zeroes(offset + start, n)
         return True
+
+    async def _pull(self, offset: int, length: int) -> bool:
+        """The target reads the region itself; False: it cannot (nothing done)."""
+        try:
+            return await self.target.pull_from(self.source, offset, offset, length)
+        except SourceReadError as err:
+            raise CopyError(err, is_read=True) from err
+        except OSError as err:
+            raise CopyError(err, is_read=False) from err
 
     def _is_zero(self, data: bytes | bytearray | memoryview) -> bool:
         # bytes.startswith takes any buffer and is a memcmp: no copy, no allocation (a
