@@ -201,3 +201,23 @@ async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) ->
     call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
     _pool(_background.get()).submit((call, fut, inbox))
     return await fut
+
+
+async def run_undoable(fn: Callable[[], T], undo: Callable[[T], object]) -> T:
+    """``fn()`` in a thread; if the caller is cancelled meanwhile, wait for the call to end
+    and ``undo`` what it made (in a thread too) before the cancellation is raised.
+
+    Why: a cancelled ``await asyncio.to_thread(...)`` returns at once while the call goes
+    on. A signal that stopped a backup while it announced itself as a repository writer
+    left the marker behind: the clean-up ran before the thread had written it.
+    """
+    call = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        try:
+            made = await call
+        except Exception:
+            raise asyncio.CancelledError from None  # it failed: nothing to undo
+        await asyncio.to_thread(undo, made)
+        raise

@@ -29,7 +29,7 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, ClassVar, NoReturn
 
-from blockbackup._aio import run_blocking
+from blockbackup._aio import run_blocking, run_undoable
 from blockbackup.block.copy_range import Reader, SourceReadError
 from blockbackup.block.driver import (
     BlockDriver,
@@ -90,7 +90,7 @@ async def _open_repository(node: BlockNode, opts: Options, writer: bool = False)
         raise BlockBackupError(str(exc)) from None
     try:
         if writer:
-            await asyncio.to_thread(repo.announce_writer)
+            await run_undoable(repo.announce_writer, lambda _none: repo.retire_writer())
         await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
     except BaseException as exc:
         await asyncio.to_thread(repo.retire_writer)
@@ -237,7 +237,9 @@ class RepoTargetDriver(_RepoDisk):
         try:
             if workers:
                 master = shared.repo.keys.master
-                encoders = await asyncio.to_thread(encoder_pools.shared, master, workers)
+                encoders = await run_undoable(
+                    lambda: encoder_pools.shared(master, workers), encoder_pools.release
+                )
             return await cls._open_target(node, opts, shared, encoders)
         except BaseException:
             if encoders is not None:
@@ -544,8 +546,9 @@ class RepoSnapshotDriver(_RepoDisk):
         driver = cls(node, repo, index, record.name)
         driver.snapshot_id = manifest.id
         if workers:  # worker processes decode (and write) a restore's runs
-            driver.decoders = await asyncio.to_thread(
-                encoder_pools.shared, repo.keys.master, workers
+            master = repo.keys.master
+            driver.decoders = await run_undoable(
+                lambda: encoder_pools.shared(master, workers), encoder_pools.release
             )
         return driver
 
