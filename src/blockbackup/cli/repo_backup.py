@@ -24,6 +24,7 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     requests_of,
+    run_stoppable,
     secret_object,
     storage_options,
 )
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     _check_image_path(args.image)
     secret = open_secret(args)
     name = args.name or os.path.basename(args.image)
-    result = asyncio.run(_backup(args, secret, name))
+    result = run_stoppable(_backup(args, secret, name))
     text = (
         f"snapshot {result['snapshot']}: disk {name}, {result['size']} bytes, "
         f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks "

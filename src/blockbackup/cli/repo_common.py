@@ -12,9 +12,10 @@ import base64
 import getpass
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -22,6 +23,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from blockbackup.errors import BlockBackupError
 
 EXIT_FAILED = 1
+#: What stops a repository command as Ctrl-C does (SIGINT is asyncio's own).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
 SECRET_ID = "bb-repo-key"
 #: The repository format's chunk size (docs/repository.md), the copy granularity.
 CHUNK_SIZE = 64 * 1024
@@ -153,13 +157,59 @@ def secret_object(secret: bytes | None) -> dict[str, Any] | None:
     return {"qom-type": "secret", "id": SECRET_ID, "data": data, "format": "base64"}
 
 
+class Terminated(Exception):
+    """SIGTERM or SIGHUP stopped the command, which undid its work as for a Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, which SIGTERM and SIGHUP stop as Ctrl-C does: the main task
+    is cancelled, so what it opened closes and what it made is undone; then
+    :class:`Terminated` is raised. By default they kill the process where it stands: a
+    restore left its half-written image behind (``timeout``, ``systemctl stop``, a closed
+    terminal)."""
+    received: list[int] = []
+
+    async def stoppable() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            if not received:  # the first one: a second one waits for the undoing too
+                received.append(signum)
+                task.cancel()
+
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await main
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(stoppable())
+    except asyncio.CancelledError:
+        if received:
+            raise Terminated(received[0]) from None
+        raise
+
+
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """One-line errors and exit status 1 instead of tracebacks, named by the command as
-    every other command's are (``blockbackup restore: ...``)."""
+    every other command's are (``blockbackup restore: ...``); 128 + the signal's number
+    after :class:`Terminated`."""
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
+        except Terminated as stopped:
+            print(f"blockbackup {args.command}: interrupted ({stopped})", file=sys.stderr)
+            return 128 + stopped.signum
         except (BlockBackupError, OSError) as exc:
             text = str(exc) if isinstance(exc, BlockBackupError) else (exc.strerror or str(exc))
             if isinstance(exc, OSError) and exc.filename:

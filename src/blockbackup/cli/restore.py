@@ -2,7 +2,11 @@
 
 The restore is the backup job from a ``bb-repo-snapshot`` node into a new image: the same
 copy engine, and every chunk is checked (a damaged one fails the restore, naming it).
-An existing OUT is never overwritten; a failed restore removes the image it created.
+An existing OUT is never overwritten. The image is written to a partial file next to OUT
+(``.OUT.partial-TAG``, as a backup's) and renamed to OUT only once it is complete and on
+disk, so no file under that name is ever a restore that is not one, even after a SIGKILL
+or a crash; a failed, cancelled or stopped restore (Ctrl-C, SIGTERM, SIGHUP) removes its
+partial file, and the next restore to OUT removes those of runs that died.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import argparse
 import asyncio
 import errno
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from blockbackup.cli.heap import keep_freed_memory
@@ -23,6 +29,7 @@ from blockbackup.cli.repo_common import (
     guarded,
     open_secret,
     requests_of,
+    run_stoppable,
     secret_object,
     storage_options,
 )
@@ -42,22 +49,48 @@ def add_parser(sub: Any) -> None:
 
 @guarded
 def run(args: argparse.Namespace) -> int:
+    from blockbackup.cli import stale  # lazy: start-up cost
+    from blockbackup.cli.runs import RunTag  # lazy: start-up cost
+
     keep_freed_memory()
-    if os.path.lexists(args.out):
+    final = Path(os.path.abspath(args.out))
+    if os.path.lexists(final):
         raise BlockBackupError(f"{args.out} exists: restore writes a new image only")
+    if not final.parent.is_dir():
+        raise BlockBackupError(f"no such directory: {final.parent}")
+    stale.remove_dead_partials(final, lambda text: print(text, file=sys.stderr))
     secret = open_secret(args)
+    partial = RunTag.new().partial_path(final)
     try:
-        result = asyncio.run(_restore(args, secret))
+        result = run_stoppable(_restore(args, secret, partial, final))
     except BaseException:
-        # only a file this run created is removed (OUT did not exist when it started)
-        if os.path.lexists(args.out):
-            os.unlink(args.out)
+        partial.unlink(missing_ok=True)  # ours alone: created exclusively by this run
         raise
     emit(args, result, f"restored {result['snapshot']}:{result['disk']} to {args.out}")
     return 0
 
 
-async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, Any]:
+def _give_name(partial: Path, final: Path, out: str) -> None:
+    """The complete image's final name, durably: its data, then the name (never over a
+    file that appeared meanwhile)."""
+    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.path.lexists(final):
+        raise BlockBackupError(f"{out} appeared during the restore: nothing overwritten")
+    os.rename(partial, final)
+    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _restore(
+    args: argparse.Namespace, secret: bytes | None, partial: Path, final: Path
+) -> dict[str, Any]:
     from blockbackup.api import BackupFailed, BlockBackup  # lazy: start-up cost
     from blockbackup.block.qcow2.create import create_qcow2_file  # lazy: start-up cost
     from blockbackup.repository.drivers import RepoSnapshotDriver  # lazy: start-up cost
@@ -82,17 +115,17 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
         snapshot = await bb.blockdev_add(snap_options)
         driver = snapshot.driver
         assert isinstance(driver, RepoSnapshotDriver)
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         os.close(fd)
         if args.format == "qcow2":
-            await asyncio.to_thread(create_qcow2_file, args.out, snapshot.size)
+            await asyncio.to_thread(create_qcow2_file, str(partial), snapshot.size)
         else:
-            os.truncate(args.out, snapshot.size)
+            os.truncate(partial, snapshot.size)
         await bb.blockdev_add(
             {
                 "driver": args.format,
                 "node-name": "out",
-                "file": {"driver": "file", "filename": args.out},
+                "file": {"driver": "file", "filename": str(partial)},
             }
         )
         try:
@@ -108,6 +141,8 @@ async def _restore(args: argparse.Namespace, secret: bytes | None) -> dict[str, 
                     f"removed; it needs {snapshot.size} bytes, less its holes)"
                 ) from exc
             raise
+        # The job ended with the image's flush; the node may keep it open across the rename.
+        await asyncio.to_thread(_give_name, partial, final, args.out)
         return {
             "disk": driver.disk,
             "size": snapshot.size,

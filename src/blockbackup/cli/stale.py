@@ -1,5 +1,5 @@
-"""What a dead ``backup`` run leaves outside the daemon: its partial file, and the record
-of a bitmap it created.
+"""What a dead ``backup`` (or ``restore``) run leaves outside the daemon: its partial file,
+and the record of a bitmap it created.
 
 Why a record: ``--start-bitmap NAME`` creates NAME in the same transaction that starts the
 backup. If the run dies before its backup got its final name, NAME tracks changes since
@@ -116,10 +116,21 @@ async def clean_dead_files(monitor: Monitor, final: Path, say: Callable[[str], N
             continue
         if bitmap is not None:
             say(f"removed {bitmap}, created by a run that died")
-        if partial.exists():
-            try:
-                partial.unlink()
-            except OSError as err:
-                say(f"could not remove {partial} of a run that died: {err.strerror}")
-                continue
-            say(f"removed the partial file of a run that died: {partial}")
+        _remove_partial(partial, say)
+
+
+def remove_dead_partials(final: Path, say: Callable[[str], None]) -> None:
+    """Remove the partial files that runs which died left next to ``final`` (a restore's:
+    no bitmap is involved), saying what went."""
+    for partial in _dead_partials(final):
+        _remove_partial(partial, say)
+
+
+def _remove_partial(partial: Path, say: Callable[[str], None]) -> None:
+    if partial.exists():
+        try:
+            partial.unlink()
+        except OSError as err:
+            say(f"could not remove {partial} of a run that died: {err.strerror}")
+            return
+        say(f"removed the partial file of a run that died: {partial}")
