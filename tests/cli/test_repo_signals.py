@@ -87,22 +87,37 @@ def all_gone(pids: list[int]) -> bool:
     return True
 
 
+def copying(directory: Path) -> Callable[[], bool]:
+    """Whether a restore into ``directory`` has begun writing its partial file."""
+
+    def begun() -> bool:
+        found = [p for p in directory.iterdir() if ".partial-" in p.name]
+        try:
+            return bool(found) and found[0].stat().st_blocks > 0
+        except FileNotFoundError:
+            return False
+
+    return begun
+
+
+@pytest.mark.parametrize("when", ["starting", "copying"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stopped_restore_leaves_nothing(
-    tmp_path: Path, repo_with_image: tuple[Path, Path], signum: int
+    tmp_path: Path, repo_with_image: tuple[Path, Path], signum: int, when: str
 ) -> None:
+    """Stopped as soon as it made its partial file (before it even asked for the secret),
+    or while it copies: no file, no process left."""
     repo, _image = repo_with_image
     out = tmp_path / "out.img"
+    begun = copying(tmp_path) if when == "copying" else lambda: bool(partials(tmp_path))
     code, err, workers = signalled(
-        ["restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP"],
-        lambda: bool(partials(tmp_path)),
-        signum,
+        ["restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP"], begun, signum
     )
     name = signal.Signals(signum).name
     assert (code, err) == (128 + signum, f"blockbackup restore: interrupted ({name})\n")
     assert not out.exists()
     assert partials(tmp_path) == []
-    assert workers  # the restore's decoders had started
+    assert bool(workers) == (when == "copying")  # the restore's decoders had started
     assert all_gone(workers)
 
 
@@ -113,12 +128,13 @@ def test_a_killed_restore_leaves_only_a_partial_file_the_next_one_removes(
     out = tmp_path / "out.img"
     code, _, workers = signalled(
         ["restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP"],
-        lambda: bool(partials(tmp_path)),
+        copying(tmp_path),
         signal.SIGKILL,
     )
     assert code == -signal.SIGKILL
     (left,) = partials(tmp_path)
     assert not out.exists()  # never a half image under the name asked for
+    assert workers
     assert all_gone(workers)
     run = bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
     assert run.stderr == f"removed the partial file of a run that died: {tmp_path / left}\n"

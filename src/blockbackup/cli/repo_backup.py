@@ -26,6 +26,7 @@ from blockbackup.cli.repo_common import (
     requests_of,
     run_stoppable,
     secret_object,
+    stop_signals,
     storage_options,
 )
 from blockbackup.errors import BlockBackupError
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     _check_image_path(args.image)
     secret = open_secret(args)
     name = args.name or os.path.basename(args.image)
-    result = run_stoppable(_backup(args, secret, name))
+    with stop_signals():
+        result = run_stoppable(_backup(args, secret, name))
     text = (
         f"snapshot {result['snapshot']}: disk {name}, {result['size']} bytes, "
         f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks "

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import getpass
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -165,12 +166,29 @@ class Terminated(Exception):
         self.signum = signum
 
 
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise :class:`Terminated` where the main thread is, as
+    Ctrl-C raises KeyboardInterrupt, so the command's clean-up runs (by default they kill
+    the process where it stands: a restore left its half-written image behind, under
+    ``timeout``, ``systemctl stop`` or a closed terminal). :func:`run_stoppable` takes
+    over while an event loop runs."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)``, which SIGTERM and SIGHUP stop as Ctrl-C does: the main task
     is cancelled, so what it opened closes and what it made is undone; then
-    :class:`Terminated` is raised. By default they kill the process where it stands: a
-    restore left its half-written image behind (``timeout``, ``systemctl stop``, a closed
-    terminal)."""
+    :class:`Terminated` is raised (call it inside :func:`stop_signals`)."""
     received: list[int] = []
 
     async def stoppable() -> T:
@@ -183,13 +201,15 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
                 received.append(signum)
                 task.cancel()
 
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop, sig)
         try:
             return await main
         finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)  # which leaves the default: put back ours
+                signal.signal(sig, handler)
 
     try:
         return asyncio.run(stoppable())

@@ -31,6 +31,7 @@ from blockbackup.cli.repo_common import (
     requests_of,
     run_stoppable,
     secret_object,
+    stop_signals,
     storage_options,
 )
 from blockbackup.errors import BlockBackupError
@@ -59,13 +60,19 @@ def run(args: argparse.Namespace) -> int:
     if not final.parent.is_dir():
         raise BlockBackupError(f"no such directory: {final.parent}")
     stale.remove_dead_partials(final, lambda text: print(text, file=sys.stderr))
-    secret = open_secret(args)
     partial = RunTag.new().partial_path(final)
-    try:
-        result = run_stoppable(_restore(args, secret, partial, final))
-    except BaseException:
-        partial.unlink(missing_ok=True)  # ours alone: created exclusively by this run
-        raise
+    with stop_signals():
+        try:  # first: a directory it cannot write is said before a passphrase is asked
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # named by OUT: the partial file's name is ours, not theirs
+            raise BlockBackupError(f"cannot create {args.out}: {exc.strerror}") from None
+        try:
+            os.close(fd)
+            secret = open_secret(args)
+            result = run_stoppable(_restore(args, secret, partial, final))
+        except BaseException:
+            partial.unlink(missing_ok=True)  # ours alone: created exclusively by this run
+            raise
     emit(args, result, f"restored {result['snapshot']}:{result['disk']} to {args.out}")
     return 0
 
@@ -115,8 +122,6 @@ async def _restore(
         snapshot = await bb.blockdev_add(snap_options)
         driver = snapshot.driver
         assert isinstance(driver, RepoSnapshotDriver)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        os.close(fd)
         if args.format == "qcow2":
             await asyncio.to_thread(create_qcow2_file, str(partial), snapshot.size)
         else:
