@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 
 QSD = shutil.which("qemu-storage-daemon")
 QEMU_IMG = shutil.which("qemu-img")
@@ -189,12 +189,15 @@ async def _connect(name: str, sock: Path) -> QMPClient:
     either way, so that its socket does not leak into the next test; that disconnect
     re-raises what the client's reader saw (seen in CI: the EOFError of the closed
     connection), which is the failure already being retried, so it is not raised again.
+    The session that follows such a failure has been seen reset too, at its first
+    command: a session counts once it answered ``query-version``.
     """
     while True:
         client = QMPClient(name)
         try:
             await client.connect(str(sock))
-        except (ConnectError, AssertionError, EOFError):
+            await client.execute("query-version")
+        except (ConnectError, AssertionError, EOFError, ExecInterruptedError, OSError):
             with contextlib.suppress(ConnectError, AssertionError, EOFError, OSError):
                 await client.disconnect()
             await asyncio.sleep(0.05)
