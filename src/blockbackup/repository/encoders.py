@@ -45,8 +45,9 @@ from blockbackup.repository import encoder_worker
 from blockbackup.repository.errors import RepositoryError
 
 #: Each half of a worker's shared memory: a request's chunks (at most a copy engine's
-#: request, 1 MiB), and their blobs (each at most its chunk plus 29 bytes).
-HALF = 2 << 20
+#: request: 2 MiB when the target reads the source into it, ``MAX_PULL``), and their
+#: blobs (each at most its chunk plus 29 bytes). Only the pages a request uses are memory.
+HALF = 4 << 20
 _PAIR = struct.Struct("<II")
 _ADDRESS = 32
 _ZERO = bytes(_ADDRESS)  # the address a worker gives a zero chunk

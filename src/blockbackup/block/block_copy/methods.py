@@ -123,6 +123,8 @@ class CopyMethods(CopyState):
             chunk = cluster
         elif self.use_copy_range:
             chunk = max(cluster, tunables.MAX_COPY_RANGE)
+        elif self._target_pulls:
+            chunk = max(cluster, tunables.MAX_PULL)
         else:
             chunk = max(cluster, tunables.MAX_BUFFER)
         for limit in (self.source.limits.max_transfer, self.target.limits.max_transfer):

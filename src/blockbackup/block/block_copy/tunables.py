@@ -13,6 +13,10 @@ MAX_WORKERS = 64
 MAX_MEMORY = 128 * 1024 * 1024
 MAX_BUFFER = 1024 * 1024
 MAX_COPY_RANGE = 16 * 1024 * 1024
+#: A chunk copied by a target that reads the source itself (a repository target: into its
+#: encoder processes' memory, none of the copy's). Measured, 2 GiB first backup into a
+#: repository: 1 MiB 3.64-3.71 s, 2 MiB 3.36-3.40 s, 4 MiB 3.21-3.30 s (+13 MiB RSS).
+MAX_PULL = 2 * 1024 * 1024
 #: Read + write between local files go through a buffer this size, a piece at a time: it
 #: stays in the CPU cache between the read and the write, and each write holds the target
 #: file's lock briefly, so a guest's copy-before-write to the same file never waits long.
