@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -311,3 +312,33 @@ async def test_reads_inside_a_chunk_are_served_at_once_by_a_node_with_decoders(
             got = await snap.read(offset, length)
             assert bytes(got) == data[offset : offset + length]
         assert {w.process.pid for w in snap.driver.decoders._free} == workers  # none replaced
+
+
+def test_requests_get_a_worker_in_the_order_they_asked() -> None:
+    """First come, first served: a backup's requests, asked in disk order, store their
+    chunks about in disk order (the order a restore reads packs in; measured on S3:
+    GETs per GiB restored 54-90 with any waiter taking the worker, 41-42 in order)."""
+    pool = EncoderPool(None, 1)
+    served: list[int] = []
+    try:
+        first = pool._acquire()
+        threads = []
+        for n in range(6):
+
+            def wait(n: int = n) -> None:
+                worker = pool._acquire()
+                served.append(n)
+                pool._release(worker)
+
+            threads.append(threading.Thread(target=wait))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while pool._tickets != n + 2:  # it has its ticket: the next one asks after it
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        pool._release(first)
+        for thread in threads:
+            thread.join(timeout=10)
+        assert served == list(range(6))
+    finally:
+        pool.close()

@@ -134,6 +134,11 @@ class EncoderPool:
         self._lock = threading.Condition()
         self._free: list[_Worker] = []
         self._live = 0
+        #: Requests get workers in the order they asked (a ticket each): a backup's
+        #: requests, asked in disk order, then store their chunks about in disk order,
+        #: which is the order a restore reads the packs in.
+        self._tickets = 0
+        self._serving = 0
         try:
             for _ in range(workers):
                 self._free.append(_start(master))
@@ -144,10 +149,14 @@ class EncoderPool:
 
     def _acquire(self) -> _Worker:
         with self._lock:
-            while not self._free:
+            ticket = self._tickets
+            self._tickets += 1
+            while not self._free or ticket != self._serving:
                 if not self._live:
                     raise RepositoryError("no encoder process is left to hash and encode")
                 self._lock.wait()
+            self._serving += 1
+            self._lock.notify_all()  # the next ticket, if another worker is free
             return self._free.pop()
 
     def _release(self, worker: _Worker) -> None:
@@ -164,7 +173,7 @@ class EncoderPool:
                 return
         with self._lock:
             self._free.append(worker)
-            self._lock.notify()
+            self._lock.notify_all()  # the waiter whose turn it is may be any of them
 
     @contextlib.contextmanager
     def encoded(
