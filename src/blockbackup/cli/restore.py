@@ -62,12 +62,12 @@ def run(args: argparse.Namespace) -> int:
     stale.remove_dead_partials(final, lambda text: print(text, file=sys.stderr))
     partial = RunTag.new().partial_path(final)
     with stop_signals():
-        try:  # first: a directory it cannot write is said before a passphrase is asked
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:  # named by OUT: the partial file's name is ours, not theirs
-            raise BlockBackupError(f"cannot create {args.out}: {exc.strerror}") from None
         try:
-            os.close(fd)
+            try:  # first: a directory it cannot write is said before a passphrase is asked
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(partial, flags, 0o644))
+            except OSError as exc:  # named by OUT: the partial file's name is ours
+                raise BlockBackupError(f"cannot create {args.out}: {exc.strerror}") from None
             secret = open_secret(args)
             result = run_stoppable(_restore(args, secret, partial, final))
         except BaseException:
