@@ -222,7 +222,7 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """One-line errors and exit status 1 instead of tracebacks, named by the command as
     every other command's are (``blockbackup restore: ...``); 128 + the signal's number
-    after :class:`Terminated`."""
+    after :class:`Terminated` or a Ctrl-C."""
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
@@ -230,6 +230,9 @@ def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except Terminated as stopped:
             print(f"blockbackup {args.command}: interrupted ({stopped})", file=sys.stderr)
             return 128 + stopped.signum
+        except KeyboardInterrupt:  # said as for the other signals, and as a live backup does
+            print(f"blockbackup {args.command}: interrupted (SIGINT)", file=sys.stderr)
+            return 128 + signal.SIGINT
         except (BlockBackupError, OSError) as exc:
             text = str(exc) if isinstance(exc, BlockBackupError) else (exc.strerror or str(exc))
             if isinstance(exc, OSError) and exc.filename:
