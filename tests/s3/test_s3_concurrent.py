@@ -101,7 +101,11 @@ def test_hosts_back_up_prune_and_die_on_one_bucket(
     proxy.random_rate = 0.0
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BB_S3_ENDPOINT", "BB_CACHE_DIR"):
         monkeypatch.setenv(key, env[key])
-    snapshots = Repository.open(repo, b"the passphrase").snapshots()
+    opened = Repository.open(repo, b"the passphrase")
+    try:
+        snapshots = opened.snapshots()
+    finally:  # its pooled connection, not left to a garbage collection (a ResourceWarning)
+        opened.backend.client.close()  # type: ignore[attr-defined]
     assert len(snapshots) >= 3, seed
     for manifest in snapshots:
         (disk,) = manifest.disks

@@ -99,8 +99,14 @@ def test_resume_sends_only_the_rest(
 
     a = json.loads(bb("snapshots", "--repo", whole, "--json", env=env).stdout)
     b = json.loads(bb("snapshots", "--repo", cut, "--json", env=env).stdout)
-    seg = [Repository.open(whole).manifest(a[0]["id"]).disks[0].segments]
-    seg2 = [Repository.open(cut).manifest(b[0]["id"]).disks[0].segments]
+    segments = []
+    for location, listed in ((whole, a), (cut, b)):
+        opened = Repository.open(location)
+        try:
+            segments.append([opened.manifest(listed[0]["id"]).disks[0].segments])
+        finally:  # its pooled connection, not left to a garbage collection
+            opened.backend.client.close()  # type: ignore[attr-defined]
+    seg, seg2 = segments
     assert seg == seg2  # the same disk index as the uninterrupted backup
     out = tmp_path / "out.img"
     bb("restore", "--repo", cut, "latest", out, env=env)

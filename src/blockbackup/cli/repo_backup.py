@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     _check_image_path(args.image)
     secret = open_secret(args)
     name = args.name or os.path.basename(args.image)
-    with stop_signals():
-        result = run_stoppable(_backup(args, secret, name))
+    with stop_signals() as stops:
+        result = run_stoppable(_backup(args, secret, name), stops)
     text = (
         f"snapshot {result['snapshot']}: disk {name}, {result['size']} bytes, "
         f"{result['stored_bytes']} bytes stored in {result['stored_chunks']} new chunks "

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from blockbackup.errors import BlockBackupError
 
 EXIT_FAILED = 1
-#: What stops a repository command as Ctrl-C does (SIGINT is asyncio's own).
+#: What stops a repository command as Ctrl-C does (see :func:`stop_signals`).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 T = TypeVar("T")
 SECRET_ID = "bb-repo-key"
@@ -166,30 +166,46 @@ class Terminated(Exception):
         self.signum = signum
 
 
+class Stops:
+    """The stop signals received while a command runs (see :func:`stop_signals`)."""
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        self.signals = signals
+        self.received: list[int] = []
+
+    def note(self, signum: int, _frame: object = None) -> None:
+        if not self.received:  # the first one says why; the others wait for the undoing
+            self.received.append(signum)
+
+    def check(self) -> None:
+        """Raise :class:`Terminated` if one came (at a point where that is safe)."""
+        if self.received:
+            raise Terminated(self.received[0])
+
+
 @contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """Inside, SIGTERM and SIGHUP raise :class:`Terminated` where the main thread is, as
-    Ctrl-C raises KeyboardInterrupt, so the command's clean-up runs (by default they kill
-    the process where it stands: a restore left its half-written image behind, under
-    ``timeout``, ``systemctl stop`` or a closed terminal). :func:`run_stoppable` takes
-    over while an event loop runs."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise Terminated(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+def stop_signals() -> Iterator[Stops]:
+    """Inside, Ctrl-C (unless ignored, as in a script's background job), SIGTERM and SIGHUP
+    are remembered, not acted on where the interpreter happens to be: an exception raised
+    there can break what it interrupts (a class being created mid-import: measured). The
+    command checks (:meth:`Stops.check`), and :func:`run_stoppable` turns one into a
+    cancellation. Without this SIGTERM and SIGHUP killed a restore where it stood, leaving
+    its half-written image (``timeout``, ``systemctl stop``, a closed terminal)."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    stops = Stops(STOP_SIGNALS if ignored else (signal.SIGINT, *STOP_SIGNALS))
+    previous = {sig: signal.signal(sig, stops.note) for sig in stops.signals}
     try:
-        yield
+        yield stops
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)``, which SIGTERM and SIGHUP stop as Ctrl-C does: the main task
-    is cancelled, so what it opened closes and what it made is undone; then
-    :class:`Terminated` is raised (call it inside :func:`stop_signals`)."""
-    received: list[int] = []
+def run_stoppable(main: Coroutine[Any, Any, T], stops: Stops) -> T:
+    """``asyncio.run(main)``, stopped by the signals of ``stops`` as asyncio stops on a
+    Ctrl-C: the main task is cancelled, so what it opened closes and what it made is
+    undone; then :class:`Terminated` is raised. A signal that came before it ran stops it
+    before it begins."""
 
     async def stoppable() -> T:
         task = asyncio.current_task()
@@ -197,25 +213,25 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
         loop = asyncio.get_running_loop()
 
         def stop(signum: int) -> None:
-            if not received:  # the first one: a second one waits for the undoing too
-                received.append(signum)
+            if not stops.received:
                 task.cancel()
+            stops.note(signum)
 
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        for sig in STOP_SIGNALS:
+        for sig in stops.signals:
             loop.add_signal_handler(sig, stop, sig)
         try:
+            stops.check()
             return await main
         finally:
-            for sig, handler in previous.items():
-                loop.remove_signal_handler(sig)  # which leaves the default: put back ours
-                signal.signal(sig, handler)
+            main.close()  # unstarted if stopped before it began: nothing to undo
+            for sig in stops.signals:
+                loop.remove_signal_handler(sig)  # which leaves the default: ours again
+                signal.signal(sig, stops.note)
 
     try:
         return asyncio.run(stoppable())
     except asyncio.CancelledError:
-        if received:
-            raise Terminated(received[0]) from None
+        stops.check()
         raise
 
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise BlockBackupError(f"no such directory: {final.parent}")
     stale.remove_dead_partials(final, lambda text: print(text, file=sys.stderr))
     partial = RunTag.new().partial_path(final)
-    with stop_signals():
+    with stop_signals() as stops:
         try:
             try:  # first: a directory it cannot write is said before a passphrase is asked
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:  # named by OUT: the partial file's name is ours
                 raise BlockBackupError(f"cannot create {args.out}: {exc.strerror}") from None
             secret = open_secret(args)
-            result = run_stoppable(_restore(args, secret, partial, final))
+            result = run_stoppable(_restore(args, secret, partial, final), stops)
         except BaseException:
             partial.unlink(missing_ok=True)  # ours alone: created exclusively by this run
             raise
