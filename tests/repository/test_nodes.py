@@ -49,22 +49,25 @@ async def backup_image_driver(
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         src = await bb.blockdev_add(raw("src", image, **{"read-only": True}))
-        node = await bb.blockdev_add(
-            {
-                "driver": "bb-repo-target",
-                "node-name": "tgt",
-                "repository": str(repo),
-                "disk": disk,
-                "size": src.size,
-                "key-secret": "k",
-                **target,
-            }
-        )
+        node = await bb.blockdev_add(target_node(repo, disk, src.size, **target))
         await bb.wait(await bb.backup("src", "tgt", sync="full"))
         driver = node.driver
         assert isinstance(driver, drivers.RepoTargetDriver)
         assert driver.result is not None
         return driver
+
+
+def target_node(repo: Path, disk: str, size: int, **extra: Any) -> dict[str, Any]:
+    """The options of a ``tgt`` target node of ``repo`` (key ``k``) for ``disk``."""
+    return {
+        "driver": "bb-repo-target",
+        "node-name": "tgt",
+        "repository": str(repo),
+        "disk": disk,
+        "size": size,
+        "key-secret": "k",
+        **extra,
+    }
 
 
 def snapshot_node(repo: Path, **extra: Any) -> dict[str, Any]:

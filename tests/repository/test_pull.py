@@ -20,7 +20,7 @@ from blockbackup.repository.encoders import EncoderPool
 from blockbackup.repository.keys import ZERO_ADDRESS, Keys, new_master_key
 from blockbackup.repository.repo import Repository
 from repository.test_encoders import CHUNK, sample_image
-from repository.test_nodes import PASS, backup_image_driver, raw, snapshot_node
+from repository.test_nodes import PASS, backup_image_driver, raw, snapshot_node, target_node
 
 MiB = 1 << 20
 
@@ -124,16 +124,7 @@ async def test_a_failed_read_is_the_jobs_read_error(
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
         src = await bb.blockdev_add(raw("src", image, **{"read-only": True}))
-        tgt = await bb.blockdev_add(
-            {
-                "driver": "bb-repo-target",
-                "node-name": "tgt",
-                "repository": str(repo),
-                "disk": "d",
-                "size": src.size,
-                "key-secret": "k",
-            }
-        )
+        tgt = await bb.blockdev_add(target_node(repo, "d", src.size))
         assert isinstance(tgt.driver, drivers.RepoTargetDriver)
         pool = tgt.driver.encoders
         assert pool is not None
@@ -162,16 +153,7 @@ async def test_a_range_of_partial_chunks_is_left_to_the_copy(tmp_path: Path) -> 
     Repository.init(str(repo), PASS)
     async with BlockBackup() as bb:
         bb.object_add({"qom-type": "secret", "id": "k", "data": PASS.decode()})
-        tgt = await bb.blockdev_add(
-            {
-                "driver": "bb-repo-target",
-                "node-name": "tgt",
-                "repository": str(repo),
-                "disk": "d",
-                "size": MiB,
-                "key-secret": "k",
-            }
-        )
+        tgt = await bb.blockdev_add(target_node(repo, "d", MiB))
         driver = tgt.driver
         assert isinstance(driver, drivers.RepoTargetDriver)
         assert driver.pulls()

@@ -77,29 +77,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _give_name(partial: Path, final: Path, out: str) -> None:
-    """The complete image's final name, durably: its data, then the name (never over a
-    file that appeared meanwhile)."""
-    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if os.path.lexists(final):
-        raise BlockBackupError(f"{out} appeared during the restore: nothing overwritten")
-    os.rename(partial, final)
-    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def _restore(
     args: argparse.Namespace, secret: bytes | None, partial: Path, final: Path
 ) -> dict[str, Any]:
     from blockbackup.api import BackupFailed, BlockBackup  # lazy: start-up cost
     from blockbackup.block.qcow2.create import create_qcow2_file  # lazy: start-up cost
+    from blockbackup.cli import targets  # lazy: start-up cost
+    from blockbackup.cli.qmpclient import CliError  # lazy: start-up cost
     from blockbackup.repository.drivers import RepoSnapshotDriver  # lazy: start-up cost
 
     key = secret_object(secret)
@@ -147,7 +131,12 @@ async def _restore(
                 ) from exc
             raise
         # The job ended with the image's flush; the node may keep it open across the rename.
-        await asyncio.to_thread(_give_name, partial, final, args.out)
+        if os.path.lexists(final):
+            raise BlockBackupError(f"{args.out} appeared during the restore: nothing overwritten")
+        try:
+            await asyncio.to_thread(targets.commit, partial, final)  # data, then the name
+        except CliError as exc:
+            raise BlockBackupError(str(exc)) from None
         return {
             "disk": driver.disk,
             "size": snapshot.size,
