@@ -1,21 +1,25 @@
-"""The differential tests' connect retry survives a daemon that drops the first session.
+"""The differential tests' runner survives qemu-storage-daemon's own faults, and only those.
 
 qemu-storage-daemon has been seen (in CI) to close the connection right after answering
 the first capabilities negotiation after startup: qemu.qmp's connect then fails its own
 state assertion, and its disconnect re-raises the closed connection's EOFError; and to
 reset the next session at its first command. The retry must connect again rather than
-fail the test with any of them.
+fail the test with any of them. It also segfaults now and then; a scenario runs again
+then, a bounded number of times, and a daemon that exits for any other reason is reported
+at once with its exit and stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from compat.compat_kit import _connect
+from compat import compat_kit
+from compat.compat_kit import REFERENCE_RUNS, DaemonDied, Recorder, _connect, compare, env_ok
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -55,3 +59,71 @@ async def test_connect_retries_after_a_dropped_negotiation(tmp_path: Path) -> No
         assert sessions == 3
         assert await client.execute("query-version") == {"qemu": {}, "package": ""}
         await client.disconnect()
+
+
+async def _exited(script: str) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec("sh", "-c", script, stderr=asyncio.subprocess.PIPE)
+    await proc.wait()
+    return proc
+
+
+async def test_connect_reports_a_dead_daemon_at_once(tmp_path: Path) -> None:
+    """A crashed daemon's socket refuses every connection: no retrying until the timeout."""
+    proc = await _exited("echo 'bad things' >&2; kill -SEGV $$")
+    async with asyncio.timeout(5):
+        with pytest.raises(DaemonDied, match=r"fake died \(signal SIGSEGV\): bad things") as err:
+            await _connect("fake", tmp_path / "nobody.sock", proc)
+    assert err.value.crashed
+
+
+async def test_an_exit_is_not_a_crash(tmp_path: Path) -> None:
+    proc = await _exited("echo 'no such option' >&2; exit 1")
+    with pytest.raises(DaemonDied, match=r"died \(exit 1\): no such option") as err:
+        await _connect("fake", tmp_path / "nobody.sock", proc)
+    assert not err.value.crashed
+
+
+def _crashing_reference(tmp_path: Path, crashes: int) -> Path:
+    """A qemu-storage-daemon that segfaults once its socket exists, its first ``crashes``
+    times, and is the real one afterwards."""
+    assert compat_kit.QSD is not None
+    count = tmp_path / "runs"
+    script = tmp_path / "fake-qsd"
+    script.write_text(
+        f"""#!/bin/sh
+n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}
+if [ "$n" -lt {crashes} ]; then
+  {sys.executable} -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind("qmp.sock")'
+  kill -SEGV $$
+fi
+exec {compat_kit.QSD} "$@"
+"""
+    )
+    script.chmod(0o755)
+    (tmp_path / "t").mkdir()
+    return script
+
+
+async def _versions(r: Recorder) -> None:
+    r.note((await r.cmd("query-version"))["qemu"]["major"])
+
+
+@pytest.mark.skipif(not env_ok(), reason="QEMU tools not installed")
+async def test_a_crashed_reference_runs_the_scenario_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compat_kit, "QSD", str(_crashing_reference(tmp_path, REFERENCE_RUNS - 1)))
+    ref, ours = await compare(tmp_path / "t", _versions)
+    assert (tmp_path / "runs").read_text().strip() == str(REFERENCE_RUNS)
+    assert ref.notes == ours.notes == [7]
+    assert ref.exit_code == ours.exit_code == 0
+
+
+@pytest.mark.skipif(not env_ok(), reason="QEMU tools not installed")
+async def test_a_reference_that_keeps_crashing_fails_the_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compat_kit, "QSD", str(_crashing_reference(tmp_path, REFERENCE_RUNS)))
+    with pytest.raises(DaemonDied, match="signal SIGSEGV"):
+        await compare(tmp_path / "t", _versions)
+    assert (tmp_path / "runs").read_text().strip() == str(REFERENCE_RUNS)
