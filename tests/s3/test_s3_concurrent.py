@@ -105,7 +105,7 @@ def test_hosts_back_up_prune_and_die_on_one_bucket(
     try:
         snapshots = opened.snapshots()
     finally:  # its pooled connection, not left to a garbage collection (a ResourceWarning)
-        opened.backend.client.close()  # type: ignore[attr-defined]
+        opened.close()
     assert len(snapshots) >= 3, seed
     for manifest in snapshots:
         (disk,) = manifest.disks

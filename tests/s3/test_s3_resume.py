@@ -105,7 +105,7 @@ def test_resume_sends_only_the_rest(
         try:
             segments.append([opened.manifest(listed[0]["id"]).disks[0].segments])
         finally:  # its pooled connection, not left to a garbage collection
-            opened.backend.client.close()  # type: ignore[attr-defined]
+            opened.close()
     seg, seg2 = segments
     assert seg == seg2  # the same disk index as the uninterrupted backup
     out = tmp_path / "out.img"

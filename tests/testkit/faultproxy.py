@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
 
@@ -61,6 +62,8 @@ class FaultProxy:
     latency: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    #: Client connections open now (a client that hung up is no longer counted).
+    connections: int = 0
     _rng: random.Random = field(default_factory=lambda: random.Random(1234))
 
     @property
@@ -216,6 +219,15 @@ class FaultProxy:
         class Server(ThreadingHTTPServer):
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client killed mid-request (the tests do that on purpose)
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                with proxy.lock:  # one thread per connection, for as long as it is open
+                    proxy.connections += 1
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    with proxy.lock:
+                        proxy.connections -= 1
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

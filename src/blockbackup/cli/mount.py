@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_overlay is not None and os.path.lexists(args.keep_overlay):
         raise BlockBackupError(f"{args.keep_overlay} exists: the overlay must be a new file")
     secret = open_secret(args)
-    repo = Repository.open(args.repo, secret, storage_options(args))
-    manifest, disk = repo.select(args.snapshot)  # errors here, before anything is served
+    with Repository.open(args.repo, secret, storage_options(args)) as repo:
+        manifest, disk = repo.select(args.snapshot)  # errors here, before anything is served
     with contextlib.ExitStack() as cleanup:
         work = _private_dir(args.dir, "blockbackup-mount-", cleanup)
         overlay: Path | None = None

@@ -292,12 +292,13 @@ def _plan(
     from blockbackup.repository.repo import Repository  # lazy: start-up cost
 
     try:
-        repo = Repository.open(req.repo, req.secret, req.storage)
+        with Repository.open(req.repo, req.secret, req.storage) as repo:
+            latest_of = {n: catalog.latest_with_disk(repo.backend, repo.keys, n) for n in req.names}
         plans = []
         for i, (node, name) in enumerate(zip(req.nodes, req.names, strict=True)):
             info = nodes[node]
             size = int(info["image"]["virtual-size"])
-            latest = catalog.latest_with_disk(repo.backend, repo.keys, name)
+            latest = latest_of[name]
             plan = DiskPlan(
                 node=node,
                 name=name,

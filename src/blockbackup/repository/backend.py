@@ -63,6 +63,11 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
+    def close(self) -> None:
+        """Give back what the backend holds (connections, threads) once nobody uses it:
+        a daemon opens and closes repositories for as long as it runs. Idempotent."""
+        ...
+
 
 def _check_key(key: str) -> None:
     parts = key.split("/")
@@ -84,6 +89,9 @@ class DirectoryBackend:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def close(self) -> None:
+        pass  # every call opens and closes its own files
 
     def _path(self, key: str) -> Path:
         _check_key(key)

@@ -93,11 +93,19 @@ async def _open_repository(node: BlockNode, opts: Options, writer: bool = False)
             await run_undoable(repo.announce_writer, lambda _none: repo.retire_writer())
         await asyncio.to_thread(lambda: repo.store)  # loads the pack indexes
     except BaseException as exc:
-        await asyncio.to_thread(repo.retire_writer)
+        await asyncio.to_thread(_give_back, repo)
         if isinstance(exc, RepositoryError):
             raise BlockBackupError(str(exc)) from None
         raise
     return repo
+
+
+def _give_back(repo: Repository) -> None:
+    """Retire the writer marker (if any), then close the repository's backend."""
+    try:
+        repo.retire_writer()
+    finally:
+        repo.close()
 
 
 def _is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -249,9 +257,10 @@ class RepoTargetDriver(_RepoDisk):
 
     @staticmethod
     async def _release(node: BlockNode, shared: opened.Shared) -> None:
-        """One user of the shared repository less; the last retires its writer marker."""
+        """One user of the shared repository less; the last retires its writer marker and
+        closes the repository."""
         if opened.release(node.graph, shared):
-            await asyncio.to_thread(shared.repo.retire_writer)
+            await asyncio.to_thread(_give_back, shared.repo)
 
     @classmethod
     async def _open_target(
@@ -531,11 +540,21 @@ class RepoSnapshotDriver(_RepoDisk):
         workers = opts.int("encoder-processes", default_workers())
         if workers < 0:
             raise BlockBackupError("encoder-processes must be non-negative")
-        repo = await _open_repository(node, opts)
-        spec = opts.str("snapshot", "latest")
-        disk = opts.str("disk", None)
         if not node.read_only:
             raise BlockBackupError("bb-repo-snapshot is read-only: set 'read-only': true")
+        repo = await _open_repository(node, opts)
+        try:
+            return await cls._open_snapshot(node, opts, repo, workers)
+        except BaseException:
+            await asyncio.to_thread(repo.close)
+            raise
+
+    @classmethod
+    async def _open_snapshot(
+        cls, node: BlockNode, opts: Options, repo: Repository, workers: int
+    ) -> RepoSnapshotDriver:
+        spec = opts.str("snapshot", "latest")
+        disk = opts.str("disk", None)
         try:
             manifest, record = await asyncio.to_thread(
                 repo.select, spec if disk is None else f"{spec}:{disk}"
@@ -556,6 +575,7 @@ class RepoSnapshotDriver(_RepoDisk):
         if self.decoders is not None:
             await asyncio.to_thread(encoder_pools.release, self.decoders)
             self.decoders = None
+        await asyncio.to_thread(self.repo.close)
 
     def _addresses(self, offset: int, length: int) -> list[bytes]:
         first = offset // self.chunk

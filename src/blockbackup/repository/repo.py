@@ -11,7 +11,8 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +51,16 @@ _CONFIG_KEYS = {
 _CONFIG_KEYS_SINCE = {"pack_hash": 2}
 
 
+@contextmanager
+def _backend_at(location: str, options: StorageOptions) -> Iterator[Backend]:
+    """A backend for a few reads, closed after them."""
+    backend = open_backend(location, options)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -68,6 +79,17 @@ class Repository:
         #: This process's writer marker (``writers/<id>``), while it writes.
         self.writer_id: str | None = None
         self._last_beat = 0.0
+
+    def close(self) -> None:
+        """Give back the backend's connections and threads (the writer marker is
+        :meth:`retire_writer`'s). Idempotent; the object is not used after it."""
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def _new_store(self) -> ChunkStore:
         return ChunkStore(self.backend, self.keys, int(self.config["pack_size"]), self.pack_hash)
@@ -140,28 +162,32 @@ class Repository:
         cls, location: str, secret: bytes | None = None, options: StorageOptions = None
     ) -> Repository:
         backend = open_backend(location, options)
-        config = cls.read_config(backend)
-        if config["encryption"] == "none":
-            return cls(backend, config, Keys(None))
-        if secret is None:
-            raise RepositoryError(
-                f"{location} is encrypted: give a passphrase or key file to open it"
-            )
-        master, _slot = keymod.unlock(cls._slots(backend), secret, config["id"])
-        return cls(backend, config, Keys(master))
+        try:
+            config = cls.read_config(backend)
+            if config["encryption"] == "none":
+                return cls(backend, config, Keys(None))
+            if secret is None:
+                raise RepositoryError(
+                    f"{location} is encrypted: give a passphrase or key file to open it"
+                )
+            master, _slot = keymod.unlock(cls._slots(backend), secret, config["id"])
+            return cls(backend, config, Keys(master))
+        except BaseException:
+            backend.close()
+            raise
 
     @classmethod
     def unlock_ahead(cls, location: str, secret: bytes, options: StorageOptions = None) -> None:
         """Start unlocking in a thread what a coming :meth:`open` with ``secret`` unlocks
         (:func:`keys.unlock_ahead`: for a command line process, not a daemon)."""
-        backend = open_backend(location, options)
-        config = cls.read_config(backend)
-        keymod.unlock_ahead(cls._slots(backend), secret, config["id"])
+        with _backend_at(location, options) as backend:
+            config = cls.read_config(backend)
+            keymod.unlock_ahead(cls._slots(backend), secret, config["id"])
 
     @staticmethod
     def is_encrypted_at(location: str, options: StorageOptions = None) -> bool:
-        backend = open_backend(location, options)
-        return bool(Repository.read_config(backend)["encryption"] != "none")
+        with _backend_at(location, options) as backend:
+            return bool(Repository.read_config(backend)["encryption"] != "none")
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -181,9 +207,9 @@ class Repository:
         cls, location: str, options: StorageOptions = None
     ) -> dict[str, dict[str, Any]]:
         """The key slots of a repository, read without a key (they hold nothing secret)."""
-        backend = open_backend(location, options)
-        cls.read_config(backend)
-        return cls._slots(backend)
+        with _backend_at(location, options) as backend:
+            cls.read_config(backend)
+            return cls._slots(backend)
 
     def key_slots(self) -> dict[str, dict[str, Any]]:
         return self._slots(self.backend)

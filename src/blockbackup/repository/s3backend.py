@@ -140,6 +140,15 @@ class S3Backend:
         )
         self._writes = WriteBehind(self.WRITE_BEHIND) if self.WRITE_BEHIND else None
 
+    def close(self) -> None:
+        """Let queued puts and streamed reads end, then hang up the pooled connections
+        (a daemon's nodes open a backend each; the garbage collector would close them
+        only some time later)."""
+        if self._writes is not None:
+            self._writes.close()
+        self._readahead.close()
+        self.client.close()
+
     def _count(self, event_name: str = "", **_kwargs: Any) -> None:
         self.counter.add(_OPS.get(event_name.rsplit(".", 1)[-1], "OTHER"))
 

@@ -221,6 +221,17 @@ class ReadAhead:
             offset += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)  # b"" past the end
 
+    def close(self) -> None:
+        """Wait for the spans being streamed and stop the workers; forget every span."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._spans.clear()
+            self._by_key.clear()
+            self._held = 0
+            self._last_rest = None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
 
 class WriteBehind:
     def __init__(self, depth: int = 2) -> None:
@@ -284,6 +295,10 @@ class WriteBehind:
                 except BaseException:
                     pass
         self._raise()
+
+    def close(self) -> None:
+        """Let the queued puts end (a failure stays for :meth:`barrier`), stop the workers."""
+        self._pool.shutdown(wait=True)
 
 
 __all__ = ["ReadAhead", "Span", "WriteBehind"]
