@@ -5,9 +5,9 @@ Why packs: an object store charges per request, so about 16 MiB of blobs go in o
 pack -> index means an index never names a missing pack; a pack without an index (a writer
 killed between the two) is found on load and its header read, so its chunks are reused.
 
-Memory: the known-address table holds one entry per stored blob; the packer holds two
-pack buffers (about ``pack_size`` bytes each): one being filled while the other is hashed,
-written and synced by a writer thread.
+Memory: the known-address table holds ~60 bytes per stored blob (``addresstable.py``); the
+packer holds two pack buffers (about ``pack_size`` bytes each): one being filled while the
+other is hashed, written and synced by a writer thread.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockbackup.repository import blob, condemned, encoder_worker, packhash
+from blockbackup.repository.addresstable import RECORD, AddressTable, Location
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 PACK_MAGIC = b"BBPACK1\n"
 PACK_END = b"BBPKEND1"
 HEADER_MAGIC = b"BBPH"
-_ENTRY = struct.Struct("<32sQII")  # address, offset, stored length, plain length
+_ENTRY = RECORD  # address, offset, stored length, plain length
 _TRAILER = struct.Struct("<I8s")
 HEADER_AAD = b"pack-header"
 DEFAULT_PACK_SIZE = 16 << 20
@@ -67,16 +68,6 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True)
-class Location:
-    """Where a blob is: its pack, and its stored bytes' range and plaintext length."""
-
-    pack: str
-    offset: int
-    length: int
-    plain: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Stored:
     """A blob's stored bytes as read, and where they are."""
 
@@ -91,13 +82,18 @@ def _encode_header(entries: list[tuple[bytes, int, int, int]]) -> bytes:
     return bytes(out)
 
 
-def _decode_header(data: bytes, what: str) -> list[tuple[bytes, int, int, int]]:
+def _header_entries(data: bytes, what: str) -> memoryview:
+    """A decoded pack header's entries, checked for shape: ``_ENTRY`` records."""
     if data[:4] != HEADER_MAGIC or len(data) < 8:
         raise CorruptData(f"{what}: not a pack header")
     (count,) = struct.unpack_from("<I", data, 4)
     if len(data) != 8 + count * _ENTRY.size:
         raise CorruptData(f"{what}: pack header has the wrong length")
-    return [_ENTRY.unpack_from(data, 8 + i * _ENTRY.size) for i in range(count)]
+    return memoryview(data)[8:]
+
+
+def _decode_header(data: bytes, what: str) -> list[tuple[bytes, int, int, int]]:
+    return list(_ENTRY.iter_unpack(_header_entries(data, what)))
 
 
 #: Packs hashed, written and synced at once by writer threads while the next one fills:
@@ -153,8 +149,10 @@ class _Pack:
 class _Sealed:
     """A closed pack on its way to the backend."""
 
-    def __init__(self, pack: _Pack, header_blob: bytes, pack_hash: str) -> None:
+    def __init__(self, pack: _Pack, header: bytes, header_blob: bytes, pack_hash: str) -> None:
         self.pack = pack
+        #: The header in plaintext (the table learns the pack from it) and as stored.
+        self.header = header
         self.header_blob = header_blob
         self.pack_hash = pack_hash
         self.future: Future[str] | None = None
@@ -193,7 +191,7 @@ class ChunkStore:
         self.keys = keys
         self.pack_size = pack_size
         self.pack_hash = pack_hash
-        self._table: dict[bytes, Location] = {}
+        self._table = AddressTable()
         #: The pack being filled, the one being written (by the writer thread), and a
         #: buffer to reuse: fresh 16 MiB buffers cost their page faults every pack.
         self._buffer_size = len(PACK_MAGIC) + pack_size + _HEADROOM
@@ -272,8 +270,8 @@ class ChunkStore:
 
     def _learn(self, pack: str, header_blob: bytes, what: str) -> None:
         header = blob.decode(self.keys, header_blob, HEADER_AAD, what, 1 << 30)
-        for address, offset, length, plain in _decode_header(header, what):
-            self._table.setdefault(address, Location(pack, offset, length, plain))
+        with _header_entries(header, what) as entries:
+            self._table.learn(pack, entries)
 
     def _recover(self, pack: str) -> None:
         """A pack whose index was never written (its writer was killed): read its header
@@ -359,9 +357,10 @@ class ChunkStore:
         while len(self._sealed) >= PACKS_IN_FLIGHT:
             self._finish_sealed()
         entries = [(a, o, n, p) for a, (o, n, p) in pack.entries.items()]
-        header_blob = bytes(blob.encode(self.keys, _encode_header(entries), HEADER_AAD))
+        header = _encode_header(entries)
+        header_blob = bytes(blob.encode(self.keys, header, HEADER_AAD))
         pack.close(header_blob)
-        sealed = _Sealed(pack, header_blob, self.pack_hash)
+        sealed = _Sealed(pack, header, header_blob, self.pack_hash)
         sealed.future = self._executor().submit(_write_pack, self.backend, sealed)
         self._sealed.append(sealed)
         self._current = _Pack(self._buffer_size, self._spare.pop() if self._spare else None)
@@ -386,8 +385,8 @@ class ChunkStore:
         self.written.add(pack_id)
         if self._cache is not None:
             self._cache.put(pack_id, sealed.header_blob)
-        for address, (offset, length, plain) in sealed.pack.entries.items():
-            self._table[address] = Location(pack_id, offset, length, plain)
+        with _header_entries(sealed.header, f"pack {pack_id}") as entries:
+            self._table.learn(pack_id, entries)
         self._sealed.popleft()
         if len(sealed.pack.buffer) == self._buffer_size and len(self._spare) < PACKS_IN_FLIGHT:
             self._spare.append(sealed.pack.buffer)

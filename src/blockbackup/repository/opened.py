@@ -1,7 +1,7 @@
 """One opened repository for all the target nodes of a graph that write into it.
 
 Why: a repository node used to open the repository for itself: its key derivation, its
-writer marker and its table of every stored chunk (about 210 bytes a chunk). A live
+writer marker and its table of every stored chunk (then about 210 bytes a chunk). A live
 backup of N disks (a target node each) opened it N times: on a repository of 1,000,000
 chunks, four target nodes took 835 MiB and 5.9 s to open, one 210 MiB and 1.5 s
 (measured). Target nodes of one graph that name the same repository (and storage

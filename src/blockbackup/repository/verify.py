@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from blockbackup.repository import blob, directio, packhash
+from blockbackup.repository.addresstable import Location
 from blockbackup.repository.catalog import DiskRecord, Manifest
-from blockbackup.repository.chunkstore import Location, pack_key
+from blockbackup.repository.chunkstore import pack_key
 from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.repo import Repository
