@@ -14,8 +14,14 @@ from blockbackup.repository.keys import ZERO_ADDRESS
 
 SEGMENT_ENTRIES = 16384
 ADDRESS_SIZE = 32
-#: Clean (unchanged) segments kept in memory for reading; changed ones stay until saved.
+#: Clean (unchanged) segments kept in memory for reading.
 CACHED_SEGMENTS = 8
+#: Changed segments kept in memory (16 MiB); beyond them the oldest is stored at once, as
+#: :meth:`DiskIndex.save` would. Without a bound a backup held every changed segment until
+#: its end: 32 bytes per chunk, 512 MiB for a first backup of a 1 TiB disk, or for an
+#: incremental whose scattered writes touch every GiB of it. A segment stored early and
+#: changed again is stored again; the first copy is garbage for gc.
+DIRTY_SEGMENTS = 32
 
 
 class DiskIndex:
@@ -59,6 +65,10 @@ class DiskIndex:
                 raise CorruptData(f"disk index segment {address.hex()} has the wrong length")
         clean = [s for s in self._loaded if s not in self._dirty]
         for old in clean[: max(0, len(clean) - CACHED_SEGMENTS + 1)]:
+            del self._loaded[old]
+        dirty = [s for s in self._loaded if s in self._dirty]
+        for old in dirty[: max(0, len(dirty) - DIRTY_SEGMENTS + 1)]:
+            self._store_segment(old)
             del self._loaded[old]
         self._loaded[segment] = data
         return data
@@ -106,12 +116,16 @@ class DiskIndex:
         """Store the changed segments (into the chunk store's pending pack) and return the
         segment addresses; the caller flushes the store to make them durable."""
         for segment in sorted(self._dirty):
-            data = bytes(self._loaded[segment])
-            if data.count(0) == len(data):
-                self.segments[segment] = ZERO_ADDRESS
-            else:
-                address = self.store.keys.address(data)
-                self.store.add(address, data, index=True)
-                self.segments[segment] = address
-        self._dirty.clear()
+            self._store_segment(segment)
         return list(self.segments)
+
+    def _store_segment(self, segment: int) -> None:
+        """Store a changed segment (into the chunk store's pending pack): clean again."""
+        data = bytes(self._loaded[segment])
+        if data.count(0) == len(data):
+            self.segments[segment] = ZERO_ADDRESS
+        else:
+            address = self.store.keys.address(data)
+            self.store.add(address, data, index=True)
+            self.segments[segment] = address
+        self._dirty.discard(segment)
