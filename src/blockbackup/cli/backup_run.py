@@ -236,7 +236,7 @@ async def _make_backup(
     info = await _follow(run, req, stop, out)
     if info["status"] == "pending":
         stop.check()  # the last moment a signal still cancels the backup
-        commit(run.partial, final)
+        commit(run.partial, final, replace=req.force)
         run.committed = True
         await monitor.execute("job-finalize", {"id": run.job_id})
         info = await runs.wait_concluded(monitor, run.job_id) or info

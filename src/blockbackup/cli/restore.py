@@ -130,9 +130,8 @@ async def _restore(
                     f"removed; it needs {snapshot.size} bytes, less its holes)"
                 ) from exc
             raise
-        # The job ended with the image's flush; the node may keep it open across the rename.
-        if os.path.lexists(final):
-            raise BlockBackupError(f"{args.out} appeared during the restore: nothing overwritten")
+        # The job ended with the image's flush; the node may keep it open across the rename,
+        # which refuses a file that took the name meanwhile (another restore to it).
         try:
             await asyncio.to_thread(targets.commit, partial, final)  # data, then the name
         except CliError as exc:

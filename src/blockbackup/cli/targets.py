@@ -125,20 +125,60 @@ def create_partial(
     return partial
 
 
-def commit(partial: Path, final: Path) -> None:
-    """Give a complete backup its final name, durably: the data, then the name."""
+def commit(partial: Path, final: Path, *, replace: bool = False) -> None:
+    """Give a complete backup its final name, durably: the data, then the name.
+
+    Unless ``replace`` (``--force``), a file that took the name meanwhile is kept and this
+    fails: two backups or restores into one name at once must not end with one of them
+    silently replaced by the other (the name was checked when they started, but the
+    fsync of a big image leaves seconds between that check and the rename).
+    """
     try:
         _fsync(partial, os.O_RDONLY)
     except OSError as err:
         raise _file_error(f"cannot write {partial} to disk", err) from None
     try:
-        os.rename(partial, final)
+        if replace:
+            os.rename(partial, final)
+        else:
+            _rename_no_replace(partial, final)
+    except FileExistsError:
+        raise CliError(f"{final} appeared meanwhile: nothing overwritten") from None
     except OSError as err:
         raise _file_error(f"cannot rename {partial} to {final.name}", err) from None
     try:
         _fsync(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as err:
         raise _file_error(f"cannot write the directory {final.parent} to disk", err) from None
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """``rename`` that raises FileExistsError rather than replace ``dst``: renameat2's
+    RENAME_NOREPLACE, or, where the filesystem lacks it, a link and an unlink (both atomic
+    refusals); where it has neither, a check just before the rename."""
+    import ctypes  # lazy: only a backup's or restore's last step needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        at_fdcwd, rename_noreplace = -100, 1
+        if (
+            libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace)
+            == 0
+        ):
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(dst))
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if isinstance(err, FileExistsError) or err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def _fsync(path: Path, flags: int) -> None:
