@@ -35,24 +35,28 @@ class Location:
 
 
 class AddressTable:
-    """Address -> :class:`Location`, for many blobs in little memory. Not thread-safe."""
+    """Address -> :class:`Location`, for many blobs in little memory.
+
+    One writer at a time (the store's lock); a lookup alongside it finds an address
+    learnt before, or may miss one being learnt (as with a dict).
+    """
 
     def __init__(self) -> None:
         self._records = bytearray()
-        self._pack_of = array("I")  # each record's pack, as an index of _packs
+        self._pack_of: array[int] = array("I")  # each record's pack, as an index of _packs
         self._packs: list[str] = []
         self._pack_numbers: dict[str, int] = {}
-        self._slots = array("I", bytes(4 * _MIN_SLOTS))  # record + 1; 0: free
+        self._slots: array[int] = array("I", bytes(4 * _MIN_SLOTS))  # record + 1; 0: free
         self._count = 0  # records in the slots (a duplicate record is in none)
 
     def __len__(self) -> int:
         return self._count
 
     def __contains__(self, address: bytes) -> bool:
-        return self._find(address)[1] >= 0
+        return self._find(address) >= 0
 
     def get(self, address: bytes) -> Location | None:
-        record = self._find(address)[1]
+        record = self._find(address)
         if record < 0:
             return None
         _address, offset, length, plain = RECORD.unpack_from(self._records, record * _SIZE)
@@ -89,19 +93,16 @@ class AddressTable:
             self._packs.append(pack)
         return number
 
-    def _find(self, address: bytes) -> tuple[int, int]:
-        """(slot, record) of ``address``; record -1 if it is not known, the slot then the
-        free one where it goes (linear probing)."""
+    def _find(self, address: bytes) -> int:
+        """The record of ``address``, -1 if it is not known (linear probing)."""
         slots, records = self._slots, self._records
         mask = len(slots) - 1
         slot = _HASH.unpack_from(address)[0] & mask
-        while True:
-            held = slots[slot]
-            if held == 0:
-                return slot, -1
+        while held := slots[slot]:
             if records.startswith(address, (held - 1) * _SIZE):
-                return slot, held - 1
+                return held - 1
             slot = (slot + 1) & mask
+        return -1
 
     def _reserve(self, count: int) -> None:
         """Grow the slots so that ``count`` records fill at most half of them."""
@@ -110,12 +111,15 @@ class AddressTable:
             return
         while 2 * count > size:
             size *= 2
-        old, records = self._slots, self._records
-        slots = self._slots = array("I", bytes(4 * size))
+        records = self._records
+        slots: array[int] = array("I", bytes(4 * size))
         mask = size - 1
-        for held in old:
+        for held in self._slots:
             if held:  # addresses differ: only a free slot is looked for
                 slot = _HASH.unpack_from(records, (held - 1) * _SIZE)[0] & mask
                 while slots[slot]:
                     slot = (slot + 1) & mask
                 slots[slot] = held
+        # Whole before it is seen: a lookup without the store's lock (a writer asking
+        # whether to encode a chunk) finds what it found before.
+        self._slots = slots
