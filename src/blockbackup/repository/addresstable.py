@@ -97,7 +97,7 @@ class AddressTable:
         """The record of ``address``, -1 if it is not known (linear probing)."""
         slots, records = self._slots, self._records
         mask = len(slots) - 1
-        slot = _HASH.unpack_from(address)[0] & mask
+        slot: int = _HASH.unpack_from(address)[0] & mask
         while held := slots[slot]:
             if records.startswith(address, (held - 1) * _SIZE):
                 return held - 1
