@@ -222,7 +222,8 @@ class ReadAhead:
         return parts[0] if len(parts) == 1 else b"".join(parts)  # b"" past the end
 
     def close(self) -> None:
-        """Wait for the spans being streamed and stop the workers; forget every span."""
+        """Stop the workers: the spans being streamed end, those not begun are dropped
+        (nobody reads a closed backend); forget every span."""
         with self._lock:
             pool, self._pool = self._pool, None
             self._spans.clear()
@@ -230,7 +231,7 @@ class ReadAhead:
             self._held = 0
             self._last_rest = None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class WriteBehind:
