@@ -24,6 +24,11 @@ def _check(table: AddressTable, model: dict[bytes, Location], absent: list[bytes
     for address in absent:
         assert address not in table
         assert table.get(address) is None
+        assert table.record(address) == -1
+    for address, location in model.items():  # by record number: what a verify marks
+        record = table.record(address)
+        assert table.entry(record) == (address, location)
+        assert table.pack_of(record) == location.pack
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -48,6 +53,8 @@ def test_the_table_answers_as_a_dict(seed: int) -> None:
         for address, offset, length, plain in entries:
             model.setdefault(address, Location(pack, offset, length, plain))
             known.append(address)
+        learnt = [table.entry(r) for r in table.records_of(pack)]  # its records, in order
+        assert learnt == [(a, Location(pack, o, n, p)) for a, o, n, p in entries]
         for _ in range(rng.randrange(0, 20)):  # a writer's own packs, of a blob or none
             pack = f"{rng.randrange(1 << 30):064x}"
             entries = [(new_address(), rng.randrange(1 << 40), 9, 7)] if rng.random() < 0.9 else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 #: A record: the layout of a pack header's entries (``chunkstore``'s header format).
@@ -48,6 +49,8 @@ class AddressTable:
         self._pack_numbers: dict[str, int] = {}
         self._slots: array[int] = array("I", bytes(4 * _MIN_SLOTS))  # record + 1; 0: free
         self._count = 0  # records in the slots (a duplicate record is in none)
+        #: Each pack's records, as (first, end) runs: a pack is learnt in one append.
+        self._runs: dict[int, list[tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -57,10 +60,32 @@ class AddressTable:
 
     def get(self, address: bytes) -> Location | None:
         record = self._find(address)
-        if record < 0:
-            return None
-        _address, offset, length, plain = RECORD.unpack_from(self._records, record * _SIZE)
-        return Location(self._packs[self._pack_of[record]], offset, length, plain)
+        return None if record < 0 else self.entry(record)[1]
+
+    # Records by number, for a caller that marks many blobs in a bit each (a verify).
+
+    @property
+    def records(self) -> int:
+        """How many records there are (numbered from 0; some may be duplicates that no
+        address finds)."""
+        return len(self._records) // _SIZE
+
+    def record(self, address: bytes) -> int:
+        """The record ``address`` finds, -1 if it is not known."""
+        return self._find(address)
+
+    def pack_of(self, record: int) -> str:
+        return self._packs[self._pack_of[record]]
+
+    def entry(self, record: int) -> tuple[bytes, Location]:
+        address, offset, length, plain = RECORD.unpack_from(self._records, record * _SIZE)
+        return address, Location(self.pack_of(record), offset, length, plain)
+
+    def records_of(self, pack: str) -> Iterator[int]:
+        """The records learnt from ``pack``."""
+        number = self._pack_numbers.get(pack)
+        for first, end in self._runs.get(number, []) if number is not None else []:
+            yield from range(first, end)
 
     def learn(self, pack: str, records: bytes | bytearray | memoryview) -> None:
         """Add a pack header's entries (whole records); an address already known keeps
@@ -71,7 +96,9 @@ class AddressTable:
         self._reserve(self._count + count)
         first = len(self._records) // _SIZE
         self._records += records
-        self._pack_of.extend(array("I", [self._number(pack)]) * count)
+        number = self._number(pack)
+        self._pack_of.extend(array("I", [number]) * count)
+        self._runs.setdefault(number, []).append((first, first + count))
         slots, table = self._slots, self._records
         mask = len(slots) - 1
         for record in range(first, first + count):

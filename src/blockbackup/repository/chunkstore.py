@@ -216,6 +216,12 @@ class ChunkStore:
         self._condemned_table: dict[bytes, Location] | None = None
         self._condemned_lock = threading.Lock()
 
+    @property
+    def table(self) -> AddressTable:
+        """Where every blob the repository held at load (or this store wrote) is: for
+        reading, not changing."""
+        return self._table
+
     def tally(self) -> Counts:
         """The counters now."""
         return Counts(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from blockbackup.repository import blob, directio, packhash
 from blockbackup.repository.addresstable import Location
 from blockbackup.repository.catalog import DiskRecord, Manifest
-from blockbackup.repository.chunkstore import pack_key
+from blockbackup.repository.chunkstore import ChunkStore, pack_key
 from blockbackup.repository.diskindex import SEGMENT_ENTRIES, DiskIndex
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.repo import Repository
@@ -110,24 +110,22 @@ def verify(
     report.damaged_snapshots = dict(unreadable or {})
     selection = selection or Selection()
     bad: dict[bytes, str] = {}
-    needed: dict[str, dict[bytes, Location]] = defaultdict(dict)
+    needed = _Needed(repo.store)
     for _m, _d, index in _indexes(repo, manifests, report):
-        for address in index.stored_addresses():
+        for address in index.addresses():
             try:
-                location = repo.store.locate(address)
+                needed.add(address)
             except NotFound as exc:
                 bad[address] = str(exc)
-                continue
-            needed[location.pack][address] = location
-    report.chunks = sum(len(v) for v in needed.values()) + len(bad)
+    report.chunks = needed.total + len(bad)
     now = datetime.now(UTC)
     chosen = _choose(repo, needed, selection, now, report)
     for pack in (*chosen.skipped_recent, *chosen.skipped_sample):
-        _check_present(repo, pack, needed[pack], bad, report)
+        _check_present(repo, pack, needed.blobs(pack), bad, report)
     total = len(chosen.packs)
     checks = check_packs(
         repo,
-        ((pack, needed[pack]) for pack in chosen.packs),
+        ((pack, needed.blobs(pack)) for pack in chosen.packs),  # one pack's at a time
         now if selection.record else None,
     )
     for done, checked in enumerate(checks, 1):
@@ -152,19 +150,62 @@ def verify(
     return report
 
 
+class _Needed:
+    """The blobs a verify checks, by pack, in a bit per blob the repository holds.
+
+    Why bits: a dict of address -> location for every chunk the snapshots use took ~240
+    bytes per chunk (as the table did), on top of the table. Here an address marks the
+    table's record of it; a pack's marked records become its blobs when the pack is
+    checked. The blobs of condemned packs, outside the table (found by
+    :meth:`ChunkStore.locate`), are rare and kept as they are.
+    """
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.table = store.table
+        self.marks = bytearray((self.table.records + 7) // 8)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.elsewhere: dict[str, dict[bytes, Location]] = defaultdict(dict)
+        self.total = 0
+
+    def add(self, address: bytes) -> None:
+        """Mark ``address`` (again: nothing more); NotFound if the repository lacks it."""
+        number = self.table.record(address)
+        if number < 0:
+            location = self.store.locate(address)
+            if address not in self.elsewhere[location.pack]:
+                self.elsewhere[location.pack][address] = location
+                self.counts[location.pack] += 1
+                self.total += 1
+            return
+        byte, bit = divmod(number, 8)
+        if not self.marks[byte] >> bit & 1:
+            self.marks[byte] |= 1 << bit
+            self.counts[self.table.pack_of(number)] += 1
+            self.total += 1
+
+    def packs(self) -> list[str]:
+        return list(self.counts)
+
+    def blobs(self, pack: str) -> dict[bytes, Location]:
+        """The marked blobs of ``pack``."""
+        out = dict(self.elsewhere.get(pack, {}))
+        for number in self.table.records_of(pack):
+            if self.marks[number >> 3] >> (number & 7) & 1:
+                address, location = self.table.entry(number)
+                out[address] = location
+        return out
+
+
 def _choose(
-    repo: Repository,
-    needed: dict[str, dict[bytes, Location]],
-    selection: Selection,
-    now: datetime,
-    report: Report,
+    repo: Repository, needed: _Needed, selection: Selection, now: datetime, report: Report
 ) -> Chosen:
     """The packs to read (sorted), counting in ``report`` those left out."""
-    chosen = choose(repo, list(needed), selection, now)
+    chosen = choose(repo, needed.packs(), selection, now)
     report.skipped_recent = len(chosen.skipped_recent)
     report.skipped_sample = len(chosen.skipped_sample)
     for pack in (*chosen.skipped_recent, *chosen.skipped_sample):
-        report.chunks -= len(needed[pack])  # only what was checked counts
+        report.chunks -= needed.counts[pack]  # only what was checked counts
     return chosen
 
 
