@@ -324,10 +324,11 @@ class ChunkStore:
         """As :meth:`add`, with the blob already encoded (``blob.encode(keys, data,
         address)``, done in parallel by the caller); ``stored`` may be empty when the
         caller saw the address known. True if it was stored."""
-        location = self._table.get(address)
-        if location is not None:
-            if location.pack not in self.written:
-                self.relied.add(location.pack)
+        record = self._table.record(address)  # its pack only: no Location made
+        if record >= 0:
+            pack = self._table.pack_of(record)
+            if pack not in self.written:
+                self.relied.add(pack)
             self.reused_blobs += 1
             return False
         if address in self._current.entries or any(

@@ -22,6 +22,7 @@ def referenced_packs(store: ChunkStore, disks: Iterable[DiskRecord]) -> set[str]
     the table does not know (its pack was condemned before this writer loaded the index)
     is an error that asks for another run."""
     packs: set[str] = set()
+    table = store.table
     try:
         for disk in disks:
             index = DiskIndex(store, disk.size, disk.chunk_size, disk.segments)
@@ -32,10 +33,13 @@ def referenced_packs(store: ChunkStore, disks: Iterable[DiskRecord]) -> set[str]
                 data = index.segment_bytes(n)
                 seen: set[bytes] = set()
                 for start in range(0, len(data), ADDRESS_SIZE):
-                    address = bytes(data[start : start + ADDRESS_SIZE])
+                    address = data[start : start + ADDRESS_SIZE]
                     if address != ZERO_ADDRESS and address not in seen:
                         seen.add(address)
-                        packs.add(store.locate(address).pack)
+                        record = table.record(address)  # no Location made: 32k a GiB
+                        packs.add(
+                            table.pack_of(record) if record >= 0 else store.locate(address).pack
+                        )
     except (NotFound, CorruptData) as exc:
         raise RepositoryError(
             f"a pack this backup relies on was removed meanwhile ({exc}); nothing was "
