@@ -1,5 +1,7 @@
 """A local cache of a remote repository's pack indexes: unchanged data costs no request.
 
+(The same directory holds every repository's table file, ``knowntable.py``.)
+
 Why it is always valid: ``index/<pack-id>`` is immutable and named by its pack (whose name
 is the SHA-256 of its bytes), so a cached copy under the same name is the same object. A
 damaged cached file fails its decode (authenticated when encrypted, length-checked when
@@ -73,6 +75,12 @@ class IndexCache:
                     (self.directory / name).unlink()
                 except OSError:
                     pass
+
+
+def table_path(repo_id: str) -> Path | None:
+    """Where the known-address table of a repository (local or remote) keeps what does
+    not fit in memory (``knowntable.py``); None for a repository without a usable id."""
+    return cache_root() / repo_id / "table" if repo_id.isalnum() else None
 
 
 def index_cache(backend: Backend, repo_id: str) -> IndexCache | None:

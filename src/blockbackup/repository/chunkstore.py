@@ -20,14 +20,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockbackup.repository import blob, condemned, encoder_worker, packhash
-from blockbackup.repository.addresstable import RECORD, AddressTable, Location
+from blockbackup.repository.addresstable import RECORD, Location
 from blockbackup.repository.backend import Backend
 from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
+from blockbackup.repository.knowntable import KnownTable
 
 if TYPE_CHECKING:
     from blockbackup.repository.encoders import EncoderPool, WorkerRun
@@ -186,12 +188,15 @@ class ChunkStore:
         keys: Keys,
         pack_size: int = DEFAULT_PACK_SIZE,
         pack_hash: str = packhash.ALGORITHMS[0],
+        table_path: Path | None = None,
     ) -> None:
+        """``table_path``: where the known-address table may keep what does not fit in
+        memory (``knowntable.py``); None keeps it all in memory."""
         self.backend = backend
         self.keys = keys
         self.pack_size = pack_size
         self.pack_hash = pack_hash
-        self._table = AddressTable()
+        self._table = KnownTable(table_path)
         #: The pack being filled, the one being written (by the writer thread), and a
         #: buffer to reuse: fresh 16 MiB buffers cost their page faults every pack.
         self._buffer_size = len(PACK_MAGIC) + pack_size + _HEADROOM
@@ -217,7 +222,7 @@ class ChunkStore:
         self._condemned_lock = threading.Lock()
 
     @property
-    def table(self) -> AddressTable:
+    def table(self) -> KnownTable:
         """Where every blob the repository held at load (or this store wrote) is: for
         reading, not changing."""
         return self._table
@@ -235,12 +240,15 @@ class ChunkStore:
     # -- loading ----------------------------------------------------------------------------
 
     def load(self, cache: IndexCache | None = None) -> None:
-        """Learn every stored blob: the pack indexes, then packs that lack one. With a
-        ``cache`` (remote repositories), an index already cached costs no request."""
+        """Learn every stored blob: the pack indexes (but those the table's file already
+        holds), then packs that lack one. With a ``cache`` (remote repositories), an index
+        already cached costs no request."""
         self._cache = cache
-        indexed: set[str] = set()
-        for key in self.backend.list("index/"):
-            pack = key.rsplit("/", 1)[1]
+        listed = [key.rsplit("/", 1)[1] for key in self.backend.list("index/")]
+        indexed = self._table.adopt(listed)  # what the table's file holds needs no reading
+        for pack in listed:
+            if pack in indexed:
+                continue
             stored = cache.get(pack) if cache is not None else None
             if stored is not None and cache is not None:
                 try:
@@ -250,7 +258,7 @@ class ChunkStore:
                 except CorruptData:
                     cache.forget(pack)  # a damaged copy: fetch it again
             try:
-                stored = self.backend.get(key)
+                stored = self.backend.get(index_key(pack))
             except NotFound:
                 continue  # deleted by a concurrent gc between list and get
             self._learn(pack, stored, f"index {pack}")
@@ -324,9 +332,8 @@ class ChunkStore:
         """As :meth:`add`, with the blob already encoded (``blob.encode(keys, data,
         address)``, done in parallel by the caller); ``stored`` may be empty when the
         caller saw the address known. True if it was stored."""
-        record = self._table.record(address)  # its pack only: no Location made
-        if record >= 0:
-            pack = self._table.pack_of(record)
+        pack = self._table.pack_for(address)  # its pack only: no Location made
+        if pack is not None:
             if pack not in self.written:
                 self.relied.add(pack)
             self.reused_blobs += 1
@@ -667,6 +674,41 @@ class ChunkStore:
                 address,
                 _Stored(location, data[offset - start : offset - start + location.length]),
             )
+
+    def records_of(self, pack: str) -> Iterator[int]:
+        """The table's records of ``pack`` (numbers as :meth:`KnownTable.record` gives).
+        Those in the table's file are found by the addresses the pack's index lists (from
+        the cache, else one request; the pack's own header if the index is gone; the whole
+        file read if neither can be)."""
+        table = self._table
+        yield from table.memory_records_of(pack)
+        if not table.holds_in_file(pack):
+            return
+        entries = self._header_entries_of(pack)
+        if entries is None:
+            yield from table.file_records_of(pack)
+            return
+        for address, _offset, _length, _plain in entries:
+            record = table.record(address)
+            if 0 <= record < table.in_file and table.pack_of(record) == pack:
+                yield record
+
+    def _header_entries_of(self, pack: str) -> list[tuple[bytes, int, int, int]] | None:
+        what = f"index {pack}"
+        stored = self._cache.get(pack) if self._cache is not None else None
+        try:
+            if stored is None:
+                try:
+                    stored = self.backend.get(index_key(pack))
+                except NotFound:
+                    stored = read_pack_header(self.backend, pack)
+            return None if stored is None else decode_pack_header(self.keys, stored, what)
+        except (NotFound, CorruptData):
+            return None
+
+    def close(self) -> None:
+        """Close the table's file (the store is not used after it)."""
+        self._table.close()
 
     def __len__(self) -> int:
         sealed = sum(len(s.pack.entries) for s in self._sealed)

@@ -36,10 +36,8 @@ def referenced_packs(store: ChunkStore, disks: Iterable[DiskRecord]) -> set[str]
                     address = data[start : start + ADDRESS_SIZE]
                     if address != ZERO_ADDRESS and address not in seen:
                         seen.add(address)
-                        record = table.record(address)  # no Location made: 32k a GiB
-                        packs.add(
-                            table.pack_of(record) if record >= 0 else store.locate(address).pack
-                        )
+                        pack = table.pack_for(address)  # no Location made: 32k a GiB
+                        packs.add(pack if pack is not None else store.locate(address).pack)
     except (NotFound, CorruptData) as exc:
         raise RepositoryError(
             f"a pack this backup relies on was removed meanwhile ({exc}); nothing was "

@@ -19,7 +19,7 @@ from typing import Any
 from blockbackup.repository import catalog, condemned, packhash, refs, writers
 from blockbackup.repository import keys as keymod
 from blockbackup.repository.backend import Backend, open_backend
-from blockbackup.repository.cache import index_cache
+from blockbackup.repository.cache import index_cache, table_path
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
 from blockbackup.repository.errors import (
@@ -83,6 +83,8 @@ class Repository:
     def close(self) -> None:
         """Give back the backend's connections and threads (the writer marker is
         :meth:`retire_writer`'s). Idempotent; the object is not used after it."""
+        if self._store is not None:
+            self._store.close()
         self.backend.close()
 
     def __enter__(self) -> Repository:
@@ -92,7 +94,13 @@ class Repository:
         self.close()
 
     def _new_store(self) -> ChunkStore:
-        return ChunkStore(self.backend, self.keys, int(self.config["pack_size"]), self.pack_hash)
+        return ChunkStore(
+            self.backend,
+            self.keys,
+            int(self.config["pack_size"]),
+            self.pack_hash,
+            table_path(self.id),
+        )
 
     # -- create and open --------------------------------------------------------------------
 

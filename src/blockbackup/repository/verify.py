@@ -190,7 +190,7 @@ class _Needed:
     def blobs(self, pack: str) -> dict[bytes, Location]:
         """The marked blobs of ``pack``."""
         out = dict(self.elsewhere.get(pack, {}))
-        for number in self.table.records_of(pack):
+        for number in self.store.records_of(pack):
             if self.marks[number >> 3] >> (number & 7) & 1:
                 address, location = self.table.entry(number)
                 out[address] = location

@@ -1,0 +1,262 @@
+"""The known-address table as a sorted local file: a lookup reads one group of records.
+
+Why a file: in memory the table costs ~60 bytes per stored blob (``addresstable.py``), so a
+repository of 4 TiB of unique data (64M chunks of 64 KiB) would need ~3.8 GiB in every
+backup, restore and verify, and reading every pack index to build it at each opening. Here
+the records lie sorted by address in a file of the local cache; the process keeps only a
+fence (the first 8 bytes of every 64th address: 0.125 bytes per blob) and the pack names,
+and the page cache, not the process, holds the rest.
+
+The file is a cache of facts that never change (a pack is named by its content, and its
+header says where each blob is), so any complete file is correct: which of its packs still
+exist is the caller's to say (``live``). It is replaced whole (temp file + rename), never
+changed in place: a process keeps reading the file it opened.
+
+Layout (little-endian, all integers unsigned)::
+
+    header   magic "BBTABLE1", count u64, groups u64, packs u32, names u32 (bytes)
+    records  count x (address 32s, offset u64, length u32, plain u32, pack u32), sorted
+             by address (a blob stored in several packs has several records)
+    fence    groups x u64, big-endian: the first 8 bytes of record 64 * i
+    names    the pack names, newline-separated, numbered from 0 (an empty name: a pack
+             whose records were left out)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from blockbackup.repository.addresstable import RECORD, Location
+
+MAGIC = b"BBTABLE1"
+_HEADER = struct.Struct("<8sQQII")
+#: A record: a pack header's entry, then the number of its pack in the file's names.
+ENTRY = struct.Struct("<32sQIII")
+SIZE = ENTRY.size
+_PACK = struct.Struct("<I")
+#: Records per fence entry: a lookup reads one group (3,328 bytes), rarely two.
+GROUP = 64
+#: Records per block when the file is read in bulk (about 4 MiB).
+_BLOCK = (4 << 20) // SIZE
+
+#: A record as read: address, offset, stored length, plain length, pack number.
+Entry = tuple[bytes, int, int, int, int]
+
+
+class TableFile:
+    """A table file opened for lookups (thread-safe: ``pread`` only)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, _HEADER.size, 0)
+            if len(head) != _HEADER.size:
+                raise ValueError("too short")
+            magic, count, groups, packs, names = _HEADER.unpack(head)
+            self.count: int = count
+            if magic != MAGIC or groups != -(-count // GROUP):
+                raise ValueError("not a table file of this version")
+            self._records_at = _HEADER.size
+            fence_at = self._records_at + self.count * SIZE
+            if os.fstat(fd).st_size != fence_at + 8 * groups + names:
+                raise ValueError("its size does not match its header")
+            self._fence: array[int] = array("Q", _read(fd, 8 * groups, fence_at))
+            if sys.byteorder == "little":
+                self._fence.byteswap()
+            text = _read(fd, names, fence_at + 8 * groups).decode("ascii")
+            self.packs: list[str] = text.split("\n") if packs else []
+            if len(self.packs) != packs:
+                raise ValueError("its pack names do not match its header")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.path = path
+        self._numbers: dict[str, int] | None = None
+
+    def close(self) -> None:
+        """Close the file; only once no thread reads it (a closed descriptor's number may
+        be given to another file). Left to the last reference otherwise."""
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    __del__ = close
+
+    def first(self, address: bytes) -> int:
+        """The number of the first record whose address is >= ``address`` (``count`` if
+        none is)."""
+        prefix = int.from_bytes(address[:8], "big")
+        group = max(bisect_left(self._fence, prefix) - 1, 0)
+        while True:  # the group before the first whose fence is >= prefix, then onward
+            start = group * GROUP
+            n = min(GROUP, self.count - start)
+            if n <= 0:
+                return self.count
+            data = os.pread(self._fd, n * SIZE, self._records_at + start * SIZE)
+            i = bisect_left(range(n), address, key=lambda j: data[j * SIZE : j * SIZE + 32])
+            if i < n:
+                return start + i
+            group += 1
+
+    def find(self, address: bytes, live: bytes | bytearray) -> tuple[int, Entry] | None:
+        """The first record of ``address`` whose pack is live (``live[pack number]``): its
+        number and its entry; None if there is none."""
+        number = self.first(address)
+        while number < self.count:
+            entry = self.entry_raw(number)
+            if entry[0] != address:
+                return None
+            if live[entry[4]]:
+                return number, entry
+            number += 1
+        return None
+
+    def entry_raw(self, number: int) -> Entry:
+        """Record ``number``: address, offset, stored length, plain length, pack number."""
+        data = os.pread(self._fd, SIZE, self._records_at + number * SIZE)
+        if len(data) != SIZE:
+            raise ValueError("truncated")
+        address, offset, length, plain, pack = ENTRY.unpack(data)
+        return address, offset, length, plain, pack
+
+    def pack_number(self, number: int) -> int:
+        at = self._records_at + number * SIZE + RECORD.size
+        return int(_PACK.unpack(os.pread(self._fd, _PACK.size, at))[0])
+
+    def entry(self, number: int) -> tuple[bytes, Location]:
+        address, offset, length, plain, pack = self.entry_raw(number)
+        return address, Location(self.packs[pack], offset, length, plain)
+
+    def number_of(self, pack: str) -> int | None:
+        """The number of ``pack`` in this file, None if it has none."""
+        if self._numbers is None:
+            self._numbers = {name: n for n, name in enumerate(self.packs)}
+        return self._numbers.get(pack)
+
+    def scan_pack(self, number: int) -> Iterator[int]:
+        """The records of pack ``number``, by reading the whole file."""
+        for index, block in enumerate(self.blocks()):
+            first = index * _BLOCK
+            for at in range(0, len(block), SIZE):
+                if _PACK.unpack_from(block, at + RECORD.size)[0] == number:
+                    yield first + at // SIZE
+
+    def blocks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Records ``start`` to ``end`` as they lie in the file, in blocks of whole records
+        (``_BLOCK`` records each but the last)."""
+        end = self.count if end is None else end
+        step = _BLOCK
+        for first in range(start, end, step):
+            n = min(step, end - first)
+            yield _read(self._fd, n * SIZE, self._records_at + first * SIZE)
+
+    def __enter__(self) -> TableFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _read(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ValueError("truncated")
+    return data
+
+
+def write(
+    path: Path,
+    old: TableFile | None,
+    keep: bytes | bytearray | None,
+    new: Iterable[tuple[bytes, str]],
+) -> TableFile:
+    """Write a table file at ``path`` (atomically) and return it opened: the records of
+    ``old`` (those whose pack ``keep`` marks, all if ``keep`` is None) merged with ``new``,
+    pack header records (``RECORD``) each with its pack's name, sorted by address. The
+    file returned is the one written, even if another process replaces ``path`` at once.
+
+    Why a merge and not a sort: ``old`` may be far larger than memory; it is copied in
+    blocks between the places where a new record goes, found by lookups."""
+    packs = list(old.packs) if old is not None else []
+    if keep is not None:
+        # A pack left out is named no more: if gc gives it back its index, a later opening
+        # must read that index rather than take the pack as held here.
+        packs = [name if keep[n] else "" for n, name in enumerate(packs)]
+    numbers = {name: n for n, name in enumerate(packs) if name}
+    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
+    try:
+        with open(tmp, "w+b", buffering=1 << 20) as out:
+            out.write(bytes(_HEADER.size))
+            count, copied = 0, 0
+            for record, pack in new:
+                number = numbers.get(pack)
+                if number is None:
+                    number = numbers[pack] = len(packs)
+                    packs.append(pack)
+                if old is not None:
+                    at = old.first(record[:32])
+                    count += _copy(out, old, copied, at, keep)
+                    copied = at
+                out.write(record)
+                out.write(_PACK.pack(number))
+                count += 1
+            if old is not None:
+                count += _copy(out, old, copied, old.count, keep)
+            out.flush()
+            fence = _fence(out.fileno(), count)
+            out.write(fence)
+            names = "\n".join(packs).encode("ascii")
+            out.write(names)
+            out.seek(0)
+            out.write(_HEADER.pack(MAGIC, count, len(fence) // 8, len(packs), len(names)))
+        written = TableFile(tmp)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            written.close()
+            raise
+        written.path = path
+        return written
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy(out: object, old: TableFile, start: int, end: int, keep: bytes | bytearray | None) -> int:
+    """Copy ``old``'s records ``start`` to ``end`` into ``out``, leaving out those whose
+    pack ``keep`` does not mark; the number copied."""
+    write = out.write  # type: ignore[attr-defined]
+    copied = 0
+    for block in old.blocks(start, end):
+        if keep is None:
+            write(block)
+            copied += len(block) // SIZE
+            continue
+        view = memoryview(block)
+        for at in range(0, len(block), SIZE):
+            if keep[_PACK.unpack_from(block, at + RECORD.size)[0]]:
+                write(view[at : at + SIZE])
+                copied += 1
+    return copied
+
+
+def _fence(fd: int, count: int) -> bytes:
+    """The fence of the ``count`` records just written (read back from the page cache)."""
+    fence = bytearray()
+    step = GROUP * SIZE * 256
+    for first in range(0, count * SIZE, step):
+        block = _read(fd, min(step, count * SIZE - first), _HEADER.size + first)
+        for at in range(0, len(block), GROUP * SIZE):
+            fence += block[at : at + 8]
+    return bytes(fence)
+
+
+__all__ = ["GROUP", "TableFile", "write"]
