@@ -5,9 +5,10 @@ Why packs: an object store charges per request, so about 16 MiB of blobs go in o
 pack -> index means an index never names a missing pack; a pack without an index (a writer
 killed between the two) is found on load and its header read, so its chunks are reused.
 
-Memory: the known-address table holds ~60 bytes per stored blob (``addresstable.py``); the
-packer holds two pack buffers (about ``pack_size`` bytes each): one being filled while the
-other is hashed, written and synced by a writer thread.
+Memory: the known-address table holds ~60 bytes per stored blob (``addresstable.py``), at
+most 512Ki of them (the rest in its file: ``knowntable.py``); the packer holds two pack
+buffers (about ``pack_size`` bytes each): one being filled while the other is hashed,
+written and synced by a writer thread.
 """
 
 from __future__ import annotations
