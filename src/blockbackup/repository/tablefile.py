@@ -93,25 +93,33 @@ class TableFile:
     def first(self, address: bytes) -> int:
         """The number of the first record whose address is >= ``address`` (``count`` if
         none is)."""
+        return self._first(address)[0]
+
+    def _first(self, address: bytes) -> tuple[int, bytes, int]:
+        """:meth:`first`, with the group read to find it and the record's place in it."""
         prefix = int.from_bytes(address[:8], "big")
         group = max(bisect_left(self._fence, prefix) - 1, 0)
         while True:  # the group before the first whose fence is >= prefix, then onward
             start = group * GROUP
             n = min(GROUP, self.count - start)
             if n <= 0:
-                return self.count
+                return self.count, b"", 0
             data = os.pread(self._fd, n * SIZE, self._records_at + start * SIZE)
             i = bisect_left(range(n), address, key=lambda j: data[j * SIZE : j * SIZE + 32])
             if i < n:
-                return start + i
+                return start + i, data, i * SIZE
             group += 1
 
     def find(self, address: bytes, live: bytes | bytearray) -> tuple[int, Entry] | None:
         """The first record of ``address`` whose pack is live (``live[pack number]``): its
         number and its entry; None if there is none."""
-        number = self.first(address)
+        number, data, at = self._first(address)
         while number < self.count:
-            entry = self.entry_raw(number)
+            if at < len(data):  # in the group already read: the usual case
+                entry: Entry = ENTRY.unpack_from(data, at)
+                at += SIZE
+            else:  # a run of copies of one address past the group's end
+                entry = self.entry_raw(number)
             if entry[0] != address:
                 return None
             if live[entry[4]]:
