@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import struct
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 #: A record: the layout of a pack header's entries (``chunkstore``'s header format).
 RECORD = struct.Struct("<32sQII")
@@ -108,18 +110,20 @@ class AddressTable:
         records = self._records
         prefix = _PREFIX.unpack_from
         keys = sorted(prefix(records, r * _SIZE)[0] << 32 | r for r in range(self.records))
-        mask = (1 << 32) - 1
-        start = 0
-        while start < len(keys):
-            end = start + 1
-            while end < len(keys) and keys[end] >> 32 == keys[start] >> 32:
-                end += 1
-            run = [key & mask for key in keys[start:end]]
-            if len(run) > 1:
-                run.sort(key=lambda r: records[r * _SIZE : r * _SIZE + 32])
-            for record in run:
-                yield bytes(records[record * _SIZE : (record + 1) * _SIZE]), self.pack_of(record)
-            start = end
+        order = array("I", (key & 0xFFFFFFFF for key in keys))
+        prefixes = array("Q", (key >> 32 for key in keys))
+        del keys
+        # Neighbours of equal first bytes: copies of an address, or (rarely) a collision.
+        neighbours = zip(prefixes, islice(prefixes, 1, None), strict=False)
+        for shared in {p for p, q in neighbours if p == q}:
+            start, end = bisect_left(prefixes, shared), bisect_right(prefixes, shared)
+            order[start:end] = array(
+                "I", sorted(order[start:end], key=lambda r: records[r * _SIZE : r * _SIZE + 32])
+            )
+        del prefixes
+        packs, pack_of = self._packs, self._pack_of
+        for record in order:
+            yield bytes(records[record * _SIZE : (record + 1) * _SIZE]), packs[pack_of[record]]
 
     def learn(self, pack: str, records: bytes | bytearray | memoryview) -> None:
         """Add a pack header's entries (whole records); an address already known keeps

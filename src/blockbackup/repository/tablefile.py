@@ -204,13 +204,14 @@ def write(
         with open(tmp, "w+b", buffering=1 << 20) as out:
             out.write(bytes(_HEADER.size))
             count, copied = 0, 0
+            places = _Places(old) if old is not None else None
             for record, pack in new:
                 number = numbers.get(pack)
                 if number is None:
                     number = numbers[pack] = len(packs)
                     packs.append(pack)
-                if old is not None:
-                    at = old.first(record[:32])
+                if old is not None and places is not None:
+                    at = places.first(record[:32])
                     count += _copy(out, old, copied, at, keep)
                     copied = at
                 out.write(record)
@@ -238,10 +239,43 @@ def write(
         raise
 
 
+class _Places:
+    """:meth:`TableFile.first` for ascending addresses: each group of ``old`` is read once
+    (a merge of as many new records as old ones asks each group ~64 times)."""
+
+    def __init__(self, old: TableFile) -> None:
+        self.old = old
+        self.group = -1
+        self.addresses: list[bytes] = []
+
+    def first(self, address: bytes) -> int:
+        old = self.old
+        prefix = int.from_bytes(address[:8], "big")
+        # Never back: the answer for an address is at least the one for the previous.
+        group = max(bisect_left(old._fence, prefix) - 1, self.group, 0)
+        while True:
+            if group != self.group:
+                start = group * GROUP
+                n = min(GROUP, old.count - start)
+                if n <= 0:
+                    return old.count
+                data = _read(old._fd, n * SIZE, old._records_at + start * SIZE)
+                self.addresses = [data[j * SIZE : j * SIZE + 32] for j in range(n)]
+                self.group = group
+            i = bisect_left(self.addresses, address)
+            if i < len(self.addresses):
+                return group * GROUP + i
+            group += 1
+
+
 def _copy(out: object, old: TableFile, start: int, end: int, keep: bytes | bytearray | None) -> int:
     """Copy ``old``'s records ``start`` to ``end`` into ``out``, leaving out those whose
     pack ``keep`` does not mark; the number copied."""
     write = out.write  # type: ignore[attr-defined]
+    if end - start <= GROUP and keep is None:  # between two new records: the usual case
+        if end > start:
+            write(_read(old._fd, (end - start) * SIZE, old._records_at + start * SIZE))
+        return end - start
     copied = 0
     for block in old.blocks(start, end):
         if keep is None:
