@@ -164,3 +164,38 @@ def test_a_stopped_backup_commits_nothing_and_the_next_one_works(
     out = tmp_path / "out.img"
     bb("restore", "--repo", repo, "latest", out, "--passphrase-env", "BBP")
     assert out.read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_verify_says_so_and_the_next_one_passes(
+    repo_with_image: tuple[Path, Path], signum: int
+) -> None:
+    """A verify stopped once it recorded a checked pack: one line, 128 + the signal (it
+    used to die without a word); nothing it leaves makes the next verify fail."""
+    repo, _image = repo_with_image
+    verified = repo / "verified"
+    code, err, _ = signalled(
+        ["verify", "--repo", repo, "--passphrase-env", "BBP"],
+        lambda: verified.is_dir() and any(verified.iterdir()),
+        signum,
+    )
+    name = signal.Signals(signum).name
+    assert (code, err) == (128 + signum, f"blockbackup verify: interrupted ({name})\n")
+    assert bb("verify", "--repo", repo, "--passphrase-env", "BBP").stdout.endswith("ok\n")
+
+
+def test_a_stopped_sync_says_so_and_the_next_one_finishes(
+    tmp_path: Path, repo_with_image: tuple[Path, Path]
+) -> None:
+    repo, image = repo_with_image
+    copy = tmp_path / "copy"
+    code, err, _ = signalled(
+        ["repo", "sync", repo, copy],
+        lambda: (copy / "data").is_dir() and any((copy / "data").rglob("*")),
+        signal.SIGTERM,
+    )
+    assert (code, err) == (143, "blockbackup repo: interrupted (SIGTERM)\n")
+    bb("repo", "sync", repo, copy)
+    out = tmp_path / "out.img"
+    bb("restore", "--repo", copy, "latest", out, "--passphrase-env", "BBP")
+    assert out.read_bytes() == image.read_bytes()

@@ -235,6 +235,24 @@ def run_stoppable(main: Coroutine[Any, Any, T], stops: Stops) -> T:
         raise
 
 
+@contextlib.contextmanager
+def _terminating() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` where the command is, as Ctrl-C raises
+    KeyboardInterrupt: a command that keeps no state a kill would break (verify, prune, gc,
+    sync; each is safe to kill and run again) then says it was stopped instead of dying
+    without a word. Commands with work to undo take them over (:func:`stop_signals`)."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """One-line errors and exit status 1 instead of tracebacks, named by the command as
     every other command's are (``blockbackup restore: ...``); 128 + the signal's number
@@ -242,7 +260,8 @@ def guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
-            return run(args)
+            with _terminating():
+                return run(args)
         except Terminated as stopped:
             print(f"blockbackup {args.command}: interrupted ({stopped})", file=sys.stderr)
             return 128 + stopped.signum
