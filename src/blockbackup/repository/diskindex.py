@@ -93,17 +93,21 @@ class DiskIndex:
         start = entry * ADDRESS_SIZE
         return bytes(self._segment(segment)[start : start + ADDRESS_SIZE])
 
-    def addresses(self) -> Iterator[bytes]:
+    def addresses(self, skip: set[bytes] | None = None) -> Iterator[bytes]:
         """The address of every stored chunk the disk uses, a segment at a time (zero
         chunks and zero segments have none; a chunk used twice comes twice): what a
-        verify must check, without holding them all."""
+        verify must check, without holding them all. ``skip``: stored segments whose
+        chunks were walked already (another snapshot's); each one walked here is added."""
         for segment, address in enumerate(self.segments):
-            if address == ZERO_ADDRESS and segment not in self._dirty:
+            dirty = segment in self._dirty
+            if (address == ZERO_ADDRESS or (skip is not None and address in skip)) and not dirty:
                 continue
             raw = bytes(self._segment(segment))
             for at in range(0, len(raw), ADDRESS_SIZE):
                 if raw[at] or raw[at : at + ADDRESS_SIZE] != ZERO_ADDRESS:
                     yield raw[at : at + ADDRESS_SIZE]
+            if skip is not None and not dirty:
+                skip.add(address)
 
     def set(self, index: int, address: bytes) -> None:
         segment, entry = divmod(index, SEGMENT_ENTRIES)
