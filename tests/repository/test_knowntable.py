@@ -14,7 +14,7 @@ import pytest
 from blockbackup.repository import tablefile
 from blockbackup.repository.addresstable import RECORD, Location
 from blockbackup.repository.knowntable import KnownTable
-from blockbackup.repository.tablefile import TableFile
+from blockbackup.repository.tablefile import DamagedTable, TableFile
 
 
 class Model:
@@ -153,6 +153,50 @@ def test_a_damaged_file_is_ignored(tmp_path: Path, damage: object) -> None:
     assert table.adopt(sorted(model.live)) == set()  # every index is read instead
     table = model.open(path, 1 << 30)
     check(table, model, [])
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_damage_in_the_fence_or_names_ignores_the_file(tmp_path: Path) -> None:
+    """Checked at opening (a wrong fence would send lookups to the wrong group, which
+    would then miss what is stored)."""
+    model = Model(7)
+    path = tmp_path / "table"
+    table = KnownTable(path, 3)
+    for _ in range(20):
+        table.learn(*model.new_pack())
+    with TableFile(path) as file:
+        fence_at = tablefile._HEADER.size + file.count * tablefile.SIZE
+    _flip(path, fence_at + 2)
+    assert KnownTable(path, 1 << 30).adopt(sorted(model.live)) == set()
+    table = model.open(path, 1 << 30)
+    check(table, model, [])
+
+
+def _look_up_all(table: KnownTable, addresses: list[bytes]) -> None:
+    for address in addresses:
+        table.get(address)
+
+
+def test_a_damaged_record_fails_its_lookup_and_removes_the_file(tmp_path: Path) -> None:
+    """A flipped byte in a record would send this host's reads of a chunk to the wrong
+    place until the cache is deleted: its group's check fails, the command that met it
+    fails saying so, and the next opening reads the indexes instead."""
+    model = Model(8)
+    path = tmp_path / "table"
+    table = KnownTable(path, 3)
+    for _ in range(20):
+        table.learn(*model.new_pack())
+    _flip(path, tablefile._HEADER.size + 5 * tablefile.SIZE + 40)  # record 5's offset
+    damaged = model.open(path, 1 << 30)
+    with pytest.raises(DamagedTable, match=r"is damaged .*the next run rebuilds it"):
+        _look_up_all(damaged, model.known)
+    assert not path.exists()
+    check(model.open(path, 1 << 30), model, [])
 
 
 def test_an_unwritable_cache_keeps_everything_in_memory(tmp_path: Path) -> None:

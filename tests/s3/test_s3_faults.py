@@ -86,3 +86,26 @@ def test_persistent_failure_is_one_line_and_commits_nothing(
     proc = bb("snapshots", "--repo", repo, env=env, ok=False)
     assert proxy.count("GET", "/config") == 3, proc.stderr
     print(proc.stderr)
+
+
+def test_a_restore_whose_reads_keep_failing_says_so_in_one_line(
+    tmp_path: Path, env: dict[str, str], bucket: str, proxy: FaultProxy
+) -> None:
+    """The server fails every read of the packs (after the retries): the restore names
+    the failure in one line, says nothing was restored and leaves no image, as for
+    damaged data (the snapshot node turns a storage error into EIO and keeps its text)."""
+    env = {**env, "BB_S3_MAX_ATTEMPTS": "2", "BB_S3_TIMEOUT": "3"}
+    repo = f"s3://{bucket}/r"
+    bb("repo", "init", repo, "--no-encryption", env=env)
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(4 * MiB))
+    bb("backup", img, "--repo", repo, env=env)
+    proxy.add(Fault("500", "GET", "/data/", times=1000))
+    out = tmp_path / "out.img"
+    proc = bb("restore", "--repo", repo, "latest", out, env=env, ok=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("blockbackup restore: ")
+    assert "GET data/" in proc.stderr
+    assert proc.stderr.endswith("nothing restored\n")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []

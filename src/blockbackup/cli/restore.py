@@ -124,6 +124,8 @@ async def _restore(
                 raise BlockBackupError(
                     f"damaged data, nothing restored: {driver.damaged[0]}"
                 ) from exc
+            if driver.storage_error:  # S3 after its retries, a damaged local table
+                raise BlockBackupError(f"{driver.storage_error}: nothing restored") from exc
             if str(exc) == os.strerror(errno.ENOSPC):  # say where, and what is left
                 raise BlockBackupError(
                     f"{exc} writing {args.out}: nothing restored (the partial image is "

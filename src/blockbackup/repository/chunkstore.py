@@ -31,6 +31,7 @@ from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
 from blockbackup.repository.knowntable import KnownTable
+from blockbackup.repository.tablefile import DamagedTable
 
 if TYPE_CHECKING:
     from blockbackup.repository.encoders import EncoderPool, WorkerRun
@@ -256,6 +257,8 @@ class ChunkStore:
                     self._learn(pack, stored, f"index {pack}")
                     indexed.add(pack)
                     continue
+                except DamagedTable:
+                    raise
                 except CorruptData:
                     cache.forget(pack)  # a damaged copy: fetch it again
             try:
@@ -299,6 +302,8 @@ class ChunkStore:
             return  # a damaged pack: verify reports it; nothing in it is trusted
         try:
             self._learn(pack, header_blob, f"pack {pack}")
+        except DamagedTable:
+            raise
         except CorruptData:
             return
         self.backend.put(index_key(pack), header_blob)

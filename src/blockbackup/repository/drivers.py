@@ -133,6 +133,26 @@ class _RepoDisk(BlockDriver):
         #: What damaged data reads met, each naming the chunk, pack and disk offset (a job
         #: reports only the errno; the command that ran it reports these).
         self.damaged: list[str] = []
+        #: The last storage error (e.g. S3 after its retries, a damaged local table), for
+        #: the command's message.
+        self.storage_error: str | None = None
+
+    def _wrap(self, exc: OSError | RepositoryError) -> OSError:
+        """A storage error as EIO, as a disk fails; its text kept for the command (a job
+        reports only "Input/output error")."""
+        if isinstance(exc, OSError):
+            return exc
+        self.storage_error = str(exc)
+        return io_error(errno.EIO, str(exc))
+
+    @contextlib.contextmanager
+    def _storage(self) -> Iterator[None]:
+        """Inside, a repository error becomes EIO (:meth:`_wrap`): the copy engine and the
+        NBD server handle I/O errors, not the repository's own."""
+        try:
+            yield
+        except RepositoryError as exc:
+            raise self._wrap(exc) from None
 
     @property
     def size(self) -> int:
@@ -154,14 +174,14 @@ class _RepoDisk(BlockDriver):
         return out
 
     def _locked_read(self, offset: int, length: int) -> bytearray:
-        with self._lock:
+        with self._lock, self._storage():
             return self._read_sync(offset, length)
 
     async def read(self, offset: int, length: int) -> bytearray:
         return await asyncio.to_thread(self._locked_read, offset, length)
 
     def _status_sync(self, offset: int, length: int) -> Extent:
-        with self._lock:  # a lookup may load (read) a segment of the index
+        with self._lock, self._storage():  # a lookup may load (read) a segment of the index
             return self._status(offset, length, self.size)
 
     def _status(self, offset: int, length: int, limit: int) -> Extent:
@@ -229,8 +249,6 @@ class RepoTargetDriver(_RepoDisk):
         self.encoders = encoders
         #: Set by each successful flush: the disk as stored so far.
         self.result: TargetResult | None = None
-        #: The last storage error (e.g. S3 after its retries), for the command's message.
-        self.storage_error: str | None = None
 
     @classmethod
     async def open(cls, node: BlockNode, opts: Options) -> RepoTargetDriver:
@@ -328,13 +346,6 @@ class RepoTargetDriver(_RepoDisk):
                 )
                 self._put_chunk(i, merged)
             pos = stop
-
-    def _wrap(self, exc: OSError | RepositoryError) -> OSError:
-        if isinstance(exc, OSError):
-            return exc
-        # kept for the command: the job only reports "Input/output error"
-        self.storage_error = str(exc)
-        return io_error(errno.EIO, str(exc))
 
     def _whole_chunks(self, offset: int, data: memoryview) -> list[tuple[int, memoryview]]:
         """(index, bytes) of each chunk ``data`` covers whole: the ones a write stores as
@@ -591,9 +602,12 @@ class RepoSnapshotDriver(_RepoDisk):
         raises EIO naming the chunk (and is kept in :attr:`damaged`). Only the index
         lookup takes the lock: parallel calls decode in parallel (nothing is pending in
         the store of a snapshot)."""
+        if len(view):
+            with self._storage():
+                self._read_into(view, offset)
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
         length = len(view)
-        if length == 0:
-            return
         places, zeroes, partial = self._plan(offset, length)
         for lo, hi in zeroes:
             view[lo:hi] = self._zeroes[: hi - lo]
@@ -646,12 +660,13 @@ class RepoSnapshotDriver(_RepoDisk):
         whenever the worker cannot (see ``ChunkStore.write_in_workers``)."""
         if self.decoders is None or length == 0:
             return None
-        places, _zeroes, partial = self._plan(offset, length)
-        if partial:
-            return None
-        return self.repo.store.write_in_workers(
-            dst_fd, dst_off, length, places, grain, self.decoders
-        )
+        with self._storage():
+            places, _zeroes, partial = self._plan(offset, length)
+            if partial:
+                return None
+            return self.repo.store.write_in_workers(
+                dst_fd, dst_off, length, places, grain, self.decoders
+            )
 
     def _plan(
         self, offset: int, length: int

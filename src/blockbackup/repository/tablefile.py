@@ -14,10 +14,14 @@ changed in place: a process keeps reading the file it opened.
 
 Layout (little-endian, all integers unsigned)::
 
-    header   magic "BBTABLE1", count u64, groups u64, packs u32, names u32 (bytes)
+    header   magic "BBTABLE1", count u64, groups u64, packs u32, names u32 (bytes), and
+             the CRC-32 of fence, checks and names (checked at opening) u32
     records  count x (address 32s, offset u64, length u32, plain u32, pack u32), sorted
              by address (a blob stored in several packs has several records)
     fence    groups x u64, big-endian: the first 8 bytes of record 64 * i
+    checks   groups x u32: the CRC-32 of each group of 64 records, checked at each read
+             (a damaged file is removed, and the command that found it fails: a wrong
+             record would send reads to the wrong place on this host until it is gone)
     names    the pack names, newline-separated, numbered from 0 (an empty name: a pack
              whose records were left out)
 """
@@ -28,23 +32,25 @@ import os
 import secrets
 import struct
 import sys
+import zlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from blockbackup.repository.addresstable import RECORD, Location
+from blockbackup.repository.errors import CorruptData
 
 MAGIC = b"BBTABLE1"
-_HEADER = struct.Struct("<8sQQII")
+_HEADER = struct.Struct("<8sQQIII")
 #: A record: a pack header's entry, then the number of its pack in the file's names.
 ENTRY = struct.Struct("<32sQIII")
 SIZE = ENTRY.size
 _PACK = struct.Struct("<I")
 #: Records per fence entry: a lookup reads one group (3,328 bytes), rarely two.
 GROUP = 64
-#: Records per block when the file is read in bulk (about 4 MiB).
-_BLOCK = (4 << 20) // SIZE
+#: Records per block when the file is read in bulk (whole groups, about 4 MiB).
+_BLOCK = GROUP * ((4 << 20) // (GROUP * SIZE))
 
 #: A record as read: address, offset, stored length, plain length, pack number.
 Entry = tuple[bytes, int, int, int, int]
@@ -59,18 +65,26 @@ class TableFile:
             head = os.pread(fd, _HEADER.size, 0)
             if len(head) != _HEADER.size:
                 raise ValueError("too short")
-            magic, count, groups, packs, names = _HEADER.unpack(head)
+            magic, count, groups, packs, names, meta = _HEADER.unpack(head)
             self.count: int = count
             if magic != MAGIC or groups != -(-count // GROUP):
                 raise ValueError("not a table file of this version")
             self._records_at = _HEADER.size
             fence_at = self._records_at + self.count * SIZE
-            if os.fstat(fd).st_size != fence_at + 8 * groups + names:
+            checks_at = fence_at + 8 * groups
+            names_at = checks_at + 4 * groups
+            if os.fstat(fd).st_size != names_at + names:
                 raise ValueError("its size does not match its header")
-            self._fence: array[int] = array("Q", _read(fd, 8 * groups, fence_at))
+            tail = _read(fd, names_at + names - fence_at, fence_at)
+            if zlib.crc32(tail) != meta:
+                raise ValueError("its fence, checks or names are damaged")
+            self._fence: array[int] = array("Q", tail[: 8 * groups])
             if sys.byteorder == "little":
                 self._fence.byteswap()
-            text = _read(fd, names, fence_at + 8 * groups).decode("ascii")
+            self._checks: array[int] = array("I", tail[8 * groups : 12 * groups])
+            if sys.byteorder == "big":
+                self._checks.byteswap()
+            text = tail[12 * groups :].decode("ascii")
             self.packs: list[str] = text.split("\n") if packs else []
             if len(self.packs) != packs:
                 raise ValueError("its pack names do not match its header")
@@ -101,10 +115,10 @@ class TableFile:
         group = max(bisect_left(self._fence, prefix) - 1, 0)
         while True:  # the group before the first whose fence is >= prefix, then onward
             start = group * GROUP
-            n = min(GROUP, self.count - start)
-            if n <= 0:
+            if start >= self.count:
                 return self.count, b"", 0
-            data = os.pread(self._fd, n * SIZE, self._records_at + start * SIZE)
+            data = self.group(group)
+            n = len(data) // SIZE
             i = bisect_left(range(n), address, key=lambda j: data[j * SIZE : j * SIZE + 32])
             if i < n:
                 return start + i, data, i * SIZE
@@ -127,17 +141,45 @@ class TableFile:
             number += 1
         return None
 
+    def group(self, group: int) -> bytes:
+        """The records of group ``group``, checked against its CRC."""
+        start = group * GROUP
+        n = min(GROUP, self.count - start)
+        data = os.pread(self._fd, n * SIZE, self._records_at + start * SIZE)
+        if len(data) != n * SIZE or zlib.crc32(data) != self._checks[group]:
+            raise self._damaged(f"group {group}")
+        return data
+
+    def check(self) -> None:
+        """Check every group (before the file is copied into another)."""
+        for index, block in enumerate(self.blocks()):
+            for at in range(0, len(block), GROUP * SIZE):
+                group = index * (_BLOCK // GROUP) + at // (GROUP * SIZE)
+                if zlib.crc32(block[at : at + GROUP * SIZE]) != self._checks[group]:
+                    raise self._damaged(f"group {group}")
+
+    def _damaged(self, where: str) -> DamagedTable:
+        """The error for damage found in this file, which is removed first (if it is
+        still the file at its path): the next opening reads the indexes instead."""
+        try:
+            here, there = os.fstat(self._fd), os.stat(self.path)
+            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        return DamagedTable(
+            f"the local address table {self.path} is damaged ({where}) and was removed "
+            "(the next run rebuilds it from the repository's indexes)"
+        )
+
     def entry_raw(self, number: int) -> Entry:
         """Record ``number``: address, offset, stored length, plain length, pack number."""
-        data = os.pread(self._fd, SIZE, self._records_at + number * SIZE)
-        if len(data) != SIZE:
-            raise ValueError("truncated")
-        address, offset, length, plain, pack = ENTRY.unpack(data)
+        group, place = divmod(number, GROUP)
+        address, offset, length, plain, pack = ENTRY.unpack_from(self.group(group), place * SIZE)
         return address, offset, length, plain, pack
 
     def pack_number(self, number: int) -> int:
-        at = self._records_at + number * SIZE + RECORD.size
-        return int(_PACK.unpack(os.pread(self._fd, _PACK.size, at))[0])
+        return self.entry_raw(number)[4]
 
     def entry(self, number: int) -> tuple[bytes, Location]:
         address, offset, length, plain, pack = self.entry_raw(number)
@@ -151,6 +193,7 @@ class TableFile:
 
     def scan_pack(self, number: int) -> Iterator[int]:
         """The records of pack ``number``, by reading the whole file."""
+        self.check()
         for index, block in enumerate(self.blocks()):
             first = index * _BLOCK
             for at in range(0, len(block), SIZE):
@@ -193,6 +236,8 @@ def write(
 
     Why a merge and not a sort: ``old`` may be far larger than memory; it is copied in
     blocks between the places where a new record goes, found by lookups."""
+    if old is not None:
+        old.check()  # its records are copied with fresh checks: they must be right
     packs = list(old.packs) if old is not None else []
     if keep is not None:
         # A pack left out is named no more: if gc gives it back its index, a later opening
@@ -220,12 +265,13 @@ def write(
             if old is not None:
                 count += _copy(out, old, copied, old.count, keep)
             out.flush()
-            fence = _fence(out.fileno(), count)
-            out.write(fence)
+            fence, checks = _fence(out.fileno(), count)
             names = "\n".join(packs).encode("ascii")
-            out.write(names)
+            tail = fence + checks + names
+            out.write(tail)
             out.seek(0)
-            out.write(_HEADER.pack(MAGIC, count, len(fence) // 8, len(packs), len(names)))
+            groups, meta = len(fence) // 8, zlib.crc32(tail)
+            out.write(_HEADER.pack(MAGIC, count, groups, len(packs), len(names), meta))
         written = TableFile(tmp)
         try:
             os.replace(tmp, path)
@@ -255,12 +301,10 @@ class _Places:
         group = max(bisect_left(old._fence, prefix) - 1, self.group, 0)
         while True:
             if group != self.group:
-                start = group * GROUP
-                n = min(GROUP, old.count - start)
-                if n <= 0:
+                if group * GROUP >= old.count:
                     return old.count
-                data = _read(old._fd, n * SIZE, old._records_at + start * SIZE)
-                self.addresses = [data[j * SIZE : j * SIZE + 32] for j in range(n)]
+                data = old.group(group)
+                self.addresses = [data[j : j + 32] for j in range(0, len(data), SIZE)]
                 self.group = group
             i = bisect_left(self.addresses, address)
             if i < len(self.addresses):
@@ -290,15 +334,24 @@ def _copy(out: object, old: TableFile, start: int, end: int, keep: bytes | bytea
     return copied
 
 
-def _fence(fd: int, count: int) -> bytes:
-    """The fence of the ``count`` records just written (read back from the page cache)."""
+def _fence(fd: int, count: int) -> tuple[bytes, bytes]:
+    """The fence and the checks of the ``count`` records just written (read back from the
+    page cache)."""
     fence = bytearray()
+    checks: array[int] = array("I")
     step = GROUP * SIZE * 256
     for first in range(0, count * SIZE, step):
         block = _read(fd, min(step, count * SIZE - first), _HEADER.size + first)
         for at in range(0, len(block), GROUP * SIZE):
             fence += block[at : at + 8]
-    return bytes(fence)
+            checks.append(zlib.crc32(block[at : at + GROUP * SIZE]))
+    if sys.byteorder == "big":
+        checks.byteswap()
+    return bytes(fence), checks.tobytes()
 
 
-__all__ = ["GROUP", "TableFile", "write"]
+class DamagedTable(CorruptData):
+    """The local address table's file failed its check (it was removed)."""
+
+
+__all__ = ["GROUP", "DamagedTable", "TableFile", "write"]
