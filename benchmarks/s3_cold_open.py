@@ -5,7 +5,7 @@ host) fetches every pack's index object. One GET after another, latency multipli
 number of packs. This builds a repository of ``--packs`` tiny packs on a local
 ``rclone serve s3`` (as the tests run it), puts the tests' fault proxy in front of it with
 ``--latency-ms`` per request (a WAN's round trip), and opens it with an empty cache with
-one fetcher (the reference: the old behaviour) and with ``INDEX_FETCHERS`` (16), in one
+one fetcher (the reference: the old behaviour) and with ``backend.FETCHERS`` (16), in one
 run, printing seconds, requests and the ratio.
 
     ./dev bench s3_cold_open [--packs 300] [--latency-ms 20]
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
-from blockbackup.repository import chunkstore
+from blockbackup.repository import backend as backend_module
 from blockbackup.repository.repo import Repository
 from testkit.faultproxy import FaultProxy
 from testkit.s3server import client_env, start_server
@@ -38,7 +38,7 @@ def build(location: str, packs: int) -> None:
 
 def open_cold(location: str, cache: Path, fetchers: int) -> tuple[float, dict[str, int]]:
     os.environ["BB_CACHE_DIR"] = str(cache)
-    chunkstore.INDEX_FETCHERS = fetchers
+    backend_module.FETCHERS = fetchers
     repo = Repository.open(location)
     start = time.perf_counter()
     _ = repo.store  # lists and fetches the indexes
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--packs", type=int, default=300)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
-    fetchers = chunkstore.INDEX_FETCHERS
+    fetchers = backend_module.FETCHERS
     with tempfile.TemporaryDirectory(prefix="bb-s3open-") as tmp:
         work = Path(tmp)
         server = start_server(work / "root", work / "server.log")

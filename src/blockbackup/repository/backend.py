@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -216,6 +218,40 @@ class DirectoryBackend:
                 except FileNotFoundError:
                     continue
         return removed
+
+
+#: Objects fetched at once by :func:`get_many` from a remote backend.
+FETCHERS = 16
+
+
+def get_many(backend: Backend, keys: list[str]) -> Iterator[tuple[str, bytes | None]]:
+    """Each key's object (None: gone meanwhile), in the order given; from a remote backend
+    ``FETCHERS`` at a time, at most four times that many ahead of the caller.
+
+    Why: opening a repository, gc and a listing of snapshots read one small object per
+    pack or snapshot; one GET after another, 1,000 of them behind 20 ms of latency took
+    67 s (4.5 s 16 at a time). A failure drops the GETs not begun and leaves no thread."""
+
+    def get(key: str) -> tuple[str, bytes | None]:
+        try:
+            return key, backend.get(key)
+        except NotFound:
+            return key, None
+
+    if not getattr(backend, "remote", False) or len(keys) < 2:
+        yield from map(get, keys)
+        return
+    pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="bb-fetch")
+    try:
+        pending: deque[Future[tuple[str, bytes | None]]] = deque()
+        for key in keys:
+            pending.append(pool.submit(get, key))
+            if len(pending) >= 4 * FETCHERS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def open_backend(location: str, options: Mapping[str, str | None] | None = None) -> Backend:

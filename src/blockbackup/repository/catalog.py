@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from blockbackup.repository import blob
-from blockbackup.repository.backend import Backend
+from blockbackup.repository.backend import Backend, get_many
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
 
@@ -101,8 +101,21 @@ def write(backend: Backend, keys: Keys, manifest: Manifest) -> None:
 
 
 def read(backend: Backend, keys: Keys, snapshot_id: str) -> Manifest:
+    return _decode(keys, snapshot_id, backend.get(PREFIX + snapshot_id))
+
+
+def read_each(
+    backend: Backend, keys: Keys, snapshot_ids: list[str]
+) -> Iterator[tuple[str, Manifest | None]]:
+    """Each snapshot's manifest (None: pruned meanwhile), in order, fetched several at a
+    time from a remote backend (``backend.get_many``); a damaged one raises."""
+    for key, stored in get_many(backend, [PREFIX + s for s in snapshot_ids]):
+        snapshot_id = key.removeprefix(PREFIX)
+        yield snapshot_id, None if stored is None else _decode(keys, snapshot_id, stored)
+
+
+def _decode(keys: Keys, snapshot_id: str, stored: bytes) -> Manifest:
     what = f"snapshot {snapshot_id}"
-    stored = backend.get(PREFIX + snapshot_id)
     data = blob.decode(keys, stored, _aad(snapshot_id), what, 1 << 28)
     try:
         obj = json.loads(data)
@@ -135,13 +148,15 @@ def read_many(
     """
     manifests: list[Manifest] = []
     damaged: dict[str, str] = {}
-    for done, snapshot_id in enumerate(snapshot_ids, 1):
+    fetched = get_many(backend, [PREFIX + s for s in snapshot_ids])
+    for done, (key, stored) in enumerate(fetched, 1):
         if progress is not None:
             progress(done, len(snapshot_ids))
-        try:
-            manifests.append(read(backend, keys, snapshot_id))
-        except NotFound:
+        if stored is None:
             continue
+        snapshot_id = key.removeprefix(PREFIX)
+        try:
+            manifests.append(_decode(keys, snapshot_id, stored))
         except RepositoryError as exc:  # CorruptData, or a version this one cannot read
             damaged[snapshot_id] = str(exc).removeprefix(f"snapshot {snapshot_id}: ")
     return manifests, damaged

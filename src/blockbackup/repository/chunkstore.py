@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockbackup.repository import blob, condemned, encoder_worker, packhash
 from blockbackup.repository.addresstable import RECORD, Location
-from blockbackup.repository.backend import Backend
+from blockbackup.repository.backend import Backend, get_many
 from blockbackup.repository.cache import IndexCache
 from blockbackup.repository.errors import CorruptData, NotFound, RepositoryError
 from blockbackup.repository.keys import Keys
@@ -43,8 +43,6 @@ _ENTRY = RECORD  # address, offset, stored length, plain length
 _TRAILER = struct.Struct("<I8s")
 HEADER_AAD = b"pack-header"
 DEFAULT_PACK_SIZE = 16 << 20
-#: Index objects fetched at once when a remote repository is opened without its cache.
-INDEX_FETCHERS = 16
 
 
 def pack_key(pack: str) -> str:
@@ -265,7 +263,9 @@ class ChunkStore:
                 except CorruptData:
                     cache.forget(pack)  # a damaged copy: fetch it again
             fetch.append(pack)
-        for pack, fetched in self._fetch_indexes(fetch):
+        # One GET per index, several at a time (a host without the cache: a new machine).
+        for key, fetched in get_many(self.backend, [index_key(pack) for pack in fetch]):
+            pack = key.rsplit("/", 1)[1]
             if fetched is None:
                 continue  # deleted by a concurrent gc between list and get
             self._learn(pack, fetched, f"index {pack}")
@@ -282,33 +282,6 @@ class ChunkStore:
                 self._condemned_packs.append(pack)
             else:
                 self._recover(pack)
-
-    def _fetch_indexes(self, packs: list[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Each pack's index object (None: gone meanwhile), in order. From a remote backend
-        ``INDEX_FETCHERS`` at a time: one GET after another, a host opening a repository
-        of 10,000 packs without a cache of it (a restore on a new machine) waited for
-        10,000 round trips."""
-
-        def get(pack: str) -> tuple[str, bytes | None]:
-            try:
-                return pack, self.backend.get(index_key(pack))
-            except NotFound:
-                return pack, None
-
-        if not getattr(self.backend, "remote", False) or len(packs) < 2:
-            yield from map(get, packs)
-            return
-        pool = ThreadPoolExecutor(INDEX_FETCHERS, thread_name_prefix="bb-index")
-        try:
-            pending: deque[Future[tuple[str, bytes | None]]] = deque()
-            for pack in packs:
-                pending.append(pool.submit(get, pack))
-                if len(pending) >= 4 * INDEX_FETCHERS:  # bounded: a few MiB in flight
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(cancel_futures=True)
 
     def _condemned(self, pack: str) -> bool:
         """gc condemned this pack (and deleted its index): its recovery would resurrect

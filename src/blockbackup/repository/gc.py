@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockbackup.repository import catalog, condemned, writers
-from blockbackup.repository.backend import DirectoryBackend
+from blockbackup.repository.backend import DirectoryBackend, get_many
 from blockbackup.repository.chunkstore import (
     decode_pack_header,
     index_key,
@@ -145,11 +145,9 @@ class _Gc:
         """(pack, entries or None if damaged, header blob, has an index) for every pack:
         the indexes one at a time, then the packs that have none (read from their end)."""
         indexed: set[str] = set()
-        for key in self.backend.list("index/"):
+        for key, header_blob in get_many(self.backend, list(self.backend.list("index/"))):
             pack = key.rsplit("/", 1)[1]
-            try:
-                header_blob = self.backend.get(key)
-            except NotFound:
+            if header_blob is None:
                 continue  # condemned meanwhile: met again below as a pack without an index
             entries = self._decode(pack, header_blob, "index")
             if entries is not None:
@@ -175,11 +173,11 @@ class _Gc:
         """Add the blobs of every snapshot not marked yet: its segments and their chunks."""
         segments: dict[bytes, list[str]] = {}
         new = [s for s in snapshot_ids if s not in self.seen]
-        for n, snapshot_id in enumerate(new):
+        for n, (snapshot_id, manifest) in enumerate(
+            catalog.read_each(self.backend, self.keys, new)
+        ):
             self.progress("reading snapshots", n, len(new))
-            try:
-                manifest = catalog.read(self.backend, self.keys, snapshot_id)
-            except NotFound:
+            if manifest is None:
                 continue  # pruned meanwhile
             self.seen.add(snapshot_id)
             for disk in manifest.disks:

@@ -304,13 +304,8 @@ class Repository:
 
     def snapshots(self) -> list[Manifest]:
         """Every snapshot's manifest (one pruned since the listing is left out)."""
-        out = []
-        for snapshot_id in self.snapshot_ids():
-            try:
-                out.append(self.manifest(snapshot_id))
-            except NotFound:
-                continue
-        return out
+        each = catalog.read_each(self.backend, self.keys, self.snapshot_ids())
+        return [manifest for _id, manifest in each if manifest is not None]
 
     def select(self, spec: str) -> tuple[Manifest, DiskRecord]:
         """``latest``, ``ID``, ``ID-PREFIX``, each optionally ``:DISK`` (``latest:DISK``: the
