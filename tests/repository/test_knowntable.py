@@ -272,3 +272,17 @@ def test_fence_lookups_across_groups_of_one_address(tmp_path: Path) -> None:
             assert file.find(other, live) is not None
         assert file.first(bytes(32)) == 0
         assert file.first(b"\xff" * 32) == file.count
+
+
+def test_a_killed_merges_temporary_file_is_removed_by_a_later_merge(tmp_path: Path) -> None:
+    """Each is as large as the table (GBs for a big repository)."""
+    old, fresh = tmp_path / ".tmp-0123456789ab", tmp_path / ".tmp-ba9876543210"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")  # a merge of another process, going on now
+    os.utime(old, (1, 1))
+    model = Model(9)
+    table = KnownTable(tmp_path / "table", 2)
+    for _ in range(5):
+        table.learn(*model.new_pack())
+    assert not old.exists()
+    assert fresh.exists()

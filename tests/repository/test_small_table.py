@@ -26,6 +26,8 @@ def test_the_repository_tests_pass_with_the_table_in_its_file(tmp_path: Path) ->
             "-p",
             "no:cacheprovider",
             "--durations=0",
+            "-rfE",
+            "--tb=short",
             f"--basetemp={tmp_path / 'runs'}",
             *(str(HERE / module) for module in MODULES),
         ],
@@ -37,7 +39,9 @@ def test_the_repository_tests_pass_with_the_table_in_its_file(tmp_path: Path) ->
         timeout=280,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    failures = proc.stdout.split("= FAILURES =")[-1].split("slowest durations")[0]
+    summary = proc.stdout.split("short test summary info")[-1]
+    assert proc.returncode == 0, failures[-8000:] + summary + proc.stderr[-2000:]
     assert " passed" in proc.stdout
     tables = list(cache.glob("*/table"))
     assert len(tables) > 10, tables  # the files were written, and used

@@ -100,6 +100,7 @@ class KnownTable:
         keep = state.live if state.file is not None and 4 * dead > len(state.live) else None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            tablefile.remove_stale_temporaries(self._path.parent)
             file = tablefile.write(self._path, state.file, keep, state.memory.sorted_records())
         except OSError as exc:
             self.file_error = f"the address table's file {self._path}: {exc}"

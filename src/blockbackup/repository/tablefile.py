@@ -32,6 +32,7 @@ import os
 import secrets
 import struct
 import sys
+import time
 import zlib
 from array import array
 from bisect import bisect_left
@@ -283,6 +284,26 @@ def write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: A temporary file older than this is a killed merge's (a live merge renames its own
+#: within seconds, minutes at the largest sizes).
+STALE_TEMPORARY = 3600.0
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove what killed merges left in ``directory`` (each as large as a table file)."""
+    limit = time.time() - STALE_TEMPORARY
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.name.startswith(".tmp-") and entry.stat().st_mtime < limit:
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 class _Places:
