@@ -4,8 +4,8 @@ repository of more than 32 GiB of unique data. gc's races, bit rot and the reads
 over it.
 
 The randomized multi-process test (``test_concurrency.py``) is left out here: with this
-limit it passed about 55 runs by hand and failed twice (one under load, one whose
-output was lost) are not explained yet. Run it so with::
+limit it passed about 55 runs by hand and failed twice (once under the load of another
+suite, once with its output lost); neither is explained yet. Run it so with::
 
     BB_TABLE_MEMORY_RECORDS=4 BB_CACHE_DIR=$(mktemp -d) \
         .venv/bin/python -m pytest -rfE tests/repository/test_concurrency.py
