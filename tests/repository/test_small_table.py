@@ -1,14 +1,7 @@
 """The repository's own tests again, with a known-address table that holds only 4 records
 in memory: every other blob is found through the table's file (``knowntable.py``), as in a
-repository of more than 32 GiB of unique data. gc's races, bit rot and the reads all run
-over it.
-
-The randomized multi-process test (``test_concurrency.py``) is left out here: with this
-limit it passed about 55 runs by hand and failed twice (once under the load of another
-suite, once with its output lost); neither is explained yet. Run it so with::
-
-    BB_TABLE_MEMORY_RECORDS=4 BB_CACHE_DIR=$(mktemp -d) \
-        .venv/bin/python -m pytest -rfE tests/repository/test_concurrency.py
+repository of more than 32 GiB of unique data. gc's races, the randomized multi-process
+test (SIGKILLs, prunes, gcs, verifies), bit rot and the reads all run over it.
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["test_gc.py", "test_chunk_reads.py", "test_library.py"]
+MODULES = ["test_gc.py", "test_concurrency.py", "test_chunk_reads.py", "test_library.py"]
 
 
 def test_the_repository_tests_pass_with_the_table_in_its_file(tmp_path: Path) -> None:
