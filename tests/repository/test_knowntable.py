@@ -55,6 +55,13 @@ class Model:
             if found == address
         }
 
+    def filled(self, path: Path, limit: int, packs: int) -> KnownTable:
+        """A table at ``path`` that learnt ``packs`` new packs, as a backup writes them."""
+        table = KnownTable(path, limit)
+        for _ in range(packs):
+            table.learn(*self.new_pack())
+        return table
+
     def open(self, path: Path, limit: int) -> KnownTable:
         """A table as a new process's ``ChunkStore.load`` makes it: the file's live packs
         adopted, every other listed pack's index learnt."""
@@ -115,9 +122,7 @@ def test_every_address_is_found_in_a_live_pack(tmp_path: Path, seed: int, limit:
 def test_records_of_removed_packs_are_dropped_once_a_quarter_are_gone(tmp_path: Path) -> None:
     model = Model(5)
     path = tmp_path / "table"
-    table = KnownTable(path, 1)
-    for _ in range(40):
-        table.learn(*model.new_pack())
+    table = model.filled(path, 1, 40)
     full = TableFile(path).count
     gone = sorted(model.live)[:20]
     model.live -= set(gone)
@@ -145,9 +150,7 @@ def test_records_of_removed_packs_are_dropped_once_a_quarter_are_gone(tmp_path: 
 def test_a_damaged_file_is_ignored(tmp_path: Path, damage: object) -> None:
     model = Model(2)
     path = tmp_path / "table"
-    table = KnownTable(path, 3)
-    for _ in range(20):
-        table.learn(*model.new_pack())
+    table = model.filled(path, 3, 20)
     path.write_bytes(damage(path.read_bytes()))  # type: ignore[operator]
     table = KnownTable(path, 1 << 30)
     assert table.adopt(sorted(model.live)) == set()  # every index is read instead
@@ -166,9 +169,7 @@ def test_damage_in_the_fence_or_names_ignores_the_file(tmp_path: Path) -> None:
     would then miss what is stored)."""
     model = Model(7)
     path = tmp_path / "table"
-    table = KnownTable(path, 3)
-    for _ in range(20):
-        table.learn(*model.new_pack())
+    table = model.filled(path, 3, 20)
     with TableFile(path) as file:
         fence_at = tablefile._HEADER.size + file.count * tablefile.SIZE
     _flip(path, fence_at + 2)
@@ -188,9 +189,7 @@ def test_a_damaged_record_fails_its_lookup_and_removes_the_file(tmp_path: Path) 
     fails saying so, and the next opening reads the indexes instead."""
     model = Model(8)
     path = tmp_path / "table"
-    table = KnownTable(path, 3)
-    for _ in range(20):
-        table.learn(*model.new_pack())
+    model.filled(path, 3, 20)
     _flip(path, tablefile._HEADER.size + 5 * tablefile.SIZE + 40)  # record 5's offset
     damaged = model.open(path, 1 << 30)
     with pytest.raises(DamagedTable, match=r"is damaged .*the next run rebuilds it"):
@@ -202,9 +201,7 @@ def test_a_damaged_record_fails_its_lookup_and_removes_the_file(tmp_path: Path) 
 def test_an_unwritable_cache_keeps_everything_in_memory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     model = Model(3)
-    table = KnownTable(tmp_path / "file" / "table", 2)
-    for _ in range(10):
-        table.learn(*model.new_pack())
+    table = model.filled(tmp_path / "file" / "table", 2, 10)
     assert table.file_error is not None
     assert "File exists" in table.file_error
     assert table.in_file == 0
@@ -214,9 +211,7 @@ def test_an_unwritable_cache_keeps_everything_in_memory(tmp_path: Path) -> None:
 def test_a_reader_keeps_its_file_when_another_process_replaces_it(tmp_path: Path) -> None:
     model = Model(4)
     path = tmp_path / "table"
-    first = KnownTable(path, 1)
-    for _ in range(10):
-        first.learn(*model.new_pack())
+    first = model.filled(path, 1, 10)
     other = model.open(path, 1)
     other.learn(*model.new_pack())  # replaces the file the first one reads
     assert first.in_file < other.in_file
@@ -230,9 +225,7 @@ def test_lookups_during_merges_see_one_version(tmp_path: Path) -> None:
     """A writer learns (and merges) while another thread looks up what was learnt before,
     as a backup's copy workers do without the store's lock."""
     model = Model(6)
-    table = KnownTable(tmp_path / "table", 5)
-    for _ in range(10):
-        table.learn(*model.new_pack())
+    table = model.filled(tmp_path / "table", 5, 10)
     before = [a for a in model.known if model.locations(a)]
     errors: list[str] = []
     done = threading.Event()
@@ -281,8 +274,6 @@ def test_a_killed_merges_temporary_file_is_removed_by_a_later_merge(tmp_path: Pa
     fresh.write_bytes(b"y")  # a merge of another process, going on now
     os.utime(old, (1, 1))
     model = Model(9)
-    table = KnownTable(tmp_path / "table", 2)
-    for _ in range(5):
-        table.learn(*model.new_pack())
+    model.filled(tmp_path / "table", 2, 5)
     assert not old.exists()
     assert fresh.exists()
