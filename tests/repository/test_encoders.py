@@ -333,12 +333,77 @@ def test_requests_get_a_worker_in_the_order_they_asked() -> None:
             threads.append(threading.Thread(target=wait))
             threads[-1].start()
             deadline = time.monotonic() + 10
-            while pool._tickets != n + 2:  # it has its ticket: the next one asks after it
+            while len(pool._waiting) != n + 1:  # it waits: the next one asks after it
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
         pool._release(first)
         for thread in threads:
             thread.join(timeout=10)
         assert served == list(range(6))
+    finally:
+        pool.close()
+
+
+def test_waiters_fail_when_no_worker_can_be_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last worker failed and no new one starts: every request waiting for a worker
+    fails with a message instead of waiting for ever, and so does every later one."""
+    pool = EncoderPool(None, 1)
+    errors: list[str] = []
+    try:
+        worker = pool._acquire()
+
+        def wait() -> None:
+            try:
+                pool._acquire()
+            except RepositoryError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=wait) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(pool._waiting) != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+        def cannot_start(_master: bytes | None) -> encoders._Worker:
+            raise OSError("no more processes")
+
+        monkeypatch.setattr(encoders, "_start", cannot_start)
+        worker.failed = True
+        pool._release(worker)
+        for thread in threads:
+            thread.join(timeout=10)
+        assert errors == ["no encoder process is left to hash and encode"] * 3
+        with pytest.raises(RepositoryError, match="no encoder process is left"):
+            pool._acquire()
+    finally:
+        pool.close()
+
+
+def test_a_request_interrupted_while_it_waits_leaves_its_turn() -> None:
+    """Ctrl-C while the main thread waits for a worker: the turn it left is not handed
+    the next free worker (which would be lost, and every later request would wait)."""
+    pool = EncoderPool(None, 1)
+    try:
+        worker = pool._acquire()
+        main = threading.get_ident()
+
+        def interrupt_when_waiting() -> None:
+            deadline = time.monotonic() + 10
+            while not pool._waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+            signal.pthread_kill(main, signal.SIGINT)  # as Ctrl-C: wakes the wait
+
+        thread = threading.Thread(target=interrupt_when_waiting)
+        thread.start()
+        with pytest.raises(KeyboardInterrupt):
+            pool._acquire()
+        thread.join(timeout=10)
+        assert not pool._waiting
+        pool._release(worker)
+        assert pool._free == [worker]
     finally:
         pool.close()
