@@ -39,30 +39,52 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> bytes | bytearray:
-    """Stored bytes of ``data``: compressed if that is smaller, encrypted if keyed.
+def stored_size(keys: Keys, payload: int) -> int:
+    """The size of the blob of a ``payload``-byte payload (compressed or not)."""
+    return 1 + payload + (12 + 16 if keys.aead is not None else 0)
 
-    One output buffer, encrypted into in place (``encrypt_into``): a 64 KiB chunk is
-    copied once by zstd (when it compresses) and once by the cipher, not four times."""
-    flags = 0
-    payload: bytes | bytearray | memoryview = data
+
+def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> bytes | bytearray:
+    """Stored bytes of ``data``: compressed if that is smaller, encrypted if keyed."""
     packed = _compressor().compress(data)
-    if len(packed) < len(data):
-        flags |= COMPRESSED
-        payload = packed
+    payload = packed if len(packed) < len(data) else data
+    out = bytearray(stored_size(keys, len(payload)))
+    with memoryview(out) as view:
+        _seal(keys, payload, payload is packed, aad, view)
+    return out
+
+
+def encode_into(
+    keys: Keys, data: bytes | bytearray | memoryview, aad: bytes, out: memoryview
+) -> int:
+    """As :func:`encode`, written at the start of ``out`` (room for ``len(data)`` plus
+    29 bytes); the blob's length. An encoder process writes blobs so straight into the
+    memory it shares with the backup: the cipher's output is the blob, no copy after."""
+    packed = _compressor().compress(data)
+    payload = packed if len(packed) < len(data) else data
+    size = stored_size(keys, len(payload))
+    _seal(keys, payload, payload is packed, aad, out[:size])
+    return size
+
+
+def _seal(
+    keys: Keys,
+    payload: bytes | bytearray | memoryview,
+    compressed: bool,
+    aad: bytes,
+    out: memoryview,
+) -> None:
+    """Flags, then the payload as is or encrypted (``out`` is exactly the blob's size):
+    one copy by the cipher (``encrypt_into``), none of its output."""
+    flags = COMPRESSED if compressed else 0
     if keys.aead is None:
-        out = bytearray(1 + len(payload))
         out[0] = flags
         out[1:] = payload
-        return out
-    flags |= ENCRYPTED
+        return
     nonce = secrets.token_bytes(12)
-    out = bytearray(1 + 12 + len(payload) + 16)
-    out[0] = flags
+    out[0] = flags | ENCRYPTED
     out[1:13] = nonce
-    with memoryview(out) as view:
-        keys.aead.encrypt_into(nonce, payload, aad, view[13:])
-    return out
+    keys.aead.encrypt_into(nonce, payload, aad, out[13:])
 
 
 def _payload(keys: Keys, stored: bytes | memoryview, what: str) -> tuple[int, memoryview]:

@@ -94,13 +94,11 @@ def serve(sock: socket.socket) -> None:
             for (n,) in struct.iter_unpack("<I", body):
                 start, length = places[n]
                 piece = view[start : start + length]
-                stored = blob.encode(keys, piece, addresses[n])
-                end = pos + len(stored)
-                if end > len(shm):
+                if pos + blob.stored_size(keys, length) > len(shm):
                     raise RuntimeError("encoded chunks overflow the output half")
-                view[pos:end] = stored
-                out.append(_PAIR.pack(pos, len(stored)))
-                pos = end
+                size = blob.encode_into(keys, piece, addresses[n], view[pos:])
+                out.append(_PAIR.pack(pos, size))
+                pos += size
             sock.send(b"".join(out))
         elif kind == b"D":
             place = _one_after_another(view[half:])
