@@ -1,4 +1,4 @@
-"""Overlapping S3 requests with the work around them: read-ahead windows, write-behind puts.
+"""Overlapping S3 reads with the work around them: read-ahead windows.
 
 Why: a request to object storage has latency a local file does not, and the repository's
 reader and packer are sequential at heart (one chunk, one pack at a time). So:
@@ -12,12 +12,9 @@ reader and packer are sequential at heart (one chunk, one pack at a time). So:
   window per miss. Why not more, smaller windows: each GET costs a request, ~1.5 ms of
   client CPU, and on ``rclone serve s3`` a read-ahead of up to 16 MiB whatever the range
   (measured: 4 MiB windows made it read 2.0-2.4x the bytes it sent).
-- ``WriteBehind``: the PUT of a pack and then of its index runs in the background while the
-  packer fills the next pack (at most ``depth`` puts queued: bounded memory). Order is kept
-  where it matters: a pack's index is put only after the pack succeeded, and every other
-  call (a snapshot's conditional put, an existence check, a read, a listing) first waits
-  for all queued puts. A failed put is sticky: every later call raises it, so nothing is
-  ever committed on top of a pack that did not arrive.
+
+Puts need no such help: the chunk store's writer threads put two packs at once while the
+next one fills (``chunkstore.PACKS_IN_FLIGHT``).
 """
 
 from __future__ import annotations
@@ -26,9 +23,7 @@ import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-
-from blockbackup.repository.errors import RepositoryError
+from concurrent.futures import ThreadPoolExecutor
 
 
 class Span:
@@ -234,72 +229,4 @@ class ReadAhead:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-class WriteBehind:
-    def __init__(self, depth: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="bb-s3-put")
-        self._slots = threading.BoundedSemaphore(depth * 2)
-        self._lock = threading.Lock()
-        self._pending: set[Future[None]] = set()
-        self._by_name: dict[str, Future[None]] = {}
-        self._error: BaseException | None = None
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error = self._error
-            if isinstance(error, RepositoryError):
-                raise RepositoryError(str(error)) from None
-            raise RepositoryError(f"an earlier upload failed: {error}") from None
-
-    def submit(self, name: str, put: Callable[[], None], after: str | None = None) -> None:
-        """Run ``put`` in the background (after the put named ``after``, if queued)."""
-        self._raise()
-        self._slots.acquire()
-        with self._lock:
-            before = self._by_name.get(after) if after else None
-
-        def task() -> None:
-            try:
-                if before is not None:
-                    before.result()
-                if self._error is None:
-                    put()
-            except BaseException as exc:
-                with self._lock:
-                    if self._error is None:
-                        self._error = exc
-                raise
-            finally:
-                self._slots.release()
-
-        future = self._pool.submit(task)
-        with self._lock:
-            self._pending.add(future)
-            self._by_name[name] = future
-        future.add_done_callback(lambda f: self._done(name, f))
-
-    def _done(self, name: str, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-            if self._by_name.get(name) is future:
-                del self._by_name[name]
-
-    def barrier(self) -> None:
-        """Wait for every queued put; raise the first failure (sticky)."""
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                break
-            for future in pending:
-                try:
-                    future.result()
-                except BaseException:
-                    pass
-        self._raise()
-
-    def close(self) -> None:
-        """Let the queued puts end (a failure stays for :meth:`barrier`), stop the workers."""
-        self._pool.shutdown(wait=True)
-
-
-__all__ = ["ReadAhead", "Span", "WriteBehind"]
+__all__ = ["ReadAhead", "Span"]
