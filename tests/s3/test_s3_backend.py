@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -73,6 +74,24 @@ def test_a_pack_whose_upload_fails_gets_no_index(backend: S3Backend, proxy: Faul
     assert 3 <= proxy.count("PUT", "/data/") <= 6  # BB_S3_MAX_ATTEMPTS=3, not a loop
     assert proxy.count("PUT", "/index/") == 0
     store.close()
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+def test_a_put_retried_sends_the_whole_buffer_again(
+    backend: S3Backend, proxy: FaultProxy, fault: str
+) -> None:
+    """A pack's body is read from its buffer in pieces (no copy of it whole): a retry after
+    a refused or cut-off attempt starts it over, and the object is the buffer, byte for
+    byte."""
+    buffer = mmap.mmap(-1, 3 << 20)  # as a pack buffer is
+    data = os.urandom(3 << 20)
+    buffer[:] = data
+    proxy.add(Fault(fault, "PUT", "/data/", times=1))
+    with memoryview(buffer) as view:
+        backend.put("data/ff/ffff", view[: 2 << 20])
+    assert proxy.count("PUT", "/data/") == 2
+    assert backend.get("data/ff/ffff") == data[: 2 << 20]
+    buffer.close()
 
 
 def test_concurrent_readers_share_windows(backend: S3Backend, proxy: FaultProxy) -> None:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import boto3
 from botocore.config import Config
@@ -43,6 +43,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from botocore.handlers import add_expect_header
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from blockbackup.repository import directio, s3config
@@ -100,6 +101,35 @@ class RequestCounter:
             return dict(self.counts)
 
 
+class _BufferBody:
+    """A buffer as botocore reads a body (the SigV4 hash, then the send, a piece at a time;
+    seeking back for a retry), without the copy of it whole that ``bytes`` would make:
+    16 MiB of fresh memory per pack, two packs at once. Valid while the PUT runs."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view) - self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = (
+            len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        )
+        piece = self._view[self._pos : end].tobytes()
+        self._pos = max(self._pos, end)
+        return piece
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 class S3Backend:
     """Objects under ``s3://bucket/prefix/``. Thread-safe (boto3 clients are)."""
 
@@ -136,6 +166,9 @@ class S3Backend:
             "s3", endpoint_url=location.endpoint, config=config
         )
         self.client.meta.events.register("before-send.s3", self._count)
+        # A body read in pieces (_BufferBody) would get "Expect: 100-continue": a round trip
+        # more per PUT, to spare sending a body the server refuses (rare).
+        self.client.meta.events.unregister("before-call.s3", add_expect_header)
         self._readahead = ReadAhead(
             self._stream, self.READ_AHEAD, self.READ_AHEAD * self.READ_AHEAD_SLOTS
         )
@@ -273,9 +306,12 @@ class S3Backend:
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Waits for the PUT: the chunk store's writer threads already put two packs at
         once while the next one fills (a queue of puts behind them held a copy of each
-        queued pack: 4 x 16 MiB, and was slower, measured in docs/performance.md)."""
+        queued pack: 4 x 16 MiB, and was slower, measured in docs/performance.md). The
+        body is read from ``data`` in pieces, not copied whole first."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=cast("IO[bytes]", _BufferBody(data))
+            )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"PUT {key}") from None
 
