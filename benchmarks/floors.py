@@ -3,7 +3,7 @@
 Why: issue 14 sets the repository's speeds as ratios to restic and borg measured on the
 same machine. A ratio may ask for less time than the work the format itself requires can
 take here, whatever the code around it does. This measures that work on the benchmark's
-own image (``repo_vs_restic.make_image``, same seed): every data chunk read from the page
+own image (``_repo_image.make_image``, same seed): every data chunk read from the page
 cache, addressed (keyed SHA-256), compressed (zstd at the repository's level), encrypted
 (AES-256-GCM) and its stored bytes hashed for the pack's name (BLAKE3), each step timed
 alone on one core. The floor is their sum divided by the cores: as if nothing else ran
@@ -39,6 +39,7 @@ import blake3
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from _repo_image import BLOCK, make_image, parse_size
 from blockbackup.repository.blob import ZSTD_LEVEL
 
 MiB = 1 << 20
@@ -161,8 +162,6 @@ def main() -> None:
     parser.add_argument("--restic-first", type=float, help="restic's first backup, seconds")
     parser.add_argument("--borg-first", type=float, help="borg's first backup, seconds")
     args = parser.parse_args()
-    from repo_vs_restic import BLOCK, make_image, parse_size
-
     size = parse_size(args.size) // BLOCK * BLOCK
     work = Path(tempfile.mkdtemp(prefix="bb-floors-", dir="/var/tmp"))
     try:

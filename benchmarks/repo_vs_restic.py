@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import floors
+from _repo_image import BLOCK, make_image, parse_size
 from _settle import settle
 
 MiB = 1 << 20
-BLOCK = MiB
 PASSPHRASE = "benchmark passphrase"
 HERE = Path(__file__).resolve().parent
 OURS = [str(Path(sys.executable).with_name("blockbackup"))]
@@ -102,40 +102,6 @@ def compile_ours() -> None:
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             compileall.compile_dir(location, quiet=1)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def make_image(path: Path, size: int, rng: random.Random) -> None:
-    """Half random, a quarter holes, a quarter text, in 1 MiB blocks (kinds shuffled)."""
-    blocks = size // BLOCK
-    kinds = ["random", "random", "text", "hole"] * (blocks // 4 + 1)
-    kinds = kinds[:blocks]
-    rng.shuffle(kinds)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
-        for _ in range(5000)
-    ]
-    lines = [" ".join(rng.choices(words, k=rng.randint(3, 14))) + "\n" for _ in range(20000)]
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for n, kind in enumerate(kinds):
-            if kind == "hole":
-                continue
-            f.seek(n * BLOCK)
-            if kind == "random":
-                f.write(rng.randbytes(BLOCK))
-            else:
-                text = "".join(rng.choices(lines, k=BLOCK // 40)).encode()
-                while len(text) < BLOCK:
-                    text += text
-                f.write(text[:BLOCK])
 
 
 def make_changes(size: int, rng: random.Random) -> list[list[int]]:
