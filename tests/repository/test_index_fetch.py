@@ -106,3 +106,25 @@ def test_manifests_are_read_several_at_a_time(tmp_path: Path) -> None:
     manifests, damaged = catalog.read_many(backend, repo.keys, ids)
     assert [m.id for m in manifests] == ids
     assert damaged == {}
+
+
+def test_a_commit_asks_for_its_packs_several_at_a_time(tmp_path: Path) -> None:
+    """A commit checks that every pack its snapshot uses is still there; on S3 that was
+    one HEAD after another (34 per GiB backed up, a round trip each)."""
+    repo, _chunks = many_packs(tmp_path, 12)
+    packs = {key.rsplit("/", 1)[1] for key in repo.backend.list("data/")}
+    backend = RemoteLooking(tmp_path / "r")
+    together = threading.Barrier(4, timeout=30)
+    asked: list[str] = []
+
+    def exists(key: str) -> bool:
+        together.wait()  # four HEADs must be in flight at once
+        asked.append(key)
+        return DirectoryBackend.exists(backend, key)
+
+    backend.exists = exists  # type: ignore[method-assign]
+    repo.backend = backend
+    gone = sorted(packs)[3]
+    (tmp_path / "r" / "data" / gone[:2] / gone).unlink()
+    assert repo._missing_packs(packs) == [gone]
+    assert len(asked) == len(packs)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from blockbackup.repository import directio
 from blockbackup.repository.errors import AlreadyExists, NotFound, RepositoryError
@@ -232,24 +232,43 @@ def get_many(backend: Backend, keys: list[str]) -> Iterator[tuple[str, bytes | N
     pack or snapshot; one GET after another, 1,000 of them behind 20 ms of latency took
     67 s (4.5 s 16 at a time). A failure drops the GETs not begun and leaves no thread."""
 
-    def get(key: str) -> tuple[str, bytes | None]:
+    def get(key: str) -> bytes | None:
         try:
-            return key, backend.get(key)
+            return backend.get(key)
         except NotFound:
-            return key, None
+            return None
 
+    return _each(backend, keys, get)
+
+
+def exists_many(backend: Backend, keys: list[str]) -> Iterator[tuple[str, bool]]:
+    """Whether each key exists, in the order given, asked as :func:`get_many` reads (a
+    commit checks every pack its snapshot uses: one HEAD after another cost a round trip
+    each)."""
+    return _each(backend, keys, backend.exists)
+
+
+T = TypeVar("T")
+
+
+def _each(backend: Backend, keys: list[str], ask: Callable[[str], T]) -> Iterator[tuple[str, T]]:
+    """``(key, ask(key))`` in the order of ``keys``: on a remote backend ``FETCHERS`` at a
+    time, at most four times that many ahead of the caller; a failure drops the calls not
+    begun and leaves no thread."""
     if not getattr(backend, "remote", False) or len(keys) < 2:
-        yield from map(get, keys)
+        yield from ((key, ask(key)) for key in keys)
         return
     pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="bb-fetch")
     try:
-        pending: deque[Future[tuple[str, bytes | None]]] = deque()
+        pending: deque[tuple[str, Future[T]]] = deque()
         for key in keys:
-            pending.append(pool.submit(get, key))
+            pending.append((key, pool.submit(ask, key)))
             if len(pending) >= 4 * FETCHERS:
-                yield pending.popleft().result()
+                done, future = pending.popleft()
+                yield done, future.result()
         while pending:
-            yield pending.popleft().result()
+            done, future = pending.popleft()
+            yield done, future.result()
     finally:
         pool.shutdown(cancel_futures=True)
 

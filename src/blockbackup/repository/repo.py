@@ -18,7 +18,7 @@ from typing import Any
 
 from blockbackup.repository import catalog, condemned, packhash, refs, writers
 from blockbackup.repository import keys as keymod
-from blockbackup.repository.backend import Backend, open_backend
+from blockbackup.repository.backend import Backend, exists_many, open_backend
 from blockbackup.repository.cache import index_cache, table_path
 from blockbackup.repository.catalog import DiskRecord, Manifest
 from blockbackup.repository.chunkstore import DEFAULT_PACK_SIZE, ChunkStore, pack_key
@@ -325,10 +325,11 @@ class Repository:
         self.backend.delete(catalog.PREFIX + snapshot_id)
 
     def _missing_packs(self, packs: set[str]) -> list[str]:
-        """Which of ``packs`` are gone: one HEAD each for a few, else one listing of
-        ``data/`` (a request per 1000 packs on S3, instead of one per pack)."""
+        """Which of ``packs`` are gone: one HEAD each for a few (on S3 16 at a time), else
+        one listing of ``data/`` (a request per 1000 packs on S3, instead of one per pack)."""
         if len(packs) <= 64:
-            return sorted(p for p in packs if not self.backend.exists(pack_key(p)))
+            asked = exists_many(self.backend, [pack_key(p) for p in sorted(packs)])
+            return [key.rsplit("/", 1)[1] for key, there in asked if not there]
         present = {key.rsplit("/", 1)[1] for key in self.backend.list("data/")}
         return sorted(packs - present)
 
