@@ -46,11 +46,10 @@ def stored_size(keys: Keys, payload: int) -> int:
 
 def encode(keys: Keys, data: bytes | bytearray | memoryview, aad: bytes) -> bytes | bytearray:
     """Stored bytes of ``data``: compressed if that is smaller, encrypted if keyed."""
-    packed = _compressor().compress(data)
-    payload = packed if len(packed) < len(data) else data
+    payload, compressed = _packed(data)
     out = bytearray(stored_size(keys, len(payload)))
     with memoryview(out) as view:
-        _seal(keys, payload, payload is packed, aad, view)
+        _seal(keys, payload, compressed, aad, view)
     return out
 
 
@@ -60,11 +59,18 @@ def encode_into(
     """As :func:`encode`, written at the start of ``out`` (room for ``len(data)`` plus
     29 bytes); the blob's length. An encoder process writes blobs so straight into the
     memory it shares with the backup: the cipher's output is the blob, no copy after."""
-    packed = _compressor().compress(data)
-    payload = packed if len(packed) < len(data) else data
+    payload, compressed = _packed(data)
     size = stored_size(keys, len(payload))
-    _seal(keys, payload, payload is packed, aad, out[:size])
+    _seal(keys, payload, compressed, aad, out[:size])
     return size
+
+
+def _packed(
+    data: bytes | bytearray | memoryview,
+) -> tuple[bytes | bytearray | memoryview, bool]:
+    """The payload to store (``data`` compressed if that is smaller), and whether it is."""
+    packed = _compressor().compress(data)
+    return (packed, True) if len(packed) < len(data) else (data, False)
 
 
 def _seal(

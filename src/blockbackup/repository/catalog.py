@@ -109,9 +109,14 @@ def read_each(
 ) -> Iterator[tuple[str, Manifest | None]]:
     """Each snapshot's manifest (None: pruned meanwhile), in order, fetched several at a
     time from a remote backend (``backend.get_many``); a damaged one raises."""
-    for key, stored in get_many(backend, [PREFIX + s for s in snapshot_ids]):
-        snapshot_id = key.removeprefix(PREFIX)
+    for snapshot_id, stored in _stored_each(backend, snapshot_ids):
         yield snapshot_id, None if stored is None else _decode(keys, snapshot_id, stored)
+
+
+def _stored_each(backend: Backend, snapshot_ids: list[str]) -> Iterator[tuple[str, bytes | None]]:
+    """Each snapshot's stored manifest (None: pruned meanwhile), in order (``get_many``)."""
+    for key, stored in get_many(backend, [PREFIX + s for s in snapshot_ids]):
+        yield key.removeprefix(PREFIX), stored
 
 
 def _decode(keys: Keys, snapshot_id: str, stored: bytes) -> Manifest:
@@ -148,13 +153,11 @@ def read_many(
     """
     manifests: list[Manifest] = []
     damaged: dict[str, str] = {}
-    fetched = get_many(backend, [PREFIX + s for s in snapshot_ids])
-    for done, (key, stored) in enumerate(fetched, 1):
+    for done, (snapshot_id, stored) in enumerate(_stored_each(backend, snapshot_ids), 1):
         if progress is not None:
             progress(done, len(snapshot_ids))
         if stored is None:
             continue
-        snapshot_id = key.removeprefix(PREFIX)
         try:
             manifests.append(_decode(keys, snapshot_id, stored))
         except RepositoryError as exc:  # CorruptData, or a version this one cannot read

@@ -143,7 +143,8 @@ class _Gc:
 
     def headers(self) -> Iterator[tuple[str, Entries | None, bytes | None, bool]]:
         """(pack, entries or None if damaged, header blob, has an index) for every pack:
-        the indexes one at a time, then the packs that have none (read from their end)."""
+        the indexes (several at a time from S3), then the packs that have none (read from
+        their end)."""
         indexed: set[str] = set()
         for key, header_blob in get_many(self.backend, list(self.backend.list("index/"))):
             pack = key.rsplit("/", 1)[1]
