@@ -212,6 +212,8 @@ def _mask(value: Any, volatile: set[str]) -> Any:
 
 
 Scenario = Callable[[Recorder], Awaitable[None]]
+#: Seconds one connection attempt may take (a session answers in milliseconds).
+ATTEMPT = 3.0
 
 
 async def _connect(
@@ -231,15 +233,26 @@ async def _connect(
     The session that follows such a failure has been seen reset too, at its first
     command: a session counts once it answered ``query-version``. A daemon that died
     (``proc``) is :class:`DaemonDied` at once, not refused connections until the timeout.
+    And once (a fresh clone, against qemu-storage-daemon) the negotiation neither
+    finished nor failed: the client's reader waited on a closed connection until the
+    caller's 15 s were gone. So each attempt has ``ATTEMPT`` seconds, then is retried.
     """
     while True:
         if proc is not None and proc.returncode is not None:
             raise await _died(name, proc)
         client = QMPClient(name)
         try:
-            await client.connect(str(sock))
-            await client.execute("query-version")
-        except (ConnectError, AssertionError, EOFError, ExecInterruptedError, OSError):
+            async with asyncio.timeout(ATTEMPT):
+                await client.connect(str(sock))
+                await client.execute("query-version")
+        except (
+            ConnectError,
+            AssertionError,
+            EOFError,
+            ExecInterruptedError,
+            OSError,
+            TimeoutError,
+        ):
             with contextlib.suppress(ConnectError, AssertionError, EOFError, OSError):
                 await client.disconnect()
             await asyncio.sleep(0.05)
